@@ -1,0 +1,63 @@
+"""The online network (f, g, q) and target network (f, g) of BYOL (Section 3, Appendix A)."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from byol_flax.models.heads import MLP
+from byol_flax.models.resnet import BatchNormConfig, build_encoder
+
+
+class ByolNetwork(nnx.Module):
+    """Encoder + projector (+ predictor on the online side only).
+
+    Returns the representation y, the projection z and, when a predictor is present, the
+    prediction q(z). The target network is the same class without a predictor.
+    """
+
+    def __init__(self, encoder: nnx.Module, projector: nnx.Module,
+                 predictor: nnx.Module | None = None):
+        self.encoder = encoder
+        self.projector = projector
+        self.predictor = predictor
+
+    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        representation = self.encoder(images)
+        projection = self.projector(representation)
+        outputs = {"representation": representation, "projection": projection}
+        if self.predictor is not None:
+            outputs["prediction"] = self.predictor(projection)
+        return outputs
+
+
+def build_online_network(config: ConfigDict, *, rngs: nnx.Rngs) -> ByolNetwork:
+    """Builds the online network from the ``model`` section of a config."""
+    bn = BatchNormConfig(decay=config.batchnorm.decay, eps=config.batchnorm.eps)
+    dtype = jnp.dtype(config.compute_dtype)
+    encoder = build_encoder(config.encoder.name, width_multiplier=config.encoder.width_multiplier,
+                            stem=config.encoder.stem, bn=bn, dtype=dtype, rngs=rngs)
+    projector = MLP(encoder.num_features, hidden_size=config.projector.hidden_size,
+                    output_size=config.projector.output_size, depth=config.projector.depth,
+                    bn=bn, dtype=dtype, rngs=rngs)
+    predictor = MLP(config.projector.output_size, hidden_size=config.predictor.hidden_size,
+                    output_size=config.projector.output_size, depth=config.predictor.depth,
+                    bn=bn, dtype=dtype, rngs=rngs)
+    return ByolNetwork(encoder, projector, predictor)
+
+
+def target_from_online(online: ByolNetwork) -> ByolNetwork:
+    """The target network: an exact copy of the online encoder and projector (Appendix J.5).
+
+    The arrays are copied, not shared, so the state can be donated to a jitted step.
+    """
+    target = nnx.clone(ByolNetwork(online.encoder, online.projector))
+    nnx.update(target, jax.tree.map(jnp.copy, nnx.state(target)))
+    return target
+
+
+def count_params(module: Any) -> int:
+    """Number of trainable parameters (``nnx.Param``); BatchNorm running statistics excluded."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

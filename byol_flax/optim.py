@@ -1,0 +1,83 @@
+"""LARS as the paper and the official code run it, assembled from optax primitives.
+
+Appendix A: LARS (trust coefficient 1e-3, momentum 0.9), weight decay 1.5e-6, biases and BatchNorm
+parameters excluded from both the trust-ratio adaptation and weight decay. Appendix J.1: the
+predictor's and projector's learning rates are multiplied by lambda and mu.
+
+The transforms are optax's own, chained in the order of the official BYOL implementation:
+weight decay -> trust ratio -> momentum -> learning rate. (``optax.lars`` scales by the learning
+rate *before* the momentum trace, which differs from the paper's optimizer whenever the learning
+rate changes, i.e. at every step of the warm-up and cosine schedule.)
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+# Modules whose parameters are "batch normalization parameters" in the sense of Appendix A; the
+# other normalisations are listed so that a variant that uses them gets the same treatment.
+NORM_TYPES = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+
+ParamPath = tuple[str, ...]
+
+
+def _path_names(key_path: tuple[Any, ...]) -> ParamPath:
+    """A pytree key path of an ``nnx.State`` leaf as plain names, e.g. ('encoder', 'blocks', '0')."""
+    names = []
+    for key in key_path:
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value":
+            continue  # the Variable's own array slot
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+    return tuple(names)
+
+
+def norm_module_paths(model: nnx.Module) -> frozenset[ParamPath]:
+    """Paths of all normalisation layers in ``model``."""
+    return frozenset(tuple(str(p) for p in path) for path, node in nnx.iter_graph(model)
+                     if isinstance(node, NORM_TYPES))
+
+
+def decay_and_adaptation_mask(model: nnx.Module) -> Callable[[Any], Any]:
+    """Mask fn for optax: True for leaves that get weight decay and LARS adaptation.
+
+    False for biases (any leaf named ``bias``) and for every parameter of a normalisation layer.
+    """
+    norm_paths = norm_module_paths(model)
+
+    def is_adapted(path: ParamPath) -> bool:
+        return path[-1] != "bias" and path[:-1] not in norm_paths
+
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda key_path, _: is_adapted(_path_names(key_path)), params)
+
+
+def module_label(path: ParamPath) -> str:
+    """The top-level part of the online network a parameter belongs to (for LR multipliers)."""
+    return path[0] if path and path[0] in ("predictor", "projector") else "other"
+
+
+def build_optimizer(config: ConfigDict, model: nnx.Module,
+                    learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    """LARS with the paper's exclusions and per-module LR multipliers, from ``config.optimizer``."""
+    mask: Any = decay_and_adaptation_mask(model) if config.exclude_bias_and_norm else True
+    lars = optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=mask),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=config.trust_coefficient), mask),
+        optax.trace(decay=config.momentum, nesterov=False),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+    multipliers = {"predictor": config.predictor_lr_multiplier,
+                   "projector": config.projector_lr_multiplier, "other": 1.0}
+    if all(m == 1.0 for m in multipliers.values()):
+        return lars
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda key_path, _: module_label(_path_names(key_path)), params)
+    return optax.chain(lars, optax.partition(
+        {name: optax.scale(m) for name, m in multipliers.items()}, labels))

@@ -1,0 +1,50 @@
+"""One training state: online network, EMA target network, optimizer state and step.
+
+The target is an exact copy of the online encoder and projector at step 0 (Appendix J.5) and is
+updated only by the exponential moving average xi <- tau xi + (1 - tau) theta of the online
+``nnx.Param``s (Algorithm 1 line 11); it never receives gradients.
+
+Target BatchNorm: like the official implementation, the target network runs in training mode,
+normalising with the statistics of the batch it sees, and keeps its *own* running statistics
+(updated by its own forward passes, not averaged from the online network). Running statistics
+are ``nnx.BatchStat`` and are never touched by the optimizer or by the EMA.
+"""
+
+import jax
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from byol_flax.models import ByolNetwork, build_online_network, target_from_online
+from byol_flax.optim import build_optimizer
+
+
+class TrainState(nnx.Module):
+    """Everything a BYOL run carries from step to step."""
+
+    def __init__(self, online: ByolNetwork, optimizer_tx, *, target: ByolNetwork | None = None):
+        self.online = online
+        self.target = target if target is not None else target_from_online(online)
+        self.optimizer = nnx.Optimizer(online, optimizer_tx, wrt=nnx.Param)
+
+    @property
+    def step(self) -> jax.Array:
+        """Number of optimizer updates applied so far (k in the schedules)."""
+        return self.optimizer.step[...]
+
+    def online_without_predictor(self) -> ByolNetwork:
+        """A view of the online encoder and projector with the same structure as the target."""
+        return ByolNetwork(self.online.encoder, self.online.projector)
+
+    def update_target(self, tau: jax.Array) -> None:
+        """xi <- tau xi + (1 - tau) theta over parameters; tau = 0 makes the target a hard copy."""
+        target_params = nnx.state(self.target, nnx.Param)
+        online_params = nnx.state(self.online_without_predictor(), nnx.Param)
+        nnx.update(self.target, jax.tree.map(lambda xi, theta: tau * xi + (1.0 - tau) * theta,
+                                             target_params, online_params))
+
+
+def create_train_state(config: ConfigDict, learning_rate: optax.Schedule) -> TrainState:
+    """Builds the online network from ``config.seed``, its target copy and the LARS optimizer."""
+    online = build_online_network(config.model, rngs=nnx.Rngs(config.seed))
+    return TrainState(online, build_optimizer(config.optimizer, online, learning_rate))

@@ -1,0 +1,119 @@
+"""The BYOL update (Algorithm 1, lines 5-11) as one jitted function of explicit state.
+
+``train_step`` works on a :class:`TrainState` in place (NNX style) and is what tests call
+directly; :func:`make_train_step` wraps it into ``jax.jit`` over the split state with the state
+buffers donated, so a training loop carries ``nnx.State`` pytrees between steps.
+
+Gradient accumulation (Appendix G.2): with ``accumulation_steps = N`` the batch is split into N
+micro-batches whose gradients are averaged before one optimizer update and one target update.
+BatchNorm normalises each micro-batch with its own statistics and updates its running averages
+once per micro-batch, exactly as N consecutive smaller steps would; this is the one way an
+accumulated step differs from a step on the concatenated batch.
+"""
+
+import functools
+from collections.abc import Callable
+
+import einops
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from byol_flax.losses import byol_loss
+from byol_flax.schedules import Schedule
+from byol_flax.sharding import replicated_sharding
+from byol_flax.train_state import TrainState
+
+Batch = dict[str, jax.Array]  # {"view1": (B, H, W, C), "view2": (B, H, W, C)}
+Metrics = dict[str, jax.Array]
+
+
+def _batch_std(x: jax.Array) -> jax.Array:
+    """Mean over features of the batch std of l2-normalised vectors: ~1/sqrt(d) healthy, 0 collapsed."""
+    unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return jnp.mean(jnp.std(unit.astype(jnp.float32), axis=0))
+
+
+def _loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, batch: Batch, *,
+             online_def: nnx.GraphDef, target_def: nnx.GraphDef):
+    """Loss on one (micro-)batch; also returns the updated BatchNorm statistics of both networks."""
+    # copy=True: fresh Variables at this trace level, since the BatchNorm statistics are mutated.
+    online = nnx.merge(online_def, params, online_rest, copy=True)
+    target = nnx.merge(target_def, target_state, copy=True)
+    online_1, online_2 = online(batch["view1"]), online(batch["view2"])
+    target_1, target_2 = target(batch["view1"]), target(batch["view2"])
+    loss = byol_loss(online_1["prediction"], online_2["prediction"],
+                     target_1["projection"], target_2["projection"])
+    metrics = {
+        "loss": loss,
+        "loss_4_minus_2cos": 4.0 + loss,
+        "collapse/representation_std": _batch_std(online_1["representation"]),
+        "collapse/projection_std": _batch_std(online_1["projection"]),
+        "collapse/target_projection_std": _batch_std(target_1["projection"]),
+    }
+    return loss, (nnx.state(online, nnx.Not(nnx.Param)), nnx.state(target), metrics)
+
+
+def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule,
+               target_ema: Schedule, accumulation_steps: int = 1) -> Metrics:
+    """One optimizer update of the online network and one EMA update of the target."""
+    online_def, params, online_rest = nnx.split(state.online, nnx.Param, ...)
+    target_def, target_state = nnx.split(state.target)
+    grad_fn = jax.grad(functools.partial(_loss_fn, online_def=online_def, target_def=target_def),
+                       has_aux=True)
+
+    if accumulation_steps == 1:
+        grads, (online_rest, target_state, metrics) = grad_fn(
+            params, online_rest, target_state, batch)
+    else:
+        # Strided split: micro-batch i holds rows i, i+N, ..., so every device of the data axis
+        # owns an equal share of every micro-batch.
+        micro_batches = jax.tree.map(
+            lambda x: einops.rearrange(x, "(m n) ... -> n m ...", n=accumulation_steps), batch)
+
+        def accumulate(carry, micro_batch):
+            grad_sum, online_rest, target_state = carry
+            grads, (online_rest, target_state, metrics) = grad_fn(
+                params, online_rest, target_state, micro_batch)
+            return (jax.tree.map(jnp.add, grad_sum, grads), online_rest, target_state), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grad_sum, online_rest, target_state), metrics = jax.lax.scan(
+            accumulate, (zeros, online_rest, target_state), micro_batches)
+        grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
+        metrics = jax.tree.map(functools.partial(jnp.mean, axis=0), metrics)
+
+    nnx.update(state.online, online_rest)
+    nnx.update(state.target, target_state)
+    step = state.step
+    state.optimizer.update(state.online, grads)
+    tau = target_ema(step)
+    state.update_target(tau)
+    return metrics | {
+        "learning_rate": learning_rate(step),
+        "tau": tau,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+    }
+
+
+StepFn = Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]
+
+
+def make_train_step(graphdef: nnx.GraphDef, mesh: Mesh, *, learning_rate: optax.Schedule,
+                    target_ema: Schedule, accumulation_steps: int = 1) -> StepFn:
+    """``jax.jit`` of :func:`train_step` over ``nnx.State``; state donated and kept replicated.
+
+    The learning rate and tau are computed inside from the step counter (an array in the state),
+    so the function is traced once for the whole run.
+    """
+
+    def step(state: nnx.State, batch: Batch) -> tuple[nnx.State, Metrics]:
+        train_state = nnx.merge(graphdef, state)
+        metrics = train_step(train_state, batch, learning_rate=learning_rate,
+                             target_ema=target_ema, accumulation_steps=accumulation_steps)
+        return nnx.state(train_state), metrics
+
+    return jax.jit(step, donate_argnums=0, out_shardings=replicated_sharding(mesh))
