@@ -36,7 +36,7 @@ def _batch_std(x: jax.Array) -> jax.Array:
     return jnp.mean(jnp.std(unit.astype(jnp.float32), axis=0))
 
 
-def _loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, batch: Batch, *,
+def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, batch: Batch, *,
              online_def: nnx.GraphDef, target_def: nnx.GraphDef):
     """Loss on one (micro-)batch; also returns the updated BatchNorm statistics of both networks."""
     # copy=True: fresh Variables at this trace level, since the BatchNorm statistics are mutated.
@@ -61,7 +61,7 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
     """One optimizer update of the online network and one EMA update of the target."""
     online_def, params, online_rest = nnx.split(state.online, nnx.Param, ...)
     target_def, target_state = nnx.split(state.target)
-    grad_fn = jax.grad(functools.partial(_loss_fn, online_def=online_def, target_def=target_def),
+    grad_fn = jax.grad(functools.partial(loss_fn, online_def=online_def, target_def=target_def),
                        has_aux=True)
 
     if accumulation_steps == 1:
