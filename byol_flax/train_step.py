@@ -94,8 +94,8 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
     return metrics | {
         "learning_rate": learning_rate(step),
         "tau": tau,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
 
 
