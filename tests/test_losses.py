@@ -9,7 +9,7 @@ from flax import nnx
 from byol_flax.losses import byol_loss, regression_loss
 from byol_flax.models import build_online_network, target_from_online
 from byol_flax.train_step import loss_fn
-from tests.conftest import make_views
+from tests.helpers import make_views
 
 
 def numpy_reference(q1, q2, z1_target, z2_target):

@@ -10,7 +10,7 @@ from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train_state import TrainState, create_train_state
 from byol_flax.train_step import loss_fn, make_train_step
-from tests.conftest import make_views, tiny_config
+from tests.helpers import make_views, tiny_config
 
 TOTAL_STEPS, WARMUP_STEPS = 100, 0
 
