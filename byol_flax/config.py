@@ -11,6 +11,8 @@ import math
 
 import ml_collections
 
+from byol_flax.data.augment import default_augment_config
+
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # Appendix J.1: max_steps = 1000 * 1281167 / 4096
 
 
@@ -53,6 +55,20 @@ def base_config() -> ml_collections.ConfigDict:
     config.training.num_train_examples = IMAGENET_TRAIN_EXAMPLES
     # Appendix G.2: average gradients over N micro-batches, one optimizer and target update per N.
     config.training.accumulation_steps = 1
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dir = ""  # a directory written by data_prep/ (holds manifest.json)
+    config.data.train_split = "train"
+    config.data.image_size = 224  # crop size fed to the network (Appendix C)
+    config.data.num_classes = 0  # if set, must equal the manifest's number of label names
+    config.data.source_image_size = ()  # if set, must equal the manifest's recorded (H, W)
+    config.data.verify_checksums = True  # sha256 of every shard at start-up
+    config.data.max_skipped_records = 0  # 0: an undecodable record is an error
+    config.data.worker_count = 8  # Grain worker processes for decode + crop (0: in-process)
+    config.data.read_threads = 16
+    config.data.prefetch_buffer_size = 256
+
+    config.augment = default_augment_config()
     return config
 
 

@@ -19,13 +19,24 @@ from byol_flax.models import ByolNetwork, build_online_network, target_from_onli
 from byol_flax.optim import build_optimizer
 
 
+class RngKey(nnx.Variable):
+    """Raw uint32 key data (not a typed key), so checkpoints store it as a plain array."""
+
+
 class TrainState(nnx.Module):
     """Everything a BYOL run carries from step to step."""
 
-    def __init__(self, online: ByolNetwork, optimizer_tx, *, target: ByolNetwork | None = None):
+    def __init__(self, online: ByolNetwork, optimizer_tx, *, seed: int = 0,
+                 target: ByolNetwork | None = None):
         self.online = online
         self.target = target if target is not None else target_from_online(online)
         self.optimizer = nnx.Optimizer(online, optimizer_tx, wrt=nnx.Param)
+        self.rng = RngKey(jax.random.key_data(jax.random.key(seed)))
+
+    def step_key(self) -> jax.Array:
+        """The key of the current step's augmentations: a function of (seed, step) only, so a
+        resumed run draws exactly the augmentations an uninterrupted one would."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng[...]), self.step)
 
     @property
     def step(self) -> jax.Array:
@@ -47,4 +58,5 @@ class TrainState(nnx.Module):
 def create_train_state(config: ConfigDict, learning_rate: optax.Schedule) -> TrainState:
     """Builds the online network from ``config.seed``, its target copy and the LARS optimizer."""
     online = build_online_network(config.model, rngs=nnx.Rngs(config.seed))
-    return TrainState(online, build_optimizer(config.optimizer, online, learning_rate))
+    return TrainState(online, build_optimizer(config.optimizer, online, learning_rate),
+                      seed=config.seed + 1)

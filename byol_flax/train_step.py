@@ -28,6 +28,7 @@ from byol_flax.train_state import TrainState
 
 Batch = dict[str, jax.Array]  # {"view1": (B, H, W, C), "view2": (B, H, W, C)}
 Metrics = dict[str, jax.Array]
+Augment = Callable[[jax.Array, Batch], Batch]  # (key, host crops) -> network inputs
 
 
 def _batch_std(x: jax.Array) -> jax.Array:
@@ -57,8 +58,16 @@ def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, 
 
 
 def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule,
-               target_ema: Schedule, accumulation_steps: int = 1) -> Metrics:
-    """One optimizer update of the online network and one EMA update of the target."""
+               target_ema: Schedule, augment: Augment | None = None,
+               accumulation_steps: int = 1) -> Metrics:
+    """One optimizer update of the online network and one EMA update of the target.
+
+    ``augment`` runs the per-pixel augmentations on the accelerator with this step's key
+    (:meth:`TrainState.step_key`); without it the views are used as given.
+    """
+    if augment is not None:
+        batch = augment(state.step_key(), batch)
+    batch = {"view1": batch["view1"], "view2": batch["view2"]}
     online_def, params, online_rest = nnx.split(state.online, nnx.Param, ...)
     target_def, target_state = nnx.split(state.target)
     grad_fn = jax.grad(functools.partial(loss_fn, online_def=online_def, target_def=target_def),
@@ -103,7 +112,8 @@ StepFn = Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]
 
 
 def make_train_step(graphdef: nnx.GraphDef, mesh: Mesh, *, learning_rate: optax.Schedule,
-                    target_ema: Schedule, accumulation_steps: int = 1) -> StepFn:
+                    target_ema: Schedule, augment: Augment | None = None,
+                    accumulation_steps: int = 1) -> StepFn:
     """``jax.jit`` of :func:`train_step` over ``nnx.State``; state donated and kept replicated.
 
     The learning rate and tau are computed inside from the step counter (an array in the state),
@@ -113,7 +123,8 @@ def make_train_step(graphdef: nnx.GraphDef, mesh: Mesh, *, learning_rate: optax.
     def step(state: nnx.State, batch: Batch) -> tuple[nnx.State, Metrics]:
         train_state = nnx.merge(graphdef, state)
         metrics = train_step(train_state, batch, learning_rate=learning_rate,
-                             target_ema=target_ema, accumulation_steps=accumulation_steps)
+                             target_ema=target_ema, augment=augment,
+                             accumulation_steps=accumulation_steps)
         return nnx.state(train_state), metrics
 
     return jax.jit(step, donate_argnums=0, out_shardings=replicated_sharding(mesh))

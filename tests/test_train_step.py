@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from byol_flax.data.augment import make_device_augment
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train_state import TrainState, create_train_state
@@ -15,12 +16,12 @@ from tests.helpers import make_views, tiny_config
 TOTAL_STEPS, WARMUP_STEPS = 100, 0
 
 
-def setup(config, devices=None, accumulation_steps=1):
+def setup(config, devices=None, accumulation_steps=1, augment=None):
     """A replicated initial state and the jitted step on a mesh over ``devices``."""
     mesh = make_mesh(devices if devices is not None else jax.devices()[:1])
     lr, tau = build_schedules(config, total_steps=TOTAL_STEPS, warmup_steps=WARMUP_STEPS)
     graphdef, state = nnx.split(create_train_state(config, lr))
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau,
+    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau, augment=augment,
                            accumulation_steps=accumulation_steps)
     return graphdef, replicate(state, mesh), step, mesh
 
@@ -156,12 +157,16 @@ def test_accumulation_of_identical_micro_batches_equals_one_large_step():
 
 
 def test_sharded_step_on_8_devices_equals_single_device_step():
+    """Same new state on 1 and 8 devices, on-device augmentations (per-example keys) included."""
     assert jax.device_count() >= 8, "conftest.py sets --xla_force_host_platform_device_count=8"
     config = tiny_config(batch_size=16)
-    batches = [make_views(16, seed) for seed in range(2)]
+    to_uint8 = lambda views: {k: np.clip(v * 40 + 128, 0, 255).astype(np.uint8)
+                              for k, v in views.items()}
+    batches = [to_uint8(make_views(16, seed)) for seed in range(2)]
     finals = []
     for devices in (jax.devices()[:1], jax.devices()[:8]):
-        _, state, step, mesh = setup(config, devices=devices)
+        _, state, step, mesh = setup(config, devices=devices,
+                                     augment=make_device_augment(config.augment))
         for views in batches:
             sharded = shard_batch(views, mesh)
             assert len(sharded["view1"].sharding.device_set) == len(devices)

@@ -1,0 +1,1 @@
+"""Dataset format (records, manifest), augmentations and Grain input pipelines."""

@@ -1,0 +1,184 @@
+"""Grain input pipelines over the ArrayRecord shards written by ``data_prep/``.
+
+Training: source indices -> seeded global shuffle (reseeded every epoch) -> repeat -> this
+process's slice -> read + decode -> two host-side views (random resized crop + flip, T and T')
+-> batch -> prefetch in ``worker_count`` processes. Each process yields its own rows of the
+global batch; :func:`byol_flax.sharding.shard_batch` turns them into one global ``jax.Array``.
+
+Every random choice is a function of (seed, epoch, index), so a restored iterator
+(``get_state``/``set_state``, or Orbax via ``grain.checkpoint``) yields exactly the batches an
+uninterrupted one would, whatever the worker count.
+"""
+
+import bisect
+import dataclasses
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from etils import epath
+
+from byol_flax.data import augment
+from byol_flax.data.records import (DataError, Manifest, decode_record, load_manifest,
+                                    shard_paths, split_info, verify_split)
+
+# How far a skipped (undecodable) record looks for a replacement before giving up.
+MAX_REPLACEMENT_HOPS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedSplit:
+    """A validated split: its manifest, shard paths and per-shard record counts."""
+
+    data_dir: str
+    split: str
+    manifest: Manifest
+    paths: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def num_records(self) -> int:
+        return sum(self.counts)
+
+    def locate(self, index: int) -> tuple[str, int]:
+        """Global record index -> (shard file, index within the shard), for error messages."""
+        ends = list(itertools.accumulate(self.counts))
+        shard = bisect.bisect_right(ends, index)
+        return self.paths[shard], index - (ends[shard - 1] if shard else 0)
+
+
+def open_split(data_config: ml_collections.ConfigDict, split: str) -> OpenedSplit:
+    """Loads the manifest and validates every shard of ``split`` before anything trains.
+
+    Fails with :class:`DataError` naming the directory, file or value: missing directory or
+    manifest, missing/empty/truncated/corrupt shard, or a manifest that disagrees with the config
+    (number of classes, image size when the converter recorded one).
+    """
+    if not data_config.dir:
+        raise DataError("config.data.dir is empty: point it at a directory written by data_prep/")
+    manifest = load_manifest(data_config.dir)
+    verify_split(data_config.dir, manifest, split, checksum=data_config.verify_checksums)
+    if data_config.num_classes and manifest.num_classes != data_config.num_classes:
+        raise DataError(f"config.data.num_classes={data_config.num_classes} but the manifest in "
+                        f"{data_config.dir} has {manifest.num_classes} label names")
+    recorded_size = manifest.source.get("image_size")
+    expected_size = data_config.source_image_size
+    if expected_size and recorded_size and tuple(recorded_size) != tuple(expected_size):
+        raise DataError(f"config.data.source_image_size={tuple(expected_size)} but the manifest "
+                        f"in {data_config.dir} records image_size={tuple(recorded_size)}")
+    info = split_info(manifest, split, data_dir=data_config.dir)
+    paths = tuple(str(p) for p in shard_paths(data_config.dir, manifest, split))
+    return OpenedSplit(str(epath.Path(data_config.dir)), split, manifest, paths,
+                       tuple(s.num_records for s in info.shards))
+
+
+class _ReadExample:
+    """Reads and decodes record ``index``; optionally replaces undecodable records.
+
+    With ``allow_skips`` an undecodable record is replaced by the next decodable one (a
+    deterministic choice, so resumes agree) and counted in the example's ``skipped`` field; the
+    training loop bounds the total. Without it, the error names the shard and record index.
+    """
+
+    def __init__(self, opened: OpenedSplit, allow_skips: bool):
+        self._opened = opened
+        self._source = grain.sources.ArrayRecordDataSource(list(opened.paths))
+        self._allow_skips = allow_skips
+
+    def read(self, index: int):
+        for hop in range(MAX_REPLACEMENT_HOPS):
+            candidate = (index + hop) % self._opened.num_records
+            try:
+                record = decode_record(self._source[candidate])
+                return record, augment.decode_image(record.image), hop
+            except Exception as error:  # noqa: BLE001 - any decode failure is reported below
+                shard, local = self._opened.locate(candidate)
+                message = f"record {local} of shard {shard} cannot be decoded: {error!r}"
+                if not self._allow_skips:
+                    raise DataError(message + " (set config.data.max_skipped_records > 0 to "
+                                    "skip such records)") from error
+                logging.warning("skipping %s", message)
+        raise DataError(f"{MAX_REPLACEMENT_HOPS} consecutive undecodable records from index "
+                        f"{index} in {self._opened.data_dir}")
+
+
+class TrainExample(grain.transforms.RandomMap):
+    """Index -> {"view1", "view2"} uint8 crops (T, T'), plus label, index and skip count."""
+
+    def __init__(self, opened: OpenedSplit, image_size: int, config: ml_collections.ConfigDict,
+                 allow_skips: bool):
+        self._reader = _ReadExample(opened, allow_skips)
+        self._size = image_size
+        self._config = config
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        record, image, skipped = self._reader.read(int(index))
+        return {
+            "view1": augment.train_view(image, self._size, rng, self._config, self._config.view1),
+            "view2": augment.train_view(image, self._size, rng, self._config, self._config.view2),
+            "label": np.int32(record.label),
+            "index": np.int64(index),
+            "skipped": np.int32(skipped),
+        }
+
+
+class EvalExample(grain.transforms.Map):
+    """Index -> {"image"} resized + center-cropped (Appendix C), label, index."""
+
+    def __init__(self, opened: OpenedSplit, image_size: int):
+        self._reader = _ReadExample(opened, allow_skips=False)
+        self._size = image_size
+
+    def map(self, index: int) -> dict[str, Any]:
+        record, image, _ = self._reader.read(int(index))
+        return {"image": augment.eval_view(image, self._size), "label": np.int32(record.label),
+                "index": np.int64(index)}
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by "
+                         f"{process_count} processes")
+    return global_batch_size // process_count
+
+
+def _prefetch(ds: grain.MapDataset, data_config: ml_collections.ConfigDict) -> grain.IterDataset:
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
+                                              prefetch_buffer_size=data_config.prefetch_buffer_size))
+    if data_config.worker_count > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+    return it
+
+
+def train_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The endless, checkpointable training stream of this process's rows of each global batch."""
+    data_config = config.data
+    ds = (grain.MapDataset.range(opened.num_records)
+          .shuffle(seed=config.seed)
+          .repeat(None, reseed_each_epoch=True))
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(TrainExample(opened, data_config.image_size, config.augment,
+                                    allow_skips=data_config.max_skipped_records > 0),
+                       seed=config.seed)
+    ds = ds.batch(_local_batch_size(config.training.batch_size, process_count),
+                  drop_remainder=True)
+    return _prefetch(ds, data_config)
+
+
+def eval_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *, batch_size: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """One ordered pass over ``opened`` (this process's slice); the last batch may be short."""
+    ds = grain.MapDataset.range(opened.num_records)[process_index::process_count]
+    ds = ds.map(EvalExample(opened, config.data.image_size)).batch(batch_size)
+    return _prefetch(ds, config.data)
+
+
+def views_only(batch: dict[str, np.ndarray], keys: Sequence[str] = ("view1", "view2")
+               ) -> dict[str, np.ndarray]:
+    """The part of a host batch that the train step consumes."""
+    return {k: batch[k] for k in keys}
