@@ -120,16 +120,22 @@ def eval_view(image: Image.Image, size: int) -> np.ndarray:
 # Accelerator side.
 
 
-def _color_jitter(image: jax.Array, key: jax.Array, view: ml_collections.ConfigDict) -> jax.Array:
-    """Brightness, contrast, saturation and hue shifts in a random order, clipped after each."""
-    order_key, *keys = jax.random.split(key, 5)
+def color_jitter_ops(view: ml_collections.ConfigDict) -> list[Callable[[jax.Array, jax.Array],
+                                                                        jax.Array]]:
+    """The four jitter operations (brightness, contrast, saturation, hue), each clipped to [0, 1]."""
     ops = [
         lambda x, k: pix.random_brightness(k, x, view.brightness),
         lambda x, k: pix.random_contrast(k, x, 1 - view.contrast, 1 + view.contrast),
         lambda x, k: pix.random_saturation(k, x, 1 - view.saturation, 1 + view.saturation),
         lambda x, k: pix.random_hue(k, x, view.hue),
     ]
-    branches = [lambda x, op=op, k=k: jnp.clip(op(x, k), 0.0, 1.0) for op, k in zip(ops, keys)]
+    return [lambda x, k, op=op: jnp.clip(op(x, k), 0.0, 1.0) for op in ops]
+
+
+def _color_jitter(image: jax.Array, key: jax.Array, view: ml_collections.ConfigDict) -> jax.Array:
+    """Brightness, contrast, saturation and hue shifts in a random order per image."""
+    order_key, *keys = jax.random.split(key, 5)
+    branches = [lambda x, op=op, k=k: op(x, k) for op, k in zip(color_jitter_ops(view), keys)]
     order = jax.random.permutation(order_key, len(branches))
     for position in range(len(branches)):
         image = jax.lax.switch(order[position], branches, image)
