@@ -11,6 +11,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# Grain's worker processes read absl flags, which main() parses via absl.app; tests have no app.
+flags.FLAGS.mark_as_parsed()
 
 from tests.helpers import tiny_config  # noqa: E402
 

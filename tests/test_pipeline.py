@@ -1,0 +1,202 @@
+"""The Grain pipeline: determinism, per-process slices, exact restore, bad shards and records."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from byol_flax.config import base_config
+from byol_flax.data import records
+from byol_flax.data.pipeline import eval_dataset, open_split, train_dataset
+
+NUM_RECORDS, NUM_SHARDS, NUM_CLASSES = 36, 3, 4
+
+
+def png_bytes(seed: int, size=(20, 24)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_dataset(data_dir, bad_record_at: int | None = None) -> records.Manifest:
+    examples = [records.Record(png_bytes(i), i % NUM_CLASSES, f"img/{i}")
+                for i in range(NUM_RECORDS)]
+    if bad_record_at is not None:
+        examples[bad_record_at] = records.Record(b"not an image", 0, "bad")
+    shards = []
+    for index, chunk in enumerate(records.split_evenly(examples, NUM_SHARDS)):
+        shards.append(records.write_shard(
+            data_dir / records.shard_name("train", index, NUM_SHARDS), chunk))
+    manifest = records.Manifest(
+        dataset="test", label_names=tuple(str(i) for i in range(NUM_CLASSES)),
+        splits={"train": records.SplitInfo(NUM_RECORDS, tuple(shards))},
+        source={"image_size": [20, 24]})
+    records.write_manifest(data_dir, manifest)
+    return manifest
+
+
+@pytest.fixture
+def config(tmp_path):
+    write_dataset(tmp_path)
+    config = base_config()
+    config.data.dir = str(tmp_path)
+    config.data.image_size = 8
+    config.data.worker_count = 0
+    config.training.batch_size = 6
+    return config
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches_have_two_views_labels_and_indices(config):
+    (batch,) = take(iter(train_dataset(config, open_split(config.data, "train"))), 1)
+    assert batch["view1"].shape == batch["view2"].shape == (6, 8, 8, 3)
+    assert batch["view1"].dtype == np.uint8
+    assert not np.array_equal(batch["view1"], batch["view2"])  # independent crops
+    np.testing.assert_array_equal(batch["label"], batch["index"] % NUM_CLASSES)
+    assert batch["skipped"].sum() == 0
+
+
+def test_same_seed_same_batches_and_epochs_are_reshuffled(config):
+    opened = open_split(config.data, "train")
+    steps_per_epoch = NUM_RECORDS // 6
+    a = take(iter(train_dataset(config, opened)), 2 * steps_per_epoch)
+    b = take(iter(train_dataset(config, opened)), 2 * steps_per_epoch)
+    assert_batches_equal(a, b)
+    epoch = lambda batches: np.concatenate([x["index"] for x in batches])
+    first, second = epoch(a[:steps_per_epoch]), epoch(a[steps_per_epoch:])
+    assert sorted(first) == sorted(second) == list(range(NUM_RECORDS))  # each epoch: all once
+    assert not np.array_equal(first, second)  # ... in a new order
+    config.seed += 1
+    c = take(iter(train_dataset(config, opened)), 1)
+    assert not np.array_equal(c[0]["index"], a[0]["index"])
+
+
+def test_processes_read_disjoint_slices(config):
+    opened = open_split(config.data, "train")
+    per_process = []
+    for process_index in range(2):
+        it = iter(train_dataset(config, opened, process_index=process_index, process_count=2))
+        batches = take(it, NUM_RECORDS // 6)  # local batch 3: one epoch across both processes
+        assert batches[0]["view1"].shape[0] == 3
+        per_process.append(set(np.concatenate([b["index"] for b in batches]).tolist()))
+    assert per_process[0].isdisjoint(per_process[1])
+    assert per_process[0] | per_process[1] == set(range(NUM_RECORDS))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restored_iterator_continues_exactly(config, workers):
+    config.data.worker_count = workers
+    opened = open_split(config.data, "train")
+    uninterrupted = take(iter(train_dataset(config, opened)), 8)
+    it = iter(train_dataset(config, opened))
+    take(it, 5)
+    state = it.get_state()
+    resumed = iter(train_dataset(config, opened))
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 3), uninterrupted[5:])
+
+
+def test_eval_dataset_is_one_ordered_pass(config):
+    opened = open_split(config.data, "train")
+    batches = list(eval_dataset(config, opened, batch_size=8))
+    indices = np.concatenate([b["index"] for b in batches])
+    np.testing.assert_array_equal(indices, np.arange(NUM_RECORDS))
+    assert batches[-1]["image"].shape == (NUM_RECORDS % 8, 8, 8, 3)
+
+
+# ---- Bad input --------------------------------------------------------------------------------
+
+
+def shard_file(config, index=1):
+    return os.path.join(config.data.dir, records.shard_name("train", index, NUM_SHARDS))
+
+
+def test_missing_directory_and_manifest(config, tmp_path):
+    config.data.dir = str(tmp_path / "nowhere")
+    with pytest.raises(records.DataError, match="nowhere does not exist"):
+        open_split(config.data, "train")
+    (tmp_path / "empty").mkdir()
+    config.data.dir = str(tmp_path / "empty")
+    with pytest.raises(records.DataError, match="manifest.json is missing"):
+        open_split(config.data, "train")
+    config.data.dir = ""
+    with pytest.raises(records.DataError, match="config.data.dir is empty"):
+        open_split(config.data, "train")
+
+
+def test_missing_and_empty_shards_are_named(config):
+    path = shard_file(config)
+    os.remove(path)
+    with pytest.raises(records.DataError, match=f"{path}.* is missing"):
+        open_split(config.data, "train")
+    open(path, "wb").close()
+    with pytest.raises(records.DataError, match=f"{path} is empty"):
+        open_split(config.data, "train")
+
+
+def test_truncated_shard_is_named_even_without_checksums(config):
+    path = shard_file(config)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(records.DataError, match=f"shard {path} is corrupt"):
+        open_split(config.data, "train")
+    config.data.verify_checksums = False  # the record count check still catches it
+    with pytest.raises(records.DataError, match=f"shard {path}"):
+        open_split(config.data, "train")
+
+
+def test_bit_flipped_shard_fails_its_checksum(config):
+    path = shard_file(config, 0)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(records.DataError, match=f"shard {path} is corrupt: sha256"):
+        open_split(config.data, "train")
+
+
+def test_manifest_config_mismatch(config):
+    config.data.num_classes = 1000
+    with pytest.raises(records.DataError, match="num_classes=1000 .* has 4 label names"):
+        open_split(config.data, "train")
+    config.data.num_classes = 0
+    config.data.source_image_size = (32, 32)
+    with pytest.raises(records.DataError, match=r"source_image_size=\(32, 32\)"):
+        open_split(config.data, "train")
+    config.data.source_image_size = (20, 24)  # what the converter recorded: accepted
+    open_split(config.data, "train")
+    with pytest.raises(records.DataError, match="split 'validation' is not in"):
+        open_split(config.data, "validation")
+
+
+def test_undecodable_record_is_named_or_skipped_and_counted(config, tmp_path):
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    write_dataset(bad_dir, bad_record_at=13)  # shard 1 holds records 12..23: local index 1
+    config.data.dir = str(bad_dir)
+    opened = open_split(config.data, "train")
+    with pytest.raises(records.DataError,
+                       match=r"record 1 of shard .*train-00001-of-00003.array_record cannot"):
+        take(iter(train_dataset(config, opened)), NUM_RECORDS // 6)
+    config.data.max_skipped_records = 5
+    runs = [take(iter(train_dataset(config, opened)), NUM_RECORDS // 6) for _ in range(2)]
+    assert_batches_equal(*runs)  # skipping is deterministic
+    skipped = sum(int(b["skipped"].sum()) for b in runs[0])
+    assert skipped == 1
