@@ -52,7 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.training.batch_size = 4096  # global, over all devices and hosts
     config.training.epochs = 1000.0
     config.training.warmup_epochs = 10.0
-    config.training.num_train_examples = IMAGENET_TRAIN_EXAMPLES
+    # Examples per epoch when converting epochs to steps; 0 = the train split's size from the
+    # manifest. ImageNet configs pin 1281167 so step counts equal the paper's (Appendix J.1) even
+    # when 10009 images are held out for validation.
+    config.training.num_train_examples = 0
     # Appendix G.2: average gradients over N micro-batches, one optimizer and target update per N.
     config.training.accumulation_steps = 1
 
@@ -69,7 +72,97 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.prefetch_buffer_size = 256
 
     config.augment = default_augment_config()
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.max_to_keep = 3
+    config.checkpoint.async_save = True
+
+    config.logging = ml_collections.ConfigDict()
+    config.logging.every_steps = 100  # scalars, finiteness check, collapse warnings
+    config.logging.profile_steps = 0  # >0: CLU Profile captures that many steps once
+    # Collapse monitor: warn when the batch std of l2-normalised projections falls below this
+    # fraction of 1/sqrt(d) (the value for uniformly spread unit vectors).
+    config.logging.collapse_warning_fraction = 0.2
+
+    config.monitor = ml_collections.ConfigDict()
+    config.monitor.every_steps = 5000  # 0 disables the online kNN evaluation
+    config.monitor.train_split = "train"  # labelled examples forming the kNN memory
+    config.monitor.eval_split = "holdout"  # queries
+    config.monitor.max_train_examples = 10_000
+    config.monitor.max_eval_examples = 10_000
+    config.monitor.batch_size = 256
+    config.monitor.knn_k = (20, 200)
+    config.monitor.knn_temperature = 0.07
+    config.lock()
     return config
+
+
+class ConfigError(ValueError):
+    """A config value is wrong or inconsistent; the message names the key."""
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """Rejects inconsistent values before anything is compiled, naming the key.
+
+    Unknown keys and wrong types are already rejected by the locked ConfigDict itself.
+    """
+    from byol_flax.models.resnet import ENCODERS  # noqa: PLC0415 - avoids an import cycle
+
+    checks = [
+        (config.training.batch_size > 0, "training.batch_size", "must be positive"),
+        (config.training.batch_size % num_devices == 0, "training.batch_size",
+         f"must be divisible by the {num_devices} devices of the mesh's data axis"),
+        (config.training.accumulation_steps >= 1, "training.accumulation_steps", "must be >= 1"),
+        ((config.training.batch_size // max(config.training.accumulation_steps, 1)) % num_devices
+         == 0 and config.training.batch_size % max(config.training.accumulation_steps, 1) == 0,
+         "training.accumulation_steps",
+         f"must split training.batch_size into micro-batches divisible by {num_devices} devices"),
+        (config.training.epochs > 0, "training.epochs", "must be positive"),
+        (0 <= config.training.warmup_epochs <= config.training.epochs, "training.warmup_epochs",
+         "must be between 0 and training.epochs (warm-up longer than training)"),
+        (config.optimizer.base_learning_rate > 0, "optimizer.base_learning_rate",
+         "must be positive"),
+        (config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0"),
+        (0 <= config.target.base_ema <= 1, "target.base_ema", "must be in [0, 1]"),
+        (config.target.schedule in ("cosine", "constant"), "target.schedule",
+         "must be 'cosine' or 'constant'"),
+        (config.model.encoder.name in ENCODERS, "model.encoder.name",
+         f"must be one of {list(ENCODERS)}"),
+        (config.model.encoder.width_multiplier in (1, 2, 3, 4), "model.encoder.width_multiplier",
+         "must be 1, 2, 3 or 4"),
+        (config.model.encoder.stem in ("imagenet", "small"), "model.encoder.stem",
+         "must be 'imagenet' or 'small'"),
+        (config.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
+         "must be float32, bfloat16 or float16"),
+        (bool(config.data.dir), "data.dir", "is empty: point it at a data_prep/ output directory"),
+        (config.data.image_size > 0, "data.image_size", "must be positive"),
+        (config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive"),
+        (config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
+        (config.logging.every_steps > 0, "logging.every_steps", "must be positive"),
+    ]
+    for ok, key, problem in checks:
+        if not ok:
+            raise ConfigError(f"config.{key}={_value(config, key)!r} {problem}")
+
+
+def _value(config: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def training_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+    """(total steps K, warm-up steps) of a config: the one place epochs become steps."""
+    examples = config.training.num_train_examples or num_train_examples
+    total = steps_from_epochs(config.training.epochs, num_examples=examples,
+                              batch_size=config.training.batch_size)
+    warmup = steps_from_epochs(config.training.warmup_epochs, num_examples=examples,
+                               batch_size=config.training.batch_size)
+    if total < 1:
+        raise ConfigError(f"config.training.epochs={config.training.epochs} gives no step at "
+                          f"batch size {config.training.batch_size} over {examples} examples")
+    return total, warmup
 
 
 def steps_from_epochs(epochs: float, *, num_examples: int, batch_size: int) -> int:

@@ -130,11 +130,13 @@ def write_shard(path: epath.PathLike, records: Iterable[Record]) -> ShardInfo:
     tmp = path.with_name(path.name + ".tmp")
     writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
     count = 0
-    for record in records:
-        writer.write(encode_record(record))
-        count += 1
-    writer.close()
-    tmp.rename(path)
+    try:
+        for record in records:
+            writer.write(encode_record(record))
+            count += 1
+    finally:
+        writer.close()
+    os.replace(tmp, path)  # atomic, and overwrites a stale shard
     return ShardInfo(file=path.name, num_records=count, sha256=file_sha256(path))
 
 
@@ -160,7 +162,7 @@ def write_manifest(data_dir: epath.PathLike, manifest: Manifest) -> None:
     path = manifest_path(data_dir)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(manifest.to_json())
-    tmp.rename(path)
+    os.replace(tmp, path)
 
 
 def load_manifest(data_dir: epath.PathLike) -> Manifest:
@@ -186,8 +188,9 @@ def shard_paths(data_dir: epath.PathLike, manifest: Manifest, split: str) -> lis
             for shard in split_info(manifest, split, data_dir=data_dir).shards]
 
 
-def verify_shard(path: epath.Path, expected: ShardInfo, *, checksum: bool = True) -> None:
+def verify_shard(path: epath.PathLike, expected: ShardInfo, *, checksum: bool = True) -> None:
     """Raises :class:`DataError` naming ``path`` unless it exists and matches the manifest."""
+    path = epath.Path(path)
     if not path.exists():
         raise DataError(f"shard {path} named by the manifest is missing")
     if path.stat().length == 0:

@@ -1,0 +1,112 @@
+"""Input pipeline throughput: host decode + crop + flip, and on-device photometric augmentation.
+
+Generates its own sample data (JPEG images of ImageNet-like size, 500x375, written as ArrayRecord
+shards in a temporary directory), then measures:
+  * host images/s per worker of the Grain training pipeline (decode + two random resized crops
+    + flips) at 224 px and 32 px, in-process (one worker) and with ``--workers`` processes;
+  * on-device images/s of the Table 6 photometric augmentations (both views) at 224 and 32 px.
+Prints a table and a final JSON line. Usage:
+
+    python benchmarks/data_pipeline.py [--images 512] [--workers 2] [--batch 64]
+"""
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from byol_flax.config import base_config
+from byol_flax.data import records
+from byol_flax.data.augment import make_device_augment
+from byol_flax.data.pipeline import open_split, train_dataset
+
+
+def sample_jpeg(rng: np.random.Generator, width=500, height=375) -> bytes:
+    """A smooth random image with texture: decodes like a photo, not like white noise."""
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [np.sin(rng.uniform(2, 12) * xx + rng.uniform(2, 12) * yy + rng.uniform(0, 6))
+                for _ in range(3)]
+    pixels = (np.stack(channels, -1) * 100 + 128 + rng.normal(0, 12, (height, width, 3)))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_sample_data(directory: Path, count: int, num_shards: int = 4) -> None:
+    rng = np.random.default_rng(0)
+    examples = [records.Record(sample_jpeg(rng), i % 10, f"sample/{i}") for i in range(count)]
+    shards = [records.write_shard(directory / records.shard_name("train", i, num_shards), chunk)
+              for i, chunk in enumerate(records.split_evenly(examples, num_shards))]
+    records.write_manifest(directory, records.Manifest(
+        "benchmark", tuple(str(i) for i in range(10)),
+        {"train": records.SplitInfo(count, tuple(shards))}, {"generator": "sample_jpeg"}))
+
+
+def host_images_per_second(config, opened, batches: int) -> float:
+    iterator = iter(train_dataset(config, opened))
+    next(iterator)  # start-up (worker processes, first reads) is not timed
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * config.training.batch_size / (time.perf_counter() - start)
+
+
+def device_images_per_second(config, size: int, batch: int, repeats: int = 5) -> float:
+    augment = jax.jit(make_device_augment(config.augment))
+    crops = np.random.default_rng(0).integers(0, 255, (batch, size, size, 3), dtype=np.uint8)
+    views = {"view1": jax.device_put(crops), "view2": jax.device_put(crops)}
+    jax.block_until_ready(augment(jax.random.key(0), views))
+    start = time.perf_counter()
+    for i in range(repeats):
+        jax.block_until_ready(augment(jax.random.key(i), views))
+    return repeats * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    flags.FLAGS.mark_as_parsed()
+
+    result = {"benchmark": "data_pipeline", "source_image": "JPEG 500x375",
+              "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+              "host_cpus": len(__import__("os").sched_getaffinity(0))}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_sample_data(Path(tmp), args.images)
+        for size in (224, 32):
+            config = base_config()
+            config.data.dir = tmp
+            config.data.image_size = size
+            config.training.batch_size = args.batch
+            opened = open_split(config.data, "train")
+            batches = max(2, args.images // args.batch - 1)
+            for workers in (0, args.workers):
+                config.data.worker_count = workers
+                rate = host_images_per_second(config, opened, batches)
+                per_worker = rate / max(workers, 1)
+                key = f"host_{size}px_{workers}workers"
+                result[f"{key}_images_per_second"] = round(rate, 1)
+                result[f"{key}_images_per_second_per_worker"] = round(per_worker, 1)
+                rows.append((f"host decode+crop+flip {size}px", workers or "in-process", rate,
+                             per_worker))
+            device_rate = device_images_per_second(config, size, args.batch)
+            result[f"device_augment_{size}px_images_per_second"] = round(device_rate, 1)
+            rows.append((f"device photometric {size}px", "-", device_rate, device_rate))
+    print(f"{'stage':<32} {'workers':>10} {'images/s':>10} {'per worker':>11}")
+    for stage, workers, rate, per_worker in rows:
+        print(f"{stage:<32} {workers!s:>10} {rate:>10.1f} {per_worker:>11.1f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

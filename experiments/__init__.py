@@ -1,0 +1,1 @@
+"""Experiment config modules: ``get_config(arg=None)`` returns an ``ml_collections.ConfigDict``."""
