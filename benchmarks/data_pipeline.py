@@ -49,9 +49,11 @@ def write_sample_data(directory: Path, count: int, num_shards: int = 4) -> None:
         {"train": records.SplitInfo(count, tuple(shards))}, {"generator": "sample_jpeg"}))
 
 
-def host_images_per_second(config, opened, batches: int) -> float:
+def host_images_per_second(config, opened, batches: int, warmup: int = 4) -> float:
+    """Steady-state rate: start-up and the first batches (filling buffers) are not timed."""
     iterator = iter(train_dataset(config, opened))
-    next(iterator)  # start-up (worker processes, first reads) is not timed
+    for _ in range(warmup):
+        next(iterator)
     start = time.perf_counter()
     for _ in range(batches):
         next(iterator)
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--timed-batches", type=int, default=24,
+                        help="batches timed per measurement (the data repeats)")
     args = parser.parse_args()
     flags.FLAGS.mark_as_parsed()
 
@@ -88,8 +92,10 @@ def main() -> None:
             config.data.dir = tmp
             config.data.image_size = size
             config.training.batch_size = args.batch
+            # A small prefetch buffer, so read-ahead cannot hide the per-image cost.
+            config.data.prefetch_buffer_size = 2
             opened = open_split(config.data, "train")
-            batches = max(2, args.images // args.batch - 1)
+            batches = args.timed_batches
             for workers in (0, args.workers):
                 config.data.worker_count = workers
                 rate = host_images_per_second(config, opened, batches)
