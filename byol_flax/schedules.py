@@ -12,8 +12,8 @@ Schedule = Callable[[jax.Array | int], jax.Array]
 def learning_rate_schedule(*, base_learning_rate: float, batch_size: int, warmup_steps: int,
                            total_steps: int) -> optax.Schedule:
     """LR = base_lr x batch/256, linear warm-up from 0, then cosine decay to 0 without restarts."""
-    if warmup_steps > total_steps:
-        raise ValueError(f"warmup_steps ({warmup_steps}) exceeds total_steps ({total_steps})")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must be in [0, total_steps={total_steps})")
     peak = base_learning_rate * batch_size / 256
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup_steps, decay_steps=total_steps,

@@ -31,10 +31,27 @@ Metrics = dict[str, jax.Array]
 Augment = Callable[[jax.Array, Batch], Batch]  # (key, host crops) -> network inputs
 
 
-def _batch_std(x: jax.Array) -> jax.Array:
-    """Mean over features of the batch std of l2-normalised vectors: ~1/sqrt(d) healthy, 0 collapsed."""
-    unit = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    return jnp.mean(jnp.std(unit.astype(jnp.float32), axis=0))
+def _unit(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def collapse_metrics(name: str, x: jax.Array) -> Metrics:
+    """Collapse monitors of a batch of outputs (B, d).
+
+    ``std``: mean over features of the batch std of l2-normalised outputs; 1/sqrt(d) for vectors
+    spread uniformly on the sphere, 0 when every input maps to the same vector (``std_ratio`` is
+    std x sqrt(d), so 1 is healthy). ``effective_rank``: exp of the entropy of the normalised
+    singular values of the centred outputs (Roy & Vetterli, 2007), between 1 and min(B, d).
+    """
+    unit = _unit(x)
+    std = jnp.mean(jnp.std(unit, axis=0))
+    singular = jnp.linalg.svd(unit - unit.mean(axis=0), compute_uv=False)
+    p = singular / jnp.maximum(singular.sum(), 1e-12)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
+    return {f"collapse/{name}_std": std,
+            f"collapse/{name}_std_ratio": std * jnp.sqrt(x.shape[-1]),
+            f"collapse/{name}_effective_rank": jnp.exp(entropy)}
 
 
 def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, batch: Batch, *,
@@ -50,9 +67,9 @@ def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, 
     metrics = {
         "loss": loss,
         "loss_4_minus_2cos": 4.0 + loss,
-        "collapse/representation_std": _batch_std(online_1["representation"]),
-        "collapse/projection_std": _batch_std(online_1["projection"]),
-        "collapse/target_projection_std": _batch_std(target_1["projection"]),
+        **collapse_metrics("representation", online_1["representation"]),
+        **collapse_metrics("projection", online_1["projection"]),
+        **collapse_metrics("target_projection", target_1["projection"]),
     }
     return loss, (nnx.state(online, nnx.Not(nnx.Param)), nnx.state(target), metrics)
 
@@ -69,6 +86,7 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
         batch = augment(state.step_key(), batch)
     batch = {"view1": batch["view1"], "view2": batch["view2"]}
     online_def, params, online_rest = nnx.split(state.online, nnx.Param, ...)
+    params_before = jax.tree.leaves(params)  # arrays: a snapshot, the Variables get updated
     target_def, target_state = nnx.split(state.target)
     grad_fn = jax.grad(functools.partial(loss_fn, online_def=online_def, target_def=target_def),
                        has_aux=True)
@@ -104,7 +122,9 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
         "learning_rate": learning_rate(step),
         "tau": tau,
         "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(jax.tree.map(
+            jnp.subtract, jax.tree.leaves(nnx.state(state.online, nnx.Param)), params_before)),
+        "param_norm": optax.tree.norm(params_before),
     }
 
 

@@ -171,9 +171,12 @@ def train_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
 
 
 def eval_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *, batch_size: int,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """One ordered pass over ``opened`` (this process's slice); the last batch may be short."""
-    ds = grain.MapDataset.range(opened.num_records)[process_index::process_count]
+                 limit: int = 0, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+    """One ordered pass over the first ``limit`` records (all if 0), this process's slice; the
+    last batch may be short."""
+    count = min(limit, opened.num_records) if limit else opened.num_records
+    ds = grain.MapDataset.range(count)[process_index::process_count]
     ds = ds.map(EvalExample(opened, config.data.image_size)).batch(batch_size)
     return _prefetch(ds, config.data)
 

@@ -1,0 +1,1 @@
+"""Evaluation of BYOL representations (online monitors and the paper's protocols)."""

@@ -1,0 +1,59 @@
+"""Entry point: ``python -m byol_flax.main --config=experiments/<module>.py[:arg] --workdir=DIR``.
+
+Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VMs
+``jax.distributed.initialize()`` finds its peers by itself; elsewhere pass
+``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+"""
+
+import logging
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from byol_flax.train import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config module.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (local or gs://).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for multi-process runs off TPU.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+    """Joins the other processes of a multi-process run (no-op on a single process)."""
+    multi_host_tpu = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
+        if jax.config.jax_platforms in (None, "", "cpu") and not multi_host_tpu:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif multi_host_tpu:
+        jax.distributed.initialize()
+
+
+class _QuietLibraries(logging.Filter):
+    """Drops INFO chatter of Orbax (dozens of lines per save); warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
+    _initialize_distributed()
+    logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
+                 jax.process_count(), jax.local_devices())
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

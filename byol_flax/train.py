@@ -1,0 +1,196 @@
+"""The BYOL training loop: ``train_and_evaluate(config, workdir)``.
+
+Reads top to bottom: set-up, mesh, data, model and step, checkpoint, loop. Each section calls the
+module that owns the concept. Resume is automatic: if ``workdir/checkpoints`` holds a complete
+checkpoint, training continues from it exactly (state, RNG and data position).
+"""
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from flax import nnx
+
+from byol_flax.checkpointing import Checkpointer
+from byol_flax.config import training_steps, validate_config
+from byol_flax.data.augment import make_device_augment
+from byol_flax.data.pipeline import open_split, train_dataset, views_only
+from byol_flax.data.records import DataError
+from byol_flax.evaluation.knn import KnnMonitor
+from byol_flax.schedules import build_schedules
+from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
+from byol_flax.train_state import create_train_state
+from byol_flax.train_step import make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the bad state is never checkpointed."""
+
+
+class TerminationGuard:
+    """Turns SIGTERM (single-host preemption notice, ``kill``) into a flag read at step ends.
+
+    Orbax's preemption check covers multi-host runs under ``jax.distributed``; on one host the
+    signal is ours to catch. The loop saves at the next step boundary and exits cleanly.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | None) -> None:
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}: training stopped and this state was not saved; "
+            f"the newest checkpoint is step {last_checkpoint}. Lower the learning rate or check "
+            "the data, then resume.")
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _warn_on_collapse(step: int, scalars: dict[str, float], fraction: float) -> None:
+    for name in ("projection", "representation"):
+        ratio = scalars.get(f"collapse/{name}_std_ratio")
+        if ratio is not None and ratio < fraction:
+            logging.warning(
+                "step %d: possible collapse: batch std of normalised %ss is %.3f x 1/sqrt(d) "
+                "(warning threshold %.3f); effective rank %.1f", step, name, ratio, fraction,
+                scalars[f"collapse/{name}_effective_rank"])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike
+                       ) -> dict[str, float]:
+    """Pre-trains BYOL as ``config`` says, in (or resuming from) ``workdir``.
+
+    Returns the last logged scalars.
+    """
+    # --- Set-up ------------------------------------------------------------------------------
+    workdir = epath.Path(workdir)
+    validate_config(config, num_devices=jax.device_count())
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    logging.info("config:\n%s", config)
+
+    # --- Mesh --------------------------------------------------------------------------------
+    mesh = make_mesh()
+    logging.info("%d processes, %d devices (%s); mesh %s", jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape))
+
+    # --- Data --------------------------------------------------------------------------------
+    opened = open_split(config.data, config.data.train_split)
+    total_steps, warmup_steps = training_steps(config, opened.num_records)
+    data_iterator = iter(train_dataset(config, opened, process_index=jax.process_index(),
+                                       process_count=jax.process_count()))
+    logging.info("%d training examples; %d steps (%d warm-up) at batch %d", opened.num_records,
+                 total_steps, warmup_steps, config.training.batch_size)
+
+    # --- Model and step ----------------------------------------------------------------------
+    learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
+                                                warmup_steps=warmup_steps)
+    graphdef, state = nnx.split(create_train_state(config, learning_rate))
+    state = jax.device_put(state, replicated_sharding(mesh))
+    parameter_overview.log_parameter_overview(
+        nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state).online, nnx.Param)))
+    step_fn = make_train_step(graphdef, mesh, learning_rate=learning_rate, target_ema=target_ema,
+                              augment=make_device_augment(config.augment),
+                              accumulation_steps=config.training.accumulation_steps)
+
+    # --- Checkpoint --------------------------------------------------------------------------
+    checkpointer = Checkpointer(workdir / "checkpoints", config)
+    start_step = checkpointer.latest_step or 0
+    if start_step:
+        state = checkpointer.restore(start_step, state, data_iterator, replicated_sharding(mesh))
+        logging.info("resuming at step %d of %d", start_step, total_steps)
+
+    # --- Loop --------------------------------------------------------------------------------
+    monitor = KnnMonitor(config, mesh, graphdef) if config.monitor.every_steps else None
+    hooks = []
+    if is_chief:
+        hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                                     every_steps=config.logging.every_steps))
+        if config.logging.profile_steps:
+            hooks.append(periodic_actions.Profile(num_profile_steps=config.logging.profile_steps,
+                                                  logdir=str(workdir)))
+    guard = TerminationGuard()
+    last_checkpoint = start_step or None
+    skipped = 0
+    previous = None  # (step, metrics): checked one step late, so the host never stalls the device
+    scalars: dict[str, float] = {}
+    timer = (time.perf_counter(), start_step)
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                batch = next(data_iterator)
+                skipped += int(np.sum(batch["skipped"]))
+                if skipped > config.data.max_skipped_records:
+                    raise DataError(f"{skipped} undecodable records skipped by step {step}, more "
+                                    f"than config.data.max_skipped_records="
+                                    f"{config.data.max_skipped_records}")
+                state, metrics = step_fn(state, shard_batch(views_only(batch), mesh))
+            if previous is not None:
+                _check_finite(*previous, last_checkpoint)
+            previous = (step, metrics)
+            for hook in hooks:
+                hook(step)
+
+            if step % config.logging.every_steps == 0 or step == total_steps:
+                _check_finite(step, metrics, last_checkpoint)
+                scalars = _scalars(metrics)
+                now = time.perf_counter()
+                scalars["images_per_second"] = ((step - timer[1]) * config.training.batch_size
+                                                / (now - timer[0]))
+                scalars["skipped_records"] = skipped
+                timer = (now, step)
+                writer.write_scalars(step, scalars)
+                _warn_on_collapse(step, scalars, config.logging.collapse_warning_fraction)
+
+            if monitor is not None and (step % config.monitor.every_steps == 0
+                                        or step == total_steps):
+                results = monitor.run(state)
+                writer.write_scalars(step, results)
+                scalars.update(results)
+
+            preempted = guard.requested or checkpointer.reached_preemption(step)
+            if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
+                _check_finite(step, metrics, last_checkpoint)
+                checkpointer.save(step, state, data_iterator, force=True)
+                last_checkpoint = step
+            if preempted:
+                checkpointer.wait_until_finished()
+                logging.warning("preempted: checkpoint of step %d committed; exiting. Re-run the "
+                                "same command to resume.", step)
+                break
+    finally:
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        writer.flush()
+        guard.restore()
+    if is_chief:
+        (workdir / "final_metrics.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
+    return scalars
