@@ -88,6 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     Returns the last logged scalars.
     """
     # --- Set-up ------------------------------------------------------------------------------
+    guard = TerminationGuard()  # first: a SIGTERM during start-up still ends in a clean save
     workdir = epath.Path(workdir)
     validate_config(config, num_devices=jax.device_count())
     is_chief = jax.process_index() == 0
@@ -137,7 +138,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         if config.logging.profile_steps:
             hooks.append(periodic_actions.Profile(num_profile_steps=config.logging.profile_steps,
                                                   logdir=str(workdir)))
-    guard = TerminationGuard()
     last_checkpoint = start_step or None
     skipped = 0
     previous = None  # (step, metrics): checked one step late, so the host never stalls the device

@@ -1,0 +1,188 @@
+"""The real entry point end to end: checkpoints, TensorBoard, exact resume after kill -9, SIGTERM,
+config errors and the non-finite-loss stop. Runs experiments/digits_cpu.py, shrunk."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from byol_flax.config import ConfigError, validate_config
+from data_prep import digits
+from experiments import digits_cpu
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL_STEPS, EVERY = 16, 4
+SHRINK = [  # 64 examples per "epoch" at batch 16: 4 steps per epoch, 16 steps in all
+    "--config.training.batch_size=16", "--config.training.num_train_examples=64",
+    "--config.training.epochs=4", "--config.training.warmup_epochs=1",
+    "--config.data.image_size=8", "--config.model.projector.hidden_size=32",
+    "--config.model.projector.output_size=16", "--config.model.predictor.hidden_size=32",
+    f"--config.checkpoint.every_steps={EVERY}", "--config.logging.every_steps=4",
+    "--config.monitor.every_steps=0",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("digits")
+    assert digits.main(["--out", str(out), "--holdout-count", "100", "--no-progress"]) == 0
+    return str(out)
+
+
+def entry_point(data_dir: str, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "byol_flax.main",
+            f"--config={REPO / 'experiments' / 'digits_cpu.py'}:{data_dir}",
+            f"--workdir={workdir}", *SHRINK, *extra]
+
+
+def env() -> dict[str, str]:
+    """One CPU device per subprocess, like a user's machine (the tests' 8 devices are not
+    inherited)."""
+    return {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True,
+                            timeout=600, **kwargs)
+    return result
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def final_state(workdir: Path) -> tuple[dict, str]:
+    step = committed_steps(workdir)[-1]
+    path = workdir / "checkpoints" / str(step)
+    state = ocp.StandardCheckpointer().restore(path / "state")
+    flat = {}
+
+    def walk(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}/{key}")
+            else:
+                flat[f"{prefix}/{key}"] = np.asarray(value)
+
+    walk(state)
+    data_position = [json.loads(p.read_text()) for p in sorted((path / "data").glob("*.json"))]
+    assert data_position, f"no data iterator state in {path}"
+    return flat, data_position
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run of the real entry point, with the kNN monitor at the end."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run(entry_point(data_dir, workdir, f"--config.monitor.every_steps={TOTAL_STEPS}",
+                             "--config.monitor.max_train_examples=200"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
+    assert committed_steps(reference_run) == [8, 12, 16]  # max_to_keep = 3, newest kept
+    assert list(reference_run.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    config = json.loads((reference_run / "config.json").read_text())
+    assert config["training"]["batch_size"] == 16 and config["model"]["encoder"]["name"]
+    metrics = json.loads((reference_run / "final_metrics.json").read_text())
+    assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["knn/top1_k20"] <= 1.0
+    assert metrics["collapse/projection_effective_rank"] >= 1.0
+
+
+def test_kill_9_and_resume_is_bitwise_identical(reference_run, data_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(entry_point(data_dir, workdir), env=env(), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not committed_steps(workdir) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert committed_steps(workdir), "no checkpoint before the kill"
+    time.sleep(random.uniform(0.0, 1.0))  # a random moment: in a step, a save, or between
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = committed_steps(workdir)[-1]
+    resumed = run(entry_point(data_dir, workdir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if killed_at < TOTAL_STEPS:
+        assert f"resuming at step {killed_at}" in resumed.stderr
+    expected, expected_position = final_state(reference_run)
+    got, got_position = final_state(workdir)
+    assert committed_steps(workdir)[-1] == TOTAL_STEPS
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert got_position == expected_position
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+    workdir = tmp_path / "terminated"
+    cmd = entry_point(data_dir, workdir, "--config.checkpoint.every_steps=1000")
+    process = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (workdir / "events.out.tfevents").exists() or list(workdir.glob("events.out.*")):
+            break
+        time.sleep(0.05)
+    time.sleep(8)  # well into training (compile included), long before the end
+    start = time.time()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "preempted: checkpoint of step" in stderr
+    steps = committed_steps(workdir)
+    assert len(steps) == 1 and steps[0] >= 1
+    print(f"SIGTERM -> committed checkpoint and exit in {time.time() - start:.1f}s")
+
+
+def test_typo_in_a_config_key_is_rejected_by_name(data_dir, tmp_path):
+    result = run(entry_point(data_dir, tmp_path / "typo", "--config.training.batchsize=8"))
+    assert result.returncode != 0
+    assert "batchsize" in result.stderr
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("training.batch_size", 12, "divisible by the 8 devices"),
+    ("training.warmup_epochs", 50.0, "shorter than training.epochs"),
+    ("optimizer.base_learning_rate", -0.1, "must be positive"),
+    ("model.encoder.name", "resnet51", "must be one of"),
+    ("target.schedule", "linear", "'cosine' or 'constant'"),
+    ("data.dir", "", "is empty"),
+])
+def test_inconsistent_values_are_rejected_naming_the_key(key, value, message):
+    config = digits_cpu.get_config()
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[name] = value
+    with pytest.raises(ConfigError, match=f"config.{key}=.*{message}"):
+        validate_config(config, num_devices=8)
+
+
+def test_wrong_type_is_rejected():
+    config = digits_cpu.get_config()
+    with pytest.raises(TypeError):
+        config.training.batch_size = "large"
+
+
+def test_non_finite_loss_stops_without_checkpointing_the_bad_state(data_dir, tmp_path):
+    workdir = tmp_path / "nan"
+    result = run(entry_point(data_dir, workdir, "--config.optimizer.base_learning_rate=1e30",
+                             "--config.checkpoint.every_steps=1"))
+    assert result.returncode != 0
+    assert "NonFiniteLossError" in result.stderr and "at step" in result.stderr
+    bad_step = int(result.stderr.split("at step ")[1].split(":")[0])
+    assert all(step < bad_step for step in committed_steps(workdir))
