@@ -200,3 +200,16 @@ def test_undecodable_record_is_named_or_skipped_and_counted(config, tmp_path):
     assert_batches_equal(*runs)  # skipping is deterministic
     skipped = sum(int(b["skipped"].sum()) for b in runs[0])
     assert skipped == 1
+
+
+def test_processes_together_read_exactly_the_single_process_batches(config):
+    """Process p's rows are rows [p L, (p+1) L) of the global batch a single process reads."""
+    opened = open_split(config.data, "train")
+    single = take(iter(train_dataset(config, opened)), 3)
+    parts = [take(iter(train_dataset(config, opened, process_index=p, process_count=2)), 3)
+             for p in range(2)]
+    for step, batch in enumerate(single):
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key],
+                err_msg=key)

@@ -1,8 +1,9 @@
 """Grain input pipelines over the ArrayRecord shards written by ``data_prep/``.
 
-Training: source indices -> seeded global shuffle (reseeded every epoch) -> repeat -> this
-process's slice -> read + decode -> two host-side views (random resized crop + flip, T and T')
--> batch -> prefetch in ``worker_count`` processes. Each process yields its own rows of the
+Training: source indices -> seeded global shuffle (reseeded every epoch) -> repeat -> read +
+decode -> two host-side views (random resized crop + flip, T and T') -> this process's rows of
+each global batch -> batch -> prefetch in ``worker_count`` processes (lazily: a process only
+reads and decodes its own rows). Each process yields its own rows of the
 global batch; :func:`byol_flax.sharding.shard_batch` turns them into one global ``jax.Array``.
 
 Every random choice is a function of (seed, epoch, index), so a restored iterator
@@ -154,20 +155,45 @@ def _prefetch(ds: grain.MapDataset, data_config: ml_collections.ConfigDict) -> g
     return it
 
 
+class _ProcessRows(grain.transforms.Map):
+    """Local example i -> the global stream element this process owns at that position.
+
+    Process p owns rows [p L, (p + 1) L) of every global batch of G = P L examples, so the
+    global batch assembled from all processes is, row for row, the batch a single process
+    would read: same examples, same crops, same per-row augmentation keys on the device.
+    """
+
+    def __init__(self, stream: grain.MapDataset, process_index: int, local_batch: int,
+                 global_batch: int):
+        self._stream = stream
+        self._offset = process_index * local_batch
+        self._local = local_batch
+        self._global = global_batch
+
+    def map(self, local_index: int) -> dict[str, Any]:
+        batch, row = divmod(int(local_index), self._local)
+        return self._stream[batch * self._global + self._offset + row]
+
+
 def train_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The endless, checkpointable training stream of this process's rows of each global batch."""
+    """The endless, checkpointable training stream of this process's rows of each global batch.
+
+    Randomness (order, crops, flips) is a function of the seed and the position in the global
+    stream only, so the run does not depend on the number of processes or workers.
+    """
     data_config = config.data
-    ds = (grain.MapDataset.range(opened.num_records)
-          .shuffle(seed=config.seed)
-          .repeat(None, reseed_each_epoch=True))
-    ds = ds[process_index::process_count]
-    ds = ds.random_map(TrainExample(opened, data_config.image_size, config.augment,
-                                    allow_skips=data_config.max_skipped_records > 0),
-                       seed=config.seed)
-    ds = ds.batch(_local_batch_size(config.training.batch_size, process_count),
-                  drop_remainder=True)
-    return _prefetch(ds, data_config)
+    global_batch = config.training.batch_size
+    local_batch = _local_batch_size(global_batch, process_count)
+    stream = (grain.MapDataset.range(opened.num_records)
+              .shuffle(seed=config.seed)
+              .repeat(None, reseed_each_epoch=True)
+              .random_map(TrainExample(opened, data_config.image_size, config.augment,
+                                       allow_skips=data_config.max_skipped_records > 0),
+                          seed=config.seed))
+    rows = _ProcessRows(stream, process_index, local_batch, global_batch)
+    ds = grain.MapDataset.range(len(stream) // process_count).map(rows)
+    return _prefetch(ds.batch(local_batch, drop_remainder=True), data_config)
 
 
 def eval_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *, batch_size: int,
