@@ -86,7 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.logging.collapse_warning_fraction = 0.2
 
     config.monitor = ml_collections.ConfigDict()
-    config.monitor.every_steps = 5000  # 0 disables the online kNN evaluation
+    config.monitor.every_steps = 5000  # 0 disables the online evaluation
+    config.monitor.evaluators = ("knn",)  # names in byol_flax.evaluation.EVALUATORS
     config.monitor.train_split = "train"  # labelled examples forming the kNN memory
     config.monitor.eval_split = "holdout"  # queries
     config.monitor.max_train_examples = 10_000

@@ -25,7 +25,7 @@ from byol_flax.config import training_steps, validate_config
 from byol_flax.data.augment import make_device_augment
 from byol_flax.data.pipeline import open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
-from byol_flax.evaluation.knn import KnnMonitor
+from byol_flax.evaluation import build_evaluators
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
 from byol_flax.train_state import create_train_state
@@ -130,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         logging.info("resuming at step %d of %d", start_step, total_steps)
 
     # --- Loop --------------------------------------------------------------------------------
-    monitor = KnnMonitor(config, mesh, graphdef) if config.monitor.every_steps else None
+    evaluators = build_evaluators(config, mesh, graphdef)
     hooks = []
     if is_chief:
         hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
@@ -170,11 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                 writer.write_scalars(step, scalars)
                 _warn_on_collapse(step, scalars, config.logging.collapse_warning_fraction)
 
-            if monitor is not None and (step % config.monitor.every_steps == 0
-                                        or step == total_steps):
-                results = monitor.run(state)
-                writer.write_scalars(step, results)
-                scalars.update(results)
+            if evaluators and (step % config.monitor.every_steps == 0 or step == total_steps):
+                for evaluator in evaluators:
+                    results = evaluator.run(state)
+                    writer.write_scalars(step, results)
+                    scalars.update(results)
 
             preempted = guard.requested or checkpointer.reached_preemption(step)
             if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -65,7 +66,12 @@ def committed_steps(workdir: Path) -> list[int]:
 def final_state(workdir: Path) -> tuple[dict, str]:
     step = committed_steps(workdir)[-1]
     path = workdir / "checkpoints" / str(step)
-    state = ocp.StandardCheckpointer().restore(path / "state")
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(  # read any topology (1 or 2 processes) onto one local device
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path / "state").item_metadata.tree)
+    state = checkpointer.restore(path / "state", target=abstract)
     flat = {}
 
     def walk(tree, prefix=""):
@@ -186,3 +192,46 @@ def test_non_finite_loss_stops_without_checkpointing_the_bad_state(data_dir, tmp
     assert "NonFiniteLossError" in result.stderr and "at step" in result.stderr
     bad_step = int(result.stderr.split("at step ")[1].split(":")[0])
     assert all(step < bad_step for step in committed_steps(workdir))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_get_killed_resume_and_match_one_process(reference_run, data_dir,
+                                                                     tmp_path):
+    """Multi-host on one machine: jax.distributed on localhost, CPU collectives over gloo, each
+    process reading its own rows; killed after a checkpoint, resumed, compared with 1 process."""
+    workdir = tmp_path / "two_processes"
+
+    def launch():
+        port = free_port()
+        return [subprocess.Popen(entry_point(data_dir, workdir, f"--coordinator_address=localhost:{port}",
+                                             "--num_processes=2", f"--process_id={i}"),
+                                 env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+    processes = launch()
+    deadline = time.time() + 300
+    while not committed_steps(workdir) and time.time() < deadline:
+        assert all(p.poll() is None for p in processes), processes[0].stderr.read()[-3000:]
+        time.sleep(0.05)
+    for p in processes:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert committed_steps(workdir)[-1] < TOTAL_STEPS
+    processes = launch()
+    for p in processes:
+        _, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+    assert "2 processes, 2 devices" in stderr and "resuming at step" in stderr
+    expected, _ = final_state(reference_run)
+    got, _ = final_state(workdir)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=2e-3, atol=2e-5, err_msg=name)

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from byol_flax.data.augment import normalize, to_unit_float
 from byol_flax.data.pipeline import OpenedSplit, eval_dataset, open_split
+from byol_flax.evaluation.base import EVALUATORS
 from byol_flax.sharding import DATA_AXIS, shard_batch
 
 
@@ -50,6 +51,7 @@ def make_embed_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], ja
     return embed
 
 
+@EVALUATORS.register("knn")
 class KnnMonitor:
     """Evaluator: ``run(state) -> {"knn/top1_k20": ..., ...}`` on ``config.monitor`` splits."""
 
