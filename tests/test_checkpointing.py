@@ -27,6 +27,22 @@ def flat(state):
             for k, v in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def save_initial_state(directory, step: int):
+    """A synchronous save of a fresh tiny state at ``step``; returns the config used."""
+    config = tiny_config()
+    config.checkpoint.async_save = False
+    _, state = new_state(config)
+    checkpointer = Checkpointer(directory, config)
+    checkpointer.save(step, state, data_iterator())
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return config
+
+
+def one_device():
+    return replicated_sharding(make_mesh(jax.devices()[:1]))
+
+
 def test_restore_onto_a_mesh_of_another_size(tmp_path):
     config = tiny_config()
     config.checkpoint.async_save = False
@@ -54,33 +70,20 @@ def test_restore_onto_a_mesh_of_another_size(tmp_path):
 
 
 def test_checkpoint_of_another_architecture_names_the_difference(tmp_path):
-    config = tiny_config()
-    config.checkpoint.async_save = False
-    _, state = new_state(config)
-    checkpointer = Checkpointer(tmp_path, config)
-    checkpointer.save(1, state, data_iterator())
-    checkpointer.wait_until_finished()
+    config = save_initial_state(tmp_path, step=1)
     config.model.projector.output_size = 48
     _, other = new_state(config)
     with pytest.raises(IncompatibleCheckpointError,
                        match=r"step 1 .* model.projector.output_size: checkpoint 32, config 48"):
-        Checkpointer(tmp_path, config).restore(1, other, data_iterator(),
-                                               replicated_sharding(make_mesh(jax.devices()[:1])))
+        Checkpointer(tmp_path, config).restore(1, other, data_iterator(), one_device())
 
 
 def test_stale_temporary_directories_are_not_checkpoints(tmp_path):
-    config = tiny_config()
-    config.checkpoint.async_save = False
-    _, state = new_state(config)
-    checkpointer = Checkpointer(tmp_path, config)
-    checkpointer.save(3, state, data_iterator())
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    config = save_initial_state(tmp_path, step=3)
     stale = tmp_path / "9.orbax-checkpoint-tmp"  # a save killed half-way (Orbax's naming)
     stale.mkdir()
     (stale / "junk").write_text("partial")
     reopened = Checkpointer(tmp_path, config)
     assert reopened.latest_step == 3  # the half-written step 9 is not a checkpoint
     _, fresh = new_state(config)
-    reopened.restore(3, fresh, data_iterator(),
-                     replicated_sharding(make_mesh(jax.devices()[:1])))
+    reopened.restore(3, fresh, data_iterator(), one_device())
