@@ -1,0 +1,65 @@
+"""Experiment config modules carry the paper's numbers and say how to run them."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from byol_flax.config import ConfigError, validate_config
+from experiments import byol_imagenet
+
+MODULES = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
+                 if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_starts_with_the_launch_command(name):
+    module = importlib.import_module(f"experiments.{name}")
+    assert module.__doc__.lstrip().startswith(
+        "python -m") and f"--config=experiments/{name}.py" in module.__doc__.splitlines()[0]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_configs_validate(name):
+    config = importlib.import_module(f"experiments.{name}").get_config()
+    config.data.dir = config.data.dir or "/some/data"
+    validate_config(config, num_devices=8)
+
+
+def test_imagenet_is_appendix_j1():
+    c = byol_imagenet.get_config()
+    assert (c.training.epochs, c.training.batch_size, c.training.warmup_epochs) == (1000, 4096, 10)
+    assert (c.optimizer.base_learning_rate, c.optimizer.weight_decay) == (0.2, 1.5e-6)
+    assert (c.optimizer.trust_coefficient, c.optimizer.momentum) == (1e-3, 0.9)
+    assert c.target.base_ema == 0.996 and c.seed == 1337
+    assert (c.model.batchnorm.decay, c.model.batchnorm.eps) == (0.9, 1e-5)
+    assert (c.model.projector.hidden_size, c.model.projector.output_size) == (4096, 256)
+    assert c.model.encoder.name == "resnet50" and c.model.encoder.width_multiplier == 1
+    assert c.training.num_train_examples == 1_281_167
+
+
+def test_appendix_h_and_section_5_variants():
+    h = importlib.import_module("experiments.byol_imagenet_bs512").get_config()
+    assert (h.training.batch_size, h.optimizer.base_learning_rate, h.target.base_ema) == (
+        512, 0.4, 0.9995)
+    g = importlib.import_module("experiments.byol_imagenet_300ep").get_config()
+    assert (g.training.epochs, g.optimizer.base_learning_rate, g.optimizer.weight_decay,
+            g.target.base_ema) == (300, 0.3, 1e-6, 0.99)
+
+
+@pytest.mark.parametrize("arg", byol_imagenet.TABLE_9_ENCODERS)
+def test_every_table_9_encoder_is_selectable(arg):
+    c = byol_imagenet.get_config(arg)
+    depth, width = arg[1:].split("x")
+    assert c.model.encoder.name == f"resnet{depth}" and c.model.encoder.width_multiplier == int(width)
+
+
+def test_bad_argument_and_typo_key():
+    with pytest.raises(ValueError, match="'resnet50'.*r50x1"):
+        byol_imagenet.get_config("resnet50")
+    with pytest.raises(AttributeError):
+        byol_imagenet.get_config().training.batchsize = 512  # locked: no new keys
+    c = byol_imagenet.get_config()
+    c.data.dir = "/data"
+    with pytest.raises(ConfigError, match="training.batch_size=4096 must be divisible by the 3"):
+        validate_config(c, num_devices=3)
