@@ -8,6 +8,7 @@ checkpoint, training continues from it exactly (state, RNG and data position).
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -89,6 +90,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     """
     # --- Set-up ------------------------------------------------------------------------------
     guard = TerminationGuard()  # first: a SIGTERM during start-up still ends in a clean save
+    if "://" not in str(workdir):
+        workdir = os.path.abspath(workdir)  # Orbax requires absolute local paths
     workdir = epath.Path(workdir)
     validate_config(config, num_devices=jax.device_count())
     is_chief = jax.process_index() == 0

@@ -50,10 +50,8 @@ def env() -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True,
-                            timeout=600, **kwargs)
-    return result
+def run(cmd: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(), cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def committed_steps(workdir: Path) -> list[int]:
@@ -186,8 +184,9 @@ def test_wrong_type_is_rejected():
 
 def test_non_finite_loss_stops_without_checkpointing_the_bad_state(data_dir, tmp_path):
     workdir = tmp_path / "nan"
-    result = run(entry_point(data_dir, workdir, "--config.optimizer.base_learning_rate=1e30",
-                             "--config.checkpoint.every_steps=1"))
+    # A relative --workdir, as in the README, resolved against the current directory.
+    result = run(entry_point(data_dir, Path("nan"), "--config.optimizer.base_learning_rate=1e30",
+                             "--config.checkpoint.every_steps=1"), cwd=tmp_path)
     assert result.returncode != 0
     assert "NonFiniteLossError" in result.stderr and "at step" in result.stderr
     bad_step = int(result.stderr.split("at step ")[1].split(":")[0])
