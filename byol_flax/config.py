@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.training.accumulation_steps = 1
 
     config.data = ml_collections.ConfigDict()
-    config.data.dir = ""  # a directory written by data_prep/ (holds manifest.json)
+    config.data.dir = ""  # a directory written by data_prep/ (holds manifest.json); or gs://
+    # gs:// datasets are copied here at start-up (ArrayRecord reads local files).
+    config.data.local_cache_dir = "/tmp/byol_flax_data"
     config.data.train_split = "train"
     config.data.image_size = 224  # crop size fed to the network (Appendix C)
     config.data.num_classes = 0  # if set, must equal the manifest's number of label names

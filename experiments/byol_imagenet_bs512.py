@@ -1,4 +1,4 @@
-"""python -m byol_flax.main --config=experiments/byol_imagenet_bs512.py:r50x1 --workdir=gs://BUCKET/byol_bs512 --config.data.dir=gs://BUCKET/imagenet_arrayrecord
+"""python -m byol_flax.main --config=experiments/byol_imagenet_bs512.py:r50x1,slice=v3-8 --workdir=gs://BUCKET/byol_bs512 --config.data.dir=gs://BUCKET/imagenet_arrayrecord
 
 Appendix H, training with a smaller batch: batch 512, base LR 0.4, tau_base 0.9995; everything
 else as Section 4 / Appendix J.1 (see ``byol_imagenet.py``).
@@ -10,8 +10,7 @@ from experiments import byol_imagenet
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    config = byol_imagenet.get_config(arg)
-    config.training.batch_size = 512
+    config = byol_imagenet.get_config(arg, batch_size=512)
     config.optimizer.base_learning_rate = 0.4
     config.target.base_ema = 0.9995
     return config

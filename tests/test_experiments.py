@@ -63,3 +63,25 @@ def test_bad_argument_and_typo_key():
     c.data.dir = "/data"
     with pytest.raises(ConfigError, match="training.batch_size=4096 must be divisible by the 3"):
         validate_config(c, num_devices=3)
+
+
+@pytest.mark.parametrize("arg,accumulation", [
+    ("r50x1,slice=v3-512", 1),  # the paper: 4096 over 512 cores, 8 per core
+    ("r50x1,slice=v4-64", 1),  # 32 devices x 128
+    ("r50x1,slice=v4-8", 8),  # 4 devices: 4096 = 8 micro-batches of 512 (128 per device)
+    ("r50x1,slice=v3-8,max_per_device=64", 8),
+])
+def test_slice_plans_split_the_paper_batch(arg, accumulation):
+    c = byol_imagenet.get_config(arg)
+    assert c.training.batch_size == 4096 and c.training.accumulation_steps == accumulation
+    c.data.dir = "/data"
+    slice_devices = {"v3-512": 512, "v4-64": 32, "v4-8": 4, "v3-8": 8}[arg.split("slice=")[1]
+                                                                     .split(",")[0]]
+    validate_config(c, num_devices=slice_devices)
+
+
+def test_appendix_h_slice_plan_uses_its_own_batch():
+    h = importlib.import_module("experiments.byol_imagenet_bs512").get_config("r50x1,slice=v4-8")
+    assert (h.training.batch_size, h.training.accumulation_steps) == (512, 1)  # 128 per device
+    with pytest.raises(ValueError, match="options are slice"):
+        byol_imagenet.get_config("r50x1,slices=v4-8")

@@ -25,7 +25,7 @@ from etils import epath
 
 from byol_flax.data import augment
 from byol_flax.data.records import (DataError, Manifest, decode_record, load_manifest,
-                                    shard_paths, split_info, verify_split)
+                                    resolve_data_dir, shard_paths, split_info, verify_split)
 
 # How far a skipped (undecodable) record looks for a replacement before giving up.
 MAX_REPLACEMENT_HOPS = 64
@@ -61,8 +61,9 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> OpenedSpli
     """
     if not data_config.dir:
         raise DataError("config.data.dir is empty: point it at a directory written by data_prep/")
-    manifest = load_manifest(data_config.dir)
-    verify_split(data_config.dir, manifest, split, checksum=data_config.verify_checksums)
+    data_dir = resolve_data_dir(data_config.dir, data_config.local_cache_dir)
+    manifest = load_manifest(data_dir)
+    verify_split(data_dir, manifest, split, checksum=data_config.verify_checksums)
     if data_config.num_classes and manifest.num_classes != data_config.num_classes:
         raise DataError(f"config.data.num_classes={data_config.num_classes} but the manifest in "
                         f"{data_config.dir} has {manifest.num_classes} label names")
@@ -71,9 +72,9 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> OpenedSpli
     if expected_size and recorded_size and tuple(recorded_size) != tuple(expected_size):
         raise DataError(f"config.data.source_image_size={tuple(expected_size)} but the manifest "
                         f"in {data_config.dir} records image_size={tuple(recorded_size)}")
-    info = split_info(manifest, split, data_dir=data_config.dir)
-    paths = tuple(str(p) for p in shard_paths(data_config.dir, manifest, split))
-    return OpenedSplit(str(epath.Path(data_config.dir)), split, manifest, paths,
+    info = split_info(manifest, split, data_dir=data_dir)
+    paths = tuple(str(p) for p in shard_paths(data_dir, manifest, split))
+    return OpenedSplit(str(epath.Path(data_dir)), split, manifest, paths,
                        tuple(s.num_records for s in info.shards))
 
 

@@ -217,6 +217,53 @@ def verify_split(data_dir: epath.PathLike, manifest: Manifest, split: str, *,
                         f"to num_records={info.num_records}")
 
 
+SUPPORTED_REMOTE_SCHEMES = ("gs",)
+
+
+def copy_dataset(source: epath.PathLike, destination: epath.PathLike) -> epath.Path:
+    """Copies ``manifest.json`` and every shard it names to ``destination``.
+
+    Shards already there with the right size are kept (a restarted job does not copy again);
+    checksums are verified afterwards by :func:`verify_split`, like any local dataset.
+    """
+    source, destination = epath.Path(source), epath.Path(destination)
+    manifest = load_manifest(source)
+    destination.mkdir(parents=True, exist_ok=True)
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            src, dst = source / shard.file, destination / shard.file
+            if not src.exists():
+                raise DataError(f"shard {src} named by the manifest is missing")
+            if dst.exists() and dst.stat().length == src.stat().length:
+                continue
+            tmp = dst.with_name(dst.name + ".tmp")
+            src.copy(tmp, overwrite=True)
+            os.replace(tmp, dst)
+    manifest_path(source).copy(manifest_path(destination), overwrite=True)
+    return destination
+
+
+def resolve_data_dir(data_dir: str, local_cache_dir: str) -> str:
+    """A local directory holding the dataset at ``data_dir``.
+
+    Local paths (including a bucket mounted with gcsfuse) are used in place. ``gs://`` datasets
+    are copied to ``local_cache_dir`` first: ArrayRecord reads local files, and random access
+    over the network would make the input pipeline the bottleneck. Other schemes are refused.
+    """
+    if "://" not in data_dir:
+        return data_dir
+    scheme = data_dir.split("://", 1)[0]
+    if scheme not in SUPPORTED_REMOTE_SCHEMES:
+        raise DataError(f"config.data.dir={data_dir!r}: the {scheme}:// scheme is not supported; "
+                        f"use a local path, a mounted bucket, or gs:// (copied to "
+                        f"config.data.local_cache_dir)")
+    if not local_cache_dir:
+        raise DataError(f"config.data.dir={data_dir!r} is remote: set config.data.local_cache_dir "
+                        "to a local directory with room for the shards")
+    name = data_dir.rstrip("/").rsplit("/", 1)[-1]
+    return os.fspath(copy_dataset(data_dir, epath.Path(local_cache_dir) / name))
+
+
 def split_evenly(items: Sequence[Any], num_shards: int) -> list[Sequence[Any]]:
     """Deterministic contiguous assignment of items to shards, sizes differing by at most one."""
     base, extra = divmod(len(items), num_shards)
