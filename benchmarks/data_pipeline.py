@@ -71,14 +71,18 @@ def device_images_per_second(config, size: int, batch: int, repeats: int = 5) ->
     return repeats * batch / (time.perf_counter() - start)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--timed-batches", type=int, default=24,
                         help="batches timed per measurement (the data repeats)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     flags.FLAGS.mark_as_parsed()
 
     result = {"benchmark": "data_pipeline", "source_image": "JPEG 500x375",

@@ -27,7 +27,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--stem", default="small", choices=["small", "imagenet"])
@@ -36,7 +36,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after the compile")
     parser.add_argument("--accumulation-steps", type=int, default=1)
     parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     config = base_config()
     config.model.encoder.name = args.encoder

@@ -1,0 +1,78 @@
+"""Every command in docs/cloud_tpu.md is one the project accepts.
+
+Project commands are parsed by the project's own parsers (data_prep, benchmarks), run in dry-run
+mode (the launcher) or executed (the config check); external tools (gcloud, tensorboard) are
+allowed only as the guide's upload and viewing steps.
+"""
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from byol_flax import launch
+
+REPO = Path(__file__).resolve().parents[1]
+GUIDE = REPO / "docs" / "cloud_tpu.md"
+EXTERNAL = ("gcloud storage cp", "tensorboard --logdir")
+
+
+def guide_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_the_guide_has_commands():
+    commands = guide_commands()
+    assert any("byol_flax.launch up" in c for c in commands)
+    assert any("byol_flax.launch relaunch" in c for c in commands)
+    assert any("data_prep.image_folder" in c for c in commands)
+
+
+def benchmark_parser(script: str):
+    spec = importlib.util.spec_from_file_location("guide_benchmark", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+@pytest.mark.parametrize("command", guide_commands())
+def test_guide_command_is_accepted(command):
+    if command.startswith(EXTERNAL):
+        return
+    argv = shlex.split(command)
+    assert argv[0] == "python", f"unexpected program in the guide: {command}"
+    if argv[1:3] == ["-m", "byol_flax.launch"]:
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            assert launch.main(argv[3:]) == 0  # dry run: prints, executes nothing
+        assert output.getvalue().startswith("gcloud compute tpus tpu-vm ")
+    elif argv[1] == "-m" and argv[2].startswith("data_prep."):
+        importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
+    elif argv[1] == "-c":
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(argv[2], "<guide>", "exec"), {})  # noqa: S102 - our own guide
+    elif argv[1].startswith("benchmarks/"):
+        benchmark_parser(argv[1]).parse_args(argv[2:])
+    else:
+        pytest.fail(f"the guide runs a command the test does not know: {command}")
+
+
+def test_guide_slice_table_matches_the_batch_plans():
+    from experiments import byol_imagenet
+    from byol_flax.slices import devices_in_slice, hosts_in_slice
+
+    rows = re.findall(r"^\| (v[\w-]+)[^|]*\| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
+                      GUIDE.read_text(), flags=re.M)
+    assert len(rows) == 4
+    for accelerator, devices, workers, accumulation, per_device in rows:
+        config = byol_imagenet.get_config(f"r50x1,slice={accelerator}")
+        assert devices_in_slice(accelerator) == int(devices)
+        assert hosts_in_slice(accelerator) == int(workers)
+        assert config.training.accumulation_steps == int(accumulation)
+        assert 4096 // int(accumulation) // int(devices) == int(per_device)
