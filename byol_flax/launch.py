@@ -60,8 +60,10 @@ class Launch:
         return [self._on_workers(remote)]
 
     def train(self) -> list[list[str]]:
+        multi_host = ("--distributed",) if hosts_in_slice(self.accelerator_type) > 1 else ()
         args = " ".join(shlex.quote(a) for a in (f"--config={self.config}",
-                                                 f"--workdir={self.workdir}", *self.overrides))
+                                                 f"--workdir={self.workdir}", *multi_host,
+                                                 *self.overrides))
         remote = (f"cd {CHECKOUT} && nohup python3 -m byol_flax.main {args} "
                   f"> {LOG_FILE} 2>&1 &")
         return [self._on_workers(remote)]

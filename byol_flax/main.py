@@ -21,6 +21,10 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0, for multi-process runs off TPU.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_DISTRIBUTED = flags.DEFINE_boolean(
+    "distributed", False, "Call jax.distributed.initialize() with no arguments (multi-host "
+    "Cloud TPU slices; the launcher passes it). Implied by TPU_WORKER_HOSTNAMES listing several "
+    "hosts or by --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +37,7 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
-    elif multi_host_tpu:
+    elif multi_host_tpu or _DISTRIBUTED.value:
         jax.distributed.initialize()
 
 

@@ -63,6 +63,18 @@ def test_guide_command_is_accepted(command):
         pytest.fail(f"the guide runs a command the test does not know: {command}")
 
 
+def test_documented_launcher_output_is_exactly_what_it_prints():
+    """A launcher command followed by a ```text block must print exactly that block."""
+    pairs = re.findall(r"```bash\n(python -m byol_flax\.launch [^\n]*)\n```\n\n[^`]*```text\n"
+                       r"(.*?)```", GUIDE.read_text(), flags=re.S)
+    assert len(pairs) == 2  # the single-host and the multi-host case
+    for command, documented in pairs:
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            launch.main(shlex.split(command)[3:])
+        assert output.getvalue() == documented
+
+
 def test_guide_slice_table_matches_the_batch_plans():
     from experiments import byol_imagenet
     from byol_flax.slices import devices_in_slice, hosts_in_slice

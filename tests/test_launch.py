@@ -48,6 +48,7 @@ def test_multi_host_spot_relaunch_and_logs(capsys):
     assert len(lines) == 4
     train = shlex.split(lines[3])
     assert "--workdir=gs://my-bucket/byol_r50x1" in train[-1]  # the same workdir: it resumes
+    assert "--distributed" in train[-1]  # 8 workers: jax.distributed joins them
     logs = dry_run(capsys, "logs", *common)
     assert logs == ["gcloud compute tpus tpu-vm ssh byol-v4-64 --zone=us-central2-b "
                     "--project=my-project --worker=0 '--command=tail -f ~/byol_train.log'"]
