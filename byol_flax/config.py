@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.monitor.eval_split = "holdout"  # queries
     config.monitor.max_train_examples = 10_000
     config.monitor.max_eval_examples = 10_000
-    config.monitor.batch_size = 256
+    config.monitor.batch_size = 1024  # a multiple of the device count (512 on v3-512)
     config.monitor.knn_k = (20, 200)
     config.monitor.knn_temperature = 0.07
     config.lock()
@@ -143,6 +143,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         (config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive"),
         (config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
         (config.logging.every_steps > 0, "logging.every_steps", "must be positive"),
+        (not config.monitor.every_steps or (config.monitor.batch_size > 0
+                                            and config.monitor.batch_size % num_devices == 0),
+         "monitor.batch_size", f"must be a positive multiple of the {num_devices} devices"),
     ]
     for ok, key, problem in checks:
         if not ok:

@@ -3,8 +3,8 @@
     python -m byol_flax.launch ACTION --tpu NAME --zone ZONE --accelerator-type v4-64 \\
         --config experiments/byol_imagenet.py:r50x1 --workdir gs://BUCKET/run [--spot] [--run]
 
-Actions: ``create`` (the TPU VM slice, optionally spot/preemptible), ``install`` (clone this
-repository and install it with JAX for TPU on every worker), ``train`` (start the same training
+Actions: ``create`` (the TPU VM slice, optionally spot/preemptible), ``install`` (Python 3.11 in
+a virtual environment, clone this repository and install it with JAX for TPU on every worker), ``train`` (start the same training
 command on every worker, in the background, logging to ``~/byol_train.log``), ``logs`` (follow
 worker 0's log), ``relaunch`` (after a preemption: delete, create, install, train against the
 same workdir, which resumes from its newest checkpoint), ``delete``, and ``up`` (create + install
@@ -21,9 +21,15 @@ from collections.abc import Sequence
 from byol_flax.slices import devices_in_slice, hosts_in_slice
 
 DEFAULT_REPO = "https://github.com/byol-flax/byol_flax.git"
-DEFAULT_RUNTIME = "tpu-ubuntu2204-base"
+# TPU VM software versions by chip family (Google's TPU VM images).
+RUNTIME_BY_FAMILY = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base",
+                     "v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+                     "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
+                     "v6e": "v2-alpha-tpuv6e"}
 LOG_FILE = "~/byol_train.log"
 CHECKOUT = "~/byol_flax"
+# The images ship Python 3.10; the project needs 3.11+, installed into its own environment.
+VENV = "~/byol_venv"
 ACTIONS = ("create", "install", "train", "logs", "relaunch", "delete", "up")
 
 
@@ -35,7 +41,7 @@ class Launch:
     config: str
     workdir: str
     project: str | None = None
-    runtime_version: str = DEFAULT_RUNTIME
+    runtime_version: str | None = None  # default: by chip family
     capacity: str = "on-demand"  # or "spot" / "preemptible"
     repo: str = DEFAULT_REPO
     overrides: tuple[str, ...] = ()
@@ -51,12 +57,15 @@ class Launch:
 
     def create(self) -> list[list[str]]:
         extra = {"spot": ["--spot"], "preemptible": ["--preemptible"]}.get(self.capacity, [])
+        runtime = self.runtime_version or RUNTIME_BY_FAMILY[self.accelerator_type.split("-")[0]]
         return [self._gcloud("create", f"--accelerator-type={self.accelerator_type}",
-                             f"--version={self.runtime_version}", *extra)]
+                             f"--version={runtime}", *extra)]
 
     def install(self) -> list[list[str]]:
-        remote = (f"(git clone --depth 1 {self.repo} {CHECKOUT} || git -C {CHECKOUT} pull) && "
-                  f'pip install -U "jax[tpu]" -e {CHECKOUT}')
+        remote = ("sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv"
+                  f" && python3.11 -m venv {VENV}"
+                  f" && (git clone --depth 1 {self.repo} {CHECKOUT} || git -C {CHECKOUT} pull)"
+                  f' && {VENV}/bin/pip install -U "jax[tpu]" -e {CHECKOUT}')
         return [self._on_workers(remote)]
 
     def train(self) -> list[list[str]]:
@@ -64,8 +73,8 @@ class Launch:
         args = " ".join(shlex.quote(a) for a in (f"--config={self.config}",
                                                  f"--workdir={self.workdir}", *multi_host,
                                                  *self.overrides))
-        remote = (f"cd {CHECKOUT} && nohup python3 -m byol_flax.main {args} "
-                  f"> {LOG_FILE} 2>&1 &")
+        remote = (f"cd {CHECKOUT} && nohup {VENV}/bin/python -m byol_flax.main {args} "
+                  f"< /dev/null > {LOG_FILE} 2>&1 &")
         return [self._on_workers(remote)]
 
     def logs(self) -> list[list[str]]:
@@ -99,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config module and argument, e.g. experiments/byol_imagenet.py:r50x1")
     parser.add_argument("--workdir", required=True, help="gs://BUCKET/PATH (shared by workers)")
     parser.add_argument("--project", default=None)
-    parser.add_argument("--runtime-version", default=DEFAULT_RUNTIME)
+    parser.add_argument("--runtime-version", default=None,
+                        help="TPU VM image (default: by chip family, e.g. tpu-ubuntu2204-base "
+                             "for v4)")
     capacity = parser.add_mutually_exclusive_group()
     capacity.add_argument("--spot", action="store_const", const="spot", dest="capacity")
     capacity.add_argument("--preemptible", action="store_const", const="preemptible",

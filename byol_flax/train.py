@@ -44,10 +44,10 @@ class TerminationGuard:
     signal is ours to catch. The loop saves at the next step boundary and exits cleanly.
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        if enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
@@ -60,10 +60,13 @@ class TerminationGuard:
 
 
 def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | None) -> None:
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
+    """The loss of ``step`` and the state it produced (parameters, statistics, momentum)."""
+    loss = float(jax.device_get(metrics["loss"]))
+    state_finite = bool(jax.device_get(metrics["state_is_finite"]))
+    if not (math.isfinite(loss) and state_finite):
+        what = f"loss is {loss}" if not math.isfinite(loss) else "the updated state is not finite"
         raise NonFiniteLossError(
-            f"loss is {loss} at step {step}: training stopped and this state was not saved; "
+            f"{what} at step {step}: training stopped and this state was not saved; "
             f"the newest checkpoint is step {last_checkpoint}. Lower the learning rate or check "
             "the data, then resume.")
 
@@ -89,7 +92,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     Returns the last logged scalars.
     """
     # --- Set-up ------------------------------------------------------------------------------
-    guard = TerminationGuard()  # first: a SIGTERM during start-up still ends in a clean save
+    # First, so a SIGTERM during start-up still ends in a clean save. Only on one process: under
+    # jax.distributed the preemption service owns SIGTERM and Orbax's sync point makes every
+    # host save the same step (a per-host flag could stop hosts at different steps).
+    guard = TerminationGuard(enabled=jax.process_count() == 1)
     if "://" not in str(workdir):
         workdir = os.path.abspath(workdir)  # Orbax requires absolute local paths
     workdir = epath.Path(workdir)
@@ -194,6 +200,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         checkpointer.close()
         writer.flush()
         guard.restore()
-    if is_chief:
+    if is_chief and scalars:  # a re-run of a finished job trains nothing and keeps the file
         (workdir / "final_metrics.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
     return scalars

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from byol_flax.losses import byol_loss
 from byol_flax.schedules import Schedule
 from byol_flax.sharding import replicated_sharding
-from byol_flax.train_state import TrainState
+from byol_flax.train_state import RngKey, TrainState
 
 Batch = dict[str, jax.Array]  # {"view1": (B, H, W, C), "view2": (B, H, W, C)}
 Metrics = dict[str, jax.Array]
@@ -36,22 +36,27 @@ def _unit(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def collapse_metrics(name: str, x: jax.Array) -> Metrics:
+def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True) -> Metrics:
     """Collapse monitors of a batch of outputs (B, d).
 
     ``std``: mean over features of the batch std of l2-normalised outputs; 1/sqrt(d) for vectors
     spread uniformly on the sphere, 0 when every input maps to the same vector (``std_ratio`` is
     std x sqrt(d), so 1 is healthy). ``effective_rank``: exp of the entropy of the normalised
-    singular values of the centred outputs (Roy & Vetterli, 2007), between 1 and min(B, d).
+    singular values of the centred outputs (Roy & Vetterli, 2007), between 1 and min(B, d);
+    computed from the d x d covariance (an eigendecomposition, cheap for the 256-d projections;
+    skipped for the 2048 x width representations).
     """
     unit = _unit(x)
     std = jnp.mean(jnp.std(unit, axis=0))
-    singular = jnp.linalg.svd(unit - unit.mean(axis=0), compute_uv=False)
-    p = singular / jnp.maximum(singular.sum(), 1e-12)
-    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
-    return {f"collapse/{name}_std": std,
-            f"collapse/{name}_std_ratio": std * jnp.sqrt(x.shape[-1]),
-            f"collapse/{name}_effective_rank": jnp.exp(entropy)}
+    metrics = {f"collapse/{name}_std": std,
+               f"collapse/{name}_std_ratio": std * jnp.sqrt(x.shape[-1])}
+    if effective_rank:
+        centred = unit - unit.mean(axis=0)
+        singular = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(centred.T @ centred), 0.0))
+        p = singular / jnp.maximum(singular.sum(), 1e-12)
+        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
+        metrics[f"collapse/{name}_effective_rank"] = jnp.exp(entropy)
+    return metrics
 
 
 def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, batch: Batch, *,
@@ -67,7 +72,7 @@ def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, 
     metrics = {
         "loss": loss,
         "loss_4_minus_2cos": 4.0 + loss,
-        **collapse_metrics("representation", online_1["representation"]),
+        **collapse_metrics("representation", online_1["representation"], effective_rank=False),
         **collapse_metrics("projection", online_1["projection"]),
         **collapse_metrics("target_projection", target_1["projection"]),
     }
@@ -125,6 +130,9 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
         "update_norm": optax.tree.norm(jax.tree.map(
             jnp.subtract, jax.tree.leaves(nnx.state(state.online, nnx.Param)), params_before)),
         "param_norm": optax.tree.norm(params_before),
+        # Checked before every save: a finite loss can still come with a non-finite update.
+        "state_is_finite": jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
+            nnx.state(state, nnx.Not(RngKey)))])),
     }
 
 

@@ -17,22 +17,15 @@ def dry_run(capsys, *argv):
 SINGLE_HOST = ["up", "--tpu", "byol-v4-8", "--zone", "us-central2-b", "--accelerator-type",
                "v4-8", "--config", "experiments/byol_imagenet.py:r50x1,slice=v4-8",
                "--workdir", "gs://my-bucket/byol_r50x1",
-               "--override=--config.data.dir=gs://my-bucket/imagenet_arrayrecord"]
+               "--override=--config.data.dir=gs://my-bucket/imagenet_arrayrecord", "--spot"]
 
 
 def test_single_host_commands(capsys):
     lines = dry_run(capsys, *SINGLE_HOST)
     assert lines == [
-        "gcloud compute tpus tpu-vm create byol-v4-8 --zone=us-central2-b "
-        "--accelerator-type=v4-8 --version=tpu-ubuntu2204-base",
-        "gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all "
-        "'--command=(git clone --depth 1 https://github.com/byol-flax/byol_flax.git ~/byol_flax "
-        "|| git -C ~/byol_flax pull) && pip install -U \"jax[tpu]\" -e ~/byol_flax'",
-        "gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all "
-        "'--command=cd ~/byol_flax && nohup python3 -m byol_flax.main "
-        "--config=experiments/byol_imagenet.py:r50x1,slice=v4-8 "
-        "--workdir=gs://my-bucket/byol_r50x1 "
-        "--config.data.dir=gs://my-bucket/imagenet_arrayrecord > ~/byol_train.log 2>&1 &'",
+        'gcloud compute tpus tpu-vm create byol-v4-8 --zone=us-central2-b --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot',
+        'gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all \'--command=sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv && python3.11 -m venv ~/byol_venv && (git clone --depth 1 https://github.com/byol-flax/byol_flax.git ~/byol_flax || git -C ~/byol_flax pull) && ~/byol_venv/bin/pip install -U "jax[tpu]" -e ~/byol_flax\'',
+        "gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all '--command=cd ~/byol_flax && nohup ~/byol_venv/bin/python -m byol_flax.main --config=experiments/byol_imagenet.py:r50x1,slice=v4-8 --workdir=gs://my-bucket/byol_r50x1 --config.data.dir=gs://my-bucket/imagenet_arrayrecord < /dev/null > ~/byol_train.log 2>&1 &'",
     ]
 
 

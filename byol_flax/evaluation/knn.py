@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from byol_flax.data.augment import normalize, to_unit_float
 from byol_flax.data.pipeline import OpenedSplit, eval_dataset, open_split
 from byol_flax.evaluation.base import EVALUATORS
-from byol_flax.sharding import DATA_AXIS, shard_batch
+from byol_flax.sharding import shard_batch
 
 
 def knn_predict(train_features: jax.Array, train_labels: jax.Array, queries: jax.Array, *,
@@ -66,9 +66,8 @@ class KnnMonitor:
     def _features(self, state: nnx.State, opened: OpenedSplit, limit: int
                   ) -> tuple[jax.Array, np.ndarray]:
         process_count = jax.process_count()
+        # validate_config makes monitor.batch_size a multiple of the device count.
         local_batch = self._config.monitor.batch_size // process_count
-        devices_per_process = self._mesh.shape[DATA_AXIS] // process_count
-        local_batch -= local_batch % devices_per_process
         count = min(limit, opened.num_records) if limit else opened.num_records
         # Every process runs the same number of batches (the collectives below must match).
         num_batches = -(-(-(-count // process_count)) // local_batch)
