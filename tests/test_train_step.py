@@ -39,8 +39,18 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(config):
     for _ in range(12):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-    assert all(np.isfinite(losses))
+    assert all(np.isfinite(losses)) and bool(metrics["state_is_finite"])
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_state_is_finite_flags_a_non_finite_update(config):
+    config.optimizer.base_learning_rate = 1e38  # overflows the first real update
+    _, state, step, mesh = setup(config)
+    flags = []
+    for seed in range(3):
+        state, metrics = step(state, shard_batch(make_views(16, seed), mesh))
+        flags.append(bool(metrics["state_is_finite"]))
+    assert not all(flags)
 
 
 def test_jitted_step_traces_once_for_all_steps(config):
