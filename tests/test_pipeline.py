@@ -213,3 +213,16 @@ def test_processes_together_read_exactly_the_single_process_batches(config):
             np.testing.assert_array_equal(
                 np.concatenate([parts[0][step][key], parts[1][step][key]]), batch[key],
                 err_msg=key)
+
+
+def test_checksums_are_computed_once_per_process(config, monkeypatch):
+    calls = []
+    real = records.file_sha256
+    monkeypatch.setattr(records, "file_sha256", lambda path: calls.append(path) or real(path))
+    open_split(config.data, "train")
+    assert len(calls) == NUM_SHARDS
+    open_split(config.data, "train")  # e.g. the kNN monitor opening the training split again
+    assert len(calls) == NUM_SHARDS
+    os.remove(shard_file(config))  # cheap checks still run on every open
+    with pytest.raises(records.DataError, match="is missing"):
+        open_split(config.data, "train")

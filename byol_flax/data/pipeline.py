@@ -30,6 +30,10 @@ from byol_flax.data.records import (DataError, Manifest, decode_record, load_man
 # How far a skipped (undecodable) record looks for a replacement before giving up.
 MAX_REPLACEMENT_HOPS = 64
 
+# Splits whose shard checksums this process has already verified: the training loop and the
+# online monitors open the same split, and hashing ImageNet twice at start-up costs minutes.
+_CHECKSUMMED: set[tuple[str, str, tuple[str, ...]]] = set()
+
 
 @dataclasses.dataclass(frozen=True)
 class OpenedSplit:
@@ -63,7 +67,12 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> OpenedSpli
         raise DataError("config.data.dir is empty: point it at a directory written by data_prep/")
     data_dir = resolve_data_dir(data_config.dir, data_config.local_cache_dir)
     manifest = load_manifest(data_dir)
-    verify_split(data_dir, manifest, split, checksum=data_config.verify_checksums)
+    checksummed = (str(data_dir), split, tuple(
+        shard.sha256 for shard in split_info(manifest, split, data_dir=data_dir).shards))
+    verify_split(data_dir, manifest, split,  # counts and sizes are always re-checked (cheap)
+                 checksum=data_config.verify_checksums and checksummed not in _CHECKSUMMED)
+    if data_config.verify_checksums:
+        _CHECKSUMMED.add(checksummed)
     if data_config.num_classes and manifest.num_classes != data_config.num_classes:
         raise DataError(f"config.data.num_classes={data_config.num_classes} but the manifest in "
                         f"{data_config.dir} has {manifest.num_classes} label names")
