@@ -16,6 +16,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from byol_flax.models import ByolNetwork, build_online_network, target_from_online
+from byol_flax.models.init import init_module
 from byol_flax.optim import build_optimizer
 
 
@@ -56,7 +57,12 @@ class TrainState(nnx.Module):
 
 
 def create_train_state(config: ConfigDict, learning_rate: optax.Schedule) -> TrainState:
-    """Builds the online network from ``config.seed``, its target copy and the LARS optimizer."""
-    online = build_online_network(config.model, rngs=nnx.Rngs(config.seed))
-    return TrainState(online, build_optimizer(config.optimizer, online, learning_rate),
-                      seed=config.seed + 1)
+    """Builds the online network from ``config.seed``, its target copy and the LARS optimizer
+    (all initialisers compiled as one program: :func:`byol_flax.models.init.init_module`)."""
+
+    def build() -> TrainState:
+        online = build_online_network(config.model, rngs=nnx.Rngs(config.seed))
+        return TrainState(online, build_optimizer(config.optimizer, online, learning_rate),
+                          seed=config.seed + 1)
+
+    return init_module(build)

@@ -106,9 +106,11 @@ def train_view(image: Image.Image, size: int, rng: np.random.Generator,
     return np.asarray(out, dtype=np.uint8)
 
 
-def eval_view(image: Image.Image, size: int) -> np.ndarray:
-    """Resize the shorter side to size x 256/224 (bicubic), then center-crop size x size."""
-    resize = int(round(size * EVAL_RESIZE_RATIO))
+def eval_view(image: Image.Image, size: int, resize_ratio: float = EVAL_RESIZE_RATIO
+              ) -> np.ndarray:
+    """Resize the shorter side to size x ``resize_ratio`` (bicubic; 256/224 in Appendix C, 1 for
+    the transfer features of Appendix E.2), then center-crop size x size."""
+    resize = int(round(size * resize_ratio))
     scale = resize / min(image.width, image.height)
     w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((w, h), Image.Resampling.BICUBIC)

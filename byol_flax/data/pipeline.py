@@ -140,14 +140,16 @@ class TrainExample(grain.transforms.RandomMap):
 class EvalExample(grain.transforms.Map):
     """Index -> {"image"} resized + center-cropped (Appendix C), label, index."""
 
-    def __init__(self, opened: OpenedSplit, image_size: int):
+    def __init__(self, opened: OpenedSplit, image_size: int,
+                 resize_ratio: float = augment.EVAL_RESIZE_RATIO):
         self._reader = _ReadExample(opened, allow_skips=False)
         self._size = image_size
+        self._resize_ratio = resize_ratio
 
     def map(self, index: int) -> dict[str, Any]:
         record, image, _ = self._reader.read(int(index))
-        return {"image": augment.eval_view(image, self._size), "label": np.int32(record.label),
-                "index": np.int64(index)}
+        return {"image": augment.eval_view(image, self._size, self._resize_ratio),
+                "label": np.int32(record.label), "index": np.int64(index)}
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -185,6 +187,16 @@ class _ProcessRows(grain.transforms.Map):
         return self._stream[batch * self._global + self._offset + row]
 
 
+def _process_batches(stream: grain.MapDataset, data_config: ml_collections.ConfigDict, *,
+                     global_batch: int, process_index: int, process_count: int
+                     ) -> grain.IterDataset:
+    """This process's rows of each global batch of ``stream``, batched and prefetched."""
+    local_batch = _local_batch_size(global_batch, process_count)
+    rows = _ProcessRows(stream, process_index, local_batch, global_batch)
+    ds = grain.MapDataset.range(len(stream) // process_count).map(rows)
+    return _prefetch(ds.batch(local_batch, drop_remainder=True), data_config)
+
+
 def train_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """The endless, checkpointable training stream of this process's rows of each global batch.
@@ -193,27 +205,94 @@ def train_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
     stream only, so the run does not depend on the number of processes or workers.
     """
     data_config = config.data
-    global_batch = config.training.batch_size
-    local_batch = _local_batch_size(global_batch, process_count)
     stream = (grain.MapDataset.range(opened.num_records)
               .shuffle(seed=config.seed)
               .repeat(None, reseed_each_epoch=True)
               .random_map(TrainExample(opened, data_config.image_size, config.augment,
                                        allow_skips=data_config.max_skipped_records > 0),
                           seed=config.seed))
-    rows = _ProcessRows(stream, process_index, local_batch, global_batch)
-    ds = grain.MapDataset.range(len(stream) // process_count).map(rows)
-    return _prefetch(ds.batch(local_batch, drop_remainder=True), data_config)
+    return _process_batches(stream, data_config, global_batch=config.training.batch_size,
+                            process_index=process_index, process_count=process_count)
+
+
+class _Lookup(grain.transforms.Map):
+    """Position -> record index, for training on a subset of a split."""
+
+    def __init__(self, indices: np.ndarray):
+        self._indices = indices
+
+    def map(self, position: int) -> int:
+        return int(self._indices[position])
+
+
+class LabelledExample(grain.transforms.RandomMap):
+    """Index -> {"image", "label"}: a random resized crop + flip (view T's flip probability) with
+    ``augment``, else the evaluation view. The evaluation protocols' training input."""
+
+    def __init__(self, opened: OpenedSplit, image_size: int,
+                 augment_config: ml_collections.ConfigDict | None):
+        self._reader = _ReadExample(opened, allow_skips=False)
+        self._size = image_size
+        self._config = augment_config
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        record, image, _ = self._reader.read(int(index))
+        view = (augment.train_view(image, self._size, rng, self._config, self._config.view1)
+                if self._config is not None else augment.eval_view(image, self._size))
+        return {"image": view, "label": np.int32(record.label)}
+
+
+def labelled_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
+                     indices: Sequence[int] | None, batch_size: int, augment: bool, seed: int,
+                     process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Endless shuffled batches {"image", "label"} of the records ``indices`` (all if None),
+    reshuffled every epoch, with spatial augmentation (``config.augment`` crops) or eval views."""
+    indices = np.arange(opened.num_records) if indices is None else np.asarray(indices)
+    stream = (grain.MapDataset.range(len(indices))
+              .shuffle(seed=seed)
+              .repeat(None, reseed_each_epoch=True)
+              .map(_Lookup(indices))
+              .random_map(LabelledExample(opened, config.data.image_size,
+                                          config.augment if augment else None), seed=seed))
+    return _process_batches(stream, config.data, global_batch=batch_size,
+                            process_index=process_index, process_count=process_count)
+
+
+def combine_splits(first: OpenedSplit, second: OpenedSplit) -> OpenedSplit:
+    """Two splits of one dataset read as one (records of ``first`` then ``second``): the
+    train + validation refit of Appendix E."""
+    if first.data_dir != second.data_dir:
+        raise DataError(f"cannot combine splits of {first.data_dir} and {second.data_dir}")
+    return OpenedSplit(first.data_dir, f"{first.split}+{second.split}", first.manifest,
+                       first.paths + second.paths, first.counts + second.counts)
+
+
+class _LabelAndId(grain.transforms.Map):
+    def __init__(self, opened: OpenedSplit):
+        self._source = grain.sources.ArrayRecordDataSource(list(opened.paths))
+
+    def map(self, index: int) -> tuple[int, str]:
+        record = decode_record(self._source[int(index)])
+        return record.label, record.id
+
+
+def labels_and_ids(opened: OpenedSplit, data_config: ml_collections.ConfigDict
+                   ) -> tuple[np.ndarray, list[str]]:
+    """Every record's label and id, in order (no image decoding; threads read in parallel)."""
+    ds = (grain.MapDataset.range(opened.num_records).map(_LabelAndId(opened))
+          .to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads)))
+    pairs = list(ds)
+    return np.asarray([p[0] for p in pairs], np.int32), [p[1] for p in pairs]
 
 
 def eval_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *, batch_size: int,
-                 limit: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+                 limit: int = 0, process_index: int = 0, process_count: int = 1,
+                 resize_ratio: float = augment.EVAL_RESIZE_RATIO) -> grain.IterDataset:
     """One ordered pass over the first ``limit`` records (all if 0), this process's slice; the
     last batch may be short."""
     count = min(limit, opened.num_records) if limit else opened.num_records
     ds = grain.MapDataset.range(count)[process_index::process_count]
-    ds = ds.map(EvalExample(opened, config.data.image_size)).batch(batch_size)
+    ds = ds.map(EvalExample(opened, config.data.image_size, resize_ratio)).batch(batch_size)
     return _prefetch(ds, config.data)
 
 

@@ -5,7 +5,8 @@ inference mode), the k nearest labelled neighbours vote with weight exp(sim / T)
 2018). Reported as top-1 accuracy on a held-out split for each k.
 """
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -13,13 +14,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from byol_flax.data.augment import normalize, to_unit_float
-from byol_flax.data.pipeline import OpenedSplit, eval_dataset, open_split
+from byol_flax.data.pipeline import open_split
 from byol_flax.evaluation.base import EVALUATORS
-from byol_flax.sharding import shard_batch
+from byol_flax.evaluation.features import extract_features
 
 
 def knn_predict(train_features: jax.Array, train_labels: jax.Array, queries: jax.Array, *,
@@ -36,6 +36,17 @@ def knn_predict(train_features: jax.Array, train_labels: jax.Array, queries: jax
         return jnp.argmax(votes.sum(axis=1), axis=-1)
 
     return jnp.concatenate([predict(queries[i:i + chunk]) for i in range(0, len(queries), chunk)])
+
+
+def knn_accuracy(train: tuple[np.ndarray, np.ndarray], queries: tuple[np.ndarray, np.ndarray], *,
+                 ks: Sequence[int], temperature: float, num_classes: int) -> dict[int, float]:
+    """Top-1 accuracy of the weighted kNN classifier for each k; features are l2-normalised here
+    (a no-op for the monitor's already-normalised embeddings)."""
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    train_x, eval_x = jnp.asarray(unit(train[0])), jnp.asarray(unit(queries[0]))
+    return {k: float(np.mean(np.asarray(knn_predict(
+        train_x, jnp.asarray(train[1]), eval_x, k=k, temperature=temperature,
+        num_classes=num_classes)) == queries[1])) for k in ks}
 
 
 def make_embed_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
@@ -63,43 +74,13 @@ class KnnMonitor:
         self._eval = open_split(config.data, config.monitor.eval_split)
         self._num_classes = self._train.manifest.num_classes
 
-    def _features(self, state: nnx.State, opened: OpenedSplit, limit: int
-                  ) -> tuple[jax.Array, np.ndarray]:
-        process_count = jax.process_count()
-        # validate_config makes monitor.batch_size a multiple of the device count.
-        local_batch = self._config.monitor.batch_size // process_count
-        count = min(limit, opened.num_records) if limit else opened.num_records
-        # Every process runs the same number of batches (the collectives below must match).
-        num_batches = -(-(-(-count // process_count)) // local_batch)
-        size = self._config.data.image_size
-        batches = iter(eval_dataset(self._config, opened, batch_size=local_batch, limit=limit,
-                                    process_index=jax.process_index(),
-                                    process_count=process_count))
-        features, labels = [], []
-        for _ in range(num_batches):
-            batch = next(batches, None)
-            n = 0 if batch is None else len(batch["label"])
-            images = np.zeros((local_batch, size, size, 3), np.uint8)
-            label = np.zeros(local_batch, np.int32)
-            valid = np.arange(local_batch) < n
-            if n:
-                images[:n], label[:n] = batch["image"], batch["label"]
-            out = self._embed(state, shard_batch(images, self._mesh))
-            gathered = np.asarray(multihost_utils.process_allgather(out, tiled=True))
-            mask = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
-            label = np.asarray(multihost_utils.process_allgather(label, tiled=True))
-            features.append(gathered[mask])
-            labels.append(label[mask])
-        return jnp.asarray(np.concatenate(features)), np.concatenate(labels)
-
     def run(self, state: nnx.State) -> dict[str, Any]:
         monitor = self._config.monitor
-        train_x, train_y = self._features(state, self._train, monitor.max_train_examples)
-        eval_x, eval_y = self._features(state, self._eval, monitor.max_eval_examples)
-        results = {}
-        for k in monitor.knn_k:
-            predicted = knn_predict(train_x, jnp.asarray(train_y), eval_x, k=k,
-                                    temperature=monitor.knn_temperature,
-                                    num_classes=self._num_classes)
-            results[f"knn/top1_k{k}"] = float(np.mean(np.asarray(predicted) == eval_y))
-        return results
+        # validate_config makes monitor.batch_size a multiple of the device count.
+        features = functools.partial(extract_features, self._embed, state, config=self._config,
+                                     mesh=self._mesh, batch_size=monitor.batch_size)
+        train = features(self._train, limit=monitor.max_train_examples)
+        queries = features(self._eval, limit=monitor.max_eval_examples)
+        accuracy = knn_accuracy(train, queries, ks=monitor.knn_k,
+                                temperature=monitor.knn_temperature, num_classes=self._num_classes)
+        return {f"knn/top1_k{k}": value for k, value in accuracy.items()}

@@ -1,0 +1,150 @@
+"""The evaluation config schema: every protocol's keys with the paper's values as defaults.
+
+Appendix D.1 (linear evaluation and semi-supervised fine-tuning on ImageNet, Table 7's variant),
+Appendix E.2 (transfer via linear classification with L-BFGS) and E.3 (transfer via fine-tuning),
+plus the weighted kNN monitor. Experiment modules (``experiments/eval_*.py``) start from
+:func:`eval_base_config`; the dict is locked, so a typo'd key is an error.
+"""
+
+import ml_collections
+
+from byol_flax.config import ConfigError, base_config
+from byol_flax.data.augment import default_augment_config
+
+PROTOCOLS = ("linear", "semi_supervised", "transfer_linear", "transfer_finetune", "knn")
+LINEAR_AUGMENTATIONS = ("none", "spatial", "pretrain")
+METRICS = ("top1", "mean_per_class")
+SCHEDULES = ("cosine", "constant")
+
+
+def eval_base_config() -> ml_collections.ConfigDict:
+    """All evaluation keys with the paper's values (Appendix D.1, E.2, E.3)."""
+    config = ml_collections.ConfigDict()
+    config.protocol = "linear"  # one of PROTOCOLS
+    config.name = ""  # label of the result (e.g. "byol", "random_init"); default: the protocol
+    config.seed = 0  # classifier init / data order; also the random-init baseline's seed
+
+    # Same keys as pre-training's data section, plus the three splits of the protocol: fit on
+    # train_split, choose hyper-parameters on selection_split (never on test), report test_split.
+    config.data = ml_collections.ConfigDict(base_config().data.to_dict())
+    config.data.selection_split = "holdout"  # 10009 ImageNet train images (Appendix D.1, E.1)
+    config.data.test_split = "test"  # the public ILSVRC2012 validation set for ImageNet
+    config.data.max_train_examples = 0  # 0: all; >0 caps train_split (quick runs)
+    # Pre-training augmentations for linear.augment="pretrain" (Table 7 variant): T of Table 6.
+    config.augment = default_augment_config()
+    config.feature_batch_size = 1024  # forward passes for features and accuracy (global batch)
+
+    # Appendix D.1, linear evaluation: frozen encoder (weights and BatchNorm statistics),
+    # cross-entropy, SGD + Nesterov momentum 0.9, 80 epochs, batch 1024, no weight decay, LR swept.
+    config.linear = ml_collections.ConfigDict({
+        "learning_rates": (0.4, 0.3, 0.2, 0.1, 0.05),
+        "epochs": 80.0,
+        "batch_size": 1024,
+        "momentum": 0.9,
+        "nesterov": True,
+        # "spatial": random resized crop + flip (the protocol of the main paper); "pretrain":
+        # Table 7's variant (pre-training augmentations T); "none": eval views, with features
+        # computed once and the classifier trained on them (fast on small data).
+        "augment": "spatial",
+        # Table 7 variant: tclip(x) = alpha tanh(x / alpha) and beta * mean(tclip(x)^2).
+        "tclip": False,
+        "tclip_alpha": 20.0,
+        "tclip_beta": 1e-2,
+        "schedule": "cosine",  # the paper does not state one; cosine decay to 0 by default
+    })
+
+    # Appendix D.1, semi-supervised: whole network fine-tuned on a labelled subset of train,
+    # SGD + Nesterov 0.9, batch 1024, no weight decay, LR x epochs swept.
+    config.semi_supervised = ml_collections.ConfigDict({
+        "label_fraction": 0.01,  # balanced subset: the same count per class (Figure 4)
+        "split_file": "",  # or a file listing record ids, one per line (the SimCLR 1%/10% splits)
+        "subset_seed": 0,
+        "learning_rates": (0.01, 0.02, 0.05, 0.1, 0.005),
+        "epochs": (30, 50),
+        "batch_size": 1024,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 0.0,
+        "schedule": "cosine",
+        "batchnorm_decay": 0.9,  # paper silent for D.1: pre-training's decay
+    })
+
+    # Appendix E.2: features without augmentation (shorter side resized to image_size, centre
+    # crop), l2-regularised multinomial logistic regression by L-BFGS, 45 log-spaced l2 values in
+    # [1e-6, 1e5] chosen on the selection split, refit on train + selection, test metric.
+    config.transfer_linear = ml_collections.ConfigDict({
+        "l2_min": 1e-6,
+        "l2_max": 1e5,
+        "l2_count": 45,
+        "max_iterations": 1000,
+        "tolerance": 1e-6,  # stop when the gradient norm falls below this
+        "metric": "top1",  # or "mean_per_class" (Aircraft, Pets, Caltech-101, Flowers)
+        "resize_ratio": 1.0,
+        "refit_on_train_and_selection": True,
+    })
+
+    # Appendix E.3: fine-tuning, SGD + Nesterov 0.9, 20000 steps at batch 256; 7 log-spaced LRs in
+    # [1e-4, 0.1] x (7 log-spaced weight decays in [1e-6, 1e-3] and none), each weight decay
+    # divided by the LR; BatchNorm decay max(1 - 10 / s, 0.9), s = steps per epoch.
+    config.transfer_finetune = ml_collections.ConfigDict({
+        "learning_rate_min": 1e-4,
+        "learning_rate_max": 0.1,
+        "learning_rate_count": 7,
+        "weight_decay_min": 1e-6,
+        "weight_decay_max": 1e-3,
+        "weight_decay_count": 7,
+        "include_no_weight_decay": True,
+        "steps": 20000,
+        "batch_size": 256,
+        "momentum": 0.9,
+        "nesterov": True,
+        "schedule": "cosine",
+        "metric": "top1",
+        "refit_on_train_and_selection": True,
+    })
+
+    # Weighted kNN (Wu et al., 2018): the online monitor's code, run offline.
+    config.knn = ml_collections.ConfigDict({"k": (20, 200), "temperature": 0.07})
+    config.lock()
+    return config
+
+
+def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
+    """Rejects values that would fail late or silently, naming the key."""
+    checks = [
+        (config.protocol in PROTOCOLS, "protocol", f"must be one of {PROTOCOLS}"),
+        (bool(config.data.dir), "data.dir", "is empty: point it at a data_prep/ output directory"),
+        (config.data.selection_split != config.data.test_split, "data.selection_split",
+         "must differ from data.test_split: hyper-parameters are never chosen on test"),
+        (config.feature_batch_size > 0 and config.feature_batch_size % num_devices == 0,
+         "feature_batch_size", f"must be a positive multiple of the {num_devices} devices"),
+        (config.linear.augment in LINEAR_AUGMENTATIONS, "linear.augment",
+         f"must be one of {LINEAR_AUGMENTATIONS}"),
+        (len(config.linear.learning_rates) > 0
+         and all(lr > 0 for lr in config.linear.learning_rates), "linear.learning_rates",
+         "must be a non-empty list of positive values"),
+        (len(config.semi_supervised.learning_rates) > 0
+         and all(lr > 0 for lr in config.semi_supervised.learning_rates),
+         "semi_supervised.learning_rates", "must be a non-empty list of positive values"),
+        (0 < config.semi_supervised.label_fraction <= 1, "semi_supervised.label_fraction",
+         "must be in (0, 1]"),
+        (config.transfer_linear.metric in METRICS, "transfer_linear.metric",
+         f"must be one of {METRICS}"),
+        (config.transfer_finetune.metric in METRICS, "transfer_finetune.metric",
+         f"must be one of {METRICS}"),
+        (0 < config.transfer_linear.l2_min < config.transfer_linear.l2_max,
+         "transfer_linear.l2_min", "must be positive and below transfer_linear.l2_max"),
+    ]
+    for section in ("linear", "semi_supervised", "transfer_finetune"):
+        checks.append((config[section].schedule in SCHEDULES, f"{section}.schedule",
+                       f"must be one of {SCHEDULES}"))
+        checks.append((config[section].batch_size > 0
+                       and config[section].batch_size % num_devices == 0,
+                       f"{section}.batch_size",
+                       f"must be a positive multiple of the {num_devices} devices"))
+    for ok, key, problem in checks:
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = value[part]
+            raise ConfigError(f"config.{key}={value!r} {problem}")

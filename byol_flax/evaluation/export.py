@@ -1,0 +1,197 @@
+"""The pre-trained encoder on its own: export, reload, and the sources evaluation accepts.
+
+An export directory holds
+  * ``encoder/``: an Orbax checkpoint of the online encoder's arrays (``nnx.Param`` weights and
+    ``nnx.BatchStat`` running statistics) as a plain nested dict: no optimizer, no target, no
+    projector or predictor;
+  * ``encoder_config.json``: what :func:`load_encoder` needs to rebuild the module (the
+    pre-training run's ``config.model`` plus a format version);
+  * ``MODEL_CARD.md`` / ``model_card.json`` (see :mod:`byol_flax.evaluation.model_card`).
+
+Reuse it with two lines and no training code::
+
+    from byol_flax.evaluation.export import load_encoder
+    encoder = load_encoder("exports/r50")   # nnx.Module: uint8->normalised images -> (B, 2048)
+    encoder.eval()                          # BatchNorm uses the stored running statistics
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from byol_flax.models.init import init_module
+from byol_flax.models.resnet import BatchNormConfig, ResNet, build_encoder
+
+EXPORT_FORMAT_VERSION = 1
+ENCODER_CONFIG_NAME = "encoder_config.json"
+WEIGHTS_DIR = "encoder"
+RANDOM_PREFIX = "random:"
+
+
+class SourceError(ValueError):
+    """An evaluation source is neither an export, a pre-training workdir, nor ``random:PATH``."""
+
+
+@dataclasses.dataclass
+class PretrainedEncoder:
+    """An encoder and where it came from (recorded in results and model cards)."""
+
+    encoder: ResNet
+    model_config: dict[str, Any]  # config.model of the pre-training run (JSON form)
+    origin: dict[str, Any]  # {"kind": "export" | "pretraining" | "random", "path", "step", ...}
+    pretrain_config: dict[str, Any] | None = None  # the whole pre-training config, if known
+
+
+def _absolute(path: epath.PathLike) -> epath.Path:
+    """Orbax wants absolute local paths; gs:// paths pass through."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0) -> ResNet:
+    """Builds (randomly initialised) the encoder a pre-training ``config.model`` describes."""
+    encoder = model_config["encoder"]
+    batchnorm = model_config.get("batchnorm", {})
+    return init_module(lambda: build_encoder(
+        encoder["name"], width_multiplier=encoder["width_multiplier"], stem=encoder["stem"],
+        bn=BatchNormConfig(**batchnorm),
+        dtype=jax.numpy.dtype(model_config.get("compute_dtype", "float32")), rngs=nnx.Rngs(seed)))
+
+
+def _abstract(tree: Any) -> Any:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+def _restore_into(encoder: ResNet, path: epath.Path, prefix: tuple[str, ...] = ()) -> None:
+    """Reads the encoder arrays stored under ``prefix`` of the PyTree checkpoint at ``path``."""
+    target = nnx.to_pure_dict(nnx.state(encoder))
+    item = target
+    for key in reversed(prefix):
+        item = {key: item}
+    abstract = _abstract(item)
+    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        path, args=ocp.args.PyTreeRestore(
+            abstract, restore_args=jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract),
+            partial_restore=bool(prefix)))
+    for key in prefix:
+        restored = restored[key]
+    state = nnx.state(encoder)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(encoder, state)
+
+
+def load_encoder(export_dir: epath.PathLike) -> ResNet:
+    """The documented loader: an exported encoder as an ``nnx.Module`` (call ``.eval()``).
+
+    Input: images normalised as in pre-training (``byol_flax.data.augment.normalize`` of [0, 1]
+    RGB); output: the representation y, shape (B, ``encoder.num_features``).
+    """
+    return load_export(export_dir).encoder
+
+
+def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
+    """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance)."""
+    export_dir = _absolute(export_dir)
+    config_path = export_dir / ENCODER_CONFIG_NAME
+    if not config_path.exists():
+        raise SourceError(f"{export_dir} is not an encoder export: {ENCODER_CONFIG_NAME} missing")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise SourceError(f"{config_path}: format_version {meta.get('format_version')!r}, this "
+                          f"code reads {EXPORT_FORMAT_VERSION}")
+    encoder = encoder_from_model_config(meta["model"])
+    _restore_into(encoder, export_dir / WEIGHTS_DIR)
+    return PretrainedEncoder(encoder, meta["model"],
+                             {"kind": "export", "path": str(export_dir), **meta["origin"]},
+                             meta.get("pretrain_config"))
+
+
+def _checkpoint_steps(workdir: epath.Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / "state").exists())
+
+
+def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
+                             ) -> PretrainedEncoder:
+    """The online encoder of a pre-training workdir's checkpoint (the latest by default).
+
+    Only the encoder's arrays are read (Orbax partial restore): the optimizer state, target,
+    projector and predictor stay on disk.
+    """
+    workdir = _absolute(workdir)
+    steps = _checkpoint_steps(workdir)
+    if not steps:
+        raise SourceError(f"no checkpoint in {workdir / 'checkpoints'}: pass a pre-training "
+                          "workdir, an export directory or random:PATH")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise SourceError(f"step {step} is not among the checkpoints of {workdir}: {steps}")
+    step_dir = workdir / "checkpoints" / str(step)
+    model_config = json.loads((step_dir / "model_config" / "metadata").read_text())
+    encoder = encoder_from_model_config(model_config)
+    _restore_into(encoder, step_dir / "state", prefix=("online", "encoder"))
+    config_file = workdir / "config.json"
+    pretrain_config = json.loads(config_file.read_text()) if config_file.exists() else None
+    return PretrainedEncoder(encoder, model_config,
+                             {"kind": "pretraining", "path": str(workdir), "step": step},
+                             pretrain_config)
+
+
+def load_source(source: str, *, seed: int = 0) -> PretrainedEncoder:
+    """What the evaluation CLI's ``--source`` names.
+
+    * an export directory (holds ``encoder_config.json``);
+    * a pre-training workdir (holds ``checkpoints/``): its latest checkpoint;
+    * ``random:PATH``: the architecture of the export or workdir at PATH, randomly initialised
+      with ``seed`` (the random-init baseline, with exactly the same code path).
+    """
+    if source.startswith(RANDOM_PREFIX):
+        reference = load_source(source[len(RANDOM_PREFIX):], seed=seed)
+        encoder = encoder_from_model_config(reference.model_config, seed=seed)
+        return PretrainedEncoder(encoder, reference.model_config,
+                                 {"kind": "random", "path": reference.origin["path"],
+                                  "seed": seed}, reference.pretrain_config)
+    path = _absolute(source)
+    if (path / ENCODER_CONFIG_NAME).exists():
+        return load_export(path)
+    if (path / "checkpoints").exists():
+        return load_pretraining_encoder(path)
+    raise SourceError(f"--source={source!r}: {path} holds neither {ENCODER_CONFIG_NAME} (an "
+                      "export) nor checkpoints/ (a pre-training workdir); random:PATH gives the "
+                      "random-init baseline of PATH's architecture")
+
+
+def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike) -> epath.Path:
+    """Writes ``encoder/`` and ``encoder_config.json`` to ``out_dir`` (model card: see
+    :func:`byol_flax.evaluation.model_card.write_model_card`)."""
+    out_dir = _absolute(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_DIR
+    if weights.exists():
+        weights.rmtree()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    checkpointer.save(weights, args=ocp.args.PyTreeSave(
+        nnx.to_pure_dict(nnx.state(pretrained.encoder))))
+    checkpointer.close()
+    origin = {("source_" + k if k in ("kind", "path") else k): v
+              for k, v in pretrained.origin.items()}
+    (out_dir / ENCODER_CONFIG_NAME).write_text(json.dumps({
+        "format_version": EXPORT_FORMAT_VERSION,
+        "model": pretrained.model_config,
+        "origin": origin,
+        "pretrain_config": pretrained.pretrain_config,
+    }, indent=2, sort_keys=True))
+    logging.info("exported the encoder of %s to %s", pretrained.origin, out_dir)
+    return out_dir
