@@ -2,8 +2,9 @@
 --source=SOURCE --workdir=DIR``.
 
 SOURCE is a pre-training workdir (its latest checkpoint), an export directory
-(``python -m byol_flax.export``), or ``random:PATH`` (PATH's architecture at random
-initialisation: the baseline). The protocol is ``config.protocol`` (override with
+(``python -m byol_flax.export``), ``random:PATH`` (PATH's architecture at random
+initialisation: the baseline), or ``pixels`` (raw pixels: the linear-on-pixels baseline). The
+protocol is ``config.protocol`` (override with
 ``--config.protocol=knn`` etc.). Writes ``results.json`` and CLU metrics (TensorBoard) to the
 workdir, and keeps one file per finished sweep point under ``sweep/`` so a re-run resumes. When
 SOURCE is an export, the result is also added to its model card.

@@ -206,15 +206,16 @@ def train_classifier(classifier: Classifier, batches: Iterator[dict[str, np.ndar
     return classifier
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _inference(state: nnx.State, images: jax.Array, *, graphdef: nnx.GraphDef) -> jax.Array:
+    return nnx.merge(graphdef, state)(normalize(to_unit_float(images))).astype(jnp.float32)
+
+
 def make_inference_fn(module: nnx.Module, mesh: Mesh
                       ) -> tuple[Callable[[nnx.State, jax.Array], jax.Array], nnx.State]:
     """(jitted (state, uint8 images) -> float32 outputs in inference mode, replicated state):
-    features of an encoder or logits of a :class:`Classifier`, for ``extract_features``."""
+    features of an encoder or logits of a :class:`Classifier`, for ``extract_features``. One
+    compilation per architecture: every evaluation of the same graph reuses it."""
     module.eval()
     graphdef, state = nnx.split(module)
-
-    @jax.jit
-    def apply(state: nnx.State, images: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(normalize(to_unit_float(images))).astype(jnp.float32)
-
-    return apply, replicate(state, mesh)
+    return functools.partial(_inference, graphdef=graphdef), replicate(state, mesh)

@@ -33,6 +33,7 @@ EXPORT_FORMAT_VERSION = 1
 ENCODER_CONFIG_NAME = "encoder_config.json"
 WEIGHTS_DIR = "encoder"
 RANDOM_PREFIX = "random:"
+PIXELS_SOURCE = "pixels"
 
 
 class SourceError(ValueError):
@@ -149,14 +150,28 @@ def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
                              pretrain_config)
 
 
-def load_source(source: str, *, seed: int = 0) -> PretrainedEncoder:
+class PixelEncoder(nnx.Module):
+    """The raw-pixel baseline as an "encoder": the normalised image, flattened."""
+
+    def __init__(self, image_size: int):
+        self.num_features = image_size * image_size * 3
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return images.reshape(images.shape[0], -1)
+
+
+def load_source(source: str, *, seed: int = 0, image_size: int = 0) -> PretrainedEncoder:
     """What the evaluation CLI's ``--source`` names.
 
     * an export directory (holds ``encoder_config.json``);
     * a pre-training workdir (holds ``checkpoints/``): its latest checkpoint;
     * ``random:PATH``: the architecture of the export or workdir at PATH, randomly initialised
-      with ``seed`` (the random-init baseline, with exactly the same code path).
+      with ``seed`` (the random-init baseline, with exactly the same code path);
+    * ``pixels``: raw pixels of the ``image_size`` evaluation view (the linear-on-pixels
+      baseline).
     """
+    if source == PIXELS_SOURCE:
+        return PretrainedEncoder(PixelEncoder(image_size), {}, {"kind": "pixels"})
     if source.startswith(RANDOM_PREFIX):
         reference = load_source(source[len(RANDOM_PREFIX):], seed=seed)
         encoder = encoder_from_model_config(reference.model_config, seed=seed)

@@ -21,7 +21,7 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     workdir = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    pretrained = load_source(source, seed=config.seed)
+    pretrained = load_source(source, seed=config.seed, image_size=config.data.image_size)
     result = run_protocol(config, pretrained, make_mesh(), SweepStore(workdir / "sweep"))
     (workdir / model_card.RESULTS_NAME).write_text(json.dumps(result, indent=2, sort_keys=True))
 

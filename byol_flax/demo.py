@@ -1,0 +1,169 @@
+"""The demo: ``python -m byol_flax.demo --workdir=workdirs/demo``.
+
+BYOL end to end on real images on a laptop CPU, with its baselines, in one command:
+
+1. convert scikit-learn's bundled 8x8 digits to ArrayRecord shards (``data_prep.digits``);
+2. per augmentation recipe (the paper's Table 6 and the documented small-image variant of
+   ``experiments/digits_cpu.py``) and per seed: pre-train with ``train_and_evaluate`` (the body of
+   ``byol_flax.main``) on ``experiments/digits_cpu.py``, with the kNN monitor on the held-out
+   split;
+3. evaluate, with the same protocol code and splits (``experiments/eval_digits.py``: fit on
+   train, choose the LR on holdout, report test): linear and kNN on the BYOL encoder, on the same
+   architecture at random initialisation, and linear on raw pixels;
+4. export the first seed's encoder with its model card, and write ``report.md``,
+   ``report.json`` and PNG plots (:mod:`byol_flax.report`).
+
+Everything lands in the workdir; re-running resumes (finished pre-trainings are not redone).
+"""
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from etils import epath
+
+from byol_flax import report
+from byol_flax.data.pipeline import open_split
+from byol_flax.data.records import MANIFEST_NAME
+from byol_flax.evaluation import model_card
+from byol_flax.config import training_steps
+from byol_flax.evaluation import protocols
+from byol_flax.evaluation.export import PIXELS_SOURCE, RANDOM_PREFIX, load_source
+from byol_flax.evaluation.runner import evaluate
+from byol_flax.sharding import make_mesh
+from byol_flax.train import train_and_evaluate
+from data_prep import digits
+from experiments import digits_cpu, eval_digits
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where everything is written.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Pre-training / evaluation seeds.")
+_RECIPES = flags.DEFINE_list("recipes", list(digits_cpu.AUGMENTATION_RECIPES),
+                             "Augmentation recipes of experiments/digits_cpu.py to run.")
+_QUICK = flags.DEFINE_boolean("quick", False, "Seconds-long smoke version (tests).")
+
+HOLDOUT_COUNT = 150
+
+
+def quick_overrides(pretrain: ml_collections.ConfigDict,
+                    evaluations: Sequence[ml_collections.ConfigDict]) -> None:
+    """Shrinks a run to seconds: same code paths, tiny sizes."""
+    pretrain.data.image_size = 8
+    pretrain.training.epochs = 2.0
+    pretrain.training.warmup_epochs = 1.0
+    pretrain.training.num_train_examples = 128
+    pretrain.training.batch_size = 32
+    pretrain.monitor.every_steps = 4
+    pretrain.monitor.batch_size = 64
+    pretrain.monitor.max_train_examples = 256
+    pretrain.checkpoint.every_steps = 4
+    pretrain.logging.every_steps = 2
+    for evaluation in evaluations:
+        evaluation.data.image_size = 8
+        evaluation.linear.epochs = 2.0
+        evaluation.linear.learning_rates = (0.4, 0.1)
+        evaluation.feature_batch_size = 64
+        evaluation.data.max_train_examples = 256
+
+
+def prepare_data(workdir: epath.Path) -> str:
+    data_dir = workdir / "data"
+    if not (data_dir / MANIFEST_NAME).exists():
+        digits.main(["--out", str(data_dir), "--holdout-count", str(HOLDOUT_COUNT),
+                     "--no-progress"])
+    return str(data_dir)
+
+
+def run_seed(workdir: epath.Path, data_dir: str, recipe: str, seed: int, quick: bool
+             ) -> dict[str, Any]:
+    """Pre-trains one seed of one recipe and evaluates it and its baselines."""
+    run_dir = workdir / recipe / f"seed_{seed}"
+    pretrain = digits_cpu.get_config(f"data={data_dir},augment={recipe}")
+    pretrain.seed = seed
+    linear = eval_digits.get_config(f"linear,data={data_dir}")
+    knn = eval_digits.get_config(f"knn,data={data_dir}")
+    for config in (linear, knn):
+        config.seed = seed
+    if quick:
+        quick_overrides(pretrain, (linear, knn))
+    pretrain_dir = run_dir / "pretrain"
+    started = time.perf_counter()
+    final = train_and_evaluate(pretrain, pretrain_dir)
+    if not final:  # finished by an earlier run of the demo
+        final = json.loads((pretrain_dir / "final_metrics.json").read_text())
+    train_seconds = time.perf_counter() - started
+
+    steps, _ = training_steps(pretrain, open_split(pretrain.data, "train").num_records)
+    results = {"seed": seed, "recipe": recipe, "pretrain_dir": str(pretrain_dir),
+               "train_seconds": train_seconds, "final_metrics": final, "steps": steps,
+               "config": json.loads(pretrain.to_json_best_effort()),
+               "eval_config": json.loads(linear.to_json_best_effort())}
+    sources = {"byol": str(pretrain_dir), "random_init": RANDOM_PREFIX + str(pretrain_dir)}
+    for name, source in sources.items():
+        results[f"{name}_linear"] = evaluate(linear, source, str(run_dir / f"linear_{name}"))
+        results[f"{name}_knn"] = evaluate(knn, source, str(run_dir / f"knn_{name}"))
+    results["raw_pixels_linear"] = evaluate(linear, PIXELS_SOURCE, str(run_dir / "linear_pixels"))
+    return results
+
+
+def run_demo(workdir: epath.PathLike, *, seeds: Sequence[int], recipes: Sequence[str],
+             quick: bool = False) -> dict[str, Any]:
+    """The whole demo; returns report.json's content."""
+    workdir = epath.Path(workdir).absolute() if "://" not in str(workdir) else epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data_dir = prepare_data(workdir)
+    runs = []
+    plan = [(recipe, seed) for recipe in recipes for seed in seeds]
+    for index, (recipe, seed) in enumerate(plan):
+        elapsed = time.perf_counter() - started
+        eta = f", ETA {elapsed / index * (len(plan) - index) / 60:.1f} min" if index else ""
+        logging.info("demo: run %d of %d (recipe %s, seed %d); %.1f min elapsed%s", index + 1,
+                     len(plan), recipe, seed, elapsed / 60, eta)
+        runs.append(run_seed(workdir, data_dir, recipe, seed, quick))
+    first = runs[0]
+    export_dir = model_card.export_with_model_card(
+        first["pretrain_dir"], str(workdir / "export"),
+        results=[str(epath.Path(first["pretrain_dir"]).parent / "linear_byol"),
+                 str(epath.Path(first["pretrain_dir"]).parent / "knn_byol")],
+        intended_use="Demonstration of BYOL pre-training on 8x8 digits; research and teaching.",
+        out_of_scope_use="Any decision about people; any use outside 8x8 grayscale digits.",
+        known_failures="Tiny images and data: features are specific to scikit-learn's digits.")
+    embeddings = test_embeddings(first, quick)
+    configs = {run["recipe"]: {"pretrain": run.pop("config"), "linear": run.pop("eval_config")}
+               for run in runs}
+    return report.write_report(workdir, runs, embeddings=embeddings, export_dir=export_dir,
+                               total_seconds=time.perf_counter() - started,
+                               device=jax.devices()[0].device_kind, configs=configs)
+
+
+def test_embeddings(run: dict[str, Any], quick: bool
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Test-split representations of a run's BYOL encoder and of its random-init twin."""
+    config = ml_collections.ConfigDict(run["eval_config"])
+    if quick:
+        config.feature_batch_size = 64
+    out = {}
+    for name, source in (("BYOL", run["pretrain_dir"]),
+                         ("random init", RANDOM_PREFIX + run["pretrain_dir"])):
+        pretrained = load_source(source, seed=run["seed"])
+        ctx = protocols.Context(config, pretrained, make_mesh(), protocols.SweepStore(None), "")
+        out[f"{name} (seed {run['seed']})"] = ctx.features(ctx.test)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = run_demo(_WORKDIR.value, seeds=[int(s) for s in _SEEDS.value],
+                       recipes=_RECIPES.value, quick=_QUICK.value)
+    print(json.dumps({k: summary[k] for k in report.HEADLINE_KEYS}))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,247 @@
+"""The demo's report: ``report.json``, ``report.md`` and PNG plots from the runs' results and
+TensorBoard logs.
+
+Every accuracy is kept with its split and seed; summaries are mean, standard deviation and range
+over seeds, and the report states plainly, per augmentation recipe, whether BYOL beat each
+baseline by more than the seed-to-seed spread.
+"""
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from etils import epath
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HEADLINE_KEYS = ("byol_linear_top1", "random_init_linear_top1", "raw_pixels_linear_top1",
+                 "byol_knn_top1", "random_init_knn_top1", "train_seconds", "seeds")
+METHODS = {  # report name -> (run key, metric in its test results)
+    "byol_linear_top1": ("byol_linear", "top1"),
+    "random_init_linear_top1": ("random_init_linear", "top1"),
+    "raw_pixels_linear_top1": ("raw_pixels_linear", "top1"),
+    "byol_knn_top1": ("byol_knn", "top1_k20"),
+    "random_init_knn_top1": ("random_init_knn", "top1_k20"),
+}
+
+
+def read_scalars(logdir: epath.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every scalar CLU wrote to ``logdir``: tag -> (steps, values)."""
+    accumulator = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    out = {}
+    for tag in accumulator.Tags().get("tensors", []):
+        events = accumulator.Tensors(tag)
+        out[tag] = (np.asarray([e.step for e in events]),
+                    np.asarray([float(tensor_util.make_ndarray(e.tensor_proto)) for e in events]))
+    return out
+
+
+def summarise(values: dict[int, float]) -> dict[str, Any]:
+    array = np.asarray(list(values.values()))
+    return {"mean": float(array.mean()), "std": float(array.std()), "min": float(array.min()),
+            "max": float(array.max()), "per_seed": {str(k): v for k, v in values.items()}}
+
+
+def recipe_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for name, (key, metric) in METHODS.items():
+        summary[name] = summarise({r["seed"]: r[key]["test"][metric] for r in runs})
+    byol = summary["byol_linear_top1"]
+    for baseline in ("random_init_linear_top1", "raw_pixels_linear_top1"):
+        other = summary[baseline]
+        margin = byol["mean"] - other["mean"]
+        spread = max(byol["max"] - byol["min"], other["max"] - other["min"])
+        summary[f"margin_over_{baseline.removesuffix('_linear_top1')}"] = {
+            "margin": margin, "seed_spread": spread, "beats": bool(margin > spread)}
+    summary["train_seconds"] = float(sum(r["train_seconds"] for r in runs))
+    finals = [r["final_metrics"] for r in runs]
+    summary["steps"] = int(runs[0]["steps"])
+    summary["images_per_second"] = float(np.mean([f.get("images_per_second", 0.0)
+                                                  for f in finals]))
+    return summary
+
+
+def _plot_scalars(path: epath.Path, runs: Sequence[dict[str, Any]], panels: Sequence[
+        tuple[str, str]], title: str) -> None:
+    """One subplot per (tag, label); one line per run."""
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for run in runs:
+        scalars = run["scalars"]
+        for axis, (tag, label) in zip(axes[0], panels):
+            if tag in scalars:
+                axis.plot(*scalars[tag], label=f"{run['recipe']} seed {run['seed']}",
+                          linewidth=1)
+            axis.set_xlabel("step")
+            axis.set_title(label)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_accuracies(path: epath.Path, recipes: dict[str, dict[str, Any]]) -> None:
+    figure, axis = plt.subplots(figsize=(8, 3.8))
+    names = list(METHODS)
+    width = 0.8 / len(recipes)
+    for index, (recipe, summary) in enumerate(recipes.items()):
+        x = np.arange(len(names)) + index * width
+        axis.bar(x, [summary[n]["mean"] for n in names], width, label=recipe, alpha=0.7)
+        for xi, name in zip(x, names):
+            axis.scatter([xi] * len(summary[name]["per_seed"]),
+                         list(summary[name]["per_seed"].values()), color="k", s=8, zorder=3)
+    axis.set_xticks(np.arange(len(names)) + width * (len(recipes) - 1) / 2)
+    axis.set_xticklabels([n.replace("_top1", "").replace("_", "\n") for n in names], fontsize=8)
+    axis.set_ylabel("test top-1 (dots: seeds)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _plot_embeddings(path: epath.Path, embeddings: dict[str, tuple[np.ndarray, np.ndarray]]
+                     ) -> None:
+    """t-SNE of test embeddings, one panel per encoder, coloured by class."""
+    from sklearn.manifold import TSNE
+
+    figure, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings), 4.6),
+                                squeeze=False)
+    for axis, (name, (features, labels)) in zip(axes[0], embeddings.items()):
+        perplexity = min(30.0, (len(features) - 1) / 3)
+        points = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                      random_state=0).fit_transform(features)
+        scatter = axis.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6)
+        axis.set_title(name)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.colorbar(scatter, ax=axes[0].tolist(), label="class")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _verdict(recipe: str, summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for baseline, label in (("random_init", "the same ResNet at random initialisation"),
+                            ("raw_pixels", "a linear classifier on raw pixels")):
+        m = summary[f"margin_over_{baseline}"]
+        if len(summary["byol_linear_top1"]["per_seed"]) < 2:
+            word = "scored above" if m["margin"] > 0 else "scored below"
+            lines.append(f"- `{recipe}`: BYOL {word} {label} by {100 * m['margin']:+.1f} points "
+                         "(one seed: no spread, no verdict).")
+            continue
+        if m["beats"]:
+            word = "**beat**"
+        elif m["margin"] > 0:
+            word = "was ahead of, but **not by more than the seed spread**,"
+        else:
+            word = "**did not beat**"
+        lines.append(f"- `{recipe}`: BYOL {word} {label}: linear top-1 margin "
+                     f"{100 * m['margin']:+.1f} points, seed spread {100 * m['seed_spread']:.1f}.")
+    return lines
+
+
+def write_report(workdir: epath.Path, runs: Sequence[dict[str, Any]], *,
+                 embeddings: dict[str, tuple[np.ndarray, np.ndarray]],
+                 export_dir: epath.Path, total_seconds: float, device: str,
+                 configs: dict[str, Any]) -> dict[str, Any]:
+    """Writes report.json, report.md and the plots; returns report.json's content."""
+    for run in runs:
+        run["scalars"] = read_scalars(run["pretrain_dir"])
+    recipes = {}
+    for run in runs:
+        recipes.setdefault(run["recipe"], []).append(run)
+    summaries = {recipe: recipe_summary(rs) for recipe, rs in recipes.items()}
+    headline_recipe = runs[0]["recipe"]
+    headline = summaries[headline_recipe]
+    plots = {
+        "training_curves": ("training_curves.png", lambda p: _plot_scalars(
+            p, runs, [("loss", "BYOL loss"), ("learning_rate", "learning rate"), ("tau", "tau")],
+            "pre-training")),
+        "knn_over_training": ("knn_over_training.png", lambda p: _plot_scalars(
+            p, runs, [("knn/top1_k20", "kNN top-1 (k=20) on holdout")], "online kNN monitor")),
+        "collapse_monitors": ("collapse_monitors.png", lambda p: _plot_scalars(
+            p, runs, [("collapse/projection_std_ratio", "projection std x sqrt(d)"),
+                      ("collapse/projection_effective_rank", "projection effective rank"),
+                      ("collapse/representation_std_ratio", "representation std x sqrt(d)")],
+            "collapse monitors")),
+        "accuracies": ("accuracies.png", lambda p: _plot_accuracies(p, summaries)),
+        "embeddings_2d": ("embeddings_2d.png", lambda p: _plot_embeddings(p, embeddings)),
+    }
+    for filename, draw in plots.values():
+        draw(workdir / filename)
+
+    def accuracy_rows(run):
+        rows = []
+        for name, (key, metric) in METHODS.items():
+            result = run[key]
+            rows.append({"method": name, "value": result["test"][metric],
+                         "split": result["test_split"], "seed": run["seed"],
+                         "recipe": run["recipe"], "selected": result["selected"],
+                         "selection_split": result["selection_split"]})
+        return rows
+
+    content = {
+        **{name: headline[name]["mean"] for name in METHODS},
+        "train_seconds": float(sum(r["train_seconds"] for r in runs)),
+        "total_seconds": total_seconds,
+        "seeds": sorted({r["seed"] for r in runs}),
+        "headline_recipe": headline_recipe,
+        "device": device,
+        "recipes": summaries,
+        "accuracies": [row for run in runs for row in accuracy_rows(run)],
+        "runs": [{"recipe": r["recipe"], "seed": r["seed"], "steps": r["steps"],
+                  "train_seconds": r["train_seconds"], "pretrain_dir": r["pretrain_dir"],
+                  "final_metrics": r["final_metrics"]} for r in runs],
+        "export_dir": str(export_dir),
+        "plots": {name: filename for name, (filename, _) in plots.items()},
+        "configs": configs,
+    }
+    (workdir / "report.json").write_text(json.dumps(content, indent=2, sort_keys=True))
+    (workdir / "report.md").write_text(render_markdown(content))
+    return content
+
+
+def render_markdown(content: dict[str, Any]) -> str:
+    lines = [
+        "# BYOL demo report",
+        "",
+        f"Device: {content['device']}. Seeds {content['seeds']}. Pre-training took "
+        f"{content['train_seconds']:.0f} s in all; the whole demo {content['total_seconds']:.0f} s.",
+        "Every accuracy is on the `test` split (360 digits), with the hyper-parameter chosen on "
+        "`holdout` (150 digits); classifiers are fitted on `train`.",
+        "",
+        "## Verdict",
+    ]
+    for recipe, summary in content["recipes"].items():
+        lines += _verdict(recipe, summary)
+    lines += ["", "## Accuracies (test top-1, mean +- std over seeds [min, max])", "",
+              "| recipe | method | mean | std | min | max | per seed |",
+              "|---|---|---|---|---|---|---|"]
+    for recipe, summary in content["recipes"].items():
+        for name in METHODS:
+            s = summary[name]
+            per_seed = ", ".join(f"{k}: {v:.3f}" for k, v in s["per_seed"].items())
+            lines.append(f"| {recipe} | {name} | {s['mean']:.3f} | {s['std']:.3f} | "
+                         f"{s['min']:.3f} | {s['max']:.3f} | {per_seed} |")
+    lines += ["", "## Pre-training", "", "| recipe | steps per run | images/s | seconds (all seeds) |",
+              "|---|---|---|---|"]
+    for recipe, summary in content["recipes"].items():
+        lines.append(f"| {recipe} | {summary['steps']} | {summary['images_per_second']:.0f} | "
+                     f"{summary['train_seconds']:.0f} |")
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name}]({filename})" for name, filename in content["plots"].items()]
+    lines += ["", "## Files", "",
+              f"- Exported encoder and model card: `{content['export_dir']}`",
+              "- Per run (`<recipe>/seed_<n>/`): `pretrain/` (TensorBoard logs, checkpoints, "
+              "config.json), `linear_*` and `knn_*` (results.json of each evaluation)",
+              "- `report.json`: every number above, with split, seed and chosen hyper-parameter, "
+              "and the configs", ""]
+    return "\n".join(lines)
