@@ -2,7 +2,7 @@
 
 The evaluation protocols on the bundled digits (``data_prep.digits --holdout-count 150``): fit on
 ``train`` (1287 images), choose on ``holdout`` (150), report on ``test`` (360), at the demo's
-16 px. The paper's hyper-parameter grids are kept; the batch is the CPU demo's 256 and the linear
+12 px. The paper's hyper-parameter grids are kept; the batch is the CPU demo's 256 and the linear
 classifier is trained on precomputed features (no augmentation) unless overridden with
 ``--config.linear.augment=spatial``. Argument: ``<protocol>[,data=DIR]`` with protocol one of
 linear, semi_supervised, transfer_linear, transfer_finetune, knn.
@@ -11,6 +11,7 @@ linear, semi_supervised, transfer_linear, transfer_finetune, knn.
 import ml_collections
 
 from byol_flax.evaluation.config import PROTOCOLS, eval_base_config
+from experiments import digits_cpu
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,12 +23,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = eval_base_config()
     config.protocol = protocol
     config.data.dir = parsed.get("data", "data/digits")
-    config.data.image_size = 16
+    config.data.image_size = digits_cpu.IMAGE_SIZE
     config.data.num_classes = 10
     config.data.source_image_size = (8, 8)
     config.data.worker_count = 0
     config.data.read_threads = 2
-    config.augment.blur_kernel_divider = 5.0  # as experiments/digits_cpu.py: 3 px at 16 px
+    config.augment.blur_kernel_divider = digits_cpu.BLUR_KERNEL_DIVIDER
     config.feature_batch_size = 256
     config.linear.augment = "none"
     config.linear.batch_size = 256

@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from etils import epath
@@ -151,6 +152,11 @@ def result(ctx: Context, protocol: str, rows: list[dict[str, Any]], selected: di
             "sweep": rows, "selected": selected, "test": test, **extra}
 
 
+def _this_process() -> dict[str, int]:
+    """Each process reads its rows of every global batch (as in pre-training)."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
 def sgd_spec(section: ml_collections.ConfigDict, total_steps: int) -> clf.SgdSpec:
     return clf.SgdSpec(total_steps=total_steps, momentum=section.momentum,
                        nesterov=section.nesterov, schedule=section.schedule)
@@ -183,7 +189,8 @@ def run_linear(ctx: Context) -> dict[str, Any]:
         model = clf.Classifier(nnx.clone(ctx.pretrained.encoder), ctx.num_classes,
                                seed=ctx.config.seed)
         batches = iter(labelled_dataset(ctx.config, ctx.train, indices=ctx.train_indices(),
-                                        batch_size=batch, augment=True, seed=ctx.config.seed))
+                                        batch_size=batch, augment=True, seed=ctx.config.seed,
+                                        **_this_process()))
         return clf.train_classifier(model, batches, spec=spec, learning_rate=point["learning_rate"],
                                     train_encoder=False, mesh=ctx.mesh, seed=ctx.config.seed,
                                     augment=augment, **tclip)
@@ -265,7 +272,7 @@ def fine_tune(ctx: Context, opened: OpenedSplit, indices: np.ndarray | None, *,
                            seed=ctx.config.seed)
     _set_batchnorm_decay(model, batchnorm_decay)
     batches = iter(labelled_dataset(ctx.config, opened, indices=indices, batch_size=batch_size,
-                                    augment=True, seed=ctx.config.seed))
+                                    augment=True, seed=ctx.config.seed, **_this_process()))
     return clf.train_classifier(model, batches, spec=sgd_spec(section, steps),
                                 learning_rate=learning_rate, weight_decay=weight_decay,
                                 train_encoder=True, mesh=ctx.mesh, seed=ctx.config.seed)
