@@ -162,7 +162,8 @@ def test_embeddings(run: dict[str, Any], quick: bool
     for name, source in (("BYOL", run["pretrain_dir"]),
                          ("random init", RANDOM_PREFIX + run["pretrain_dir"])):
         pretrained = load_source(source, seed=run["seed"])
-        ctx = protocols.Context(config, pretrained, make_mesh(), protocols.SweepStore(None), "")
+        ctx = protocols.Context(config, pretrained, make_mesh(), protocols.SweepStore(None),
+                                json.dumps(pretrained.origin, sort_keys=True))
         out[f"{name} (seed {run['seed']})"] = ctx.features(ctx.test)
     return out
 

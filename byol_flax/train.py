@@ -20,6 +20,7 @@ import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from byol_flax.checkpointing import Checkpointer
 from byol_flax.config import training_steps, validate_config
@@ -30,7 +31,7 @@ from byol_flax.evaluation import build_evaluators
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
 from byol_flax.train_state import create_train_state
-from byol_flax.train_step import make_train_step
+from byol_flax.train_step import StepFn, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,6 +86,33 @@ def _warn_on_collapse(step: int, scalars: dict[str, float], fraction: float) -> 
                 scalars[f"collapse/{name}_effective_rank"])
 
 
+# Jitted steps of this process, by everything their program depends on: runs that differ only
+# in seed or host-side augmentation (the demo's seeds and recipes, tests) reuse the traced and
+# compiled step instead of tracing it again (tens of seconds on a CPU).
+_STEP_CACHE: dict[str, StepFn] = {}
+
+
+def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
+                       total_steps: int, warmup_steps: int) -> StepFn:
+    program = {key: json.loads(config[key].to_json())
+               for key in ("model", "optimizer", "target", "training", "augment")}
+    program["augment"] = {k: v for k, v in program["augment"].items()  # host-side keys
+                          if not k.startswith("crop_")}
+    for view in ("view1", "view2"):
+        program["augment"][view].pop("flip_prob")
+    # The graph (and its optimizer) is a function of the model and optimizer configs.
+    key = json.dumps([program, total_steps, warmup_steps, [d.id for d in mesh.devices.flat]],
+                     sort_keys=True)
+    if key not in _STEP_CACHE:
+        learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
+                                                    warmup_steps=warmup_steps)
+        _STEP_CACHE[key] = make_train_step(
+            graphdef, mesh, learning_rate=learning_rate, target_ema=target_ema,
+            augment=make_device_augment(config.augment),
+            accumulation_steps=config.training.accumulation_steps)
+    return _STEP_CACHE[key]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike
                        ) -> dict[str, float]:
     """Pre-trains BYOL as ``config`` says, in (or resuming from) ``workdir``.
@@ -127,9 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     state = jax.device_put(state, replicated_sharding(mesh))
     parameter_overview.log_parameter_overview(
         nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state).online, nnx.Param)))
-    step_fn = make_train_step(graphdef, mesh, learning_rate=learning_rate, target_ema=target_ema,
-                              augment=make_device_augment(config.augment),
-                              accumulation_steps=config.training.accumulation_steps)
+    step_fn = _cached_train_step(config, graphdef, mesh, total_steps, warmup_steps)
 
     # --- Checkpoint --------------------------------------------------------------------------
     checkpointer = Checkpointer(workdir / "checkpoints", config)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from byol_flax.config import ConfigError, validate_config
+from byol_flax.evaluation.config import validate_eval_config
 from experiments import byol_imagenet
 
 MODULES = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
@@ -23,7 +24,9 @@ def test_docstring_starts_with_the_launch_command(name):
 def test_configs_validate(name):
     config = importlib.import_module(f"experiments.{name}").get_config()
     config.data.dir = config.data.dir or "/some/data"
-    validate_config(config, num_devices=8)
+    # eval_* modules are evaluation configs, with their own schema.
+    validate = validate_eval_config if name.startswith("eval_") else validate_config
+    validate(config, num_devices=8)
 
 
 def test_imagenet_is_appendix_j1():
@@ -85,3 +88,21 @@ def test_appendix_h_slice_plan_uses_its_own_batch():
     assert (h.training.batch_size, h.training.accumulation_steps) == (512, 1)  # 128 per device
     with pytest.raises(ValueError, match="options are slice"):
         byol_imagenet.get_config("r50x1,slices=v4-8")
+
+
+def test_digits_recipes_differ_from_table_6_only_where_documented():
+    from byol_flax.data.augment import default_augment_config
+    from experiments import digits_cpu
+
+    paper = digits_cpu.get_config("data=/d,augment=paper")
+    assert paper.data.dir == "/d" and digits_cpu.get_config("/d").data.dir == "/d"
+    table_6 = default_augment_config()
+    assert paper.augment.view1.to_dict() == table_6.view1.to_dict()
+    assert paper.augment.view2.to_dict() == table_6.view2.to_dict()
+    assert paper.augment.crop_area_min == 0.08
+    small = digits_cpu.get_config("data=/d,augment=small_image")
+    assert small.augment.crop_area_min == 0.25
+    assert small.augment.view1.flip_prob == small.augment.view2.flip_prob == 0.0
+    assert small.augment.view2.solarize_prob == 0.2 and small.augment.view1.blur_prob == 1.0
+    with pytest.raises(ValueError, match="RECIPE one of"):
+        digits_cpu.get_config("data=/d,augment=strong")

@@ -31,7 +31,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from byol_flax.data.augment import normalize, photometric_augment
+from byol_flax.data.augment import EVAL_RESIZE_RATIO, normalize, photometric_augment
 from byol_flax.data.pipeline import (OpenedSplit, combine_splits, labelled_dataset,
                                      labels_and_ids, open_split)
 from byol_flax.data.records import DataError
@@ -42,6 +42,8 @@ from byol_flax.evaluation.knn import knn_accuracy
 from byol_flax.evaluation.transfer import fit_logistic_regression, l2_grid
 
 Scores = dict[str, float]
+# Features already extracted in this process, by (encoder identity, split, view).
+_FEATURES: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 class SweepStore:
@@ -104,11 +106,17 @@ class Context:
         return self.config.data.max_train_examples
 
     def features(self, opened: OpenedSplit, *, limit: int = 0,
-                 resize_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        apply, state = clf.make_inference_fn(self.pretrained.encoder, self.mesh)
-        kwargs = {} if resize_ratio is None else {"resize_ratio": resize_ratio}
-        return extract_features(apply, state, opened, self.config, self.mesh,
-                                batch_size=self.config.feature_batch_size, limit=limit, **kwargs)
+                 resize_ratio: float = EVAL_RESIZE_RATIO) -> tuple[np.ndarray, np.ndarray]:
+        """Frozen features of ``opened``; computed once per process for a given encoder, split
+        and view (the linear and kNN protocols of one encoder share them)."""
+        key = json.dumps([self.identity, opened.data_dir, opened.split, limit, resize_ratio,
+                          self.config.data.image_size])
+        if key not in _FEATURES or not self.identity:
+            apply, state = clf.make_inference_fn(self.pretrained.encoder, self.mesh)
+            _FEATURES[key] = extract_features(
+                apply, state, opened, self.config, self.mesh,
+                batch_size=self.config.feature_batch_size, limit=limit, resize_ratio=resize_ratio)
+        return _FEATURES[key]
 
     def classifier_scores(self, model: clf.Classifier, opened: OpenedSplit) -> Scores:
         apply, state = clf.make_inference_fn(model, self.mesh)
