@@ -71,13 +71,14 @@ def quick_overrides(pretrain: ml_collections.ConfigDict,
         evaluation.data.max_train_examples = 256
 
 
-def enable_compilation_cache(directory: epath.Path) -> None:
+def enable_compilation_cache(directory: epath.Path) -> str | None:
     """JAX's persistent compilation cache: every seed and recipe runs the same programs (only
     values differ), so the train step compiles once per demo, not once per run (~40 s each on a
     2-core CPU), and a re-run compiles nothing."""
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return previous
 
 
 def prepare_data(workdir: epath.Path) -> str:
@@ -125,7 +126,15 @@ def run_demo(workdir: epath.PathLike, *, seeds: Sequence[int], recipes: Sequence
     """The whole demo; returns report.json's content."""
     workdir = epath.Path(workdir).absolute() if "://" not in str(workdir) else epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    enable_compilation_cache(workdir / "jax_cache")
+    previous_cache = enable_compilation_cache(workdir / "jax_cache")
+    try:
+        return _run_demo(workdir, seeds=seeds, recipes=recipes, quick=quick)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous_cache)
+
+
+def _run_demo(workdir: epath.Path, *, seeds: Sequence[int], recipes: Sequence[str], quick: bool
+              ) -> dict[str, Any]:
     started = time.perf_counter()
     data_dir = prepare_data(workdir)
     runs = []

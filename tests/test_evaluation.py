@@ -351,3 +351,75 @@ def test_experiment_modules_select_the_protocols():
     assert eval_transfer.get_config("finetune,dataset=cifar10").protocol == "transfer_finetune"
     with pytest.raises(ValueError, match="Table 10"):
         eval_transfer.get_config("linear,dataset=mnist")
+
+
+def test_stored_sweep_points_are_reused_only_for_the_same_config(tmp_path):
+    config = eval_base_config()
+    config.linear.epochs = 5.0
+    config.linear.batch_size = 100
+    train, selection, test = disagreeing_splits()
+    points = [{"learning_rate": 0.5}]
+    no_tclip = {"tclip_alpha": 0.0, "tclip_beta": 0.0}
+    protocols.linear_on_features(feature_context(tmp_path, config), train, selection, test,
+                                 points, no_tclip)
+    protocols.linear_on_features(feature_context(tmp_path, config), train, selection, test,
+                                 points, no_tclip)
+    assert len(list(tmp_path.glob("*.json"))) == 1  # same config: resumed, not refitted
+    config.linear.epochs = 6.0
+    protocols.linear_on_features(feature_context(tmp_path, config), train, selection, test,
+                                 points, no_tclip)
+    assert len(list(tmp_path.glob("*.json"))) == 2  # another config: its own point
+
+
+def test_a_diverging_sweep_point_loses_instead_of_stopping_the_sweep(tmp_path):
+    config = eval_base_config()
+    config.linear.epochs = 5.0
+    config.linear.batch_size = 100
+    train, selection, test = disagreeing_splits()
+    ctx = feature_context(tmp_path, config)
+    calls = []
+
+    def fit(point):
+        calls.append(point)
+        if point["learning_rate"] > 1:
+            raise FloatingPointError("loss is nan")
+        return point
+
+    selected, _, rows = protocols.sweep(ctx, "toy", [{"learning_rate": 10.0},
+                                                     {"learning_rate": 0.1}], fit,
+                                        lambda model: {"top1": 0.5}, metric="top1")
+    assert selected == {"learning_rate": 0.1} and rows[0]["selection"]["diverged"] == 1.0
+    protocols.sweep(ctx, "toy", [{"learning_rate": 10.0}], fit, lambda m: {"top1": 0.5},
+                    metric="top1")
+    assert len(calls) == 2  # the diverged point is stored, not retried
+
+
+def test_semi_supervised_and_finetuning_protocols_run_on_digits(data_dir, tmp_path):
+    encoder = export.PretrainedEncoder(
+        export.encoder_from_model_config(tiny_model_config(), seed=2), tiny_model_config(),
+        {"kind": "random", "path": "tiny", "seed": 2})
+    base = tiny_eval_config(data_dir)
+    base.semi_supervised.learning_rates = (0.05,)
+    base.semi_supervised.epochs = (1,)
+    base.semi_supervised.batch_size = 64
+    base.transfer_finetune.learning_rate_count = 1
+    base.transfer_finetune.weight_decay_count = 1
+    base.transfer_finetune.include_no_weight_decay = False
+    base.transfer_finetune.steps = 2
+    base.transfer_finetune.batch_size = 64
+    mesh = make_mesh()
+    semi = protocols.run_protocol(_with_protocol(base, "semi_supervised"), encoder, mesh,
+                                  protocols.SweepStore(tmp_path))
+    num_train = open_split(base.data, "train").num_records
+    assert semi["labelled_examples"] == 10 * round(0.1 * num_train / 10)  # balanced 10%
+    assert semi["selected"] == {"learning_rate": 0.05, "epochs": 1}
+    tuned = protocols.run_protocol(_with_protocol(base, "transfer_finetune"), encoder, mesh,
+                                   protocols.SweepStore(tmp_path))
+    assert tuned["selected"] == {"learning_rate": 1e-4, "weight_decay": 1e-6}
+    assert tuned["refit_on_train_and_selection"] and 0 <= tuned["test"]["top1"] <= 1
+
+
+def _with_protocol(config, protocol):
+    config = config.copy_and_resolve_references()
+    config.protocol = protocol
+    return config

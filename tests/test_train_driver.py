@@ -234,3 +234,19 @@ def test_two_processes_train_get_killed_resume_and_match_one_process(reference_r
     assert got.keys() == expected.keys()
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=2e-3, atol=2e-5, err_msg=name)
+
+
+def test_runs_differing_only_in_seed_or_host_augmentation_share_the_compiled_step():
+    from byol_flax.sharding import make_mesh
+    from byol_flax.train import _cached_train_step
+
+    mesh = make_mesh()
+    first = digits_cpu.get_config("data=/d,augment=paper")
+    other_seed = digits_cpu.get_config("data=/d,augment=small_image")  # crops and flips differ
+    other_seed.seed = 7
+    other_lr = digits_cpu.get_config("data=/d,augment=paper")
+    other_lr.optimizer.base_learning_rate = 0.5
+    step = lambda config: _cached_train_step(config, None, mesh, 100, 10)  # noqa: E731
+    assert step(first) is step(other_seed)
+    assert step(first) is not step(other_lr)
+    assert step(first) is not _cached_train_step(first, None, mesh, 200, 10)

@@ -79,8 +79,12 @@ class SgdSpec:
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> tuple[int, int]:
-    """(batch actually used, steps per epoch): a batch larger than the data shrinks to it."""
-    batch = min(batch_size, num_examples)
+    """(batch actually used, steps per epoch): a batch larger than the data shrinks to the
+    largest multiple of the device count that fits."""
+    batch = min(batch_size, num_examples - num_examples % jax.device_count())
+    if batch <= 0:
+        raise ValueError(f"{num_examples} training examples cannot fill one batch over "
+                         f"{jax.device_count()} devices")
     return batch, max(num_examples // batch, 1)
 
 

@@ -16,12 +16,14 @@ Reuse it with two lines and no training code::
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -90,6 +92,15 @@ def _restore_into(encoder: ResNet, path: epath.Path, prefix: tuple[str, ...] = (
     nnx.update(encoder, state)
 
 
+def fingerprint(module: nnx.Module) -> str:
+    """A digest of every array of ``module``: results and caches key on the weights, not only
+    on the path and step they were read from."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(nnx.state(module)):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def load_encoder(export_dir: epath.PathLike) -> ResNet:
     """The documented loader: an exported encoder as an ``nnx.Module`` (call ``.eval()``).
 
@@ -109,10 +120,13 @@ def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
     if meta.get("format_version") != EXPORT_FORMAT_VERSION:
         raise SourceError(f"{config_path}: format_version {meta.get('format_version')!r}, this "
                           f"code reads {EXPORT_FORMAT_VERSION}")
+    if "model" not in meta or "origin" not in meta:
+        raise SourceError(f"{config_path} lacks 'model' or 'origin': not written by this code")
     encoder = encoder_from_model_config(meta["model"])
     _restore_into(encoder, export_dir / WEIGHTS_DIR)
     return PretrainedEncoder(encoder, meta["model"],
-                             {"kind": "export", "path": str(export_dir), **meta["origin"]},
+                             {"kind": "export", "path": str(export_dir), **meta["origin"],
+                              "fingerprint": fingerprint(encoder)},
                              meta.get("pretrain_config"))
 
 
@@ -146,8 +160,8 @@ def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
     config_file = workdir / "config.json"
     pretrain_config = json.loads(config_file.read_text()) if config_file.exists() else None
     return PretrainedEncoder(encoder, model_config,
-                             {"kind": "pretraining", "path": str(workdir), "step": step},
-                             pretrain_config)
+                             {"kind": "pretraining", "path": str(workdir), "step": step,
+                              "fingerprint": fingerprint(encoder)}, pretrain_config)
 
 
 class PixelEncoder(nnx.Module):
@@ -201,7 +215,7 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike) -> ep
         nnx.to_pure_dict(nnx.state(pretrained.encoder))))
     checkpointer.close()
     origin = {("source_" + k if k in ("kind", "path") else k): v
-              for k, v in pretrained.origin.items()}
+              for k, v in pretrained.origin.items() if k != "fingerprint"}
     (out_dir / ENCODER_CONFIG_NAME).write_text(json.dumps({
         "format_version": EXPORT_FORMAT_VERSION,
         "model": pretrained.model_config,

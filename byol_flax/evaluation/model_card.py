@@ -90,9 +90,10 @@ def build_model_card(pretrained: PretrainedEncoder, *, intended_use: str = "",
 
 
 def add_evaluation(card: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    """Adds (or replaces: same protocol and name) one evaluation result in the card."""
-    key = (result["protocol"], result.get("name", ""))
-    kept = [e for e in card["evaluations"] if (e["protocol"], e.get("name", "")) != key]
+    """Adds (or replaces: same protocol, name, data and splits) one evaluation result."""
+    identify = lambda e: (e["protocol"], e.get("name", ""), e.get("data_dir", ""),  # noqa: E731
+                          e.get("test_split", ""), json.dumps(e.get("source", {}), sort_keys=True))
+    kept = [e for e in card["evaluations"] if identify(e) != identify(result)]
     card["evaluations"] = kept + [result]
     return card
 

@@ -63,15 +63,23 @@ class SweepStore:
     def get(self, name: str, point: dict[str, Any]) -> Scores | None:
         path = self._path(name, point)
         if path and path.exists():
-            saved = json.loads(path.read_text())
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise DataError(f"sweep point file {path} is damaged ({error}); delete it to "
+                                "refit that point") from error
             if saved["point"] == point:
                 return saved["selection"]
         return None
 
     def put(self, name: str, point: dict[str, Any], selection: Scores) -> None:
+        """Written by process 0 only, atomically (temporary file + rename)."""
         path = self._path(name, point)
-        if path:
-            path.write_text(json.dumps({"point": point, "selection": selection}, sort_keys=True))
+        if path and jax.process_index() == 0:
+            temporary = path.parent / (path.name + ".tmp")
+            temporary.write_text(json.dumps({"point": point, "selection": selection},
+                                            sort_keys=True))
+            temporary.rename(path)
 
 
 @dataclasses.dataclass
@@ -111,7 +119,7 @@ class Context:
         and view (the linear and kNN protocols of one encoder share them)."""
         key = json.dumps([self.identity, opened.data_dir, opened.split, limit, resize_ratio,
                           self.config.data.image_size])
-        if key not in _FEATURES or not self.identity:
+        if key not in _FEATURES:
             apply, state = clf.make_inference_fn(self.pretrained.encoder, self.mesh)
             _FEATURES[key] = extract_features(
                 apply, state, opened, self.config, self.mesh,
@@ -135,13 +143,21 @@ def sweep(ctx: Context, name: str, points: Sequence[dict[str, Any]],
     """Fits every point, scores it on the selection split, returns (best point, its model or
     None if it was scored by an earlier run, all rows). Ties go to the earlier point."""
     rows, best = [], None
+    # Everything that changes a point's score: the encoder and the whole evaluation config.
+    settings = ctx.config.to_dict()
+    settings.pop("name")
+    settings = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for point in points:
-        key = {"encoder": ctx.identity, **point}
+        key = {"encoder": ctx.identity, "config": settings.hexdigest(), **point}
         selection = ctx.store.get(name, key)
         model = None
         if selection is None:
-            model = fit(point)
-            selection = score(model)
+            try:
+                model = fit(point)
+                selection = score(model)
+            except FloatingPointError as error:  # a diverging point loses; the sweep goes on
+                logging.warning("%s %s diverged: %s", name, point, error)
+                selection = {metric: float("-inf"), "diverged": 1.0}
             ctx.store.put(name, key, selection)
         logging.info("%s %s: selection %s", name, point, selection)
         rows.append({"point": point, "selection": selection})
@@ -155,7 +171,7 @@ def result(ctx: Context, protocol: str, rows: list[dict[str, Any]], selected: di
            test: Scores, **extra: Any) -> dict[str, Any]:
     data = ctx.config.data
     return {"protocol": protocol, "name": ctx.config.name or protocol,
-            "source": ctx.pretrained.origin, "train_split": data.train_split,
+            "source": ctx.pretrained.origin, "data_dir": data.dir, "train_split": data.train_split,
             "selection_split": data.selection_split, "test_split": data.test_split,
             "sweep": rows, "selected": selected, "test": test, **extra}
 
@@ -267,7 +283,7 @@ def subset_from_split_file(ids: list[str], split_file: str) -> np.ndarray:
 
 
 def _set_batchnorm_decay(module: nnx.Module, decay: float) -> None:
-    for _, child in module.iter_modules():
+    for _, child in nnx.iter_modules(module):
         if isinstance(child, nnx.BatchNorm):
             child.momentum = decay
 

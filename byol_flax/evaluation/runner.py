@@ -25,7 +25,8 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     result = run_protocol(config, pretrained, make_mesh(), SweepStore(workdir / "sweep"))
     (workdir / model_card.RESULTS_NAME).write_text(json.dumps(result, indent=2, sort_keys=True))
 
-    writer = metric_writers.create_default_writer(workdir)
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
     for index, row in enumerate(result["sweep"]):
         writer.write_scalars(index, {f"selection/{k}": v for k, v in row["selection"].items()})
         writer.write_hparams({**row["point"], "sweep_index": index})
