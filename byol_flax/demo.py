@@ -74,7 +74,8 @@ def quick_overrides(pretrain: ml_collections.ConfigDict,
 def enable_compilation_cache(directory: epath.Path) -> str | None:
     """JAX's persistent compilation cache: every seed and recipe runs the same programs (only
     values differ), so the train step compiles once per demo, not once per run (~40 s each on a
-    2-core CPU), and a re-run compiles nothing."""
+    2-core CPU), and a re-run compiles nothing. Returns the previous cache directory."""
+    previous = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
