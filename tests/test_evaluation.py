@@ -372,11 +372,7 @@ def test_stored_sweep_points_are_reused_only_for_the_same_config(tmp_path):
 
 
 def test_a_diverging_sweep_point_loses_instead_of_stopping_the_sweep(tmp_path):
-    config = eval_base_config()
-    config.linear.epochs = 5.0
-    config.linear.batch_size = 100
-    train, selection, test = disagreeing_splits()
-    ctx = feature_context(tmp_path, config)
+    ctx = feature_context(tmp_path, eval_base_config())
     calls = []
 
     def fit(point):

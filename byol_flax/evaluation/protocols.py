@@ -132,6 +132,11 @@ class Context:
                                           batch_size=self.config.feature_batch_size)
         return clf.accuracy_metrics(logits, labels)
 
+    @property
+    def num_train(self) -> int:
+        """Training examples the protocol fits on (``data.max_train_examples`` caps them)."""
+        return min(self.train_limit or self.train.num_records, self.train.num_records)
+
     def train_indices(self) -> np.ndarray | None:
         return np.arange(min(self.train_limit, self.train.num_records)) if self.train_limit \
             else None
@@ -200,8 +205,7 @@ def run_linear(ctx: Context) -> dict[str, Any]:
         selection, test = ctx.features(ctx.selection), ctx.features(ctx.test)
         return linear_on_features(ctx, train, selection, test, points, tclip)
 
-    num_train = len(ctx.train_indices()) if ctx.train_limit else ctx.train.num_records
-    batch, per_epoch = clf.steps_per_epoch(num_train, cfg.batch_size)
+    batch, per_epoch = clf.steps_per_epoch(ctx.num_train, cfg.batch_size)
     total = max(int(cfg.epochs * per_epoch), 1)
     spec = sgd_spec(cfg, total)
     augment = None
@@ -226,6 +230,12 @@ def run_linear(ctx: Context) -> dict[str, Any]:
                   augment=cfg.augment, tclip=cfg.tclip, steps=total, batch_size=batch)
 
 
+def _linear_scores(split: tuple[np.ndarray, np.ndarray]
+                   ) -> Callable[[dict[str, Any]], Scores]:
+    """Accuracy of a linear classifier {"kernel", "bias"} on fixed (features, labels)."""
+    return lambda params: clf.accuracy_metrics(clf.linear_logits(params, split[0]), split[1])
+
+
 def linear_on_features(ctx: Context, train: tuple[np.ndarray, np.ndarray],
                        selection: tuple[np.ndarray, np.ndarray],
                        test: tuple[np.ndarray, np.ndarray], points: Sequence[dict[str, Any]],
@@ -243,12 +253,10 @@ def linear_on_features(ctx: Context, train: tuple[np.ndarray, np.ndarray],
                                           learning_rate=point["learning_rate"],
                                           batch_size=batch, seed=ctx.config.seed, **tclip)
 
-    score = lambda split: (lambda params: clf.accuracy_metrics(
-        clf.linear_logits(params, split[0]), split[1]))
-    selected, params, rows = sweep(ctx, "linear_features", points, fit, score(selection),
-                                   metric="top1")
+    selected, params, rows = sweep(ctx, "linear_features", points, fit,
+                                   _linear_scores(selection), metric="top1")
     params = params or fit(selected)
-    return result(ctx, "linear", rows, selected, score(test)(params), augment="none",
+    return result(ctx, "linear", rows, selected, _linear_scores(test)(params), augment="none",
                   tclip=bool(tclip["tclip_alpha"]), steps=total, batch_size=batch)
 
 
@@ -354,17 +362,16 @@ def transfer_linear_on_features(ctx: Context, train: tuple[np.ndarray, np.ndarra
         warm["params"] = params
         return params
 
-    score = lambda split: (lambda params: clf.accuracy_metrics(
-        clf.linear_logits(params, split[0]), split[1]))
     selected, params, rows = sweep(ctx, "transfer_linear", [{"l2": float(v)} for v in grid],
-                                   fit, score(selection), metric=cfg.metric)
+                                   fit, _linear_scores(selection), metric=cfg.metric)
     if cfg.refit_on_train_and_selection:
         combined = (np.concatenate([train[0], selection[0]]),
                     np.concatenate([train[1], selection[1]]))
         params, _ = fit_logistic_regression(*combined, l2=selected["l2"], **fit_kwargs)
     else:
         params = params or fit_logistic_regression(*train, l2=selected["l2"], **fit_kwargs)[0]
-    return result(ctx, "transfer_linear", rows, selected, score(test)(params), metric=cfg.metric,
+    return result(ctx, "transfer_linear", rows, selected, _linear_scores(test)(params),
+                  metric=cfg.metric,
                   refit_on_train_and_selection=cfg.refit_on_train_and_selection)
 
 
@@ -387,8 +394,7 @@ def finetune_batchnorm_decay(steps_per_epoch: int) -> float:
 def run_transfer_finetune(ctx: Context) -> dict[str, Any]:
     cfg = ctx.config.transfer_finetune
     indices = ctx.train_indices()
-    num_train = len(indices) if indices is not None else ctx.train.num_records
-    batch, per_epoch = clf.steps_per_epoch(num_train, cfg.batch_size)
+    batch, per_epoch = clf.steps_per_epoch(ctx.num_train, cfg.batch_size)
 
     def fit(point, opened=ctx.train, subset=indices, epoch_steps=per_epoch):
         return fine_tune(ctx, opened, subset, learning_rate=point["learning_rate"],
