@@ -5,8 +5,9 @@ One checkpoint = one step directory holding
     statistics, step, RNG) as a pure nested dict;
   * ``data``: the Grain iterator state, so the next batch after a restore is the one an
     uninterrupted run would have drawn;
-  * ``model_config``: ``config.model`` as JSON, checked on restore so that a checkpoint of another
-    architecture fails with a message saying what differs.
+  * ``model_config``: ``config.model`` and ``config.target.kind`` (whether the state holds a
+    target network) as JSON, checked on restore so that a checkpoint of another architecture fails
+    with a message saying what differs.
 Saves are asynchronous; Orbax writes to a temporary directory and renames it when complete, so
 a killed save never looks like a checkpoint, and stale temporary directories are removed.
 """
@@ -47,7 +48,8 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._model_config = json.loads(config.model.to_json())
+        self._model_config = {"model": json.loads(config.model.to_json()),
+                              "target": {"kind": config.target.kind}}
         self.manager = ocp.CheckpointManager(
             epath.Path(directory), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -69,7 +71,7 @@ class Checkpointer:
         saved = self.manager.restore(step, args=ocp.args.Composite(
             model_config=ocp.args.JsonRestore()))["model_config"]
         ours, theirs = _flatten(self._model_config), _flatten(saved)
-        differences = [f"model.{key}: checkpoint {theirs.get(key)!r}, config {ours.get(key)!r}"
+        differences = [f"{key}: checkpoint {theirs.get(key)!r}, config {ours.get(key)!r}"
                        for key in sorted(ours.keys() | theirs.keys())
                        if ours.get(key) != theirs.get(key)]
         if differences:

@@ -26,7 +26,11 @@ def base_config() -> ml_collections.ConfigDict:
         {"name": "resnet50", "width_multiplier": 1, "stem": "imagenet"})
     config.model.projector = ml_collections.ConfigDict(
         {"hidden_size": 4096, "output_size": 256, "depth": 2})
-    config.model.predictor = ml_collections.ConfigDict({"hidden_size": 4096, "depth": 2})
+    # kind: a name in byol_flax.models.predictors.PREDICTORS (mlp, linear, identity,
+    # closed_form_linear). ridge: closed_form_linear's regulariser, relative to the mean
+    # eigenvalue of Z^T Z (Appendix J.2 solves without one; it keeps a collapsed batch solvable).
+    config.model.predictor = ml_collections.ConfigDict(
+        {"kind": "mlp", "hidden_size": 4096, "depth": 2, "ridge": 1e-4})
     config.model.batchnorm = ml_collections.ConfigDict({"decay": 0.9, "eps": 1e-5})
     # bfloat16 halves activation memory on TPU; parameters and BN statistics stay float32.
     config.model.compute_dtype = "float32"
@@ -47,7 +51,20 @@ def base_config() -> ml_collections.ConfigDict:
     # "cosine": tau_k = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2; "constant": tau_k = tau_base
     # (Appendix J.1 uses constant tau = 0: the target is a hard copy of the online network).
     config.target.schedule = "cosine"
+    # Table 19's target parameters: "ema" (xi, BYOL), "stop_gradient" (sg(theta): the online
+    # network's own outputs, no gradient) or "online" (theta: gradient flows through the targets).
+    # Only "ema" keeps a separate target network in the state.
+    config.target.kind = "ema"
 
+    # Eq. 5 (Appendix G.4): -InfoNCE^{alpha,beta}, symmetrised over the two views. beta = 0 is
+    # BYOL's loss; beta = 1 without predictor and target is the SimCLR baseline of G.5 (Eq. 10
+    # x 2 alpha). normalization (Appendix G.6, Table 20): "l2" (BYOL), "layernorm",
+    # "batchnorm" (non-trainable, over the batch) or "none"; LN/BN are divided by sqrt(d).
+    config.loss = ml_collections.ConfigDict()
+    config.loss.beta = 0.0
+    config.loss.temperature = 0.1  # alpha; Table 5b / G.4 use SimCLR's best, 0.1
+    config.loss.normalization = "l2"
+    config.loss.normalization_eps = 1e-5  # added to the LN/BN variances
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 4096  # global, over all devices and hosts
     config.training.epochs = 1000.0
@@ -101,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+TARGET_KINDS = ("ema", "stop_gradient", "online")
+
+
 class ConfigError(ValueError):
     """A config value is wrong or inconsistent; the message names the key."""
 
@@ -110,7 +130,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 
     Unknown keys and wrong types are already rejected by the locked ConfigDict itself.
     """
-    from byol_flax.models.resnet import ENCODERS  # noqa: PLC0415 - avoids an import cycle
+    # Imported here: these modules import the config (an import cycle at module level).
+    from byol_flax.losses import NORMALIZATIONS  # noqa: PLC0415
+    from byol_flax.models.predictors import PREDICTORS  # noqa: PLC0415
+    from byol_flax.models.resnet import ENCODERS  # noqa: PLC0415
 
     checks = [
         (config.training.batch_size > 0, "training.batch_size", "must be positive"),
@@ -132,6 +155,22 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "must be 'cosine' or 'constant'"),
         (config.model.encoder.name in ENCODERS, "model.encoder.name",
          f"must be one of {list(ENCODERS)}"),
+        (config.model.predictor.kind in PREDICTORS, "model.predictor.kind",
+         f"must be one of {list(PREDICTORS)}"),
+        (config.model.predictor.depth >= 1, "model.predictor.depth",
+         "must be >= 1 (the number of Linear layers, Table 14)"),
+        (config.model.projector.depth >= 1, "model.projector.depth",
+         "must be >= 1 (the number of Linear layers, Table 14)"),
+        (config.model.predictor.ridge >= 0, "model.predictor.ridge", "must be >= 0"),
+        (config.target.kind in TARGET_KINDS, "target.kind", f"must be one of {list(TARGET_KINDS)}"),
+        (config.loss.normalization in NORMALIZATIONS, "loss.normalization",
+         f"must be one of {list(NORMALIZATIONS)}"),
+        (config.loss.temperature > 0, "loss.temperature", "must be positive (alpha of Eq. 5)"),
+        (config.loss.beta >= 0, "loss.beta", "must be >= 0 (beta of Eq. 5)"),
+        (config.optimizer.predictor_lr_multiplier >= 0, "optimizer.predictor_lr_multiplier",
+         "must be >= 0"),
+        (config.optimizer.projector_lr_multiplier >= 0, "optimizer.projector_lr_multiplier",
+         "must be >= 0"),
         (config.model.encoder.width_multiplier in (1, 2, 3, 4), "model.encoder.width_multiplier",
          "must be 1, 2, 3 or 4"),
         (config.model.encoder.stem in ("imagenet", "small"), "model.encoder.stem",

@@ -95,7 +95,7 @@ _STEP_CACHE: dict[str, StepFn] = {}
 def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
                        total_steps: int, warmup_steps: int) -> StepFn:
     program = {key: json.loads(config[key].to_json())
-               for key in ("model", "optimizer", "target", "training", "augment")}
+               for key in ("model", "optimizer", "target", "loss", "training", "augment")}
     program["augment"] = {k: v for k, v in program["augment"].items()  # host-side keys
                           if not k.startswith("crop_")}
     for view in ("view1", "view2"):
@@ -109,7 +109,8 @@ def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
         _STEP_CACHE[key] = make_train_step(
             graphdef, mesh, learning_rate=learning_rate, target_ema=target_ema,
             augment=make_device_augment(config.augment),
-            accumulation_steps=config.training.accumulation_steps)
+            accumulation_steps=config.training.accumulation_steps, loss_config=config.loss,
+            target_kind=config.target.kind)
     return _STEP_CACHE[key]
 
 

@@ -28,9 +28,12 @@ class TrainState(nnx.Module):
     """Everything a BYOL run carries from step to step."""
 
     def __init__(self, online: ByolNetwork, optimizer_tx, *, seed: int = 0,
-                 target: ByolNetwork | None = None):
+                 target: ByolNetwork | None = None, with_target: bool = True):
         self.online = online
-        self.target = target if target is not None else target_from_online(online)
+        # Without a target network (Table 19's sg(theta) and theta targets) nothing is averaged.
+        if target is None and with_target:
+            target = target_from_online(online)
+        self.target = target
         self.optimizer = nnx.Optimizer(online, optimizer_tx, wrt=nnx.Param)
         self.rng = RngKey(jax.random.key_data(jax.random.key(seed)))
 
@@ -50,6 +53,8 @@ class TrainState(nnx.Module):
 
     def update_target(self, tau: jax.Array) -> None:
         """xi <- tau xi + (1 - tau) theta over parameters; tau = 0 makes the target a hard copy."""
+        if self.target is None:
+            return
         target_params = nnx.state(self.target, nnx.Param)
         online_params = nnx.state(self.online_without_predictor(), nnx.Param)
         nnx.update(self.target, jax.tree.map(lambda xi, theta: tau * xi + (1.0 - tau) * theta,
@@ -63,6 +68,6 @@ def create_train_state(config: ConfigDict, learning_rate: optax.Schedule) -> Tra
     def build() -> TrainState:
         online = build_online_network(config.model, rngs=nnx.Rngs(config.seed))
         return TrainState(online, build_optimizer(config.optimizer, online, learning_rate),
-                          seed=config.seed + 1)
+                          seed=config.seed + 1, with_target=config.target.kind == "ema")
 
     return init_module(build)

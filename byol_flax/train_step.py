@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
+from ml_collections import ConfigDict
 
 from byol_flax.losses import byol_loss
 from byol_flax.schedules import Schedule
@@ -59,29 +60,47 @@ def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True) ->
     return metrics
 
 
-def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State, batch: Batch, *,
-             online_def: nnx.GraphDef, target_def: nnx.GraphDef):
-    """Loss on one (micro-)batch; also returns the updated BatchNorm statistics of both networks."""
+def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State | None,
+            batch: Batch, *, online_def: nnx.GraphDef, target_def: nnx.GraphDef | None,
+            loss_config: ConfigDict | None = None, target_kind: str = "ema"):
+    """Loss on one (micro-)batch; also returns the updated BatchNorm statistics of both networks.
+
+    ``target_kind`` (Table 19): "ema" regresses the target network's projections (xi);
+    "stop_gradient" and "online" use the online network's own projections of the views (sg(theta)
+    / theta), with and without a stop-gradient; they need no target network (``target_state`` is
+    None).
+    """
     # copy=True: fresh Variables at this trace level, since the BatchNorm statistics are mutated.
     online = nnx.merge(online_def, params, online_rest, copy=True)
-    target = nnx.merge(target_def, target_state, copy=True)
     online_1, online_2 = online(batch["view1"]), online(batch["view2"])
-    target_1, target_2 = target(batch["view1"]), target(batch["view2"])
-    loss = byol_loss(online_1["prediction"], online_2["prediction"],
-                     target_1["projection"], target_2["projection"])
+    if target_kind == "ema":
+        target = nnx.merge(target_def, target_state, copy=True)
+        target_1, target_2 = target(batch["view1"]), target(batch["view2"])
+    else:
+        target, target_1, target_2 = None, online_1, online_2
+    target_projection_1, target_projection_2 = target_1["projection"], target_2["projection"]
+    if target_kind != "online":
+        target_projection_1 = jax.lax.stop_gradient(target_projection_1)
+        target_projection_2 = jax.lax.stop_gradient(target_projection_2)
+    prediction_1 = online.predict(online_1["projection"], target_projection_2)
+    prediction_2 = online.predict(online_2["projection"], target_projection_1)
+    loss = byol_loss(prediction_1, prediction_2, target_projection_1, target_projection_2,
+                     loss_config)
     metrics = {
         "loss": loss,
         "loss_4_minus_2cos": 4.0 + loss,
         **collapse_metrics("representation", online_1["representation"], effective_rank=False),
         **collapse_metrics("projection", online_1["projection"]),
-        **collapse_metrics("target_projection", target_1["projection"]),
+        **collapse_metrics("target_projection", target_projection_1),
     }
-    return loss, (nnx.state(online, nnx.Not(nnx.Param)), nnx.state(target), metrics)
+    new_target_state = None if target is None else nnx.state(target)
+    return loss, (nnx.state(online, nnx.Not(nnx.Param)), new_target_state, metrics)
 
 
 def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule,
                target_ema: Schedule, augment: Augment | None = None,
-               accumulation_steps: int = 1) -> Metrics:
+               accumulation_steps: int = 1, loss_config: ConfigDict | None = None,
+               target_kind: str = "ema") -> Metrics:
     """One optimizer update of the online network and one EMA update of the target.
 
     ``augment`` runs the per-pixel augmentations on the accelerator with this step's key
@@ -92,8 +111,9 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
     batch = {"view1": batch["view1"], "view2": batch["view2"]}
     online_def, params, online_rest = nnx.split(state.online, nnx.Param, ...)
     params_before = jax.tree.leaves(params)  # arrays: a snapshot, the Variables get updated
-    target_def, target_state = nnx.split(state.target)
-    grad_fn = jax.grad(functools.partial(loss_fn, online_def=online_def, target_def=target_def),
+    target_def, target_state = (None, None) if state.target is None else nnx.split(state.target)
+    grad_fn = jax.grad(functools.partial(loss_fn, online_def=online_def, target_def=target_def,
+                                         loss_config=loss_config, target_kind=target_kind),
                        has_aux=True)
 
     if accumulation_steps == 1:
@@ -118,7 +138,8 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
         metrics = jax.tree.map(functools.partial(jnp.mean, axis=0), metrics)
 
     nnx.update(state.online, online_rest)
-    nnx.update(state.target, target_state)
+    if state.target is not None:
+        nnx.update(state.target, target_state)
     step = state.step
     state.optimizer.update(state.online, grads)
     tau = target_ema(step)
@@ -141,7 +162,8 @@ StepFn = Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]
 
 def make_train_step(graphdef: nnx.GraphDef, mesh: Mesh, *, learning_rate: optax.Schedule,
                     target_ema: Schedule, augment: Augment | None = None,
-                    accumulation_steps: int = 1) -> StepFn:
+                    accumulation_steps: int = 1, loss_config: ConfigDict | None = None,
+                    target_kind: str = "ema") -> StepFn:
     """``jax.jit`` of :func:`train_step` over ``nnx.State``; state donated and kept replicated.
 
     The learning rate and tau are computed inside from the step counter (an array in the state),
@@ -152,7 +174,8 @@ def make_train_step(graphdef: nnx.GraphDef, mesh: Mesh, *, learning_rate: optax.
         train_state = nnx.merge(graphdef, state)
         metrics = train_step(train_state, batch, learning_rate=learning_rate,
                              target_ema=target_ema, augment=augment,
-                             accumulation_steps=accumulation_steps)
+                             accumulation_steps=accumulation_steps, loss_config=loss_config,
+                             target_kind=target_kind)
         return nnx.state(train_state), metrics
 
     return jax.jit(step, donate_argnums=0, out_shardings=replicated_sharding(mesh))

@@ -126,5 +126,6 @@ def test_online_outputs_have_paper_shapes():
     config.encoder.name = "resnet_tiny"
     net = build_online_network(config, rngs=nnx.Rngs(0))
     out = net(jnp.zeros((2, 32, 32, 3)))
-    assert out["projection"].shape == (2, 256) and out["prediction"].shape == (2, 256)
+    prediction = net.predict(out["projection"], out["projection"])
+    assert out["projection"].shape == (2, 256) and prediction.shape == (2, 256)
     assert isinstance(BatchNormConfig().make(4, rngs=nnx.Rngs(0)), nnx.BatchNorm)

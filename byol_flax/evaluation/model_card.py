@@ -48,6 +48,17 @@ def _data_source(pretrain_config: dict[str, Any] | None) -> dict[str, Any]:
     return source
 
 
+def _describe_loss(loss: dict[str, Any]) -> str:
+    """The pre-training objective in words (Eq. 5 / G.6 variants named when not BYOL's)."""
+    text = "2 - 2 cos(q(z_online), z_target), symmetrised over the two views"
+    if loss.get("beta"):
+        text = (f"-InfoNCE of Eq. 5 with beta={loss['beta']}, alpha={loss.get('temperature')}, "
+                "symmetrised over the two views")
+    if loss.get("normalization", "l2") != "l2":
+        text += f"; normalisation {loss['normalization']} (Appendix G.6)"
+    return text
+
+
 def build_model_card(pretrained: PretrainedEncoder, *, intended_use: str = "",
                      out_of_scope_use: str = "", known_failures: str = "") -> dict[str, Any]:
     """The card's content as a JSON-able dict (evaluations start empty; see add_evaluation)."""
@@ -71,7 +82,7 @@ def build_model_card(pretrained: PretrainedEncoder, *, intended_use: str = "",
         },
         "objective": {
             "method": "BYOL (Grill et al., NeurIPS 2020)",
-            "loss": "2 - 2 cos(q(z_online), sg(z_target)), symmetrised over the two views",
+            "loss": _describe_loss(config.get("loss") or {}),
             "projector": model.get("projector"),
             "predictor": model.get("predictor"),
             "target": config.get("target"),

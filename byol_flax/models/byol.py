@@ -8,14 +8,16 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from byol_flax.models.heads import MLP
+from byol_flax.models.predictors import apply_predictor, build_predictor
 from byol_flax.models.resnet import BatchNormConfig, build_encoder
 
 
 class ByolNetwork(nnx.Module):
     """Encoder + projector (+ predictor on the online side only).
 
-    Returns the representation y, the projection z and, when a predictor is present, the
-    prediction q(z). The target network is the same class without a predictor.
+    Calling it returns the representation y and the projection z; :meth:`predict` applies the
+    predictor, which may need the target projections (batch-fitted variants, Appendix J.2).
+    The target network is the same class without a predictor.
     """
 
     def __init__(self, encoder: nnx.Module, projector: nnx.Module,
@@ -27,10 +29,11 @@ class ByolNetwork(nnx.Module):
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         representation = self.encoder(images)
         projection = self.projector(representation)
-        outputs = {"representation": representation, "projection": projection}
-        if self.predictor is not None:
-            outputs["prediction"] = self.predictor(projection)
-        return outputs
+        return {"representation": representation, "projection": projection}
+
+    def predict(self, projection: jax.Array, target_projection: jax.Array) -> jax.Array:
+        """q(z), the prediction of ``target_projection`` (the other view's target output)."""
+        return apply_predictor(self.predictor, projection, target_projection)
 
 
 def build_online_network(config: ConfigDict, *, rngs: nnx.Rngs) -> ByolNetwork:
@@ -42,9 +45,8 @@ def build_online_network(config: ConfigDict, *, rngs: nnx.Rngs) -> ByolNetwork:
     projector = MLP(encoder.num_features, hidden_size=config.projector.hidden_size,
                     output_size=config.projector.output_size, depth=config.projector.depth,
                     bn=bn, dtype=dtype, rngs=rngs)
-    predictor = MLP(config.projector.output_size, hidden_size=config.predictor.hidden_size,
-                    output_size=config.projector.output_size, depth=config.predictor.depth,
-                    bn=bn, dtype=dtype, rngs=rngs)
+    predictor = build_predictor(config.predictor, features=config.projector.output_size, bn=bn,
+                                dtype=dtype, rngs=rngs)
     return ByolNetwork(encoder, projector, predictor)
 
 
