@@ -30,15 +30,14 @@ from etils import epath
 
 from byol_flax import report
 from byol_flax.data.pipeline import open_split
-from byol_flax.data.records import MANIFEST_NAME
 from byol_flax.evaluation import model_card
 from byol_flax.config import training_steps
 from byol_flax.evaluation import protocols
 from byol_flax.evaluation.export import PIXELS_SOURCE, RANDOM_PREFIX, load_source
 from byol_flax.evaluation.runner import evaluate
 from byol_flax.sharding import make_mesh
+from byol_flax.local_runs import enable_compilation_cache, prepare_data
 from byol_flax.train import train_and_evaluate
-from data_prep import digits
 from experiments import digits_cpu, eval_digits
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where everything is written.")
@@ -46,9 +45,6 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Pre-training / evaluation 
 _RECIPES = flags.DEFINE_list("recipes", list(digits_cpu.AUGMENTATION_RECIPES),
                              "Augmentation recipes of experiments/digits_cpu.py to run.")
 _QUICK = flags.DEFINE_boolean("quick", False, "Seconds-long smoke version (tests).")
-
-HOLDOUT_COUNT = 150
-
 
 def quick_overrides(pretrain: ml_collections.ConfigDict,
                     evaluations: Sequence[ml_collections.ConfigDict]) -> None:
@@ -69,25 +65,6 @@ def quick_overrides(pretrain: ml_collections.ConfigDict,
         evaluation.linear.learning_rates = (0.4, 0.1)
         evaluation.feature_batch_size = 64
         evaluation.data.max_train_examples = 256
-
-
-def enable_compilation_cache(directory: epath.Path) -> str | None:
-    """JAX's persistent compilation cache: every seed and recipe runs the same programs (only
-    values differ), so the train step compiles once per demo, not once per run (~40 s each on a
-    2-core CPU), and a re-run compiles nothing. Returns the previous cache directory."""
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return previous
-
-
-def prepare_data(workdir: epath.Path) -> str:
-    data_dir = workdir / "data"
-    if not (data_dir / MANIFEST_NAME).exists():
-        digits.main(["--out", str(data_dir), "--holdout-count", str(HOLDOUT_COUNT),
-                     "--no-progress"])
-    return str(data_dir)
 
 
 def run_seed(workdir: epath.Path, data_dir: str, recipe: str, seed: int, quick: bool

@@ -154,7 +154,9 @@ def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
     if step not in steps:
         raise SourceError(f"step {step} is not among the checkpoints of {workdir}: {steps}")
     step_dir = workdir / "checkpoints" / str(step)
-    model_config = json.loads((step_dir / "model_config" / "metadata").read_text())
+    # {"model": config.model, "target": {...}} (byol_flax.checkpointing); the encoder needs only
+    # the model section.
+    model_config = json.loads((step_dir / "model_config" / "metadata").read_text())["model"]
     encoder = encoder_from_model_config(model_config)
     _restore_into(encoder, step_dir / "state", prefix=("online", "encoder"))
     config_file = workdir / "config.json"

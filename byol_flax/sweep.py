@@ -1,0 +1,264 @@
+"""The study launcher: ``python -m byol_flax.sweep --study=experiments/studies/<table>.py``.
+
+``--print`` writes one shell command per pre-training and evaluation of every row and seed (for a
+cluster: each line is an ordinary ``byol_flax.main`` / ``byol_flax.evaluate`` run); without it
+the rows run here one after the other, in-process (the train step and compilation cache are
+shared), resuming finished runs. Afterwards ``summary.json``, ``summary.md`` (our result beside
+the paper's for every row, with the collapse monitors) and ``summary.png`` land in the workdir.
+
+Examples::
+
+    python -m byol_flax.sweep --study=experiments/studies/table21.py --workdir=gs://B/t21 \\
+        --set=data.dir=gs://B/imagenet --eval_set=data.dir=gs://B/imagenet --print
+    python -m byol_flax.sweep --study=experiments/studies/cpu_collapse.py \\
+        --workdir=workdirs/cpu_collapse
+"""
+
+import ast
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import matplotlib
+import numpy as np
+from absl import app, flags
+from etils import epath
+
+from byol_flax import studies
+from byol_flax.local_runs import enable_compilation_cache
+from byol_flax.report import read_scalars
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_STUDY = flags.DEFINE_string("study", None, "Study module (experiments/studies/<name>.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root of the runs: WORKDIR/<row>/seed_<s>.")
+_PRINT = flags.DEFINE_boolean("print", False, "Print the commands instead of running them.")
+_ROWS = flags.DEFINE_list("rows", [], "Only these rows (default: all).")
+_SEEDS = flags.DEFINE_list("seeds", [], "Seeds (default: the study's).")
+_SET = flags.DEFINE_multi_string("set", [], "Pre-training override KEY=VALUE (repeatable).")
+_EVAL_SET = flags.DEFINE_multi_string("eval_set", [], "Evaluation override KEY=VALUE.")
+flags.mark_flags_as_required(["study", "workdir"])
+
+# Collapse verdict: the monitor's warning threshold (config.logging.collapse_warning_fraction):
+# batch std of l2-normalised projections below 0.2 x 1/sqrt(d).
+COLLAPSE_STD_RATIO = 0.2
+MONITORS = ("collapse/projection_std_ratio", "collapse/projection_effective_rank",
+            "collapse/representation_std_ratio")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> {"a.b": 1, "c": "x"} (Python literals, else strings)."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def select_rows(study: studies.Study, names: Sequence[str]) -> studies.Study:
+    if not names:
+        return study
+    return dataclasses.replace(study, rows=tuple(study.row(name) for name in names))
+
+
+def prepare(study: studies.Study, workdir: epath.Path) -> studies.Study:
+    if study.data == "digits":
+        from byol_flax.local_runs import prepare_data  # noqa: PLC0415 - imports data_prep
+
+        return studies.with_data(study, prepare_data(workdir))
+    return study
+
+
+def _first_top1(test: Mapping[str, float]) -> float | None:
+    keys = sorted(k for k in test if k.startswith("top1"))
+    return test[keys[0]] if keys else None
+
+
+def run_study(study: studies.Study, workdir: epath.PathLike, *,
+              seeds: Sequence[int] | None = None, extra: Mapping[str, Any] | None = None,
+              eval_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Runs every row and seed here, then writes and returns the summary."""
+    from byol_flax.evaluation.export import RANDOM_PREFIX  # noqa: PLC0415
+    from byol_flax.evaluation.runner import evaluate  # noqa: PLC0415
+    from byol_flax.train import train_and_evaluate  # noqa: PLC0415
+
+    workdir = epath.Path(workdir).absolute() if "://" not in str(workdir) else epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    study = prepare(study, workdir)
+    previous_cache = enable_compilation_cache(workdir / "jax_cache")
+    runs = []
+    started = time.perf_counter()
+    try:
+        plan = [(row, seed) for row in study.rows for seed in seeds or study.seeds]
+        for index, (row, seed) in enumerate(plan):
+            logging.info("sweep %s: run %d of %d (%s, seed %d), %.1f min elapsed", study.table,
+                         index + 1, len(plan), row.name, seed,
+                         (time.perf_counter() - started) / 60)
+            directory = studies.run_dir(str(workdir), row, seed)
+            config = studies.row_config(study, row, seed, extra)
+            run_started = time.perf_counter()
+            final = train_and_evaluate(config, directory) or json.loads(
+                (epath.Path(directory) / "final_metrics.json").read_text())
+            run = {"row": row.name, "seed": seed, "dir": directory,
+                   "train_seconds": time.perf_counter() - run_started,
+                   "monitors": {k: final.get(k) for k in MONITORS}, "loss": final.get("loss"),
+                   "evaluations": {}}
+            sources = {"": directory}
+            if study.random_init_reference and index == 0:
+                sources["random_init_"] = RANDOM_PREFIX + directory
+            for evaluation in study.evaluations:
+                eval_config = studies.load_config(evaluation)
+                for key, value in {**(eval_extra or {}), "seed": seed}.items():
+                    studies.set_dotted(eval_config, key, value, origin="--eval_set")
+                for prefix, source in sources.items():
+                    name = prefix + studies.eval_dir_name(evaluation)
+                    result = evaluate(eval_config, source, f"{directory}/{name}")
+                    run["evaluations"][name] = result["test"]
+            runs.append(run)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous_cache)
+    return write_summary(study, workdir, runs, total_seconds=time.perf_counter() - started)
+
+
+def summarise_rows(study: studies.Study, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per row: mean and half-range over seeds (the paper's "±") of every score and monitor."""
+    rows = []
+    for row in study.rows:
+        mine = [r for r in runs if r["row"] == row.name]
+        if not mine:
+            continue
+        scores: dict[str, list[float]] = {}
+        for run in mine:
+            for name, test in run["evaluations"].items():
+                if not name.startswith("random_init_") and _first_top1(test) is not None:
+                    scores.setdefault(name, []).append(100 * _first_top1(test))
+            for key, value in run["monitors"].items():
+                if value is not None:
+                    scores.setdefault(key, []).append(value)
+        stats = {k: {"mean": float(np.mean(v)), "half_range": float(np.ptp(v) / 2),
+                     "per_seed": v} for k, v in scores.items()}
+        std_ratio = stats.get("collapse/projection_std_ratio", {}).get("mean")
+        rows.append({
+            "row": row.name, "overrides": dict(row.overrides), "paper_top1": row.paper_top1,
+            "paper_top5": row.paper_top5, "paper_spread": row.paper_spread,
+            "paper_note": row.note, "seeds": [r["seed"] for r in mine], "ours": stats,
+            "collapsed": None if std_ratio is None else bool(std_ratio < COLLAPSE_STD_RATIO),
+        })
+    return rows
+
+
+def _cell(stat: Mapping[str, Any] | None, digits: int = 1) -> str:
+    if not stat:
+        return "-"
+    spread = f" ± {stat['half_range']:.{digits}f}" if len(stat["per_seed"]) > 1 else ""
+    return f"{stat['mean']:.{digits}f}{spread}"
+
+
+def markdown_table(study: studies.Study, rows: Sequence[dict[str, Any]],
+                   references: Mapping[str, float]) -> str:
+    eval_names = sorted({k for r in rows for k in r["ours"] if k.startswith("eval_")})
+    header = (["row", "paper top-1"] + [f"ours {n.removeprefix('eval_')} top-1" for n in eval_names]
+              + ["proj. std x sqrt(d)", "proj. eff. rank", "collapsed (ours)", "paper"])
+    lines = [f"# {study.table}: {study.description}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        paper = "-" if r["paper_top1"] is None else (
+            f"{r['paper_top1']}" + (f" ± {r['paper_spread']}" if r["paper_spread"] else ""))
+        cells = [r["row"], paper] + [_cell(r["ours"].get(n)) for n in eval_names] + [
+            _cell(r["ours"].get("collapse/projection_std_ratio"), 3),
+            _cell(r["ours"].get("collapse/projection_effective_rank"), 1),
+            {True: "yes", False: "no", None: "-"}[r["collapsed"]], r["paper_note"] or ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    if references:
+        lines += ["", "Random-initialisation reference (same architecture, seed of the first run): "
+                  + ", ".join(f"{k.removeprefix('random_init_eval_')} {v:.1f}"
+                              for k, v in references.items())]
+    lines += ["", f"Collapsed (ours): final batch std of l2-normalised projections below "
+              f"{COLLAPSE_STD_RATIO} x 1/sqrt(d) (the training monitor's warning threshold). "
+              "Scores are test top-1 in %, mean ± half the range over seeds (the paper's ±)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(study: studies.Study, runs: Sequence[dict[str, Any]],
+                 rows: Sequence[dict[str, Any]], path: epath.Path) -> None:
+    """Left: the projection-collapse monitor over training per row; right: accuracies."""
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for index, row in enumerate(rows):
+        color = plt.cm.tab10(index % 10)
+        for run in (r for r in runs if r["row"] == row["row"]):
+            scalars = read_scalars(run["dir"])
+            if "collapse/projection_std_ratio" in scalars:
+                steps, values = scalars["collapse/projection_std_ratio"]
+                curves.plot(steps, values, color=color,
+                            label=row["row"] if run["seed"] == row["seeds"][0] else None)
+    curves.axhline(COLLAPSE_STD_RATIO, color="k", linestyle=":", label="collapse threshold")
+    curves.set(xlabel="step", ylabel="batch std of normalised projections x sqrt(d)",
+               title="collapse monitor", yscale="log")
+    curves.legend(fontsize=7)
+    eval_names = sorted({k for r in rows for k in r["ours"] if k.startswith("eval_")})
+    width = 0.8 / max(len(eval_names), 1)
+    x = np.arange(len(rows))
+    for j, name in enumerate(eval_names):
+        means = [r["ours"].get(name, {}).get("mean", np.nan) for r in rows]
+        bars.bar(x + j * width, means, width, label=f"ours: {name.removeprefix('eval_')}")
+    paper = [r["paper_top1"] if r["paper_top1"] is not None else np.nan for r in rows]
+    bars.scatter(x + 0.4 - width / 2, paper, color="k", marker="_", s=300, zorder=3,
+                 label="paper (ImageNet top-1)")
+    bars.set_xticks(x + 0.4 - width / 2, [r["row"] for r in rows], rotation=40, ha="right",
+                    fontsize=7)
+    bars.set(ylabel="test top-1 (%)", title=f"{study.table}: accuracy", ylim=(0, 100))
+    bars.legend(fontsize=7)
+    figure.tight_layout()
+    with path.open("wb") as f:
+        figure.savefig(f, dpi=120)
+    plt.close(figure)
+
+
+def write_summary(study: studies.Study, workdir: epath.Path, runs: Sequence[dict[str, Any]], *,
+                  total_seconds: float) -> dict[str, Any]:
+    rows = summarise_rows(study, runs)
+    references = {k: 100 * _first_top1(v) for r in runs for k, v in r["evaluations"].items()
+                  if k.startswith("random_init_")}
+    summary = {"table": study.table, "description": study.description, "rows": rows,
+               "random_init_reference": references, "runs": list(runs),
+               "total_seconds": total_seconds, "device": jax.devices()[0].device_kind,
+               "summary_md": str(workdir / "summary.md"), "plot": str(workdir / "summary.png")}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (workdir / "summary.md").write_text(markdown_table(study, rows, references))
+    plot_summary(study, runs, rows, workdir / "summary.png")
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    study = select_rows(studies.load_study(_STUDY.value), _ROWS.value)
+    seeds = [int(s) for s in _SEEDS.value] or None
+    extra, eval_extra = parse_overrides(_SET.value), parse_overrides(_EVAL_SET.value)
+    if _PRINT.value:
+        if study.data == "digits":
+            data_dir = f"{_WORKDIR.value}/data"
+            print(f"python -m data_prep.digits --out {data_dir} --holdout-count 150")
+            study = studies.with_data(study, data_dir)
+        print("\n".join(studies.commands(study, _WORKDIR.value, seeds=seeds, extra=extra,
+                                         eval_extra=eval_extra)))
+        return
+    summary = run_study(study, _WORKDIR.value, seeds=seeds, extra=extra, eval_extra=eval_extra)
+    print((epath.Path(summary["summary_md"])).read_text())
+    print(json.dumps({"table": summary["table"], "rows": {
+        r["row"]: {"collapsed": r["collapsed"], **{k: v["mean"] for k, v in r["ours"].items()}}
+        for r in summary["rows"]}, "total_seconds": summary["total_seconds"]}))
+
+
+if __name__ == "__main__":
+    app.run(main)

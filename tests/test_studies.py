@@ -1,0 +1,171 @@
+"""Study modules (one per ablation table) and the launcher that prints or runs them."""
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from byol_flax import studies, sweep
+from byol_flax.config import validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY_DIR = REPO / "experiments" / "studies"
+ROW_COUNTS = {  # module -> rows of the paper's table
+    "table14": 9 + 6, "table15": 7 + 5, "table16": 7 * 2, "table17": 14 * 2, "table18": 1 + 18,
+    "table19": 13, "table20": 4, "table21": 5 + 1, "table22": 25, "j2_closed_form": 1,
+}
+
+
+def load(name: str) -> studies.Study:
+    return studies.load_study(str(STUDY_DIR / f"{name}.py"))
+
+
+@pytest.mark.parametrize("name, rows", ROW_COUNTS.items())
+def test_every_table_module_builds_valid_configs_for_all_rows(name, rows):
+    study = load(name)
+    assert len(study.rows) == rows
+    assert len({row.name for row in study.rows}) == rows
+    assert study.seeds == (0, 1, 2)  # Appendix G: averaged over 3 seeds
+    for row in study.rows:
+        config = studies.row_config(study, row, seed=1, extra={"data.dir": "/imagenet"})
+        validate_config(config, num_devices=8)
+        # Section 5 / Appendix G setup underneath every row.
+        assert config.training.epochs == 300.0 and config.training.batch_size == 4096
+        for key, value in row.overrides.items():
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (name, row.name, key)
+
+
+def test_paper_values_of_the_tables():
+    """Spot checks against the appendix (Tables 14-22, J.2)."""
+    t14 = load("table14")
+    assert t14.row("projector2_predictor2").paper_top1 == 72.5
+    assert t14.row("projector1_predictor1").paper_top1 == 61.9
+    assert t14.row("projection16").paper_spread == 0.3
+    assert load("table15").row("lr0.01").paper_top1 == 34.8
+    t16 = load("table16")
+    assert t16.row("byol_batch256").overrides["training.accumulation_steps"] == 16
+    assert (t16.row("byol_batch64").paper_top1, t16.row("simclr_batch64").paper_top1) == (59.7,
+                                                                                          59.2)
+    t17 = load("table17")
+    assert t17.row("simclr_remove_color").paper_top1 == 45.7
+    assert t17.row("byol_remove_blur_in_t2").overrides == {"augment.view2.blur_prob": 0.0}
+    assert load("table18").row("beta1_alpha0.01").paper_top1 == 53.9
+    t19 = load("table19")
+    assert t19.row("no_predictor_theta_beta1").overrides == studies.SIMCLR
+    assert t19.row("no_predictor_theta_beta1").paper_top1 == 69.4
+    assert t19.row("predictor_sg_beta0").paper_top1 == 5.5
+    assert t19.row("predictor_sg_beta0").overrides["target.kind"] == "stop_gradient"
+    assert load("table20").row("batchnorm").paper_top1 == 65.3
+    t21 = load("table21")
+    assert [r.paper_top1 for r in t21.rows] == [0.01, 5.5, 62.8, 66.6, 66.3, 72.5]
+    assert t21.row("lambda2").overrides == {"target.base_ema": 0.0, "target.schedule": "constant",
+                                            "optimizer.predictor_lr_multiplier": 2.0}
+    assert load("table22").row("lambda2_mu1.5").paper_top1 == 55.2
+    j2 = load("j2_closed_form").rows[0]
+    assert j2.paper_top1 == 50.3 and j2.overrides["model.projector.output_size"] == 16
+
+
+def test_unknown_override_is_named_with_its_row():
+    study = load("table20")
+    bad = studies.Row("typo", {"loss.normalisation": "l2"}, None)
+    with pytest.raises(KeyError, match=r"Table 20 row typo: override 'loss.normalisation'"):
+        studies.row_config(study, bad, seed=0)
+
+
+def parse_main_command(command: str):
+    """The config ``python -m byol_flax.main`` would build from a printed command."""
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "byol_flax.main"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=["main", *argv[3:]])
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    values(["main", *argv[3:]])
+    return values.config, values.workdir
+
+
+def test_printed_commands_build_the_same_configs_as_the_launcher(capsys):
+    with pytest.raises(SystemExit):  # absl's app.run exits after main
+        sweep.app.run(sweep.main, argv=[
+            "sweep", f"--study={STUDY_DIR / 'table21.py'}", "--workdir=gs://b/t21", "--print",
+            "--set=data.dir=gs://b/imagenet", "--seeds=4", "--rows=lambda2,baseline"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4  # (pre-training + linear evaluation) x 2 rows x 1 seed
+    study = load("table21")
+    for line, row in zip(lines[::2], ("lambda2", "baseline")):
+        config, workdir = parse_main_command(line)
+        expected = studies.row_config(study, study.row(row), 4, {"data.dir": "gs://b/imagenet"})
+        assert json.loads(config.to_json()) == json.loads(expected.to_json())
+        assert workdir == f"gs://b/t21/{row}/seed_4"
+    assert lines[1].startswith("python -m byol_flax.evaluate --config=experiments/eval_imagenet.py")
+    assert "--source=gs://b/t21/lambda2/seed_4" in lines[1]
+
+
+QUICK_CONFIG = '''
+from experiments import digits_cpu
+
+def get_config(arg=None):
+    config = digits_cpu.get_config(arg)
+    config.data.image_size = 8
+    config.training.epochs = 2.0
+    config.training.warmup_epochs = 1.0
+    config.training.num_train_examples = 128
+    config.training.batch_size = 32
+    config.checkpoint.every_steps = 4
+    config.logging.every_steps = 2
+    config.monitor.every_steps = 0
+    return config
+'''
+QUICK_STUDY = '''
+from byol_flax.studies import Row, Study
+
+STUDY = Study(table="Quick", description="two rows", config="{config}:data={{data}}",
+              evaluations=("experiments/eval_digits.py:knn,data={{data}}",), seeds=(0,),
+              data="digits", random_init_reference=True,
+              rows=(Row("byol", {{}}, 72.5),
+                    Row("no_predictor_theta", {{"model.predictor.kind": "identity",
+                                                "target.kind": "online"}}, 0.1,
+                        note="collapse")))
+'''
+
+
+@pytest.mark.slow
+def test_launcher_runs_a_study_and_writes_table_and_plot(tmp_path):
+    (tmp_path / "quick_config.py").write_text(QUICK_CONFIG)
+    (tmp_path / "quick_study.py").write_text(
+        QUICK_STUDY.format(config=tmp_path / "quick_config.py"))
+    study = studies.load_study(str(tmp_path / "quick_study.py"))
+    summary = sweep.run_study(study, tmp_path / "runs",
+                              eval_extra={"data.image_size": 8, "feature_batch_size": 64})
+    rows = {r["row"]: r for r in summary["rows"]}
+    assert set(rows) == {"byol", "no_predictor_theta"}
+    for row in rows.values():
+        assert 0 <= row["ours"]["eval_knn"]["mean"] <= 100
+        assert isinstance(row["collapsed"], bool)
+        assert row["ours"]["collapse/projection_std_ratio"]["per_seed"]
+    assert summary["random_init_reference"].keys() == {"random_init_eval_knn"}
+    table = (tmp_path / "runs" / "summary.md").read_text()
+    assert "| byol | 72.5 |" in table and "| no_predictor_theta | 0.1 |" in table
+    assert (tmp_path / "runs" / "summary.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "runs" / "summary.json").read_text())["table"] == "Quick"
+    # Re-running resumes: nothing is trained again, the same table comes out.
+    again = sweep.run_study(study, tmp_path / "runs",
+                            eval_extra={"data.image_size": 8, "feature_batch_size": 64})
+    assert [r["ours"] for r in again["rows"]] == [r["ours"] for r in summary["rows"]]
+
+
+def test_simclr_config_is_the_g5_baseline_on_the_300_epoch_base():
+    from experiments import byol_imagenet_300ep, simclr_imagenet_300ep  # noqa: PLC0415
+
+    simclr, byol = simclr_imagenet_300ep.get_config("r50x1"), byol_imagenet_300ep.get_config("r50x1")
+    assert (simclr.model.predictor.kind, simclr.target.kind) == ("identity", "online")
+    assert (simclr.loss.beta, simclr.loss.temperature) == (1.0, 0.1)
+    assert (simclr.model.projector.hidden_size, simclr.model.projector.output_size) == (4096, 256)
+    differing = {k for k, v in simclr.items() if v != byol[k]}
+    assert differing == {"model", "target", "loss"}
