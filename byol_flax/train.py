@@ -80,10 +80,11 @@ def _warn_on_collapse(step: int, scalars: dict[str, float], fraction: float) -> 
     for name in ("projection", "representation"):
         ratio = scalars.get(f"collapse/{name}_std_ratio")
         if ratio is not None and ratio < fraction:
+            rank = scalars.get(f"collapse/{name}_effective_rank")  # not computed for y
             logging.warning(
                 "step %d: possible collapse: batch std of normalised %ss is %.3f x 1/sqrt(d) "
-                "(warning threshold %.3f); effective rank %.1f", step, name, ratio, fraction,
-                scalars[f"collapse/{name}_effective_rank"])
+                "(warning threshold %.3f)%s", step, name, ratio, fraction,
+                "" if rank is None else f"; effective rank {rank:.1f}")
 
 
 # Jitted steps of this process, by everything their program depends on: runs that differ only

@@ -2,6 +2,7 @@
 config errors and the non-finite-loss stop. Runs experiments/digits_cpu.py, shrunk."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -250,3 +251,19 @@ def test_runs_differing_only_in_seed_or_host_augmentation_share_the_compiled_ste
     assert step(first) is step(other_seed)
     assert step(first) is not step(other_lr)
     assert step(first) is not _cached_train_step(first, None, mesh, 200, 10)
+
+
+def test_collapse_warning_names_the_step_for_projections_and_representations(caplog):
+    from byol_flax.train import _warn_on_collapse  # noqa: PLC0415
+
+    scalars = {"collapse/projection_std_ratio": 0.05, "collapse/projection_effective_rank": 1.3,
+               "collapse/representation_std_ratio": 0.1}
+    with caplog.at_level(logging.WARNING):
+        _warn_on_collapse(420, scalars, fraction=0.2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("step 420: possible collapse" in m and "projections is 0.050" in m
+               and "effective rank 1.3" in m for m in messages)
+    assert any("representations is 0.100" in m for m in messages)
+    caplog.clear()
+    _warn_on_collapse(421, {"collapse/projection_std_ratio": 0.7}, fraction=0.2)
+    assert not caplog.records
