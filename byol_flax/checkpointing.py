@@ -14,10 +14,12 @@ a killed save never looks like a checkpoint, and stale temporary directories are
 
 import json
 import logging
+import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
@@ -27,6 +29,37 @@ from jax.sharding import NamedSharding
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in the work directory was written by a different model config."""
+
+
+class DamagedCheckpointError(IOError):
+    """A checkpoint step cannot be read back exactly (missing, truncated or altered files)."""
+
+
+INTEGRITY_ITEM = "integrity"
+DAMAGED_SUFFIX = ".damaged"
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+    """Per array: sum_i (2 i + 1) * bits_i mod 2^32 over the raw bits of its elements.
+
+    The weights are odd, so flipping any single bit changes the sum; position-dependent, so
+    swapped elements do too. Runs where the arrays live (no host copy of the state).
+    """
+    out = []
+    for x in leaves:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+        weights = 2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1
+        out.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    return out
+
+
+def state_checksums(pure_state: dict[str, Any]) -> dict[str, int]:
+    """{flattened path: checksum} of a pure-dict state (what the ``state`` item holds)."""
+    flat = _flatten(pure_state)
+    values = jax.device_get(_checksums([jnp.asarray(v) for v in flat.values()]))
+    return {key: int(value) for key, value in zip(flat, values)}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -54,22 +87,33 @@ class Checkpointer:
             epath.Path(directory), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "data": grain.checkpoint.CheckpointHandler(),
-                           "model_config": ocp.JsonCheckpointHandler()})
+                           "model_config": ocp.JsonCheckpointHandler(),
+                           INTEGRITY_ITEM: ocp.JsonCheckpointHandler()})
 
     @property
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: nnx.State, data_iterator: Any, *, force: bool = False) -> None:
-        """Starts an asynchronous save of ``state`` and the iterator position at ``step``."""
+    def save(self, step: int, state: nnx.State, data_iterator: Any, *, force: bool = False,
+             counters: dict[str, int] | None = None) -> None:
+        """Starts an asynchronous save of ``state``, the iterator position and ``counters`` (the
+        loop's running totals, e.g. skipped records) at ``step``."""
+        pure = nnx.to_pure_dict(state)
+        integrity = {"checksums": state_checksums(pure), "counters": dict(counters or {})}
         self.manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+            state=ocp.args.StandardSave(pure),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            model_config=ocp.args.JsonSave(self._model_config)))
+            model_config=ocp.args.JsonSave(self._model_config),
+            **{INTEGRITY_ITEM: ocp.args.JsonSave(integrity)}))
 
     def check_compatible(self, step: int) -> None:
-        saved = self.manager.restore(step, args=ocp.args.Composite(
-            model_config=ocp.args.JsonRestore()))["model_config"]
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(
+                model_config=ocp.args.JsonRestore()))["model_config"]
+        except Exception as error:  # an empty or half-deleted step directory
+            raise DamagedCheckpointError(
+                f"checkpoint step {step} in {self.manager.directory} cannot be read: "
+                f"{type(error).__name__}: {str(error)[:300]}") from error
         ours, theirs = _flatten(self._model_config), _flatten(saved)
         differences = [f"{key}: checkpoint {theirs.get(key)!r}, config {ours.get(key)!r}"
                        for key in sorted(ours.keys() | theirs.keys())
@@ -81,18 +125,71 @@ class Checkpointer:
                 "config.")
 
     def restore(self, step: int, state: nnx.State, data_iterator: Any,
-                sharding: NamedSharding) -> nnx.State:
+                sharding: NamedSharding) -> tuple[nnx.State, dict[str, int]]:
         """Restores ``step`` into the structure of ``state`` (placed with ``sharding``, which may
-        come from a mesh of another size) and moves ``data_iterator`` to the saved position."""
+        come from a mesh of another size), moves ``data_iterator`` to the saved position and
+        returns the state and the saved counters.
+
+        Raises :class:`DamagedCheckpointError` naming the step when its files cannot be read or
+        its arrays differ from the checksums written with them.
+        """
         self.check_compatible(step)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                 nnx.to_pure_dict(state))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        where = f"checkpoint step {step} in {self.manager.directory}"
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                **{INTEGRITY_ITEM: ocp.args.JsonRestore()}))
+        except Exception as error:  # Orbax/TensorStore raise many types for unreadable files
+            raise DamagedCheckpointError(f"{where} cannot be read: {type(error).__name__}: "
+                                         f"{str(error)[:300]}") from error
+        integrity = restored[INTEGRITY_ITEM] or {}
+        expected = integrity.get("checksums", {})
+        actual = state_checksums(restored["state"])
+        altered = sorted(k for k in actual if expected.get(k) != actual[k])
+        if altered:
+            raise DamagedCheckpointError(
+                f"{where} is damaged: {len(altered)} array(s) differ from the checksums saved "
+                f"with them, e.g. {altered[:3]}")
         nnx.replace_by_pure_dict(state, restored["state"])
-        logging.info("restored checkpoint step %d from %s", step, self.manager.directory)
-        return state
+        logging.info("restored %s", where)
+        return state, dict(integrity.get("counters", {}))
+
+    def restore_latest(self, state: nnx.State, data_iterator: Any, sharding: NamedSharding
+                       ) -> tuple[int | None, nnx.State, dict[str, int]]:
+        """Restores the newest valid step: (step or None if there is none, state, counters).
+
+        A damaged step is logged, renamed to ``<step>.damaged`` (kept for inspection; the run
+        will write that step again) and the previous one tried. If steps exist but none is
+        valid the run stops: starting from scratch would silently discard the job's progress.
+        """
+        damaged = []
+        for step in sorted(self.manager.all_steps(read=True), reverse=True):
+            try:
+                state, counters = self.restore(step, state, data_iterator, sharding)
+            except DamagedCheckpointError as error:
+                logging.error("%s; falling back to the previous checkpoint", error)
+                damaged.append(step)
+                self._move_aside(step)
+                continue
+            if damaged:
+                logging.warning("resumed from step %d; damaged steps %s were moved aside to "
+                                "<step>%s", step, damaged, DAMAGED_SUFFIX)
+            return step, state, counters
+        if damaged:
+            raise DamagedCheckpointError(
+                f"no restorable checkpoint in {self.manager.directory}: steps {damaged} are "
+                f"damaged (kept as <step>{DAMAGED_SUFFIX}). Restore them from a copy, or move "
+                "them away to start the run from scratch.")
+        return None, state, {}
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            directory = epath.Path(self.manager.directory)
+            (directory / str(step)).rename(directory / f"{step}{DAMAGED_SUFFIX}-{time.time():.0f}")
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once any of them got a preemption notice (multi-host)."""

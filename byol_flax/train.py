@@ -161,9 +161,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
     # --- Checkpoint --------------------------------------------------------------------------
     checkpointer = Checkpointer(workdir / "checkpoints", config)
-    start_step = checkpointer.latest_step or 0
+    restored_step, state, counters = checkpointer.restore_latest(state, data_iterator,
+                                                                 replicated_sharding(mesh))
+    start_step = restored_step or 0
     if start_step:
-        state = checkpointer.restore(start_step, state, data_iterator, replicated_sharding(mesh))
         logging.info("resuming at step %d of %d", start_step, total_steps)
 
     # --- Loop --------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             hooks.append(periodic_actions.Profile(num_profile_steps=config.logging.profile_steps,
                                                   logdir=str(workdir)))
     last_checkpoint = start_step or None
-    skipped = 0
+    skipped = counters.get("skipped_records", 0)  # restored: the bound holds across resumes
     previous = None  # (step, metrics): checked one step late, so the host never stalls the device
     scalars: dict[str, float] = {}
     timer = (time.perf_counter(), start_step)
@@ -216,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             preempted = guard.requested or checkpointer.reached_preemption(step)
             if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
                 _check_finite(step, metrics, last_checkpoint)
-                checkpointer.save(step, state, data_iterator, force=True)
+                checkpointer.save(step, state, data_iterator, force=True,
+                                  counters={"skipped_records": skipped})
                 last_checkpoint = step
             if preempted:
                 checkpointer.wait_until_finished()

@@ -1,4 +1,8 @@
-"""Orbax checkpoints: other mesh sizes, incompatible configs, stale temporary directories."""
+"""Orbax checkpoints: other mesh sizes, incompatible configs, stale temporary directories,
+damaged steps (truncated, flipped, empty) and the fallback to the newest valid one."""
+
+import logging
+import shutil
 
 import grain
 import jax
@@ -6,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from byol_flax.checkpointing import Checkpointer, IncompatibleCheckpointError
+from byol_flax.checkpointing import (Checkpointer, DamagedCheckpointError,
+                                     IncompatibleCheckpointError)
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicated_sharding
 from byol_flax.train_state import create_train_state
@@ -59,8 +64,8 @@ def test_restore_onto_a_mesh_of_another_size(tmp_path):
     _, fresh = new_state(config)
     eight_devices = make_mesh(jax.devices()[:8])
     iterator = data_iterator()
-    restored = Checkpointer(tmp_path, config).restore(7, fresh, iterator,
-                                                      replicated_sharding(eight_devices))
+    restored, _ = Checkpointer(tmp_path, config).restore(7, fresh, iterator,
+                                                         replicated_sharding(eight_devices))
     leaf = jax.tree.leaves(restored)[0]
     assert len(leaf.sharding.device_set) == 8
     expected, got = flat(state), flat(restored)
@@ -87,3 +92,89 @@ def test_stale_temporary_directories_are_not_checkpoints(tmp_path):
     assert reopened.latest_step == 3  # the half-written step 9 is not a checkpoint
     _, fresh = new_state(config)
     reopened.restore(3, fresh, data_iterator(), one_device())
+
+
+def save_steps(directory, steps, config=None):
+    """Synchronous saves of distinct tiny states at ``steps``; returns the config and states."""
+    config = config or tiny_config()
+    config.checkpoint.async_save = False
+    config.checkpoint.max_to_keep = 10
+    _, state = new_state(config)
+    checkpointer = Checkpointer(directory, config)
+    states = {}
+    for step in steps:
+        state = jax.tree.map(lambda x: x + 1 if x.dtype == np.float32 else x, state)
+        states[step] = flat(state)
+        checkpointer.save(step, state, data_iterator(), counters={"skipped_records": step})
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    return config, states
+
+
+def largest_array_file(step_dir):
+    """The biggest file of the state item: array data (TensorStore chunks)."""
+    return max((f for f in (step_dir / "state").rglob("*") if f.is_file()),
+               key=lambda f: f.stat().st_size)
+
+
+def flip_bit(path, offset_fraction=0.5, bit=3):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * offset_fraction)] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty_step_dir"])
+def test_damaged_newest_step_falls_back_to_the_previous_valid_one(tmp_path, damage, caplog):
+    config, states = save_steps(tmp_path, [2, 4])
+    newest = tmp_path / "4"
+    if damage == "truncate":
+        target = largest_array_file(newest)
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    elif damage == "flip":
+        flip_bit(largest_array_file(newest))
+    else:
+        shutil.rmtree(newest)
+        newest.mkdir()
+    _, fresh = new_state(config)
+    checkpointer = Checkpointer(tmp_path, config)
+    with caplog.at_level(logging.ERROR):
+        step, restored, counters = checkpointer.restore_latest(fresh, data_iterator(),
+                                                               one_device())
+    assert step == 2 and counters == {"skipped_records": 2}
+    got = flat(restored)
+    for name, value in states[2].items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+    assert any("checkpoint step 4" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "4").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("4.damaged")]
+    # The run can write step 4 again after the fallback.
+    checkpointer.save(4, restored, data_iterator())
+    checkpointer.wait_until_finished()
+    assert checkpointer.latest_step == 4
+
+
+def test_a_flipped_bit_is_caught_by_the_checksums(tmp_path):
+    """Every single-bit change of any array is detected, wherever it lands."""
+    _, states = save_steps(tmp_path, [1])
+    from byol_flax.checkpointing import state_checksums  # noqa: PLC0415
+
+    pure = {"a": np.arange(1000, dtype=np.float32), "b": np.ones((3, 4), np.uint32)}
+    reference = state_checksums(pure)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        key = str(rng.choice(["a", "b"]))
+        changed = {k: v.copy() for k, v in pure.items()}
+        flat_view = changed[key].reshape(-1).view(np.uint32)
+        flat_view[rng.integers(flat_view.size)] ^= np.uint32(1) << np.uint32(rng.integers(32))
+        assert state_checksums(changed)[key] != reference[key]
+    swapped = {k: v.copy() for k, v in pure.items()}
+    swapped["a"][[3, 7]] = swapped["a"][[7, 3]]
+    assert state_checksums(swapped)["a"] != reference["a"]
+
+
+def test_no_valid_step_stops_instead_of_starting_over(tmp_path):
+    config, _ = save_steps(tmp_path, [3])
+    flip_bit(largest_array_file(tmp_path / "3"))
+    _, fresh = new_state(config)
+    with pytest.raises(DamagedCheckpointError, match=r"no restorable checkpoint .* steps \[3\]"):
+        Checkpointer(tmp_path, config).restore_latest(fresh, data_iterator(), one_device())
