@@ -133,21 +133,27 @@ class Checkpointer:
         Raises :class:`DamagedCheckpointError` naming the step when its files cannot be read or
         its arrays differ from the checksums written with them.
         """
+        logging.info("restoring checkpoint step %d from %s", step, self.manager.directory)
         self.check_compatible(step)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                                 nnx.to_pure_dict(state))
         where = f"checkpoint step {step} in {self.manager.directory}"
+        # Checkpoints of versions before checksums have no integrity item: read, not verified.
+        has_integrity = (epath.Path(self.manager.directory) / str(step) / INTEGRITY_ITEM).exists()
+        items = {INTEGRITY_ITEM: ocp.args.JsonRestore()} if has_integrity else {}
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                **{INTEGRITY_ITEM: ocp.args.JsonRestore()}))
+                data=grain.checkpoint.CheckpointRestore(data_iterator), **items))
         except Exception as error:  # Orbax/TensorStore raise many types for unreadable files
             raise DamagedCheckpointError(f"{where} cannot be read: {type(error).__name__}: "
                                          f"{str(error)[:300]}") from error
-        integrity = restored[INTEGRITY_ITEM] or {}
-        expected = integrity.get("checksums", {})
-        actual = state_checksums(restored["state"])
+        integrity = (restored[INTEGRITY_ITEM] or {}) if has_integrity else {}
+        if not has_integrity:
+            logging.warning("%s has no checksums (written by an older version): not verified",
+                            where)
+        expected = integrity.get("checksums")
+        actual = state_checksums(restored["state"]) if expected is not None else {}
         altered = sorted(k for k in actual if expected.get(k) != actual[k])
         if altered:
             raise DamagedCheckpointError(
@@ -170,19 +176,20 @@ class Checkpointer:
             try:
                 state, counters = self.restore(step, state, data_iterator, sharding)
             except DamagedCheckpointError as error:
-                logging.error("%s; falling back to the previous checkpoint", error)
+                logging.error("%s; trying the previous checkpoint", error)
                 damaged.append(step)
-                self._move_aside(step)
                 continue
+            for bad in damaged:  # only once a valid step is found: nothing moves on a bad day
+                self._move_aside(bad)
             if damaged:
                 logging.warning("resumed from step %d; damaged steps %s were moved aside to "
-                                "<step>%s", step, damaged, DAMAGED_SUFFIX)
+                                "<step>%s-<time>", step, damaged, DAMAGED_SUFFIX)
             return step, state, counters
         if damaged:
             raise DamagedCheckpointError(
                 f"no restorable checkpoint in {self.manager.directory}: steps {damaged} are "
-                f"damaged (kept as <step>{DAMAGED_SUFFIX}). Restore them from a copy, or move "
-                "them away to start the run from scratch.")
+                "damaged (left in place). Restore them from a copy, or move them away to start "
+                "the run from scratch.")
         return None, state, {}
 
     def _move_aside(self, step: int) -> None:

@@ -7,12 +7,21 @@ Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VM
 
 import logging
 import os
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from byol_flax.train import train_and_evaluate
+from byol_flax.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError
+from byol_flax.config import ConfigError
+from byol_flax.data.records import DataError
+from byol_flax.train import NonFiniteLossError, WorkdirError, train_and_evaluate
+
+# Errors in what the user gave us (config, data, workdir, checkpoints) or a diverged run: one
+# line naming the key / file / step, exit status 1, no traceback to dig through.
+USER_ERRORS = (ConfigError, DataError, IncompatibleCheckpointError, DamagedCheckpointError,
+               NonFiniteLossError, WorkdirError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config module.",
                                           lock_config=True)
@@ -56,7 +65,11 @@ def main(argv: list[str]) -> None:
     _initialize_distributed()
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as error:
+        logging.error("%s: %s", type(error).__name__, error)
+        sys.exit(f"error: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

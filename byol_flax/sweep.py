@@ -44,9 +44,11 @@ _SET = flags.DEFINE_multi_string("set", [], "Pre-training override KEY=VALUE (re
 _EVAL_SET = flags.DEFINE_multi_string("eval_set", [], "Evaluation override KEY=VALUE.")
 flags.mark_flags_as_required(["study", "workdir"])
 
-# Collapse verdict: the monitor's warning threshold (config.logging.collapse_warning_fraction):
-# batch std of l2-normalised projections below 0.2 x 1/sqrt(d).
+# Collapse verdicts. "complete": the monitor's warning threshold (config.logging.
+# collapse_warning_fraction), batch std of l2-normalised projections below 0.2 x 1/sqrt(d);
+# "dimensional": the projections span few directions, effective rank below 10% of d.
 COLLAPSE_STD_RATIO = 0.2
+DIMENSIONAL_COLLAPSE_RANK_FRACTION = 0.1
 MONITORS = ("collapse/projection_std_ratio", "collapse/projection_effective_rank",
             "collapse/representation_std_ratio")
 
@@ -110,6 +112,7 @@ def run_study(study: studies.Study, workdir: epath.PathLike, *,
             final = train_and_evaluate(config, directory) or json.loads(
                 (epath.Path(directory) / "final_metrics.json").read_text())
             run = {"row": row.name, "seed": seed, "dir": directory,
+                   "projection_size": config.model.projector.output_size,
                    "train_seconds": time.perf_counter() - run_started,
                    "monitors": {k: final.get(k) for k in MONITORS}, "loss": final.get("loss"),
                    "evaluations": {}}
@@ -147,14 +150,27 @@ def summarise_rows(study: studies.Study, runs: Sequence[dict[str, Any]]) -> list
                     scores.setdefault(key, []).append(value)
         stats = {k: {"mean": float(np.mean(v)), "half_range": float(np.ptp(v) / 2),
                      "per_seed": v} for k, v in scores.items()}
-        std_ratio = stats.get("collapse/projection_std_ratio", {}).get("mean")
         rows.append({
             "row": row.name, "overrides": dict(row.overrides), "paper_top1": row.paper_top1,
             "paper_top5": row.paper_top5, "paper_spread": row.paper_spread,
             "paper_note": row.note, "seeds": [r["seed"] for r in mine], "ours": stats,
-            "collapsed": None if std_ratio is None else bool(std_ratio < COLLAPSE_STD_RATIO),
+            "collapsed": collapse_verdict(stats, mine[0].get("projection_size")),
         })
     return rows
+
+
+def collapse_verdict(stats: Mapping[str, Any], projection_size: int | None) -> str | None:
+    """"complete", "dimensional" or "no" from the seed-averaged final monitors."""
+    std_ratio = stats.get("collapse/projection_std_ratio", {}).get("mean")
+    rank = stats.get("collapse/projection_effective_rank", {}).get("mean")
+    if std_ratio is None:
+        return None
+    if std_ratio < COLLAPSE_STD_RATIO:
+        return "complete"
+    if rank is not None and projection_size and \
+            rank < DIMENSIONAL_COLLAPSE_RANK_FRACTION * projection_size:
+        return "dimensional"
+    return "no"
 
 
 def _cell(stat: Mapping[str, Any] | None, digits: int = 1) -> str:
@@ -177,15 +193,17 @@ def markdown_table(study: studies.Study, rows: Sequence[dict[str, Any]],
         cells = [r["row"], paper] + [_cell(r["ours"].get(n)) for n in eval_names] + [
             _cell(r["ours"].get("collapse/projection_std_ratio"), 3),
             _cell(r["ours"].get("collapse/projection_effective_rank"), 1),
-            {True: "yes", False: "no", None: "-"}[r["collapsed"]], r["paper_note"] or ""]
+            r["collapsed"] or "-", r["paper_note"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
     if references:
         lines += ["", "Random-initialisation reference (same architecture, seed of the first run): "
                   + ", ".join(f"{k.removeprefix('random_init_eval_')} {v:.1f}"
                               for k, v in references.items())]
-    lines += ["", f"Collapsed (ours): final batch std of l2-normalised projections below "
-              f"{COLLAPSE_STD_RATIO} x 1/sqrt(d) (the training monitor's warning threshold). "
-              "Scores are test top-1 in %, mean ± half the range over seeds (the paper's ±)."]
+    lines += ["", f"Collapsed (ours), from the final training monitors: `complete` when the batch "
+              f"std of l2-normalised projections is below {COLLAPSE_STD_RATIO} x 1/sqrt(d) (the "
+              "monitor's warning threshold), `dimensional` when their effective rank is below "
+              f"{DIMENSIONAL_COLLAPSE_RANK_FRACTION:.0%} of d. Scores are test top-1 in %, mean ± "
+              "half the range over seeds (the paper's ±)."]
     return "\n".join(lines) + "\n"
 
 

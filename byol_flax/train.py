@@ -38,6 +38,10 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the bad state is never checkpointed."""
 
 
+class WorkdirError(OSError):
+    """The work directory cannot be created or written."""
+
+
 class TerminationGuard:
     """Turns SIGTERM (single-host preemption notice, ``kill``) into a flag read at step ends.
 
@@ -132,8 +136,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     validate_config(config, num_devices=jax.device_count())
     is_chief = jax.process_index() == 0
     if is_chief:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        except OSError as error:
+            raise WorkdirError(f"cannot write to the workdir {workdir}: {error}") from error
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     logging.info("config:\n%s", config)
 

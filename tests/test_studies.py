@@ -147,7 +147,7 @@ def test_launcher_runs_a_study_and_writes_table_and_plot(tmp_path):
     assert set(rows) == {"byol", "no_predictor_theta"}
     for row in rows.values():
         assert 0 <= row["ours"]["eval_knn"]["mean"] <= 100
-        assert isinstance(row["collapsed"], bool)
+        assert row["collapsed"] in ("complete", "dimensional", "no")
         assert row["ours"]["collapse/projection_std_ratio"]["per_seed"]
     assert summary["random_init_reference"].keys() == {"random_init_eval_knn"}
     table = (tmp_path / "runs" / "summary.md").read_text()

@@ -1,0 +1,584 @@
+"""Reliability suite: faults injected into the real entry point, with figures.
+
+    python benchmarks/reliability.py [--trials 20] [--workdir /tmp/byol_reliability] [--quick]
+
+Runs ``python -m byol_flax.main`` on the bundled digits with a tiny model (20 steps, a checkpoint
+every 4) as separate processes and reports, as tables and a final JSON line:
+
+1. random ``kill -9`` (1-3 per trial, during a step, during an asynchronous checkpoint save or
+   during a restore), then resumed to the end: share of trials whose final state (parameters,
+   target, optimizer state, step, RNG, data position, counters) is bitwise equal to an
+   uninterrupted run; unrestorable checkpoints; steps redone per kill;
+2. SIGTERM: seconds from the signal to a committed checkpoint and a clean exit; steps lost;
+3. damaged checkpoints (stale temporary directory, empty step directory, truncated or bit-flipped
+   array file in the newest step, every step damaged): where the run resumed from;
+4. damaged data (missing, empty, truncated, bit-flipped shard; a record that is not an image):
+   the message, and skip-and-count determinism across a resume;
+5. bad configs: the exact message the user sees;
+6. a NaN injected into the batch of step k: the step named, no checkpoint of a NaN state.
+
+``--quick`` (what the test suite runs) does 2 kill trials and a subset of the rest.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL_STEPS, EVERY = 20, 4
+SHRINK = [  # 80 examples per "epoch" at batch 16: 5 steps per epoch, 20 steps in all
+    "--config.training.batch_size=16", "--config.training.num_train_examples=80",
+    "--config.training.epochs=4", "--config.training.warmup_epochs=1",
+    "--config.data.image_size=8", "--config.model.projector.hidden_size=32",
+    "--config.model.projector.output_size=16", "--config.model.predictor.hidden_size=32",
+    f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.max_to_keep=3",
+    "--config.logging.every_steps=1", "--config.monitor.every_steps=0",
+]
+STEP_LINE = re.compile(r"logging_writer\.py:\d+\] \[(\d+)\] ")
+RESUMED_LINE = re.compile(r"resuming at step (\d+)")
+DAMAGE_WORDS = ("cannot be read", "is damaged", "no restorable checkpoint")
+
+
+# --- Processes ---------------------------------------------------------------------------------
+
+
+def subprocess_env(cache_dir: Path, devices: int = 1) -> dict[str, str]:
+    """One CPU device (unless asked), and a shared persistent compilation cache so that every
+    restart of the entry point compiles nothing."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}" if devices > 1 else "",
+            "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def entry_point(data_dir: str, workdir: Path, *extra: str, program: Sequence[str] = ()) -> list[str]:
+    return [*(program or [sys.executable, "-m", "byol_flax.main"]),
+            f"--config={REPO / 'experiments' / 'digits_cpu.py'}:{data_dir}",
+            f"--workdir={workdir}", *SHRINK, *extra]
+
+
+class Run:
+    """A subprocess whose stderr is followed line by line (steps done, resume point)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path):
+        self.process = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        self.log = log
+        self.lines: list[str] = []
+        self.last_step = 0
+        self.resumed_from = 0
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with self.log.open("a") as out:
+            for line in self.process.stderr:
+                out.write(line)
+                self.lines.append(line)
+                if match := STEP_LINE.search(line):
+                    self.last_step = max(self.last_step, int(match.group(1)))
+                if match := RESUMED_LINE.search(line):
+                    self.resumed_from = int(match.group(1))
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 300) -> bool:
+        """Polls ``condition`` every millisecond; False if the process ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            if self.process.poll() is not None:
+                return condition()
+            time.sleep(0.001)
+        raise TimeoutError(f"condition not met in {timeout}s; see {self.log}")
+
+    def finish(self, timeout: float = 600) -> int:
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def error_line(self) -> str:
+        """The line that tells the user what went wrong (our one-line error or Python's last)."""
+        for line in reversed(self.lines):
+            if line.startswith("error: ") or re.match(r"^[\w.]+(Error|Exception)\b", line):
+                return line.strip()
+        return self.lines[-1].strip() if self.lines else ""
+
+
+def committed_steps(workdir: Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) \
+        if directory.exists() else []
+
+
+def final_state(workdir: Path) -> tuple[dict[str, np.ndarray], list[Any], dict[str, Any]]:
+    """(every array, data iterator position, loop counters) of the newest checkpoint."""
+    import jax  # noqa: PLC0415 - the harness itself needs no JAX until here
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    path = workdir / "checkpoints" / str(committed_steps(workdir)[-1])
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(  # any topology (1 or 2 processes) onto one local device
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path / "state").item_metadata.tree)
+    state = checkpointer.restore(path / "state", target=abstract)
+    flat: dict[str, np.ndarray] = {}
+
+    def walk(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}/{key}")
+            else:
+                flat[f"{prefix}/{key}"] = np.asarray(value)
+
+    walk(state)
+    data_position = [json.loads(p.read_text()) for p in sorted((path / "data").glob("*.json"))]
+    integrity = path / "integrity" / "metadata"
+    counters = json.loads(integrity.read_text()).get("counters", {}) if integrity.exists() else {}
+    return flat, data_position, counters
+
+
+def states_equal(a: tuple, b: tuple) -> bool:
+    arrays_a, data_a, counters_a = a
+    arrays_b, data_b, counters_b = b
+    return (arrays_a.keys() == arrays_b.keys() and data_a == data_b and counters_a == counters_b
+            and all(np.array_equal(arrays_a[k], arrays_b[k]) for k in arrays_a))
+
+
+# --- The suite -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Suite:
+    root: Path
+    data_dir: str
+    quick: bool
+    reference: tuple | None = None
+    logs: int = 0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return subprocess_env(self.root / "jax_cache")
+
+    def start(self, workdir: Path, *extra: str, program: Sequence[str] = (),
+              env: dict[str, str] | None = None, data_dir: str | None = None) -> Run:
+        self.logs += 1
+        log = self.root / "logs" / f"{self.logs:03d}_{workdir.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        return Run(entry_point(data_dir or self.data_dir, workdir, *extra, program=program),
+                   env or self.env, log)
+
+    def run(self, workdir: Path, *extra: str, **kwargs) -> Run:
+        run = self.start(workdir, *extra, **kwargs)
+        run.finish()
+        return run
+
+    def reference_run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        run = self.run(self.root / "reference")
+        assert run.process.returncode == 0, run.text[-3000:]
+        self.reference = final_state(self.root / "reference")
+        return {"seconds": time.perf_counter() - started, "steps": run.last_step}
+
+
+def kill_trial(suite: Suite, trial: int) -> dict[str, Any]:
+    """1-3 kill -9 at random moments, then a run to the end; compared with the reference."""
+    rng = random.Random(trial)
+    workdir = suite.root / "kills" / f"trial_{trial:02d}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    kills = []
+    for _ in range(rng.randint(1, 3)):
+        committed = committed_steps(workdir)
+        mode = rng.choice(["step", "save", "restore"] if committed else ["step", "save"])
+        run = suite.start(workdir)
+        checkpoints = workdir / "checkpoints"
+        if mode == "restore":
+            caught = run.wait_for(lambda: "restoring checkpoint step" in run.text)
+            time.sleep(rng.uniform(0, 0.05))
+        elif mode == "save":
+            def saving() -> bool:
+                return checkpoints.exists() and any(
+                    "tmp" in p.name for p in checkpoints.iterdir()) and run.last_step > 0
+            caught = run.wait_for(saving)
+        else:
+            target = rng.randint(max(run.resumed_from, committed[-1] if committed else 0) + 1,
+                                 TOTAL_STEPS - 1)
+            caught = run.wait_for(lambda: run.last_step >= target)
+            time.sleep(rng.uniform(0, 0.05))
+        if run.process.poll() is None:
+            run.process.send_signal(signal.SIGKILL)
+        run.finish()
+        kills.append({"mode": mode, "caught": caught, "last_step": run.last_step,
+                      "exit": run.process.returncode})
+    final = suite.run(workdir)
+    # The step each restart resumed from is in its log; pair it with the kill before it.
+    logs = sorted((suite.root / "logs").glob(f"*_trial_{trial:02d}.log"))[-(len(kills) + 1):]
+    resumed = []
+    for log in logs[1:]:
+        match = RESUMED_LINE.search(log.read_text())
+        resumed.append(int(match.group(1)) if match else 0)
+    for kill, start in zip(kills, resumed):
+        kill["resumed_from"] = start
+        kill["steps_redone"] = max(kill["last_step"] - start, 0)
+    text = "".join(log.read_text() for log in logs)
+    return {"trial": trial, "kills": kills, "final_exit": final.process.returncode,
+            "bitwise_equal": final.process.returncode == 0 and states_equal(
+                final_state(workdir), suite.reference),
+            "unrestorable": sum(text.count(word) for word in DAMAGE_WORDS)}
+
+
+def sigterm_case(suite: Suite) -> tuple[dict[str, Any], Path]:
+    """SIGTERM mid-run: time to a committed checkpoint and exit 0; steps lost; exact resume."""
+    workdir = suite.root / "sigterm"
+    shutil.rmtree(workdir, ignore_errors=True)
+    run = suite.start(workdir)
+    run.wait_for(lambda: run.last_step >= 10)
+    sent = time.perf_counter()
+    run.process.send_signal(signal.SIGTERM)
+    code = run.finish()
+    seconds = time.perf_counter() - sent
+    committed = committed_steps(workdir)
+    stopped_copy = suite.root / "sigterm_stopped"
+    shutil.rmtree(stopped_copy, ignore_errors=True)
+    shutil.copytree(workdir, stopped_copy)
+    resumed = suite.run(workdir)
+    return {"exit": code, "seconds_to_exit": round(seconds, 2), "last_step": run.last_step,
+            "checkpoint_step": committed[-1] if committed else None,
+            "steps_lost": run.last_step - (committed[-1] if committed else 0),
+            "clean_message": "preempted: checkpoint of step" in run.text,
+            "resumed_from": resumed.resumed_from,
+            "bitwise_equal": resumed.process.returncode == 0 and states_equal(
+                final_state(workdir), suite.reference)}, stopped_copy
+
+
+def largest_file(directory: Path) -> Path:
+    return max((f for f in directory.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def flip_bit(path: Path, fraction: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * fraction)] ^= 0x08
+    path.write_bytes(bytes(data))
+
+
+def checkpoint_damage_cases(suite: Suite, stopped: Path) -> list[dict[str, Any]]:
+    """Each damage applied to a copy of a run stopped mid-way, then resumed to the end."""
+    newest = committed_steps(stopped)[-1]
+
+    def newest_dir(w: Path) -> Path:
+        return w / "checkpoints" / str(newest)
+
+    damages = {
+        "stale temporary directory": lambda w: (
+            w / "checkpoints" / f"{newest + EVERY}.orbax-checkpoint-tmp-1").mkdir(),
+        "empty step directory": lambda w: (w / "checkpoints" / str(newest + EVERY)).mkdir(),
+        "truncated array file (newest step)": lambda w: (lambda f: f.write_bytes(
+            f.read_bytes()[: f.stat().st_size // 2]))(largest_file(newest_dir(w) / "state")),
+        "bit flip in array file (newest step)": lambda w: flip_bit(
+            largest_file(newest_dir(w) / "state")),
+        "every step damaged": lambda w: [flip_bit(largest_file(w / "checkpoints" / str(s) /
+                                                                "state"))
+                                         for s in committed_steps(w)],
+    }
+    if suite.quick:
+        damages = {k: damages[k] for k in ("empty step directory",
+                                           "bit flip in array file (newest step)")}
+    out = []
+    for name, damage in damages.items():
+        workdir = suite.root / "damaged_checkpoints" / re.sub(r"\W+", "_", name)
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.copytree(stopped, workdir)
+        damage(workdir)
+        run = suite.run(workdir)
+        damaged_named = [line.strip() for line in run.lines if any(w in line for w in DAMAGE_WORDS)]
+        out.append({
+            "damage": name, "exit": run.process.returncode, "newest_before": newest,
+            "resumed_from": run.resumed_from if run.process.returncode == 0 else None,
+            "message": (damaged_named[0] if damaged_named else "")[-220:] if run.process.returncode
+            == 0 else run.error_line()[-300:],
+            "bitwise_equal": run.process.returncode == 0 and states_equal(
+                final_state(workdir), suite.reference),
+        })
+    return out
+
+
+def rewrite_shard(data_dir: Path, shard_index: int, transform: Callable[[list], list]) -> str:
+    """Rewrites one train shard through ``transform`` and updates the manifest's checksum."""
+    from byol_flax.data import records  # noqa: PLC0415
+    from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+    manifest = records.load_manifest(data_dir)
+    split = manifest.splits["train"]
+    info = split.shards[shard_index]
+    path = data_dir / info.file
+    reader = ArrayRecordReader(str(path))
+    items = [records.decode_record(raw) for raw in reader.read_all()]
+    reader.close()
+    new_info = records.write_shard(path, transform(items))
+    shards = list(split.shards)
+    shards[shard_index] = new_info
+    manifest.splits["train"] = dataclasses.replace(split, shards=tuple(shards))
+    records.write_manifest(data_dir, manifest)
+    return info.file
+
+
+def data_damage_cases(suite: Suite) -> list[dict[str, Any]]:
+    from byol_flax.data import records  # noqa: PLC0415
+
+    source = Path(suite.data_dir)
+    first_shard = records.load_manifest(source).splits["train"].shards[0].file
+
+    def not_an_image(items):
+        items[3] = dataclasses.replace(items[3], image=b"this is not an image")
+        return items
+
+    damages: dict[str, tuple[Callable[[Path], Any], list[str]]] = {
+        "missing shard": (lambda d: (d / first_shard).unlink(), []),
+        "empty shard": (lambda d: (d / first_shard).write_bytes(b""), []),
+        "truncated shard": (lambda d: (d / first_shard).write_bytes(
+            (d / first_shard).read_bytes()[:100]), []),
+        "bit-flipped shard": (lambda d: flip_bit(d / first_shard), []),
+        "record that is not an image (no skips allowed)": (
+            lambda d: rewrite_shard(d, 0, not_an_image), []),
+        "record that is not an image (max_skipped_records=8)": (
+            lambda d: rewrite_shard(d, 0, not_an_image), ["--config.data.max_skipped_records=8"]),
+    }
+    if suite.quick:
+        damages = {k: damages[k] for k in ("bit-flipped shard",
+                                           "record that is not an image (no skips allowed)")}
+    out = []
+    for name, (damage, extra) in damages.items():
+        data_dir = suite.root / "damaged_data" / re.sub(r"\W+", "_", name)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.copytree(source, data_dir)
+        damage(data_dir)
+        workdir = data_dir.with_name(data_dir.name + "_run")
+        shutil.rmtree(workdir, ignore_errors=True)
+        started = time.perf_counter()
+        run = suite.run(workdir, *extra, data_dir=str(data_dir))
+        case = {"damage": name, "exit": run.process.returncode,
+                "seconds": round(time.perf_counter() - started, 1),
+                "message": run.error_line()[-300:] if run.process.returncode else "",
+                "names_file": first_shard in run.error_line()}
+        if run.process.returncode == 0:  # skip-and-count: same count after a kill and resume
+            skipped = final_state(workdir)[2].get("skipped_records")
+            again = data_dir.with_name(data_dir.name + "_killed")
+            shutil.rmtree(again, ignore_errors=True)
+            killed = suite.start(again, *extra, data_dir=str(data_dir))
+            killed.wait_for(lambda: killed.last_step >= 9)
+            killed.process.send_signal(signal.SIGKILL)
+            killed.finish()
+            resumed = suite.run(again, *extra, data_dir=str(data_dir))
+            case |= {"skipped_records": skipped,
+                     "skipped_after_kill_and_resume": final_state(again)[2].get("skipped_records"),
+                     "resumed_from": resumed.resumed_from}
+        out.append(case)
+    return out
+
+
+BAD_CONFIGS = [  # (what, extra flags, devices, expected fragment of the message)
+    ("typo in a key", ["--config.training.batchsize=16"], 1, "batchsize"),
+    ("wrong type", ["--config.training.batch_size=sixteen"], 1, "sixteen"),
+    ("batch not divisible by the devices", ["--config.training.batch_size=12"], 8,
+     "config.training.batch_size=12 must be divisible"),
+    ("negative learning rate", ["--config.optimizer.base_learning_rate=-0.1"], 1,
+     "config.optimizer.base_learning_rate=-0.1"),
+    ("unknown encoder", ["--config.model.encoder.name=resnet51"], 1,
+     "config.model.encoder.name='resnet51'"),
+    ("unknown predictor", ["--config.model.predictor.kind=mlpp"], 1,
+     "config.model.predictor.kind='mlpp'"),
+    ("unknown target kind", ["--config.target.kind=sg"], 1, "config.target.kind='sg'"),
+    ("warm-up longer than training", ["--config.training.warmup_epochs=10"], 1,
+     "config.training.warmup_epochs=10"),
+    ("data directory that does not exist", ["--config.data.dir=/nonexistent/digits"], 1,
+     "/nonexistent/digits"),
+    ("number of classes differs from the data", ["--config.data.num_classes=11"], 1,
+     "num_classes"),
+    ("workdir that cannot be written", ["--workdir=/proc/byol_reliability_run"], 1,
+     "cannot write to the workdir"),
+    ("resuming with a different architecture", ["--config.model.projector.output_size=32"], 1,
+     "model.projector.output_size: checkpoint 16, config 32"),
+]
+
+
+def bad_config_cases(suite: Suite) -> list[dict[str, Any]]:
+    cases = BAD_CONFIGS if not suite.quick else [BAD_CONFIGS[i] for i in (0, 5, 11)]
+    out = []
+    for what, extra, devices, expected in cases:
+        workdir = suite.root / "bad_configs" / re.sub(r"\W+", "_", what)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if what.startswith("resuming"):
+            shutil.copytree(suite.root / "reference", workdir)
+        env = subprocess_env(suite.root / "jax_cache", devices)
+        run = suite.run(workdir, *extra, env=env)
+        line = run.error_line()
+        out.append({"case": what, "flags": " ".join(extra), "exit": run.process.returncode,
+                    "message": line[-300:], "as_expected": run.process.returncode != 0
+                    and expected in run.text})
+    return out
+
+
+NAN_PROGRAM = """
+import sys
+import numpy as np
+from absl import app
+import byol_flax.train as train
+from byol_flax import main
+bad_step = int(sys.argv.pop(1))
+original, calls = train.views_only, {"n": 0}
+def views_with_nan(batch):
+    calls["n"] += 1  # one call per step; all batches as floats so one program runs throughout
+    views = {k: v.astype(np.float32) / 255.0 for k, v in original(batch).items()}
+    if calls["n"] == bad_step:
+        views["view1"][0, 0, 0, 0] = np.nan
+    return views
+train.views_only = views_with_nan
+app.run(main.main)
+"""
+
+
+def nan_case(suite: Suite, bad_step: int) -> dict[str, Any]:
+    workdir = suite.root / "nan"
+    shutil.rmtree(workdir, ignore_errors=True)
+    run = suite.run(workdir, program=[sys.executable, "-c", NAN_PROGRAM, str(bad_step)])
+    match = re.search(r"at step (\d+)", run.text)
+    named = int(match.group(1)) if match else None
+    steps = committed_steps(workdir)
+    finite = all(np.all(np.isfinite(v)) for v in final_state(workdir)[0].values()
+                 if v.dtype.kind == "f") if steps else True
+    return {"injected_at_step": bad_step, "exit": run.process.returncode,
+            "step_named": named, "message": run.error_line()[-300:],
+            "checkpoints": steps, "checkpoint_at_or_after_nan": any(s >= bad_step for s in steps),
+            "saved_checkpoints_finite": finite}
+
+
+# --- Report --------------------------------------------------------------------------------------
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(c, "")).replace("|", "/") for c in columns)
+                     + " |")
+    return "\n".join(lines)
+
+
+def run_suite(root: Path, *, trials: int, quick: bool, seed: int = 0) -> dict[str, Any]:
+    from byol_flax.local_runs import prepare_data  # noqa: PLC0415
+
+    root.mkdir(parents=True, exist_ok=True)
+    from etils import epath  # noqa: PLC0415
+
+    suite = Suite(root, prepare_data(epath.Path(root)), quick)
+    started = time.perf_counter()
+    reference = suite.reference_run()
+    results: dict[str, Any] = {"reference": reference}
+    trials_out = [kill_trial(suite, seed * 1000 + t) for t in range(trials)]
+    kills = [k for t in trials_out for k in t["kills"]]
+    redone = [k["steps_redone"] for k in kills if "steps_redone" in k]
+    results["kill9"] = {
+        "trials": len(trials_out), "kills": len(kills),
+        "kills_by_mode": {m: sum(k["mode"] == m for k in kills) for m in ("step", "save",
+                                                                        "restore")},
+        "bitwise_equal_share": sum(t["bitwise_equal"] for t in trials_out) / max(len(trials_out),
+                                                                                  1),
+        "unrestorable_checkpoints": sum(t["unrestorable"] for t in trials_out),
+        "steps_redone_mean": float(np.mean(redone)) if redone else 0.0,
+        "steps_redone_max": max(redone, default=0), "save_interval": EVERY,
+        "details": trials_out}
+    sigterm, stopped = sigterm_case(suite)
+    results["sigterm"] = sigterm
+    results["damaged_checkpoints"] = checkpoint_damage_cases(suite, stopped)
+    results["damaged_data"] = data_damage_cases(suite)
+    results["bad_configs"] = bad_config_cases(suite)
+    results["nan"] = nan_case(suite, bad_step=7)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["targets"] = {
+        "kill9_bitwise_equal_share_is_1": results["kill9"]["bitwise_equal_share"] == 1.0,
+        "no_unrestorable_checkpoint": results["kill9"]["unrestorable_checkpoints"] == 0,
+        "steps_redone_within_save_interval_plus_one":
+            results["kill9"]["steps_redone_max"] <= EVERY + 1,
+        "sigterm_no_step_lost": sigterm["steps_lost"] == 0 and sigterm["exit"] == 0,
+        "damaged_checkpoints_handled": all(
+            (c["exit"] == 0 and c["bitwise_equal"]) or (c["exit"] != 0 and "damaged" in
+                                                         c["message"])
+            for c in results["damaged_checkpoints"]),
+        "damaged_data_named_or_counted": all(
+            c["names_file"] or c.get("skipped_records") == c.get("skipped_after_kill_and_resume")
+            for c in results["damaged_data"]),
+        "bad_configs_named": all(c["as_expected"] for c in results["bad_configs"]),
+        "nan_named_and_not_saved": results["nan"]["step_named"] == 7
+        and not results["nan"]["checkpoint_at_or_after_nan"]
+        and results["nan"]["saved_checkpoints_finite"],
+    }
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    k = results["kill9"]
+    parts = [
+        "## kill -9", table([{**{key: k[key] for key in (
+            "trials", "kills", "kills_by_mode", "bitwise_equal_share", "unrestorable_checkpoints",
+            "steps_redone_mean", "steps_redone_max", "save_interval")}}],
+            ["trials", "kills", "kills_by_mode", "bitwise_equal_share",
+             "unrestorable_checkpoints", "steps_redone_mean", "steps_redone_max",
+             "save_interval"]),
+        "## SIGTERM", table([results["sigterm"]], list(results["sigterm"])),
+        "## Damaged checkpoints", table(results["damaged_checkpoints"],
+                                        ["damage", "exit", "newest_before", "resumed_from",
+                                         "bitwise_equal", "message"]),
+        "## Damaged data", table(results["damaged_data"],
+                                 ["damage", "exit", "names_file", "message", "skipped_records",
+                                  "skipped_after_kill_and_resume"]),
+        "## Bad configs", table(results["bad_configs"], ["case", "flags", "exit", "message"]),
+        "## NaN injection", table([results["nan"]], list(results["nan"])),
+        "## Targets", table([{"target": t, "met": v} for t, v in results["targets"].items()],
+                            ["target", "met"]),
+    ]
+    return "\n\n".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=20, help="kill -9 trials")
+    parser.add_argument("--workdir", default="/tmp/byol_reliability")
+    parser.add_argument("--quick", action="store_true", help="the test suite's subset")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    trials = min(args.trials, 2) if args.quick else args.trials
+    results = run_suite(Path(args.workdir).absolute(), trials=trials, quick=args.quick,
+                        seed=args.seed)
+    print(report(results))
+    summary = {key: value for key, value in results.items() if key != "kill9"}
+    summary["kill9"] = {k: v for k, v in results["kill9"].items() if k != "details"}
+    print(json.dumps(summary, default=str))
+    (Path(args.workdir) / "reliability.json").write_text(json.dumps(results, indent=2,
+                                                                    default=str))
+    return 0 if all(results["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The reliability suite's fast subset (benchmarks/reliability.py --quick) meets its targets:
+kill -9 at random moments resumes bitwise, SIGTERM loses no step, damaged checkpoints and data
+are named (or the newest valid step is used), bad configs get a message naming the key, and a
+NaN batch stops the run naming its step without checkpointing it."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_suite():
+    spec = importlib.util.spec_from_file_location("reliability", REPO / "benchmarks" /
+                                                  "reliability.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_reliability_suite_meets_its_targets(tmp_path, capsys):
+    suite = load_suite()
+    code = suite.main(["--quick", "--workdir", str(tmp_path)])
+    output = capsys.readouterr().out
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["targets"] and all(summary["targets"].values()), summary["targets"]
+    assert code == 0
+    assert summary["kill9"]["trials"] == 2 and summary["kill9"]["bitwise_equal_share"] == 1.0
+    assert summary["sigterm"]["steps_lost"] == 0 and summary["sigterm"]["exit"] == 0
+    assert summary["nan"]["step_named"] == 7 and not summary["nan"]["checkpoint_at_or_after_nan"]
+    assert any("config.model.predictor.kind='mlpp'" in c["message"]
+               for c in summary["bad_configs"])
+    assert "## Bad configs" in output
