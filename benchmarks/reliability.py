@@ -17,7 +17,8 @@ every 4) as separate processes and reports, as tables and a final JSON line:
 5. bad configs: the exact message the user sees;
 6. a NaN injected into the batch of step k: the step named, no checkpoint of a NaN state.
 
-``--quick`` (what the test suite runs) does 2 kill trials and a subset of the rest.
+``--quick`` (what the test suite runs): one trial with one kill and one case of each other
+kind, about 4 minutes on two CPU cores (each process spends ~10 s importing TensorFlow via CLU).
 """
 
 import argparse
@@ -206,7 +207,7 @@ def kill_trial(suite: Suite, trial: int) -> dict[str, Any]:
     workdir = suite.root / "kills" / f"trial_{trial:02d}"
     shutil.rmtree(workdir, ignore_errors=True)
     kills = []
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(1 if suite.quick else rng.randint(1, 3)):
         committed = committed_steps(workdir)
         mode = rng.choice(["step", "save", "restore"] if committed else ["step", "save"])
         run = suite.start(workdir)
@@ -300,8 +301,7 @@ def checkpoint_damage_cases(suite: Suite, stopped: Path) -> list[dict[str, Any]]
                                          for s in committed_steps(w)],
     }
     if suite.quick:
-        damages = {k: damages[k] for k in ("empty step directory",
-                                           "bit flip in array file (newest step)")}
+        damages = {k: damages[k] for k in ("bit flip in array file (newest step)",)}
     out = []
     for name, damage in damages.items():
         workdir = suite.root / "damaged_checkpoints" / re.sub(r"\W+", "_", name)
@@ -348,8 +348,13 @@ def data_damage_cases(suite: Suite) -> list[dict[str, Any]]:
     first_shard = records.load_manifest(source).splits["train"].shards[0].file
 
     def not_an_image(items):
-        items[3] = dataclasses.replace(items[3], image=b"this is not an image")
-        return items
+        """Every 4th record of the shard: a run of 20 steps draws some of them for sure."""
+        return [dataclasses.replace(item, image=b"this is not an image") if i % 4 == 3 else item
+                for i, item in enumerate(items)]
+
+    def corrupt_all_shards(d: Path) -> None:
+        for index in range(len(records.load_manifest(d).splits["train"].shards)):
+            rewrite_shard(d, index, not_an_image)
 
     damages: dict[str, tuple[Callable[[Path], Any], list[str]]] = {
         "missing shard": (lambda d: (d / first_shard).unlink(), []),
@@ -357,14 +362,14 @@ def data_damage_cases(suite: Suite) -> list[dict[str, Any]]:
         "truncated shard": (lambda d: (d / first_shard).write_bytes(
             (d / first_shard).read_bytes()[:100]), []),
         "bit-flipped shard": (lambda d: flip_bit(d / first_shard), []),
-        "record that is not an image (no skips allowed)": (
-            lambda d: rewrite_shard(d, 0, not_an_image), []),
-        "record that is not an image (max_skipped_records=8)": (
-            lambda d: rewrite_shard(d, 0, not_an_image), ["--config.data.max_skipped_records=8"]),
+        "records that are not images (no skips allowed)": (corrupt_all_shards, []),
+        "records that are not images (max_skipped_records=1000)": (
+            corrupt_all_shards, ["--config.data.max_skipped_records=1000"]),
+        "records that are not images (max_skipped_records=5)": (
+            corrupt_all_shards, ["--config.data.max_skipped_records=5"]),
     }
     if suite.quick:
-        damages = {k: damages[k] for k in ("bit-flipped shard",
-                                           "record that is not an image (no skips allowed)")}
+        damages = {k: damages[k] for k in ("bit-flipped shard",)}
     out = []
     for name, (damage, extra) in damages.items():
         data_dir = suite.root / "damaged_data" / re.sub(r"\W+", "_", name)
@@ -378,7 +383,7 @@ def data_damage_cases(suite: Suite) -> list[dict[str, Any]]:
         case = {"damage": name, "exit": run.process.returncode,
                 "seconds": round(time.perf_counter() - started, 1),
                 "message": run.error_line()[-300:] if run.process.returncode else "",
-                "names_file": first_shard in run.error_line()}
+                "names_file": ".array_record" in run.error_line()}
         if run.process.returncode == 0:  # skip-and-count: same count after a kill and resume
             skipped = final_state(workdir)[2].get("skipped_records")
             again = data_dir.with_name(data_dir.name + "_killed")
@@ -421,7 +426,7 @@ BAD_CONFIGS = [  # (what, extra flags, devices, expected fragment of the message
 
 
 def bad_config_cases(suite: Suite) -> list[dict[str, Any]]:
-    cases = BAD_CONFIGS if not suite.quick else [BAD_CONFIGS[i] for i in (0, 5, 11)]
+    cases = BAD_CONFIGS if not suite.quick else [BAD_CONFIGS[5]]
     out = []
     for what, extra, devices, expected in cases:
         workdir = suite.root / "bad_configs" / re.sub(r"\W+", "_", what)
@@ -523,7 +528,9 @@ def run_suite(root: Path, *, trials: int, quick: bool, seed: int = 0) -> dict[st
                                                          c["message"])
             for c in results["damaged_checkpoints"]),
         "damaged_data_named_or_counted": all(
-            c["names_file"] or c.get("skipped_records") == c.get("skipped_after_kill_and_resume")
+            c["names_file"] or ("skipped" in c["message"] and "max_skipped_records" in c["message"])
+            or (c["exit"] == 0 and c.get("skipped_records", 0) > 0
+                and c.get("skipped_records") == c.get("skipped_after_kill_and_resume"))
             for c in results["damaged_data"]),
         "bad_configs_named": all(c["as_expected"] for c in results["bad_configs"]),
         "nan_named_and_not_saved": results["nan"]["step_named"] == 7
@@ -568,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    trials = min(args.trials, 2) if args.quick else args.trials
+    trials = min(args.trials, 1) if args.quick else args.trials
     results = run_suite(Path(args.workdir).absolute(), trials=trials, quick=args.quick,
                         seed=args.seed)
     print(report(results))
