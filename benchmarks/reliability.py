@@ -17,8 +17,9 @@ every 4) as separate processes and reports, as tables and a final JSON line:
 5. bad configs: the exact message the user sees;
 6. a NaN injected into the batch of step k: the step named, no checkpoint of a NaN state.
 
-``--quick`` (what the test suite runs): one trial with one kill and one case of each other
-kind, about 4 minutes on two CPU cores (each process spends ~10 s importing TensorFlow via CLU).
+``--quick`` (what the test suite runs): one trial with one kill and one case of each other kind
+except the NaN run, about 3 minutes on two CPU cores (each process spends ~10 s importing
+TensorFlow via CLU).
 """
 
 import argparse
@@ -515,7 +516,8 @@ def run_suite(root: Path, *, trials: int, quick: bool, seed: int = 0) -> dict[st
     results["damaged_checkpoints"] = checkpoint_damage_cases(suite, stopped)
     results["damaged_data"] = data_damage_cases(suite)
     results["bad_configs"] = bad_config_cases(suite)
-    results["nan"] = nan_case(suite, bad_step=7)
+    # The NaN run compiles its own (float-input) program: ~1 min, so not in the quick subset.
+    results["nan"] = None if quick else nan_case(suite, bad_step=7)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["targets"] = {
         "kill9_bitwise_equal_share_is_1": results["kill9"]["bitwise_equal_share"] == 1.0,
@@ -533,10 +535,11 @@ def run_suite(root: Path, *, trials: int, quick: bool, seed: int = 0) -> dict[st
                 and c.get("skipped_records") == c.get("skipped_after_kill_and_resume"))
             for c in results["damaged_data"]),
         "bad_configs_named": all(c["as_expected"] for c in results["bad_configs"]),
-        "nan_named_and_not_saved": results["nan"]["step_named"] == 7
-        and not results["nan"]["checkpoint_at_or_after_nan"]
-        and results["nan"]["saved_checkpoints_finite"],
     }
+    if results["nan"] is not None:
+        results["targets"]["nan_named_and_not_saved"] = (
+            results["nan"]["step_named"] == 7 and not results["nan"]["checkpoint_at_or_after_nan"]
+            and results["nan"]["saved_checkpoints_finite"])
     return results
 
 
@@ -557,7 +560,8 @@ def report(results: dict[str, Any]) -> str:
                                  ["damage", "exit", "names_file", "message", "skipped_records",
                                   "skipped_after_kill_and_resume"]),
         "## Bad configs", table(results["bad_configs"], ["case", "flags", "exit", "message"]),
-        "## NaN injection", table([results["nan"]], list(results["nan"])),
+        "## NaN injection", table([results["nan"]], list(results["nan"])) if results["nan"]
+        else "(not in --quick)",
         "## Targets", table([{"target": t, "met": v} for t, v in results["targets"].items()],
                             ["target", "met"]),
     ]

@@ -14,10 +14,12 @@ Examples::
         --workdir=workdirs/cpu_collapse
 """
 
+import argparse
 import ast
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,7 +27,6 @@ from typing import Any
 import jax
 import matplotlib
 import numpy as np
-from absl import app, flags
 from etils import epath
 
 from byol_flax import studies
@@ -34,15 +35,6 @@ from byol_flax.report import read_scalars
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-_STUDY = flags.DEFINE_string("study", None, "Study module (experiments/studies/<name>.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Root of the runs: WORKDIR/<row>/seed_<s>.")
-_PRINT = flags.DEFINE_boolean("print", False, "Print the commands instead of running them.")
-_ROWS = flags.DEFINE_list("rows", [], "Only these rows (default: all).")
-_SEEDS = flags.DEFINE_list("seeds", [], "Seeds (default: the study's).")
-_SET = flags.DEFINE_multi_string("set", [], "Pre-training override KEY=VALUE (repeatable).")
-_EVAL_SET = flags.DEFINE_multi_string("eval_set", [], "Evaluation override KEY=VALUE.")
-flags.mark_flags_as_required(["study", "workdir"])
 
 # Collapse verdicts. "complete": the monitor's warning threshold (config.logging.
 # collapse_warning_fraction), batch std of l2-normalised projections below 0.2 x 1/sqrt(d);
@@ -257,26 +249,44 @@ def write_summary(study: studies.Study, workdir: epath.Path, runs: Sequence[dict
     return summary
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    study = select_rows(studies.load_study(_STUDY.value), _ROWS.value)
-    seeds = [int(s) for s in _SEEDS.value] or None
-    extra, eval_extra = parse_overrides(_SET.value), parse_overrides(_EVAL_SET.value)
-    if _PRINT.value:
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m byol_flax.sweep",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", required=True,
+                        help="study module (experiments/studies/<name>.py)")
+    parser.add_argument("--workdir", required=True, help="root of the runs: WORKDIR/<row>/seed_<s>")
+    parser.add_argument("--print", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--rows", default="", help="comma-separated rows (default: all)")
+    parser.add_argument("--seeds", default="", help="comma-separated seeds (default: the study's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="pre-training override (repeatable)")
+    parser.add_argument("--eval_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="evaluation override (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (argparse, not absl flags: importing this module defines no global flags)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    study = select_rows(studies.load_study(args.study), [r for r in args.rows.split(",") if r])
+    seeds = [int(s) for s in args.seeds.split(",") if s] or None
+    extra, eval_extra = parse_overrides(args.set), parse_overrides(args.eval_set)
+    if args.print:
         if study.data == "digits":
-            data_dir = f"{_WORKDIR.value}/data"
+            data_dir = f"{args.workdir}/data"
             print(f"python -m data_prep.digits --out {data_dir} --holdout-count 150")
             study = studies.with_data(study, data_dir)
-        print("\n".join(studies.commands(study, _WORKDIR.value, seeds=seeds, extra=extra,
+        print("\n".join(studies.commands(study, args.workdir, seeds=seeds, extra=extra,
                                          eval_extra=eval_extra)))
-        return
-    summary = run_study(study, _WORKDIR.value, seeds=seeds, extra=extra, eval_extra=eval_extra)
+        return 0
+    summary = run_study(study, args.workdir, seeds=seeds, extra=extra, eval_extra=eval_extra)
     print((epath.Path(summary["summary_md"])).read_text())
     print(json.dumps({"table": summary["table"], "rows": {
         r["row"]: {"collapsed": r["collapsed"], **{k: v["mean"] for k, v in r["ours"].items()}}
         for r in summary["rows"]}, "total_seconds": summary["total_seconds"]}))
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

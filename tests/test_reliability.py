@@ -1,7 +1,7 @@
 """The reliability suite's fast subset (benchmarks/reliability.py --quick) meets its targets:
 kill -9 at random moments resumes bitwise, SIGTERM loses no step, damaged checkpoints and data
-are named (or the newest valid step is used), bad configs get a message naming the key, and a
-NaN batch stops the run naming its step without checkpointing it."""
+are named (or the newest valid step is used), bad configs get a message naming the key. (The
+NaN-batch case runs in the full suite; tests/test_train_driver.py checks a diverging run.)"""
 
 import importlib.util
 import json
@@ -27,7 +27,7 @@ def test_quick_reliability_suite_meets_its_targets(tmp_path, capsys):
     assert code == 0
     assert summary["kill9"]["trials"] == 1 and summary["kill9"]["bitwise_equal_share"] == 1.0
     assert summary["sigterm"]["steps_lost"] == 0 and summary["sigterm"]["exit"] == 0
-    assert summary["nan"]["step_named"] == 7 and not summary["nan"]["checkpoint_at_or_after_nan"]
     assert any("config.model.predictor.kind='mlpp'" in c["message"]
                for c in summary["bad_configs"])
+    assert summary["damaged_checkpoints"][0]["bitwise_equal"]
     assert "## Bad configs" in output
