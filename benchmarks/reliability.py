@@ -52,6 +52,7 @@ SHRINK = [  # 80 examples per "epoch" at batch 16: 5 steps per epoch, 20 steps i
 ]
 STEP_LINE = re.compile(r"logging_writer\.py:\d+\] \[(\d+)\] ")
 RESUMED_LINE = re.compile(r"resuming at step (\d+)")
+RESTORING_LINE = re.compile(r"restoring checkpoint step (\d+)")
 DAMAGE_WORDS = ("cannot be read", "is damaged", "no restorable checkpoint")
 
 
@@ -120,7 +121,8 @@ class Run:
     def error_line(self) -> str:
         """The line that tells the user what went wrong (our one-line error or Python's last)."""
         for line in reversed(self.lines):
-            if line.startswith("error: ") or re.match(r"^[\w.]+(Error|Exception)\b", line):
+            if line.startswith(("error: ", "FATAL Flags parsing error")) or re.match(
+                    r"^[\w.]+(Error|Exception)\b", line):
                 return line.strip()
         return self.lines[-1].strip() if self.lines else ""
 
@@ -234,9 +236,9 @@ def kill_trial(suite: Suite, trial: int) -> dict[str, Any]:
     final = suite.run(workdir)
     # The step each restart resumed from is in its log; pair it with the kill before it.
     logs = sorted((suite.root / "logs").glob(f"*_trial_{trial:02d}.log"))[-(len(kills) + 1):]
-    resumed = []
+    resumed = []  # the newest committed step each restart found (restore-time kills included)
     for log in logs[1:]:
-        match = RESUMED_LINE.search(log.read_text())
+        match = RESTORING_LINE.search(log.read_text())
         resumed.append(int(match.group(1)) if match else 0)
     for kill, start in zip(kills, resumed):
         kill["resumed_from"] = start
@@ -522,8 +524,10 @@ def run_suite(root: Path, *, trials: int, quick: bool, seed: int = 0) -> dict[st
     results["targets"] = {
         "kill9_bitwise_equal_share_is_1": results["kill9"]["bitwise_equal_share"] == 1.0,
         "no_unrestorable_checkpoint": results["kill9"]["unrestorable_checkpoints"] == 0,
-        "steps_redone_within_save_interval_plus_one":
-            results["kill9"]["steps_redone_max"] <= EVERY + 1,
+        # Asynchronous saves: Orbax keeps at most one save in flight (the next save waits for
+        # it), so a kill just before save k commits goes back to save k - 1: 2 intervals.
+        "steps_redone_within_two_save_intervals":
+            results["kill9"]["steps_redone_max"] <= 2 * EVERY,
         "sigterm_no_step_lost": sigterm["steps_lost"] == 0 and sigterm["exit"] == 0,
         "damaged_checkpoints_handled": all(
             (c["exit"] == 0 and c["bitwise_equal"]) or (c["exit"] != 0 and "damaged" in
