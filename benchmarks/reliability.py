@@ -42,14 +42,24 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_STEPS, EVERY = 20, 4
-SHRINK = [  # 80 examples per "epoch" at batch 16: 5 steps per epoch, 20 steps in all
-    "--config.training.batch_size=16", "--config.training.num_train_examples=80",
-    "--config.training.epochs=4", "--config.training.warmup_epochs=1",
-    "--config.data.image_size=8", "--config.model.projector.hidden_size=32",
-    "--config.model.projector.output_size=16", "--config.model.predictor.hidden_size=32",
-    f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.max_to_keep=3",
-    "--config.logging.every_steps=1", "--config.monitor.every_steps=0",
-]
+
+
+def shrink_flags(num_train_examples: int, logging_every: int) -> list[str]:
+    """Overrides making experiments/digits_cpu.py a seconds-long run: batch 16, 4 epochs of
+    ``num_train_examples``, 8-px images, tiny heads, a checkpoint every EVERY steps."""
+    return [
+        "--config.training.batch_size=16",
+        f"--config.training.num_train_examples={num_train_examples}",
+        "--config.training.epochs=4", "--config.training.warmup_epochs=1",
+        "--config.data.image_size=8", "--config.model.projector.hidden_size=32",
+        "--config.model.projector.output_size=16", "--config.model.predictor.hidden_size=32",
+        f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.max_to_keep=3",
+        f"--config.logging.every_steps={logging_every}", "--config.monitor.every_steps=0",
+    ]
+
+
+# 80 examples per "epoch" at batch 16: 5 steps per epoch, 20 steps in all; every step logged.
+SHRINK = shrink_flags(num_train_examples=80, logging_every=1)
 STEP_LINE = re.compile(r"logging_writer\.py:\d+\] \[(\d+)\] ")
 RESUMED_LINE = re.compile(r"resuming at step (\d+)")
 RESTORING_LINE = re.compile(r"restoring checkpoint step (\d+)")
@@ -69,7 +79,8 @@ def subprocess_env(cache_dir: Path, devices: int = 1) -> dict[str, str]:
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def entry_point(data_dir: str, workdir: Path, *extra: str, program: Sequence[str] = ()) -> list[str]:
+def entry_point(data_dir: str, workdir: Path, *extra: str,
+                program: Sequence[str] = ()) -> list[str]:
     return [*(program or [sys.executable, "-m", "byol_flax.main"]),
             f"--config={REPO / 'experiments' / 'digits_cpu.py'}:{data_dir}",
             f"--workdir={workdir}", *SHRINK, *extra]

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from byol_flax import studies
-from byol_flax.local_runs import enable_compilation_cache
+from byol_flax.local_runs import enable_compilation_cache, prepare_data
 from byol_flax.report import read_scalars
 
 matplotlib.use("Agg")
@@ -67,8 +67,6 @@ def select_rows(study: studies.Study, names: Sequence[str]) -> studies.Study:
 
 def prepare(study: studies.Study, workdir: epath.Path) -> studies.Study:
     if study.data == "digits":
-        from byol_flax.local_runs import prepare_data  # noqa: PLC0415 - imports data_prep
-
         return studies.with_data(study, prepare_data(workdir))
     return study
 

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from byol_flax.losses import byol_loss
+from byol_flax.losses import byol_loss, l2_normalize
 from byol_flax.schedules import Schedule
 from byol_flax.sharding import replicated_sharding
 from byol_flax.train_state import RngKey, TrainState
@@ -30,11 +30,6 @@ from byol_flax.train_state import RngKey, TrainState
 Batch = dict[str, jax.Array]  # {"view1": (B, H, W, C), "view2": (B, H, W, C)}
 Metrics = dict[str, jax.Array]
 Augment = Callable[[jax.Array, Batch], Batch]  # (key, host crops) -> network inputs
-
-
-def _unit(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True) -> Metrics:
@@ -47,7 +42,7 @@ def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True) ->
     computed from the d x d covariance (an eigendecomposition, cheap for the 256-d projections;
     skipped for the 2048 x width representations).
     """
-    unit = _unit(x)
+    unit = l2_normalize(x.astype(jnp.float32))
     std = jnp.mean(jnp.std(unit, axis=0))
     metrics = {f"collapse/{name}_std": std,
                f"collapse/{name}_std_ratio": std * jnp.sqrt(x.shape[-1])}

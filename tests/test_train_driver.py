@@ -27,15 +27,9 @@ _spec = importlib.util.spec_from_file_location("reliability", REPO / "benchmarks
 reliability = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reliability)
 committed_steps, final_state = reliability.committed_steps, reliability.final_state
-TOTAL_STEPS, EVERY = 16, 4
-SHRINK = [  # 64 examples per "epoch" at batch 16: 4 steps per epoch, 16 steps in all
-    "--config.training.batch_size=16", "--config.training.num_train_examples=64",
-    "--config.training.epochs=4", "--config.training.warmup_epochs=1",
-    "--config.data.image_size=8", "--config.model.projector.hidden_size=32",
-    "--config.model.projector.output_size=16", "--config.model.predictor.hidden_size=32",
-    f"--config.checkpoint.every_steps={EVERY}", "--config.logging.every_steps=4",
-    "--config.monitor.every_steps=0",
-]
+# 64 examples per "epoch" at batch 16: 4 steps per epoch, 16 steps in all.
+SHRINK = reliability.shrink_flags(num_train_examples=64, logging_every=4)
+TOTAL_STEPS, EVERY = 16, reliability.EVERY
 
 
 @pytest.fixture(scope="module")
