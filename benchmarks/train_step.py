@@ -1,94 +1,284 @@
-"""Times the jitted BYOL step: images/s, compile seconds and peak RSS, ending in one JSON line.
+"""The BYOL train step: images/s, compile seconds, peak RSS, FLOPs and the fraction of a measured
+matmul peak, for our jitted step and (optionally) the same step in plain PyTorch.
 
-Default: ResNet-18 with the small-image stem, 32x32 inputs, global batch 128, paper heads
-(4096 -> 256), float32, LARS, on every local device. Usage:
+Presets (the issue's two sizes; every field can be overridden by its flag):
+  ``--model resnet18``: ResNet-18, 32-px (small-image) stem, 32x32 inputs, global batch 128;
+  ``--model resnet50``: ResNet-50, ImageNet stem, 64x64 inputs, global batch 32.
+Paper heads (4096 -> 256), LARS, EMA target, float32 unless ``--dtype``.
 
-    python benchmarks/train_step.py [--encoder resnet18] [--batch 128] [--image-size 32] [--steps 5]
+    python benchmarks/train_step.py --model resnet18                 # our step only
+    python benchmarks/train_step.py --model resnet50 --compare-torch --rounds 2
+
+``--compare-torch`` (needs the ``torch`` extra: ``pip install -e '.[torch]'``) runs each variant
+(ours, torch eager, torch.compile) in its own process, in rotated order for ``--rounds`` rounds
+(A/B/C, C/A/B, ...), and reports medians and the ratio of ours to the best PyTorch mode.
+Each process: one untimed first step (tracing + compilation, reported as compile seconds), then
+``--steps`` timed steps on fixed random views. Prints a table and a final JSON line.
 """
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import jax
-import numpy as np
-from flax import nnx
-
-from byol_flax.config import base_config
-from byol_flax.schedules import build_schedules
-from byol_flax.sharding import make_mesh, replicate, shard_batch
-from byol_flax.train_state import create_train_state
-from byol_flax.train_step import make_train_step
+PRESETS = {
+    "resnet18": {"encoder": "resnet18", "stem": "small", "image_size": 32, "batch": 128},
+    "resnet50": {"encoder": "resnet50", "stem": "imagenet", "image_size": 64, "batch": 32},
+}
+IMPLEMENTATIONS = ("jax", "torch-eager", "torch-compile")
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--stem", default="small", choices=["small", "imagenet"])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after the compile")
-    parser.add_argument("--accumulation-steps", type=int, default=1)
-    parser.add_argument("--dtype", default="float32")
-    return parser
+def host_description() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
+            else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs"
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 ``jnp.dot`` rate at size^3 on the default device: the roofline we compare
+    the step against."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, a))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(dot(a, a))
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def time_steps(run_step, steps: int) -> tuple[float, list[float]]:
+    """(first call seconds, timed step seconds); ``run_step`` blocks until its step is done."""
+    start = time.perf_counter()
+    run_step()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run_step()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def run_jax(args: argparse.Namespace) -> dict:
+    from byol_flax.runtime import configure_xla_flags
+
+    if not args.no_xla_flags:
+        configure_xla_flags()
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from byol_flax.config import base_config
+    from byol_flax.schedules import build_schedules
+    from byol_flax.sharding import make_mesh, replicate, shard_batch
+    from byol_flax.train_state import create_train_state
+    from byol_flax.train_step import make_train_step
+
+    compiles: list[float] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compiles.append(seconds)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
 
     config = base_config()
     config.model.encoder.name = args.encoder
     config.model.encoder.stem = args.stem
     config.model.compute_dtype = args.dtype
+    config.model.conv_implementation = args.conv
     config.training.batch_size = args.batch
     mesh = make_mesh()
     lr, tau = build_schedules(config, total_steps=1000, warmup_steps=10)
     graphdef, state = nnx.split(create_train_state(config, lr))
     state = replicate(state, mesh)
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau,
-                           accumulation_steps=args.accumulation_steps)
+    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau)
     rng = np.random.default_rng(0)
     shape = (args.batch, args.image_size, args.image_size, 3)
-    batch = shard_batch({v: rng.normal(size=shape).astype(np.float32)
-                         for v in ("view1", "view2")}, mesh)
+    batch = shard_batch({view: rng.normal(size=shape).astype(np.float32)
+                         for view in ("view1", "view2")}, mesh)
+    flops = (step.lower(state, batch).cost_analysis() or {}).get("flops")
+    compiles.clear()
+    holder = {"state": state}
 
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
-    state, metrics = compiled(state, batch)  # warm-up run, not timed
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    median = float(np.median(times))
-    flops = (compiled.cost_analysis() or {}).get("flops") if hasattr(compiled, "cost_analysis") else None
-    result = {
-        "benchmark": "train_step",
-        "encoder": args.encoder, "stem": args.stem, "image_size": args.image_size,
-        "batch": args.batch, "dtype": args.dtype, "accumulation_steps": args.accumulation_steps,
+    def run_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        holder["loss"] = float(metrics["loss"])  # blocks until the step is done
+
+    with jax.transfer_guard("disallow"):  # the timed loop moves nothing host <-> device
+        first, times = time_steps(run_step, args.steps)
+    return {
         "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
-        "platform": jax.default_backend(), "host": platform.processor() or platform.machine(),
-        "jax": jax.__version__, "steps_timed": args.steps,
+        "platform": jax.default_backend(), "versions": f"jax {jax.__version__}",
+        "first_step_seconds": first, "times": times, "step_gflop": flops / 1e9 if flops else None,
+        "compilations": step._cache_size(), "backend_compile_seconds": sum(compiles),
+        "matmul_peak_gflops": matmul_peak_gflops(), "loss": holder["loss"],
+    }
+
+
+def run_torch(args: argparse.Namespace, compiled: bool) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from torch_byol import BYOL
+
+    torch.manual_seed(0)
+    model = BYOL(depth=int(args.encoder.removeprefix("resnet")), stem=args.stem,
+                 compile_mode="default" if compiled else None)
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    views = [torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(2)]
+    holder = {}
+
+    def run_step():
+        holder["loss"] = float(model.step(*views))
+
+    first, times = time_steps(run_step, args.steps)
+    return {"device": f"cpu ({torch.get_num_threads()} threads)", "platform": "cpu",
+            "versions": f"torch {torch.__version__}", "first_step_seconds": first,
+            "times": times, "loss": holder["loss"]}
+
+
+def summarise(impl: str, args: argparse.Namespace, raw: dict) -> dict:
+    median = sorted(raw["times"])[len(raw["times"]) // 2]
+    return {
+        "benchmark": "train_step", "impl": impl, "encoder": args.encoder, "stem": args.stem,
+        "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
+        "conv": args.conv if impl == "jax" else None, "host": host_description(),
+        **{k: v for k, v in raw.items() if k != "times"},
+        "step_seconds": [round(t, 4) for t in raw["times"]],
         "step_seconds_median": round(median, 4),
         "images_per_second": round(args.batch / median, 2),
-        "compile_seconds": round(compile_seconds, 2),
-        "step_gflop": round(flops / 1e9, 1) if flops else None,
+        "compile_seconds": round(raw["first_step_seconds"] - median, 2),
         "peak_rss_mib": round(peak_rss_mib(), 1),
-        "loss": float(metrics["loss"]),
     }
-    print(f"{'images/s':>10} {'step s':>8} {'compile s':>10} {'peak RSS MiB':>13}")
-    print(f"{result['images_per_second']:>10} {result['step_seconds_median']:>8} "
-          f"{result['compile_seconds']:>10} {result['peak_rss_mib']:>13}")
+
+
+def worker(args: argparse.Namespace) -> dict:
+    raw = run_jax(args) if args.impl == "jax" else run_torch(args, args.impl == "torch-compile")
+    result = summarise(args.impl, args, raw)
+    if result.get("step_gflop"):
+        achieved = result["step_gflop"] / result["step_seconds_median"]
+        result["achieved_gflops"] = round(achieved, 1)
+        result["fraction_of_matmul_peak"] = round(achieved / result["matmul_peak_gflops"], 3)
+    return result
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Each implementation in its own process, rotated order per round; medians and ratios."""
+    runs: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
+    passthrough = [f"--encoder={args.encoder}", f"--stem={args.stem}", f"--batch={args.batch}",
+                   f"--image-size={args.image_size}", f"--steps={args.steps}",
+                   f"--dtype={args.dtype}", f"--conv={args.conv}"]
+    for round_index in range(args.rounds):
+        order = IMPLEMENTATIONS[round_index % 3:] + IMPLEMENTATIONS[:round_index % 3]
+        for impl in order:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                command = [sys.executable, __file__, f"--impl={impl}", f"--json-out={out.name}",
+                           *passthrough]
+                print(f"round {round_index + 1}/{args.rounds}: {impl}", file=sys.stderr,
+                      flush=True)
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                runs[impl].append(json.loads(Path(out.name).read_text()))
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2] if len(values) % 2 else sum(
+            values[len(values) // 2 - 1:len(values) // 2 + 1]) / 2
+
+    ours = runs["jax"]
+    flops, peak = ours[0]["step_gflop"], median([r["matmul_peak_gflops"] for r in ours])
+    rows = {}
+    for impl, results in runs.items():
+        rate = median([r["images_per_second"] for r in results])
+        rows[impl] = {"images_per_second": round(rate, 2),
+                      "compile_seconds": round(median([r["compile_seconds"] for r in results]), 1),
+                      "peak_rss_mib": round(median([r["peak_rss_mib"] for r in results]), 1),
+                      "fraction_of_matmul_peak": round(
+                          flops * rate / args.batch / peak, 3) if flops else None,
+                      "per_round_images_per_second": [r["images_per_second"] for r in results],
+                      "versions": results[0]["versions"]}
+    best_torch = max(("torch-eager", "torch-compile"),
+                     key=lambda impl: rows[impl]["images_per_second"])
+    return {
+        "benchmark": "train_step_vs_pytorch", "encoder": args.encoder, "stem": args.stem,
+        "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
+        "host": ours[0]["host"], "device": ours[0]["device"], "rounds": args.rounds,
+        "steps_per_round": args.steps, "step_gflop": round(flops, 1) if flops else None,
+        "matmul_peak_gflops": round(peak, 1), "results": rows,
+        "best_torch": best_torch, "jax_compilations": [r["compilations"] for r in ours],
+        "ratio_images_per_second": round(rows["jax"]["images_per_second"]
+                                         / rows[best_torch]["images_per_second"], 3),
+        "ratio_peak_rss": round(rows["jax"]["peak_rss_mib"]
+                                / rows[best_torch]["peak_rss_mib"], 3),
+        "targets": {"speed_at_least_1x_best_torch": rows["jax"]["images_per_second"]
+                    >= rows[best_torch]["images_per_second"],
+                    "rss_at_most_1.25x_torch": rows["jax"]["peak_rss_mib"]
+                    <= 1.25 * rows[best_torch]["peak_rss_mib"],
+                    "one_compilation": all(r["compilations"] == 1 for r in ours)},
+    }
+
+
+def print_table(result: dict) -> None:
+    rows = result.get("results") or {result["impl"]: result}
+    header = (f"{'impl':<14} {'images/s':>9} {'compile s':>10} {'peak RSS MiB':>13} "
+              f"{'of matmul peak':>15}")
+    print(f"{result['encoder']} {result['image_size']}px batch {result['batch']} "
+          f"{result['dtype']} on {result['device']} ({result['host']})")
+    print(header)
+    for impl, row in rows.items():
+        fraction = row.get("fraction_of_matmul_peak")
+        print(f"{impl:<14} {row['images_per_second']:>9} {row['compile_seconds']:>10} "
+              f"{row['peak_rss_mib']:>13} {'-' if fraction is None else f'{fraction:.1%}':>15}")
+    if "ratio_images_per_second" in result:
+        print(f"ours / {result['best_torch']}: {result['ratio_images_per_second']}x images/s, "
+              f"{result['ratio_peak_rss']}x peak RSS")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(PRESETS), default="resnet18",
+                        help="preset: encoder, stem, image size and batch")
+    parser.add_argument("--encoder")
+    parser.add_argument("--stem", choices=["small", "imagenet"])
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    parser.add_argument("--dtype", default="float32", help="our compute dtype (torch: float32)")
+    parser.add_argument("--conv", default="auto", help="config.model.conv_implementation")
+    parser.add_argument("--no-xla-flags", action="store_true",
+                        help="do not add byol_flax.runtime's XLA:CPU flags")
+    parser.add_argument("--impl", choices=IMPLEMENTATIONS, default="jax")
+    parser.add_argument("--compare-torch", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json-out", help="also write the result JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    for key, value in PRESETS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    result = compare(args) if args.compare_torch else worker(args)
+    print_table(result)
     print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 
+# Keys of config.model that change how the network is computed, not what it computes: a checkpoint
+# restores under any of their values, so they are left out of the saved model config.
+RUNTIME_MODEL_KEYS = ("conv_implementation",)
+
+
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in the work directory was written by a different model config."""
 
@@ -81,8 +86,10 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._model_config = {"model": json.loads(config.model.to_json()),
-                              "target": {"kind": config.target.kind}}
+        model = json.loads(config.model.to_json())
+        for key in RUNTIME_MODEL_KEYS:
+            model.pop(key, None)
+        self._model_config = {"model": model, "target": {"kind": config.target.kind}}
         self.manager = ocp.CheckpointManager(
             epath.Path(directory), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),

@@ -12,6 +12,7 @@ import math
 import ml_collections
 
 from byol_flax.data.augment import default_augment_config
+from byol_flax.models.conv import CONV_IMPLEMENTATIONS
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # Appendix J.1: max_steps = 1000 * 1281167 / 4096
 
@@ -34,6 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.batchnorm = ml_collections.ConfigDict({"decay": 0.9, "eps": 1e-5})
     # bfloat16 halves activation memory on TPU; parameters and BN statistics stay float32.
     config.model.compute_dtype = "float32"
+    # How convolutions are computed (byol_flax.models.conv): "auto" (XLA's own, except patches +
+    # matmul for the small maps XLA:CPU handles slowly), "xla" or "patches". Numerics are equal;
+    # not part of a checkpoint's compatibility check.
+    config.model.conv_implementation = "auto"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_learning_rate = 0.2  # scaled by batch_size / 256
@@ -177,6 +182,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "must be 'imagenet' or 'small'"),
         (config.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
          "must be float32, bfloat16 or float16"),
+        (config.model.conv_implementation in CONV_IMPLEMENTATIONS, "model.conv_implementation",
+         f"must be one of {list(CONV_IMPLEMENTATIONS)}"),
         (bool(config.data.dir), "data.dir", "is empty: point it at a data_prep/ output directory"),
         (config.data.image_size > 0, "data.image_size", "must be positive"),
         (config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive"),

@@ -29,14 +29,14 @@ from absl import app, flags
 from etils import epath
 
 from byol_flax import report
-from byol_flax.data.pipeline import open_split
-from byol_flax.evaluation import model_card
 from byol_flax.config import training_steps
-from byol_flax.evaluation import protocols
+from byol_flax.data.pipeline import open_split
+from byol_flax.evaluation import model_card, protocols
 from byol_flax.evaluation.export import PIXELS_SOURCE, RANDOM_PREFIX, load_source
 from byol_flax.evaluation.runner import evaluate
-from byol_flax.sharding import make_mesh
 from byol_flax.local_runs import enable_compilation_cache, prepare_data
+from byol_flax.runtime import configure_xla_flags
+from byol_flax.sharding import make_mesh
 from byol_flax.train import train_and_evaluate
 from experiments import digits_cpu, eval_digits
 
@@ -158,6 +158,7 @@ def test_embeddings(run: dict[str, Any], quick: bool
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configure_xla_flags()  # before the first computation
     summary = run_demo(_WORKDIR.value, seeds=[int(s) for s in _SEEDS.value],
                        recipes=_RECIPES.value, quick=_QUICK.value)
     print(json.dumps({k: summary[k] for k in report.HEADLINE_KEYS}))

@@ -16,6 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from byol_flax.evaluation.runner import evaluate
+from byol_flax.runtime import configure_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config module.",
                                           lock_config=True)
@@ -27,6 +28,7 @@ flags.mark_flags_as_required(["config", "source", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configure_xla_flags()  # before the first computation
     result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
     print(json.dumps({"protocol": result["protocol"], "test": result["test"],
                       "selected": result["selected"]}))

@@ -9,6 +9,7 @@ Reload with ``byol_flax.evaluation.export.load_encoder(DIR)``.
 from absl import app, flags
 
 from byol_flax.evaluation import model_card
+from byol_flax.runtime import configure_xla_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pre-training workdir (holds checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Export directory.")
@@ -23,6 +24,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configure_xla_flags()  # before the first computation
     out = model_card.export_with_model_card(_WORKDIR.value, _OUT.value, step=_STEP.value, results=_RESULTS.value,
                  intended_use=_INTENDED.value, out_of_scope_use=_OUT_OF_SCOPE.value,
                  known_failures=_FAILURES.value)

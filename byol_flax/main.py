@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from byol_flax.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError
 from byol_flax.config import ConfigError
 from byol_flax.data.records import DataError
+from byol_flax.runtime import configure_xla_flags
 from byol_flax.train import NonFiniteLossError, WorkdirError, train_and_evaluate
 
 # Errors in what the user gave us (config, data, workdir, checkpoints) or a diverged run: one
@@ -60,6 +61,7 @@ class _QuietLibraries(logging.Filter):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configure_xla_flags()  # before the first computation
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
     _initialize_distributed()

@@ -32,6 +32,7 @@ from etils import epath
 from byol_flax import studies
 from byol_flax.local_runs import enable_compilation_cache, prepare_data
 from byol_flax.report import read_scalars
+from byol_flax.runtime import configure_xla_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI (argparse, not absl flags: importing this module defines no global flags)."""
     args = build_parser().parse_args(argv)
+    configure_xla_flags()  # before the first computation
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     study = select_rows(studies.load_study(args.study), [r for r in args.rows.split(",") if r])
     seeds = [int(s) for s in args.seeds.split(",") if s] or None

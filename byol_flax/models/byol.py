@@ -41,7 +41,9 @@ def build_online_network(config: ConfigDict, *, rngs: nnx.Rngs) -> ByolNetwork:
     bn = BatchNormConfig(decay=config.batchnorm.decay, eps=config.batchnorm.eps)
     dtype = jnp.dtype(config.compute_dtype)
     encoder = build_encoder(config.encoder.name, width_multiplier=config.encoder.width_multiplier,
-                            stem=config.encoder.stem, bn=bn, dtype=dtype, rngs=rngs)
+                            stem=config.encoder.stem, bn=bn, dtype=dtype,
+                            conv_implementation=config.get("conv_implementation", "auto"),
+                            rngs=rngs)
     projector = MLP(encoder.num_features, hidden_size=config.projector.hidden_size,
                     output_size=config.projector.output_size, depth=config.projector.depth,
                     bn=bn, dtype=dtype, rngs=rngs)

@@ -1,0 +1,95 @@
+"""Convolution implementations, chosen per backend: XLA's own, or patches + one matmul.
+
+XLA:CPU (jaxlib 0.10) runs the backward pass of convolutions whose spatial size is smaller than
+the kernel (the last ResNet stage at 64 px: 2x2 maps under a 3x3 kernel) through a generic
+fallback at about 1 GFLOP/s, 50-100x slower than a matmul of the same size; measured with
+``benchmarks/conv_layers.py``. Writing such a convolution as "extract the k x k patches, one
+matmul with the (k*k*C_in, C_out) kernel" gives XLA only slices, pads and dots, whose gradients
+are again slices, pads and dots, all of which it runs at matmul speed.
+
+``model.conv_implementation`` picks: ``"xla"`` (``lax.conv_general_dilated`` everywhere: what
+TPUs and GPUs want), ``"patches"`` (everywhere), or ``"auto"``: patches on the CPU for layers
+whose input is smaller than ``PATCHES_BELOW`` pixels on a side, XLA otherwise and on every other
+backend. The kernel parameter has the same (kh, kw, C_in, C_out) layout in all three, so
+checkpoints move freely between them.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
+# "auto" on the CPU: patches for inputs smaller than this many pixels on a side. Measured on a
+# 2-core Xeon (AVX-512), jaxlib 0.10.2, ResNet layers at batch 32-128, forward + backward:
+# at 2x2 XLA's convolution runs at 1-2 GFLOP/s and the patches form at 86-131; from 4x4 up XLA's
+# own (with the runtime flags of byol_flax.runtime) is 1.3-2x faster than the patches form.
+PATCHES_BELOW = 4
+
+
+def _pairs(padding: str | Sequence[tuple[int, int]], spatial: Sequence[int],
+           kernel: Sequence[int], strides: Sequence[int]) -> list[tuple[int, int]]:
+    if isinstance(padding, str):
+        return list(lax.padtype_to_pads(spatial, kernel, strides, padding))
+    return [tuple(p) for p in padding]
+
+
+def conv_via_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                     padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
+                     rhs_dilation: Any = None, dimension_numbers: Any = None,
+                     feature_group_count: int = 1, precision: Any = None,
+                     preferred_element_type: Any = None, **_: Any) -> jax.Array:
+    """``lax.conv_general_dilated`` for NHWC inputs and HWIO kernels as patches @ kernel.
+
+    Same signature as the lax function (what ``nnx.Conv(conv_general_dilated=...)`` calls);
+    dilations and grouped convolutions are not supported and raise.
+    """
+    if any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        raise NotImplementedError("conv_via_patches: dilated convolutions are not supported")
+    if feature_group_count != 1:
+        raise NotImplementedError("conv_via_patches: grouped convolutions are not supported")
+    if dimension_numbers is not None:
+        specs = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        if specs != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")):
+            raise NotImplementedError(
+                f"conv_via_patches: only NHWC / HWIO layouts, got {dimension_numbers}")
+    kernel_h, kernel_w, channels_in, channels_out = rhs.shape
+    stride_h, stride_w = window_strides
+    (top, bottom), (left, right) = _pairs(padding, lhs.shape[1:3], rhs.shape[:2], window_strides)
+    x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    out_h = (x.shape[1] - kernel_h) // stride_h + 1
+    out_w = (x.shape[2] - kernel_w) // stride_w + 1
+    taps = [
+        lax.slice(x, (0, i, j, 0),
+                  (x.shape[0], i + stride_h * (out_h - 1) + 1, j + stride_w * (out_w - 1) + 1,
+                   channels_in), (1, stride_h, stride_w, 1))
+        for i in range(kernel_h) for j in range(kernel_w)
+    ]
+    # Tap-major, channel-minor: the order of rhs.reshape(kh * kw * C_in, C_out).
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    kernel = rhs.reshape(kernel_h * kernel_w * channels_in, channels_out)
+    return lax.dot_general(patches, kernel, (((3,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+              padding: Any, **kwargs: Any) -> jax.Array:
+    """Patches for small inputs on the CPU, ``lax.conv_general_dilated`` otherwise.
+
+    Decided at trace time from the input's shape and the default backend, so one jitted step
+    holds one implementation per layer.
+    """
+    if jax.default_backend() == "cpu" and min(lhs.shape[1:3]) < PATCHES_BELOW:
+        return conv_via_patches(lhs, rhs, window_strides, padding, **kwargs)
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def conv_function(implementation: str):
+    """The ``conv_general_dilated`` to give ``nnx.Conv`` for ``model.conv_implementation``."""
+    functions = {"auto": conv_auto, "xla": lax.conv_general_dilated, "patches": conv_via_patches}
+    if implementation not in functions:
+        raise ValueError(f"conv implementation must be one of {sorted(functions)}, "
+                         f"got {implementation!r}")
+    return functions[implementation]

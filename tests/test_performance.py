@@ -1,0 +1,128 @@
+"""Issue 8's correctness side of performance work: the patches convolution equals lax.conv (values
+and gradients), the runtime XLA flags, one compilation across steps and a resume with no implicit
+host <-> device transfers, bfloat16 compute against float32. Speeds are in benchmarks/."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from byol_flax import runtime
+from byol_flax.models.conv import PATCHES_BELOW, conv_auto, conv_function, conv_via_patches
+from byol_flax.models.init import init_module
+from byol_flax.models.resnet import build_encoder
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("size,kernel,stride,channels_in,channels_out", [
+    (8, 3, 1, 4, 5), (8, 3, 2, 4, 5), (7, 3, 2, 3, 6), (2, 3, 1, 8, 8), (1, 3, 1, 8, 4),
+    (9, 7, 2, 3, 8), (6, 1, 2, 5, 7), (5, 1, 1, 5, 3), (3, 3, 2, 4, 4),
+])
+def test_patches_convolution_equals_lax_conv_in_values_and_gradients(
+        size, kernel, stride, channels_in, channels_out):
+    rng = np.random.default_rng(0)  # numpy: jax.random's programs take seconds to compile
+    x = rng.normal(size=(2, size, size, channels_in)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, channels_in, channels_out)).astype(np.float32)
+    precision = lax.Precision.HIGHEST
+    reference = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), "SAME", dimension_numbers=DN, precision=precision)
+    patches = lambda x, w: conv_via_patches(  # noqa: E731
+        x, w, (stride, stride), "SAME", dimension_numbers=lax.conv_dimension_numbers(
+            x.shape, w.shape, DN), precision=precision)
+
+    @jax.jit
+    def values_and_gradients(x, w, cotangent):
+        (y_ref, vjp_ref), (y, vjp) = jax.vjp(reference, x, w), jax.vjp(patches, x, w)
+        return (y, *vjp(cotangent)), (y_ref, *vjp_ref(cotangent))
+
+    output_shape = jax.eval_shape(reference, x, w).shape
+    cotangent = rng.normal(size=output_shape).astype(np.float32)
+    for got, expected in zip(*values_and_gradients(x, w, cotangent)):  # output, d/dx, d/dw
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_patches_convolution_takes_explicit_padding_and_refuses_dilation():
+    x, w = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 1))
+    np.testing.assert_allclose(conv_via_patches(x, w, (1, 1), [(1, 1), (0, 2)]),
+                               lax.conv_general_dilated(x, w, (1, 1), [(1, 1), (0, 2)],
+                                                        dimension_numbers=DN))
+    with pytest.raises(NotImplementedError, match="dilated"):
+        conv_via_patches(x, w, (1, 1), "SAME", rhs_dilation=(2, 2))
+    with pytest.raises(NotImplementedError, match="grouped"):
+        conv_via_patches(x, w, (1, 1), "SAME", feature_group_count=2)
+    with pytest.raises(ValueError, match="'fft'"):
+        conv_function("fft")
+
+
+def test_auto_picks_patches_only_for_small_maps_on_the_cpu(monkeypatch):
+    used = []
+    monkeypatch.setattr("byol_flax.models.conv.conv_via_patches",
+                        lambda *a, **k: used.append("patches"))
+    monkeypatch.setattr(lax, "conv_general_dilated", lambda *a, **k: used.append("xla"))
+    w = jnp.ones((3, 3, 2, 2))
+    conv_auto(jnp.ones((1, PATCHES_BELOW - 1, PATCHES_BELOW - 1, 2)), w, (1, 1), "SAME")
+    conv_auto(jnp.ones((1, PATCHES_BELOW, PATCHES_BELOW, 2)), w, (1, 1), "SAME")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    conv_auto(jnp.ones((1, 2, 2, 2)), w, (1, 1), "SAME")
+    assert used == ["patches", "xla", "xla"]
+
+
+def test_encoder_outputs_and_gradients_do_not_depend_on_the_conv_implementation():
+    """Same parameters (same layout), same function: a checkpoint moves between them."""
+    images = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    results = {}
+    for implementation in ("xla", "patches"):
+        encoder = init_module(lambda: build_encoder(  # noqa: B023 - called right here
+            "resnet_tiny", stem="small", conv_implementation=implementation, rngs=nnx.Rngs(0)))
+        graphdef, params, rest = nnx.split(encoder, nnx.Param, ...)
+
+        def loss(params):
+            return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(images) ** 2)
+
+        with jax.default_matmul_precision("highest"):
+            results[implementation] = jax.jit(jax.value_and_grad(loss))(params)
+    value, grads = results["patches"]
+    np.testing.assert_allclose(value, results["xla"][0], rtol=1e-5)
+    # Train-mode BatchNorm divides by batch stds of 4 images: round-off differences of the
+    # summation order grow to ~1e-3 of the largest gradient.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3 * np.abs(b).max()),
+                 grads, results["xla"][1])
+
+
+# --- Runtime flags --------------------------------------------------------------------------
+
+
+def test_xla_flags_are_added_once_and_never_override_the_users(monkeypatch):
+    monkeypatch.setattr(runtime.xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(runtime.jaxlib, "__version__", "0.10.2")
+    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert runtime.configure_xla_flags(environ) == [
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    assert environ["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=8",
+        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    assert runtime.configure_xla_flags(environ) == []  # already there: nothing added twice
+    users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=default"}
+    assert runtime.configure_xla_flags(users) == []
+    assert users["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=default"
+    assert runtime.configure_xla_flags({runtime.OPT_OUT: "0"}) == []
+
+
+def test_xla_flags_are_skipped_for_untested_jaxlib_and_after_backends_start(monkeypatch):
+    environ: dict[str, str] = {}
+    monkeypatch.setattr(runtime.jaxlib, "__version__", "0.99.0")  # might not know the flag
+    monkeypatch.setattr(runtime.xla_bridge, "backends_are_initialized", lambda: False)
+    assert runtime.configure_xla_flags(environ) == [] and "XLA_FLAGS" not in environ
+    monkeypatch.setattr(runtime.jaxlib, "__version__", "0.10.2")
+    monkeypatch.setattr(runtime.xla_bridge, "backends_are_initialized", lambda: True)
+    assert runtime.configure_xla_flags(environ) == [] and "XLA_FLAGS" not in environ
+
+
+def test_the_test_process_runs_with_the_entry_points_flags():
+    assert ("--xla_cpu_experimental_ynn_fusion_type" in os.environ["XLA_FLAGS"]) == (
+        runtime.jaxlib.__version__.startswith(runtime.TESTED_JAXLIB))
