@@ -1,4 +1,5 @@
-"""Process-wide XLA settings that our entry points apply before JAX starts its backends.
+"""Process-wide settings: XLA flags our entry points apply before JAX starts its backends, and one
+tracing fix applied when ``byol_flax.train_step`` is imported.
 
 XLA:CPU (jaxlib 0.10) hands every convolution to YNNPACK, whose weight-gradient kernels run the
 ResNet step at a third of the speed of XLA's other convolution path (measured with
@@ -18,7 +19,8 @@ import os
 from collections.abc import MutableMapping
 
 import jaxlib
-from jax._src import xla_bridge  # XLA_FLAGS is read when the first backend starts, not at import
+from jax._src import core, xla_bridge  # XLA_FLAGS is read when a backend starts, not at import
+from jax._src.interpreters import partial_eval
 
 XLA_CPU_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "-individual_convolution"}
 TESTED_JAXLIB = ("0.10.",)
@@ -47,3 +49,30 @@ def configure_xla_flags(environ: MutableMapping[str, str] | None = None) -> list
     if added:
         environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
+
+
+def _sharding_of_a_tracer(tracer: core.Tracer):
+    raise AttributeError(f"The 'sharding' attribute is not available on {tracer._error_repr()}.")
+
+
+def speed_up_tracing() -> bool:
+    """Makes ``getattr(tracer, "sharding", None)`` cheap while a jitted function is traced.
+
+    Flax NNX's ``Variable.__setitem__`` (every ``nnx.update``, optimizer update and BatchNorm
+    statistics write) asks a traced value for its ``sharding``. JAX (0.10) answers with an
+    AttributeError whose message names the operations the value came from, found by scanning
+    every equation traced so far: quadratic in the size of the step. Measured on the BYOL step
+    with on-device augmentation on a 2-core CPU: tracing ResNet-50 takes 52.8 s, 9.0 s without
+    that scan; the tiny test network 6.4 s -> 2.4 s. Only the text of that AttributeError changes
+    (``hasattr``/``getattr`` behave the same); concretisation errors keep their full message.
+    Returns whether the fix was applied (it is skipped if JAX's classes differ from 0.10's).
+    """
+    tracer_class = partial_eval.DynamicJaxprTracer
+    if "sharding" in tracer_class.__dict__ or not isinstance(
+            getattr(core.Tracer, "sharding", None), property):
+        return tracer_class.__dict__.get("sharding") is _FAST_SHARDING
+    tracer_class.sharding = _FAST_SHARDING
+    return True
+
+
+_FAST_SHARDING = property(_sharding_of_a_tracer)

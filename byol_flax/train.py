@@ -197,7 +197,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                     raise DataError(f"{skipped} undecodable records skipped by step {step}, more "
                                     f"than config.data.max_skipped_records="
                                     f"{config.data.max_skipped_records}")
-                state, metrics = step_fn(state, shard_batch(views_only(batch), mesh))
+                device_batch = shard_batch(views_only(batch), mesh)  # the one explicit copy
+                # Anything else crossing host <-> device inside the step (a NumPy array or Python
+                # scalar in the state, a retrace's constants) is an error, not a silent stall.
+                with jax.transfer_guard("disallow"):
+                    state, metrics = step_fn(state, device_batch)
             if previous is not None:
                 _check_finite(*previous, last_checkpoint)
             previous = (step, metrics)

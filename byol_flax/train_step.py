@@ -23,9 +23,12 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from byol_flax.losses import byol_loss, l2_normalize
+from byol_flax.runtime import speed_up_tracing
 from byol_flax.schedules import Schedule
 from byol_flax.sharding import replicated_sharding
 from byol_flax.train_state import RngKey, TrainState
+
+speed_up_tracing()  # tracing the step is quadratic without it (see the function)
 
 Batch = dict[str, jax.Array]  # {"view1": (B, H, W, C), "view2": (B, H, W, C)}
 Metrics = dict[str, jax.Array]

@@ -15,6 +15,7 @@ from byol_flax import runtime
 from byol_flax.models.conv import PATCHES_BELOW, conv_auto, conv_function, conv_via_patches
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import build_encoder
+from tests.test_train_driver import SHRINK, data_dir  # noqa: F401 (a fixture)
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -65,11 +66,15 @@ def test_auto_picks_patches_only_for_small_maps_on_the_cpu(monkeypatch):
                         lambda *a, **k: used.append("patches"))
     monkeypatch.setattr(lax, "conv_general_dilated", lambda *a, **k: used.append("xla"))
     w = jnp.ones((3, 3, 2, 2))
-    conv_auto(jnp.ones((1, PATCHES_BELOW - 1, PATCHES_BELOW - 1, 2)), w, (1, 1), "SAME")
-    conv_auto(jnp.ones((1, PATCHES_BELOW, PATCHES_BELOW, 2)), w, (1, 1), "SAME")
+    small, large = PATCHES_BELOW - 1, PATCHES_BELOW
+    conv_auto(jnp.ones((1, small, small, 2)), w, (1, 1), "SAME")
+    conv_auto(jnp.ones((1, large, large, 2)), w, (1, 1), "SAME")
+    conv_auto(jnp.ones((1, 2 * large - 1, 2 * large - 1, 2)), w, (2, 2), "SAME")  # output: large
+    conv_auto(jnp.ones((1, large, large, 2)), w, (2, 2), "SAME")  # output: small
+    conv_auto(jnp.ones((1, large + 1, large + 1, 2)), w, (1, 1), "VALID")  # output: small
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     conv_auto(jnp.ones((1, 2, 2, 2)), w, (1, 1), "SAME")
-    assert used == ["patches", "xla", "xla"]
+    assert used == ["patches", "xla", "xla", "patches", "patches", "xla"]
 
 
 def test_encoder_outputs_and_gradients_do_not_depend_on_the_conv_implementation():
@@ -126,3 +131,119 @@ def test_xla_flags_are_skipped_for_untested_jaxlib_and_after_backends_start(monk
 def test_the_test_process_runs_with_the_entry_points_flags():
     assert ("--xla_cpu_experimental_ynn_fusion_type" in os.environ["XLA_FLAGS"]) == (
         runtime.jaxlib.__version__.startswith(runtime.TESTED_JAXLIB))
+
+
+# --- One compilation, no implicit transfers (the real driver, in this process) ----------------
+
+
+def shrunk_digits_config(data_dir: str):
+    """experiments/digits_cpu.py with the driver tests' shrink flags (16 steps, batch 16)."""
+    import ast
+
+    from byol_flax.studies import set_dotted
+    from experiments import digits_cpu
+
+    config = digits_cpu.get_config(f"data={data_dir}")
+    for flag in SHRINK:
+        key, value = flag.removeprefix("--config.").split("=", 1)
+        set_dotted(config, key, ast.literal_eval(value), origin="SHRINK")
+    config.checkpoint.async_save = False
+    return config
+
+
+@pytest.fixture
+def one_device(monkeypatch):
+    """The driver on one of the tests' 8 CPU devices, as a user's CPU run is (8-way SPMD
+    compiles take several times longer)."""
+    from byol_flax import sharding, train
+
+    monkeypatch.setattr(train, "make_mesh", lambda: sharding.make_mesh(jax.devices()[:1]))
+
+
+def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_device):
+    from byol_flax import train
+
+    config = shrunk_digits_config(data_dir)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compiles.append(event)
+        if event == "/jax/core/compile/backend_compile_duration" else None)
+    train._STEP_CACHE.clear()
+    train.train_and_evaluate(config, tmp_path)  # 16 steps, checkpoints at 8, 12, 16
+    (step_fn,) = train._STEP_CACHE.values()
+    assert step_fn._cache_size() == 1
+    for newer in ("12", "16"):  # as if preempted after the save of step 8
+        for path in sorted((tmp_path / "checkpoints" / newer).rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        (tmp_path / "checkpoints" / newer).rmdir()
+    compiles.clear()
+    scalars = train.train_and_evaluate(config, tmp_path)  # restores step 8, trains 9..16
+    assert scalars and np.isfinite(scalars["loss"])
+    assert train._STEP_CACHE[next(iter(train._STEP_CACHE))] is step_fn
+    assert step_fn._cache_size() == 1  # the restored state has the shardings and dtypes it had
+    # Set-up programs (initialisers, the evaluation) may compile; the step does not again, and
+    # nothing compiles per step: fewer compilations than the 8 steps trained.
+    assert len(compiles) < 8, compiles
+
+
+def test_the_loop_refuses_implicit_transfers_into_the_step(data_dir, tmp_path, monkeypatch,
+                                                           one_device):
+    """If the loop handed the step host arrays (here: NumPy batches), the step would copy them
+    implicitly on every call; the loop's transfer guard makes that an error."""
+    from byol_flax import train
+
+    config = shrunk_digits_config(data_dir)
+    monkeypatch.setattr(train, "shard_batch", lambda batch, mesh: batch)
+    with pytest.raises(Exception, match="[Dd]isallowed host-to-device transfer"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+# --- Mixed precision --------------------------------------------------------------------------
+
+
+def test_bfloat16_compute_tracks_float32_losses_and_keeps_float32_parameters(config):
+    from byol_flax.sharding import shard_batch
+    from tests.helpers import make_views
+    from tests.test_train_step import setup
+
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config.model.compute_dtype = dtype
+        graphdef, state, step, mesh = setup(config, devices=jax.devices()[:1])
+        losses[dtype] = []
+        for seed in range(4):
+            state, metrics = step(state, shard_batch(make_views(16, seed), mesh))
+            losses[dtype].append(float(metrics["loss"]))
+        params = jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).online, nnx.Param))
+        assert {p.dtype for p in params} == {jnp.dtype("float32")}
+    # bfloat16 keeps 8 bits of mantissa: losses (in [-4, 4]) agree to ~1e-2, step by step.
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=3e-2)
+    assert losses["float32"][0] != losses["bfloat16"][0]  # bfloat16 really was used
+
+
+def test_tracing_the_step_does_not_scan_the_trace_for_error_messages(config, monkeypatch):
+    """Every Variable write asks a tracer for its sharding; with the fix the AttributeError it
+    gets no longer builds the message that scans all equations traced so far."""
+    from jax._src.interpreters import partial_eval
+
+    from byol_flax.sharding import shard_batch
+    from tests.helpers import make_views
+    from tests.test_train_step import setup
+
+    assert runtime.speed_up_tracing()  # idempotent; already applied by byol_flax.train_step
+    scans = []
+    original = partial_eval.DynamicJaxprTracer._origin_msg
+    monkeypatch.setattr(partial_eval.DynamicJaxprTracer, "_origin_msg",
+                        lambda self: scans.append(1) or original(self))
+    _, state, step, mesh = setup(config)
+    step.trace(state, shard_batch(make_views(16), mesh))
+    assert scans == []
+
+    @jax.jit
+    def probe(x):
+        assert not hasattr(x, "sharding") and getattr(x, "sharding", None) is None
+        with pytest.raises(AttributeError, match="'sharding' attribute is not available"):
+            x.sharding  # noqa: B018
+        return x
+
+    probe(jnp.ones(2))

@@ -9,7 +9,7 @@ are again slices, pads and dots, all of which it runs at matmul speed.
 
 ``model.conv_implementation`` picks: ``"xla"`` (``lax.conv_general_dilated`` everywhere: what
 TPUs and GPUs want), ``"patches"`` (everywhere), or ``"auto"``: patches on the CPU for layers
-whose input is smaller than ``PATCHES_BELOW`` pixels on a side, XLA otherwise and on every other
+whose output is smaller than ``PATCHES_BELOW`` pixels on a side, XLA otherwise and on every other
 backend. The kernel parameter has the same (kh, kw, C_in, C_out) layout in all three, so
 checkpoints move freely between them.
 """
@@ -22,10 +22,11 @@ import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
-# "auto" on the CPU: patches for inputs smaller than this many pixels on a side. Measured on a
-# 2-core Xeon (AVX-512), jaxlib 0.10.2, ResNet layers at batch 32-128, forward + backward:
-# at 2x2 XLA's convolution runs at 1-2 GFLOP/s and the patches form at 86-131; from 4x4 up XLA's
-# own (with the runtime flags of byol_flax.runtime) is 1.3-2x faster than the patches form.
+# "auto" on the CPU: patches for outputs smaller than this many pixels on a side. Measured on a
+# 2-core Xeon (AVX-512), jaxlib 0.10.2, ResNet layers at batch 32-128, forward + backward: for
+# 2x2 outputs of 3x3 kernels (stride 1 from 2x2, stride 2 from 4x4) XLA's convolution runs at
+# 1-4 GFLOP/s and the patches form at 98-131, and 1x1 layers are 1.1-1.9x faster as patches;
+# from 4x4 outputs up XLA's own (with the runtime flags of byol_flax.runtime) is 1.1-2x faster.
 PATCHES_BELOW = 4
 
 
@@ -76,12 +77,15 @@ def conv_via_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
 
 def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
               padding: Any, **kwargs: Any) -> jax.Array:
-    """Patches for small inputs on the CPU, ``lax.conv_general_dilated`` otherwise.
+    """Patches for small output maps on the CPU, ``lax.conv_general_dilated`` otherwise.
 
-    Decided at trace time from the input's shape and the default backend, so one jitted step
-    holds one implementation per layer.
+    Decided at trace time from the shapes and the default backend, so one jitted step holds one
+    implementation per layer.
     """
-    if jax.default_backend() == "cpu" and min(lhs.shape[1:3]) < PATCHES_BELOW:
+    pads = _pairs(padding, lhs.shape[1:3], rhs.shape[:2], window_strides)
+    output_size = [(size + low + high - kernel) // stride + 1 for size, (low, high), kernel, stride
+                   in zip(lhs.shape[1:3], pads, rhs.shape[:2], window_strides)]
+    if jax.default_backend() == "cpu" and min(output_size) < PATCHES_BELOW:
         return conv_via_patches(lhs, rhs, window_strides, padding, **kwargs)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
 
