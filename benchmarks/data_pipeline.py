@@ -5,9 +5,13 @@ shards in a temporary directory), then measures:
   * host images/s per worker of the Grain training pipeline (decode + two random resized crops
     + flips) at 224 px and 32 px, in-process (one worker) and with ``--workers`` processes;
   * on-device images/s of the Table 6 photometric augmentations (both views) at 224 and 32 px.
-Prints a table and a final JSON line. Usage:
+With ``--step-json`` (result files of ``benchmarks/train_step.py --json-out``), each step's
+consumption (its images/s) is set against the host pipeline at ``--workers`` workers and the same
+image size: the target is a pipeline at least 2x faster than the step consumes. Prints a table and
+a final JSON line. Usage:
 
-    python benchmarks/data_pipeline.py [--images 512] [--workers 2] [--batch 64]
+    python benchmarks/data_pipeline.py [--images 512] [--workers 2] [--batch 64] \
+        [--sizes 224,64,32] [--step-json r18.json r50.json]
 """
 
 import argparse
@@ -17,9 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-from absl import flags
+from byol_flax.runtime import configure_xla_flags
+
+configure_xla_flags()  # before JAX starts: the step it is compared with runs with them
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 from PIL import Image
 
 from byol_flax.config import base_config
@@ -76,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--sizes", default="224,64,32", help="crop sizes, px")
+    parser.add_argument("--step-json", nargs="*", default=[],
+                        help="train_step.py results whose consumption to compare against")
     parser.add_argument("--timed-batches", type=int, default=24,
                         help="batches timed per measurement (the data repeats)")
     return parser
@@ -84,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     flags.FLAGS.mark_as_parsed()
+    steps = [json.loads(Path(path).read_text()) for path in args.step_json]
+    sizes = sorted({int(s) for s in args.sizes.split(",")} | {s["image_size"] for s in steps},
+                   reverse=True)
 
     result = {"benchmark": "data_pipeline", "source_image": "JPEG 500x375",
               "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
@@ -91,7 +104,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_sample_data(Path(tmp), args.images)
-        for size in (224, 32):
+        for size in sizes:
             config = base_config()
             config.data.dir = tmp
             config.data.image_size = size
@@ -115,6 +128,24 @@ def main() -> None:
     print(f"{'stage':<32} {'workers':>10} {'images/s':>10} {'per worker':>11}")
     for stage, workers, rate, per_worker in rows:
         print(f"{stage:<32} {workers!s:>10} {rate:>10.1f} {per_worker:>11.1f}")
+    consumption = []
+    for step in steps:
+        size = step["image_size"]
+        host = result[f"host_{size}px_{args.workers}workers_images_per_second"]
+        device = result[f"device_augment_{size}px_images_per_second"]
+        consumption.append({
+            "step": f"{step['encoder']} {size}px batch {step['batch']} ({step['impl']})",
+            "step_images_per_second": step["images_per_second"], "workers": args.workers,
+            "host_pipeline_images_per_second": host, "host_over_step": round(
+                host / step["images_per_second"], 2),
+            "device_augment_over_step": round(device / step["images_per_second"], 2),
+            "target_host_at_least_2x": host >= 2 * step["images_per_second"]})
+    if consumption:
+        print(f"\n{'step':<40} {'consumes':>9} {'host pipeline':>14} {'ratio':>6}")
+        for row in consumption:
+            print(f"{row['step']:<40} {row['step_images_per_second']:>9.1f} "
+                  f"{row['host_pipeline_images_per_second']:>14.1f} {row['host_over_step']:>6}")
+        result["step_consumption"] = consumption
     print(json.dumps(result))
 
 
