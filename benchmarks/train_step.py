@@ -38,6 +38,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def current_rss_mib() -> float | None:
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def host_description() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
             else []:
@@ -63,16 +71,23 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def time_steps(run_step, steps: int) -> tuple[float, list[float]]:
-    """(first call seconds, timed step seconds); ``run_step`` blocks until its step is done."""
+def time_steps(run_step, steps: int, memory: dict) -> tuple[float, list[float]]:
+    """(first call seconds, timed step seconds); ``run_step`` blocks until its step is done.
+
+    ``memory`` gets the peak RSS before the first call (model and optimizer state built), after
+    it (compilation) and the RSS after the timed steps (steady state), in MiB.
+    """
+    memory["peak_rss_before_first_step_mib"] = round(peak_rss_mib(), 1)
     start = time.perf_counter()
     run_step()
     first = time.perf_counter() - start
+    memory["peak_rss_after_first_step_mib"] = round(peak_rss_mib(), 1)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         run_step()
         times.append(time.perf_counter() - start)
+    memory["rss_after_steps_mib"] = round(current_rss_mib() or 0.0, 1)
     return first, times
 
 
@@ -117,11 +132,12 @@ def run_jax(args: argparse.Namespace) -> dict:
 
     def run_step():
         holder["state"], metrics = step(holder["state"], batch)
-        holder["loss"] = float(metrics["loss"])  # blocks until the step is done
+        holder["loss"] = float(jax.device_get(metrics["loss"]))  # explicit; waits for the step
 
+    memory: dict = {}
     with jax.transfer_guard("disallow"):  # the timed loop moves nothing host <-> device
-        first, times = time_steps(run_step, args.steps)
-    return {
+        first, times = time_steps(run_step, args.steps, memory)
+    return {**memory,
         "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
         "platform": jax.default_backend(), "versions": f"jax {jax.__version__}",
         "first_step_seconds": first, "times": times, "step_gflop": flops / 1e9 if flops else None,
@@ -146,8 +162,9 @@ def run_torch(args: argparse.Namespace, compiled: bool) -> dict:
     def run_step():
         holder["loss"] = float(model.step(*views))
 
-    first, times = time_steps(run_step, args.steps)
-    return {"device": f"cpu ({torch.get_num_threads()} threads)", "platform": "cpu",
+    memory: dict = {}
+    first, times = time_steps(run_step, args.steps, memory)
+    return {**memory, "device": f"cpu ({torch.get_num_threads()} threads)", "platform": "cpu",
             "versions": f"torch {torch.__version__}", "first_step_seconds": first,
             "times": times, "loss": holder["loss"]}
 
@@ -207,6 +224,9 @@ def compare(args: argparse.Namespace) -> dict:
         rows[impl] = {"images_per_second": round(rate, 2),
                       "compile_seconds": round(median([r["compile_seconds"] for r in results]), 1),
                       "peak_rss_mib": round(median([r["peak_rss_mib"] for r in results]), 1),
+                      **{key: round(median([r[key] for r in results]), 1) for key in (
+                          "peak_rss_before_first_step_mib", "peak_rss_after_first_step_mib",
+                          "rss_after_steps_mib")},
                       "fraction_of_matmul_peak": round(
                           flops * rate / args.batch / peak, 3) if flops else None,
                       "per_round_images_per_second": [r["images_per_second"] for r in results],
