@@ -8,6 +8,7 @@ representation y taken after the final global average pool (2048 x width for bot
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Literal
 
 import jax
@@ -155,5 +156,12 @@ def build_encoder(name: str, *, width_multiplier: int = 1, stem: Stem = "imagene
     """
     if width_multiplier not in (1, 2, 3, 4):
         raise ValueError(f"encoder width_multiplier must be 1, 2, 3 or 4, got {width_multiplier!r}")
-    return ENCODERS.get(name)(width_multiplier=width_multiplier, stem=stem, bn=bn, dtype=dtype,
-                              conv_implementation=conv_implementation, rngs=rngs)
+    constructor = ENCODERS.get(name)
+    options = {}
+    if "conv_implementation" in inspect.signature(constructor).parameters:
+        options["conv_implementation"] = conv_implementation
+    elif conv_implementation != "auto":  # an encoder registered by a user, without convolutions
+        raise ValueError(f"encoder {name!r} does not take conv_implementation "
+                         f"(got {conv_implementation!r}); leave it at 'auto'")
+    return constructor(width_multiplier=width_multiplier, stem=stem, bn=bn, dtype=dtype,
+                       rngs=rngs, **options)
