@@ -158,7 +158,9 @@ def build_encoder(name: str, *, width_multiplier: int = 1, stem: Stem = "imagene
         raise ValueError(f"encoder width_multiplier must be 1, 2, 3 or 4, got {width_multiplier!r}")
     constructor = ENCODERS.get(name)
     options = {}
-    if "conv_implementation" in inspect.signature(constructor).parameters:
+    target = constructor.func if isinstance(constructor, functools.partial) else constructor
+    if "conv_implementation" in inspect.signature(
+            target.__init__ if inspect.isclass(target) else target).parameters:
         options["conv_implementation"] = conv_implementation
     elif conv_implementation != "auto":  # an encoder registered by a user, without convolutions
         raise ValueError(f"encoder {name!r} does not take conv_implementation "
