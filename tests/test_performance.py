@@ -247,3 +247,25 @@ def test_tracing_the_step_does_not_scan_the_trace_for_error_messages(config, mon
         return x
 
     probe(jnp.ones(2))
+
+
+def test_encoders_without_convolutions_build_with_auto_and_refuse_another_choice():
+    """A user-registered encoder need not know about conv implementations (CONTRIBUTING's
+    example does not); asking it for a specific one is an error naming the encoder."""
+    from byol_flax.models.resnet import ENCODERS
+
+    class NoConvEncoder(nnx.Module):
+        def __init__(self, *, width_multiplier, stem, bn, dtype, rngs):
+            self.num_features = 3
+
+    ENCODERS.register("no_conv_test_encoder")(NoConvEncoder)
+    try:
+        encoder = build_encoder("no_conv_test_encoder", rngs=nnx.Rngs(0))
+        assert encoder.num_features == 3
+        with pytest.raises(ValueError, match="'no_conv_test_encoder' does not take conv_impl"):
+            build_encoder("no_conv_test_encoder", conv_implementation="xla", rngs=nnx.Rngs(0))
+    finally:
+        ENCODERS.unregister("no_conv_test_encoder")
+    tiny = build_encoder("resnet_tiny", stem="small", conv_implementation="patches",
+                         rngs=nnx.Rngs(0))
+    assert tiny.stem_conv.conv_general_dilated is conv_via_patches
