@@ -95,6 +95,9 @@ def main() -> None:
     args = build_parser().parse_args()
     flags.FLAGS.mark_as_parsed()
     steps = [json.loads(Path(path).read_text()) for path in args.step_json]
+    for step in steps:  # a --compare-torch result: our step's row
+        if "results" in step:
+            step.update(impl="jax", images_per_second=step["results"]["jax"]["images_per_second"])
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {s["image_size"] for s in steps},
                    reverse=True)
 
