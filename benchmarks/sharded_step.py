@@ -29,25 +29,11 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     from flax import nnx
 
-    from byol_flax.config import base_config
-    from byol_flax.schedules import build_schedules
-    from byol_flax.sharding import make_mesh, replicate, shard_batch
-    from byol_flax.train_state import create_train_state
-    from byol_flax.train_step import make_train_step
+    from train_step import build_step, random_views  # this folder: the same step and views
 
-    config = base_config()
-    config.model.encoder.name = args.encoder
-    config.model.encoder.stem = args.stem
-    config.training.batch_size = args.batch
-    mesh = make_mesh()
-    lr, tau = build_schedules(config, total_steps=100, warmup_steps=2)
-    graphdef, state = nnx.split(create_train_state(config, lr))
-    state = replicate(state, mesh)
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau)
-    rng = np.random.default_rng(0)
-    shape = (args.batch, args.image_size, args.image_size, 3)
-    batches = [shard_batch({view: rng.normal(size=shape).astype(np.float32)
-                            for view in ("view1", "view2")}, mesh) for _ in range(args.steps)]
+    graphdef, state, step, mesh = build_step(args.encoder, args.stem, args.batch,
+                                             total_steps=100, warmup_steps=2)
+    batches = random_views(args.batch, args.image_size, mesh, count=args.steps)
     losses, times = [], []
     for batch in batches:
         start = time.perf_counter()

@@ -91,41 +91,57 @@ def time_steps(run_step, steps: int, memory: dict) -> tuple[float, list[float]]:
     return first, times
 
 
+def build_step(encoder: str, stem: str, batch: int, *, dtype: str = "float32",
+               conv: str = "auto", total_steps: int = 1000, warmup_steps: int = 10):
+    """(graphdef, replicated state, jitted step, mesh) of the paper's step for this encoder."""
+    from flax import nnx
+
+    from byol_flax.config import base_config
+    from byol_flax.schedules import build_schedules
+    from byol_flax.sharding import make_mesh, replicate
+    from byol_flax.train_state import create_train_state
+    from byol_flax.train_step import make_train_step
+
+    config = base_config()
+    config.model.encoder.name = encoder
+    config.model.encoder.stem = stem
+    config.model.compute_dtype = dtype
+    config.model.conv_implementation = conv
+    config.training.batch_size = batch
+    mesh = make_mesh()
+    lr, tau = build_schedules(config, total_steps=total_steps, warmup_steps=warmup_steps)
+    graphdef, state = nnx.split(create_train_state(config, lr))
+    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau)
+    return graphdef, replicate(state, mesh), step, mesh
+
+
+def random_views(batch: int, image_size: int, mesh, count: int) -> list[dict]:
+    """``count`` batches of two random views, sharded over ``mesh`` (seeded: equal everywhere)."""
+    import numpy as np
+
+    from byol_flax.sharding import shard_batch
+
+    rng = np.random.default_rng(0)
+    shape = (batch, image_size, image_size, 3)
+    return [shard_batch({view: rng.normal(size=shape).astype(np.float32)
+                         for view in ("view1", "view2")}, mesh) for _ in range(count)]
+
+
 def run_jax(args: argparse.Namespace) -> dict:
     from byol_flax.runtime import configure_xla_flags
 
     if not args.no_xla_flags:
         configure_xla_flags()
     import jax
-    import numpy as np
-    from flax import nnx
-
-    from byol_flax.config import base_config
-    from byol_flax.schedules import build_schedules
-    from byol_flax.sharding import make_mesh, replicate, shard_batch
-    from byol_flax.train_state import create_train_state
-    from byol_flax.train_step import make_train_step
 
     compiles: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, seconds, **_: compiles.append(seconds)
         if event == "/jax/core/compile/backend_compile_duration" else None)
 
-    config = base_config()
-    config.model.encoder.name = args.encoder
-    config.model.encoder.stem = args.stem
-    config.model.compute_dtype = args.dtype
-    config.model.conv_implementation = args.conv
-    config.training.batch_size = args.batch
-    mesh = make_mesh()
-    lr, tau = build_schedules(config, total_steps=1000, warmup_steps=10)
-    graphdef, state = nnx.split(create_train_state(config, lr))
-    state = replicate(state, mesh)
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau)
-    rng = np.random.default_rng(0)
-    shape = (args.batch, args.image_size, args.image_size, 3)
-    batch = shard_batch({view: rng.normal(size=shape).astype(np.float32)
-                         for view in ("view1", "view2")}, mesh)
+    _, state, step, mesh = build_step(args.encoder, args.stem, args.batch, dtype=args.dtype,
+                                      conv=args.conv)
+    (batch,) = random_views(args.batch, args.image_size, mesh, count=1)
     flops = (step.lower(state, batch).cost_analysis() or {}).get("flops")
     compiles.clear()
     holder = {"state": state}
