@@ -83,7 +83,7 @@ def entry_point(data_dir: str, workdir: Path, *extra: str,
                 program: Sequence[str] = ()) -> list[str]:
     return [*(program or [sys.executable, "-m", "byol_flax.main"]),
             f"--config={REPO / 'experiments' / 'digits_cpu.py'}:{data_dir}",
-            f"--workdir={workdir}", *SHRINK, *extra]
+            f"--workdir={workdir}", "--verbose", *SHRINK, *extra]
 
 
 class Run:
@@ -464,9 +464,10 @@ import byol_flax.train as train
 from byol_flax import main
 bad_step = int(sys.argv.pop(1))
 original, calls = train.views_only, {"n": 0}
-def views_with_nan(batch):
+def views_with_nan(batch, keys=("view1", "view2")):
     calls["n"] += 1  # one call per step; all batches as floats so one program runs throughout
-    views = {k: v.astype(np.float32) / 255.0 for k, v in original(batch).items()}
+    views = {k: v.astype(np.float32) / 255.0 if k.startswith("view") else v
+             for k, v in original(batch, keys).items()}
     if calls["n"] == bad_step:
         views["view1"][0, 0, 0, 0] = np.nan
     return views

@@ -27,9 +27,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 
-# Keys of config.model that change how the network is computed, not what it computes: a checkpoint
-# restores under any of their values, so they are left out of the saved model config.
-RUNTIME_MODEL_KEYS = ("conv_implementation",)
+# Keys of config.model that change how the network is computed or initialised, not what a
+# checkpoint holds: it restores under any of their values, so they are left out of the saved
+# model config (dotted paths within config.model).
+RUNTIME_MODEL_KEYS = ("conv_implementation", "encoder.zero_init_residual")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -88,7 +89,11 @@ class Checkpointer:
         )
         model = json.loads(config.model.to_json())
         for key in RUNTIME_MODEL_KEYS:
-            model.pop(key, None)
+            *parents, name = key.split(".")
+            section = model
+            for parent in parents:
+                section = section.get(parent, {})
+            section.pop(name, None)
         self._model_config = {"model": model, "target": {"kind": config.target.kind}}
         self.manager = ocp.CheckpointManager(
             epath.Path(directory), options=options,

@@ -23,8 +23,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 1337
 
     config.model = ml_collections.ConfigDict()
+    # zero_init_residual: the last BatchNorm scale of each residual block starts at 0 (Goyal et
+    # al.) instead of 1. The paper used 1 (official README, note on batch normalisation: the
+    # zero-initialisation in its code was not used for the paper and hurts the widest nets).
+    # Initialisation only: not part of a checkpoint's compatibility check.
     config.model.encoder = ml_collections.ConfigDict(
-        {"name": "resnet50", "width_multiplier": 1, "stem": "imagenet"})
+        {"name": "resnet50", "width_multiplier": 1, "stem": "imagenet",
+         "zero_init_residual": False})
     config.model.projector = ml_collections.ConfigDict(
         {"hidden_size": 4096, "output_size": 256, "depth": 2})
     # kind: a name in byol_flax.models.predictors.PREDICTORS (mlp, linear, identity,
@@ -33,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.predictor = ml_collections.ConfigDict(
         {"kind": "mlp", "hidden_size": 4096, "depth": 2, "ridge": 1e-4})
     config.model.batchnorm = ml_collections.ConfigDict({"decay": 0.9, "eps": 1e-5})
+    # The official implementation's online classifier: a linear layer trained with the labels on
+    # the stop-gradient representation during pre-training (no gradient reaches the encoder); its
+    # held-out top-1 is the training curve to watch. Switched off, with a log line, when the
+    # training split has no labels.
+    config.model.online_classifier = True
     # bfloat16 halves activation memory on TPU; parameters and BN statistics stay float32.
     config.model.compute_dtype = "float32"
     # How convolutions are computed (byol_flax.models.conv): "auto" (XLA's own, except patches +
@@ -111,7 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.monitor = ml_collections.ConfigDict()
     config.monitor.every_steps = 5000  # 0 disables the online evaluation
-    config.monitor.evaluators = ("knn",)  # names in byol_flax.evaluation.EVALUATORS
+    # Names in byol_flax.evaluation.EVALUATORS; those that need labels are dropped, with a log
+    # line, when the monitor splits have none (and online_classifier when it is not trained).
+    config.monitor.evaluators = ("knn", "online_classifier")
     config.monitor.train_split = "train"  # labelled examples forming the kNN memory
     config.monitor.eval_split = "holdout"  # queries
     config.monitor.max_train_examples = 10_000

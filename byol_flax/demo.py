@@ -3,48 +3,63 @@
 BYOL end to end on real images on a laptop CPU, with its baselines, in one command:
 
 1. convert scikit-learn's bundled 8x8 digits to ArrayRecord shards (``data_prep.digits``);
-2. per augmentation recipe (the paper's Table 6 and the documented small-image variant of
-   ``experiments/digits_cpu.py``) and per seed: pre-train with ``train_and_evaluate`` (the body of
-   ``byol_flax.main``) on ``experiments/digits_cpu.py``, with the kNN monitor on the held-out
-   split;
+2. pre-train with ``train_and_evaluate`` (the body of ``byol_flax.main``) on
+   ``experiments/digits_cpu.py`` (its default recipe, chosen by the sweep in
+   ``docs/demo_calibration.md``), with the kNN monitor and the official online classifier on the
+   held-out split; ``--seeds=0,1,2`` for the seed spread, ``--recipes=digits,paper`` to add the
+   paper's Table 6 augmentations;
 3. evaluate, with the same protocol code and splits (``experiments/eval_digits.py``: fit on
    train, choose the LR on holdout, report test): linear and kNN on the BYOL encoder, on the same
    architecture at random initialisation, and linear on raw pixels;
-4. export the first seed's encoder with its model card, and write ``report.md``,
+4. export the first run's encoder with its model card, and write ``report.md``,
    ``report.json`` and PNG plots (:mod:`byol_flax.report`).
 
-Everything lands in the workdir; re-running resumes (finished pre-trainings are not redone).
+The console shows one line per stage, a progress bar per pre-training and the verdict; the full
+log is ``<workdir>/log.txt`` (``--verbose`` prints it too). Everything lands in the workdir;
+re-running resumes (finished pre-trainings are not redone).
 """
 
 import json
-import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import ml_collections
-import numpy as np
-from absl import app, flags
-from etils import epath
+from byol_flax import console
 
-from byol_flax import report
-from byol_flax.config import training_steps
-from byol_flax.data.pipeline import open_split
-from byol_flax.evaluation import model_card, protocols
-from byol_flax.evaluation.export import PIXELS_SOURCE, RANDOM_PREFIX, load_source
-from byol_flax.evaluation.runner import evaluate
-from byol_flax.local_runs import enable_compilation_cache, prepare_data
-from byol_flax.runtime import configure_xla_flags
-from byol_flax.sharding import make_mesh
-from byol_flax.train import train_and_evaluate
-from experiments import digits_cpu, eval_digits
+console.quiet_native_logs()  # before TensorFlow is imported (through CLU)
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
+
+from byol_flax import report  # noqa: E402
+from byol_flax.config import training_steps  # noqa: E402
+from byol_flax.data.pipeline import open_split  # noqa: E402
+from byol_flax.evaluation import model_card, protocols  # noqa: E402
+from byol_flax.evaluation.export import PIXELS_SOURCE, RANDOM_PREFIX, load_source  # noqa: E402
+from byol_flax.evaluation.runner import evaluate  # noqa: E402
+from byol_flax.local_runs import enable_compilation_cache, prepare_data  # noqa: E402
+from byol_flax.runtime import configure_xla_flags  # noqa: E402
+from byol_flax.sharding import make_mesh  # noqa: E402
+from byol_flax.train import train_and_evaluate  # noqa: E402
+from experiments import digits_cpu, eval_digits  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where everything is written.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Pre-training / evaluation seeds.")
-_RECIPES = flags.DEFINE_list("recipes", list(digits_cpu.AUGMENTATION_RECIPES),
-                             "Augmentation recipes of experiments/digits_cpu.py to run.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Pre-training / evaluation seeds (0,1,2: the spread).")
+_RECIPES = flags.DEFINE_list("recipes", [digits_cpu.DEFAULT_RECIPE],
+                             "Recipes of experiments/digits_cpu.py to run, the first one is the "
+                             f"headline; one of {list(digits_cpu.AUGMENTATION_RECIPES)} each.")
 _QUICK = flags.DEFINE_boolean("quick", False, "Seconds-long smoke version (tests).")
+_VERBOSE = flags.DEFINE_boolean("verbose", False, "Also print every log line on the console "
+                                "(they always go to <workdir>/log.txt).")
+
+# What each run evaluates: (result key, protocol, source kind).
+EVALUATIONS = (("byol_linear", "linear", "byol"), ("byol_knn", "knn", "byol"),
+               ("random_init_linear", "linear", "random_init"),
+               ("random_init_knn", "knn", "random_init"), ("raw_pixels_linear", "linear", "pixels"))
+
 
 def quick_overrides(pretrain: ml_collections.ConfigDict,
                     evaluations: Sequence[ml_collections.ConfigDict]) -> None:
@@ -67,18 +82,31 @@ def quick_overrides(pretrain: ml_collections.ConfigDict,
         evaluation.data.max_train_examples = 256
 
 
-def run_seed(workdir: epath.Path, data_dir: str, recipe: str, seed: int, quick: bool
-             ) -> dict[str, Any]:
-    """Pre-trains one seed of one recipe and evaluates it and its baselines."""
-    run_dir = workdir / recipe / f"seed_{seed}"
+def demo_configs(data_dir: str, recipe: str, seed: int, overrides: dict[str, Any] | None = None,
+                 quick: bool = False) -> tuple[ml_collections.ConfigDict, ...]:
+    """(pre-training, linear evaluation, kNN evaluation) configs of one demo run.
+
+    ``overrides``: dotted pre-training keys (the calibration sweep's points); the evaluations
+    follow the pre-training's image size.
+    """
     pretrain = digits_cpu.get_config(f"data={data_dir},augment={recipe}")
     pretrain.seed = seed
+    pretrain.update_from_flattened_dict(overrides or {})  # locked: an unknown key fails
     linear = eval_digits.get_config(f"linear,data={data_dir}")
     knn = eval_digits.get_config(f"knn,data={data_dir}")
     for config in (linear, knn):
         config.seed = seed
+        config.data.image_size = pretrain.data.image_size
     if quick:
         quick_overrides(pretrain, (linear, knn))
+    return pretrain, linear, knn
+
+
+def run_seed(workdir: epath.Path, data_dir: str, recipe: str, seed: int, quick: bool,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pre-trains one seed of one recipe and evaluates it and its baselines."""
+    run_dir = workdir / recipe / f"seed_{seed}"
+    pretrain, linear, knn = demo_configs(data_dir, recipe, seed, overrides, quick)
     pretrain_dir = run_dir / "pretrain"
     started = time.perf_counter()
     final = train_and_evaluate(pretrain, pretrain_dir)
@@ -91,12 +119,22 @@ def run_seed(workdir: epath.Path, data_dir: str, recipe: str, seed: int, quick: 
                "train_seconds": train_seconds, "final_metrics": final, "steps": steps,
                "config": json.loads(pretrain.to_json_best_effort()),
                "eval_config": json.loads(linear.to_json_best_effort())}
-    sources = {"byol": str(pretrain_dir), "random_init": RANDOM_PREFIX + str(pretrain_dir)}
-    for name, source in sources.items():
-        results[f"{name}_linear"] = evaluate(linear, source, str(run_dir / f"linear_{name}"))
-        results[f"{name}_knn"] = evaluate(knn, source, str(run_dir / f"knn_{name}"))
-    results["raw_pixels_linear"] = evaluate(linear, PIXELS_SOURCE, str(run_dir / "linear_pixels"))
+    sources = {"byol": str(pretrain_dir), "random_init": RANDOM_PREFIX + str(pretrain_dir),
+               "pixels": PIXELS_SOURCE}
+    configs = {"linear": linear, "knn": knn}
+    for key, protocol, source in EVALUATIONS:
+        result = evaluate(configs[protocol], sources[source], str(run_dir / _eval_dir(key)))
+        results[key] = result
+        metric, value = next(iter(result["test"].items()))
+        console.stage("  %-19s test %s %.3f (chosen on %s: %s)", key, metric, value,
+                      result["selection_split"], json.dumps(result["selected"]))
     return results
+
+
+def _eval_dir(key: str) -> str:
+    """Result directory of an evaluation: ``linear_byol``, ``knn_random_init``, ``linear_pixels``."""
+    source, _, protocol = key.rpartition("_")
+    return f"{protocol}_{source.removeprefix('raw_')}"
 
 
 def run_demo(workdir: epath.PathLike, *, seeds: Sequence[int], recipes: Sequence[str],
@@ -114,14 +152,19 @@ def run_demo(workdir: epath.PathLike, *, seeds: Sequence[int], recipes: Sequence
 def _run_demo(workdir: epath.Path, *, seeds: Sequence[int], recipes: Sequence[str], quick: bool
               ) -> dict[str, Any]:
     started = time.perf_counter()
+    unknown = sorted(set(recipes) - set(digits_cpu.AUGMENTATION_RECIPES))
+    if unknown:
+        raise ValueError(f"--recipes: unknown recipe(s) {unknown}; choose from "
+                         f"{list(digits_cpu.AUGMENTATION_RECIPES)}")
     data_dir = prepare_data(workdir)
+    console.stage("data: scikit-learn's 1797 8x8 digits as ArrayRecord shards in %s", data_dir)
     runs = []
     plan = [(recipe, seed) for recipe in recipes for seed in seeds]
     for index, (recipe, seed) in enumerate(plan):
         elapsed = time.perf_counter() - started
-        eta = f", ETA {elapsed / index * (len(plan) - index) / 60:.1f} min" if index else ""
-        logging.info("demo: run %d of %d (recipe %s, seed %d); %.1f min elapsed%s", index + 1,
-                     len(plan), recipe, seed, elapsed / 60, eta)
+        eta = f"; ETA {elapsed / index * (len(plan) - index) / 60:.1f} min" if index else ""
+        console.stage("run %d of %d: recipe %s, seed %d (%.1f min elapsed%s)", index + 1,
+                      len(plan), recipe, seed, elapsed / 60, eta)
         runs.append(run_seed(workdir, data_dir, recipe, seed, quick))
     first = runs[0]
     export_dir = model_card.export_with_model_card(
@@ -131,12 +174,18 @@ def _run_demo(workdir: epath.Path, *, seeds: Sequence[int], recipes: Sequence[st
         intended_use="Demonstration of BYOL pre-training on 8x8 digits; research and teaching.",
         out_of_scope_use="Any decision about people; any use outside 8x8 grayscale digits.",
         known_failures="Tiny images and data: features are specific to scikit-learn's digits.")
+    console.stage("export: encoder and model card in %s", export_dir)
     embeddings = test_embeddings(first, quick)
     configs = {run["recipe"]: {"pretrain": run.pop("config"), "linear": run.pop("eval_config")}
                for run in runs}
-    return report.write_report(workdir, runs, embeddings=embeddings, export_dir=export_dir,
-                               total_seconds=time.perf_counter() - started,
-                               device=jax.devices()[0].device_kind, configs=configs)
+    content = report.write_report(workdir, runs, embeddings=embeddings, export_dir=export_dir,
+                                  total_seconds=time.perf_counter() - started,
+                                  device=jax.devices()[0].device_kind, configs=configs,
+                                  recipe_notes=digits_cpu.RECIPE_NOTES)
+    console.stage("report: %s (plots beside it); %.1f min in all\n\n%s",
+                  workdir / "report.md", content["total_seconds"] / 60,
+                  report.console_table(content))
+    return content
 
 
 def test_embeddings(run: dict[str, Any], quick: bool
@@ -148,7 +197,7 @@ def test_embeddings(run: dict[str, Any], quick: bool
     out = {}
     for name, source in (("BYOL", run["pretrain_dir"]),
                          ("random init", RANDOM_PREFIX + run["pretrain_dir"])):
-        pretrained = load_source(source, seed=run["seed"])
+        pretrained = load_source(source, seed=run["seed"], image_size=config.data.image_size)
         ctx = protocols.Context(config, pretrained, make_mesh(), protocols.SweepStore(None),
                                 json.dumps(pretrained.origin, sort_keys=True))
         out[f"{name} (seed {run['seed']})"] = ctx.features(ctx.test)
@@ -159,6 +208,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
+    log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+    console.stage("byol_flax demo: full log in %s", log_file)
     summary = run_demo(_WORKDIR.value, seeds=[int(s) for s in _SEEDS.value],
                        recipes=_RECIPES.value, quick=_QUICK.value)
     print(json.dumps({k: summary[k] for k in report.HEADLINE_KEYS}))

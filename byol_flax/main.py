@@ -9,15 +9,19 @@ import logging
 import os
 import sys
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from byol_flax import console
 
-from byol_flax.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError
-from byol_flax.config import ConfigError
-from byol_flax.data.records import DataError
-from byol_flax.runtime import configure_xla_flags
-from byol_flax.train import NonFiniteLossError, WorkdirError, train_and_evaluate
+console.quiet_native_logs()  # before TensorFlow is imported (through CLU)
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from byol_flax.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError  # noqa: E402
+from byol_flax.config import ConfigError  # noqa: E402
+from byol_flax.data.records import DataError  # noqa: E402
+from byol_flax.runtime import configure_xla_flags  # noqa: E402
+from byol_flax.train import NonFiniteLossError, WorkdirError, train_and_evaluate  # noqa: E402
 
 # Errors in what the user gave us (config, data, workdir, checkpoints) or a diverged run: one
 # line naming the key / file / step, exit status 1, no traceback to dig through.
@@ -35,6 +39,9 @@ _DISTRIBUTED = flags.DEFINE_boolean(
     "distributed", False, "Call jax.distributed.initialize() with no arguments (multi-host "
     "Cloud TPU slices; the launcher passes it). Implied by TPU_WORKER_HOSTNAMES listing several "
     "hosts or by --coordinator_address.")
+_VERBOSE = flags.DEFINE_boolean(
+    "verbose", False, "Also print every log line on the console (they always go to "
+    "<workdir>/log.txt).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -51,19 +58,12 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-class _QuietLibraries(logging.Filter):
-    """Drops INFO chatter of Orbax (dozens of lines per save); warnings and errors pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno > logging.INFO or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietLibraries())
+    log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+    console.stage("byol_flax: full log in %s", log_file)
     _initialize_distributed()
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())

@@ -5,6 +5,7 @@ module that owns the concept. Resume is automatic: if ``workdir/checkpoints`` ho
 checkpoint, training continues from it exactly (state, RNG and data position).
 """
 
+import copy
 import json
 import logging
 import math
@@ -22,12 +23,13 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
+from byol_flax import console
 from byol_flax.checkpointing import Checkpointer
 from byol_flax.config import training_steps, validate_config
 from byol_flax.data.augment import make_device_augment
 from byol_flax.data.pipeline import open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
-from byol_flax.evaluation import build_evaluators
+from byol_flax.evaluation import EVALUATORS, build_evaluators
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
 from byol_flax.train_state import create_train_state
@@ -98,7 +100,7 @@ _STEP_CACHE: dict[str, StepFn] = {}
 
 
 def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                       total_steps: int, warmup_steps: int) -> StepFn:
+                       total_steps: int, warmup_steps: int, num_classes: int) -> StepFn:
     program = {key: json.loads(config[key].to_json())
                for key in ("model", "optimizer", "target", "loss", "training", "augment")}
     program["augment"] = {k: v for k, v in program["augment"].items()  # host-side keys
@@ -106,8 +108,8 @@ def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
     for view in ("view1", "view2"):
         program["augment"][view].pop("flip_prob")
     # The graph (and its optimizer) is a function of the model and optimizer configs.
-    key = json.dumps([program, total_steps, warmup_steps, [d.id for d in mesh.devices.flat]],
-                     sort_keys=True)
+    key = json.dumps([program, total_steps, warmup_steps, num_classes,
+                      [d.id for d in mesh.devices.flat]], sort_keys=True)
     if key not in _STEP_CACHE:
         learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
                                                     warmup_steps=warmup_steps)
@@ -117,6 +119,32 @@ def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
             accumulation_steps=config.training.accumulation_steps, loss_config=config.loss,
             target_kind=config.target.kind)
     return _STEP_CACHE[key]
+
+
+def plan_label_users(config: ml_collections.ConfigDict, num_classes: int
+                     ) -> ml_collections.ConfigDict:
+    """The config the run will use, decided before anything compiles: without labels in the data
+    (``num_classes == 0``), the online classifier and the monitors that need labels are switched
+    off, with one log line saying which and why. ``config`` itself is not modified."""
+    config = copy.deepcopy(config)
+    reasons = {}  # what is switched off -> why
+    if num_classes == 0 and config.model.online_classifier:
+        config.model.online_classifier = False
+        reasons["online classifier"] = "no labels"
+    kept = []
+    for name in config.monitor.evaluators:
+        if getattr(EVALUATORS.get(name), "needs_labels", False) and num_classes == 0:
+            reasons[f"{name} monitor"] = "no labels"
+        elif name == "online_classifier" and not config.model.online_classifier:
+            reasons[f"{name} monitor"] = "config.model.online_classifier is False"
+        else:
+            kept.append(name)
+    config.monitor.evaluators = tuple(kept)
+    if reasons:
+        logging.warning("switched off: %s", "; ".join(
+            f"{what} ({'the data in ' + config.data.dir + ' has no labels' if why == 'no labels' else why})"
+            for what, why in reasons.items()))
+    return config
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike
@@ -134,6 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         workdir = os.path.abspath(workdir)  # Orbax requires absolute local paths
     workdir = epath.Path(workdir)
     validate_config(config, num_devices=jax.device_count())
+    opened = open_split(config.data, config.data.train_split)
+    config = plan_label_users(config, opened.manifest.num_classes)
     is_chief = jax.process_index() == 0
     if is_chief:
         try:
@@ -150,21 +180,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                  jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape))
 
     # --- Data --------------------------------------------------------------------------------
-    opened = open_split(config.data, config.data.train_split)
     total_steps, warmup_steps = training_steps(config, opened.num_records)
     data_iterator = iter(train_dataset(config, opened, process_index=jax.process_index(),
                                        process_count=jax.process_count()))
-    logging.info("%d training examples; %d steps (%d warm-up) at batch %d", opened.num_records,
-                 total_steps, warmup_steps, config.training.batch_size)
+    console.stage("pre-training %s: %d images, %d steps (%d warm-up) at batch %d on %d %s "
+                  "device(s)%s", workdir.name, opened.num_records, total_steps, warmup_steps,
+                  config.training.batch_size, jax.device_count(), jax.devices()[0].platform,
+                  f"; monitors: {', '.join(config.monitor.evaluators)}"
+                  if config.monitor.every_steps and config.monitor.evaluators else "")
 
     # --- Model and step ----------------------------------------------------------------------
     learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
                                                 warmup_steps=warmup_steps)
-    graphdef, state = nnx.split(create_train_state(config, learning_rate))
+    num_classes = opened.manifest.num_classes if config.model.online_classifier else 0
+    graphdef, state = nnx.split(create_train_state(config, learning_rate,
+                                                   num_classes=num_classes))
     state = jax.device_put(state, replicated_sharding(mesh))
     parameter_overview.log_parameter_overview(
         nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state).online, nnx.Param)))
-    step_fn = _cached_train_step(config, graphdef, mesh, total_steps, warmup_steps)
+    step_fn = _cached_train_step(config, graphdef, mesh, total_steps, warmup_steps, num_classes)
+    batch_keys = ("view1", "view2", "label") if num_classes else ("view1", "view2")
 
     # --- Checkpoint --------------------------------------------------------------------------
     checkpointer = Checkpointer(workdir / "checkpoints", config)
@@ -172,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                                                  replicated_sharding(mesh))
     start_step = restored_step or 0
     if start_step:
-        logging.info("resuming at step %d of %d", start_step, total_steps)
+        console.stage("resuming at step %d of %d", start_step, total_steps)
 
     # --- Loop --------------------------------------------------------------------------------
     evaluators = build_evaluators(config, mesh, graphdef)
@@ -188,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     previous = None  # (step, metrics): checked one step late, so the host never stalls the device
     scalars: dict[str, float] = {}
     timer = (time.perf_counter(), start_step)
+    bar = console.progress(total_steps, start_step, "pre-training") if is_chief else None
     try:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -197,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                     raise DataError(f"{skipped} undecodable records skipped by step {step}, more "
                                     f"than config.data.max_skipped_records="
                                     f"{config.data.max_skipped_records}")
-                device_batch = shard_batch(views_only(batch), mesh)  # the one explicit copy
+                device_batch = shard_batch(views_only(batch, batch_keys), mesh)  # the one explicit copy
                 # Anything else crossing host <-> device inside the step (a NumPy array or Python
                 # scalar in the state, a retrace's constants) is an error, not a silent stall.
                 with jax.transfer_guard("disallow"):
@@ -207,6 +243,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             previous = (step, metrics)
             for hook in hooks:
                 hook(step)
+            if bar is not None:
+                bar.update(1)
 
             if step % config.logging.every_steps == 0 or step == total_steps:
                 _check_finite(step, metrics, last_checkpoint)
@@ -218,6 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                 timer = (now, step)
                 writer.write_scalars(step, scalars)
                 _warn_on_collapse(step, scalars, config.logging.collapse_warning_fraction)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{scalars['loss']:.3f}",
+                                    img_s=f"{scalars['images_per_second']:.0f}", refresh=False)
 
             if evaluators and (step % config.monitor.every_steps == 0 or step == total_steps):
                 for evaluator in evaluators:
@@ -237,10 +278,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                                 "same command to resume.", step)
                 break
     finally:
+        if bar is not None:
+            bar.close()
         checkpointer.wait_until_finished()
         checkpointer.close()
         writer.flush()
         guard.restore()
     if is_chief and scalars:  # a re-run of a finished job trains nothing and keeps the file
         (workdir / "final_metrics.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
+        shown = ["loss", *sorted(k for k in scalars if k.startswith("knn/")),
+                 "online_classifier/top1", "collapse/projection_effective_rank"]
+        console.stage("pre-training %s stopped at step %d of %d: %s", workdir.name, step,
+                      total_steps, ", ".join(f"{key} {scalars[key]:.3f}" for key in shown
+                                             if key in scalars))
     return scalars

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from byol_flax.models import ByolNetwork, build_online_network, target_from_online
 from byol_flax.models.init import init_module
+from byol_flax.models.resnet import CONV_INIT
 from byol_flax.optim import build_optimizer
 
 
@@ -28,13 +29,19 @@ class TrainState(nnx.Module):
     """Everything a BYOL run carries from step to step."""
 
     def __init__(self, online: ByolNetwork, optimizer_tx, *, seed: int = 0,
-                 target: ByolNetwork | None = None, with_target: bool = True):
+                 target: ByolNetwork | None = None, with_target: bool = True,
+                 classifier: nnx.Linear | None = None, classifier_tx=None):
         self.online = online
         # Without a target network (Table 19's sg(theta) and theta targets) nothing is averaged.
         if target is None and with_target:
             target = target_from_online(online)
         self.target = target
         self.optimizer = nnx.Optimizer(online, optimizer_tx, wrt=nnx.Param)
+        # The official online classifier (see create_train_state): outside the online network,
+        # so it is neither averaged into the target nor part of the BYOL optimizer's state.
+        self.classifier = classifier
+        self.classifier_optimizer = (None if classifier is None else
+                                     nnx.Optimizer(classifier, classifier_tx, wrt=nnx.Param))
         self.rng = RngKey(jax.random.key_data(jax.random.key(seed)))
 
     def step_key(self) -> jax.Array:
@@ -61,13 +68,27 @@ class TrainState(nnx.Module):
                                              target_params, online_params))
 
 
-def create_train_state(config: ConfigDict, learning_rate: optax.Schedule) -> TrainState:
+def create_train_state(config: ConfigDict, learning_rate: optax.Schedule, *,
+                       num_classes: int = 0) -> TrainState:
     """Builds the online network from ``config.seed``, its target copy and the LARS optimizer
-    (all initialisers compiled as one program: :func:`byol_flax.models.init.init_module`)."""
+    (all initialisers compiled as one program: :func:`byol_flax.models.init.init_module`).
+
+    With ``config.model.online_classifier`` and ``num_classes > 0``, also the official
+    implementation's online classifier: a linear layer on the stop-gradient representation,
+    trained with the labels by its own LARS (the same hyper-parameters and schedule the official
+    code applies to it) and initialised from its own seed, so the online network is the same
+    with or without it.
+    """
 
     def build() -> TrainState:
         online = build_online_network(config.model, rngs=nnx.Rngs(config.seed))
+        classifier, classifier_tx = None, None
+        if config.model.online_classifier and num_classes > 0:
+            classifier = nnx.Linear(online.encoder.num_features, num_classes,
+                                    kernel_init=CONV_INIT, rngs=nnx.Rngs(config.seed + 2))
+            classifier_tx = build_optimizer(config.optimizer, classifier, learning_rate)
         return TrainState(online, build_optimizer(config.optimizer, online, learning_rate),
-                          seed=config.seed + 1, with_target=config.target.kind == "ema")
+                          seed=config.seed + 1, with_target=config.target.kind == "ema",
+                          classifier=classifier, classifier_tx=classifier_tx)
 
     return init_module(build)

@@ -30,7 +30,7 @@ from byol_flax.train_state import RngKey, TrainState
 
 speed_up_tracing()  # tracing the step is quadratic without it (see the function)
 
-Batch = dict[str, jax.Array]  # {"view1": (B, H, W, C), "view2": (B, H, W, C)}
+Batch = dict[str, jax.Array]  # {"view1": (B, H, W, C), "view2": (B, H, W, C)[, "label": (B,)]}
 Metrics = dict[str, jax.Array]
 Augment = Callable[[jax.Array, Batch], Batch]  # (key, host crops) -> network inputs
 
@@ -92,7 +92,28 @@ def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State |
         **collapse_metrics("target_projection", target_projection_1),
     }
     new_target_state = None if target is None else nnx.state(target)
-    return loss, (nnx.state(online, nnx.Not(nnx.Param)), new_target_state, metrics)
+    # y of view 1 without gradient: the online classifier's input (official implementation).
+    representation = jax.lax.stop_gradient(online_1["representation"])
+    return loss, (nnx.state(online, nnx.Not(nnx.Param)), new_target_state, metrics,
+                  representation)
+
+
+def update_online_classifier(state: TrainState, representation: jax.Array,
+                             labels: jax.Array) -> Metrics:
+    """One step of the online classifier on stop-gradient representations (the official code's
+    ``logits_view1`` and softmax cross-entropy). It is differentiated alone, so no gradient can
+    reach the encoder, and updated by its own optimizer."""
+    classifier_def, classifier_params = nnx.split(state.classifier, nnx.Param)
+
+    def cross_entropy(params):
+        logits = nnx.merge(classifier_def, params)(representation.astype(jnp.float32))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, logits
+
+    (loss, logits), grads = jax.value_and_grad(cross_entropy, has_aux=True)(classifier_params)
+    state.classifier_optimizer.update(state.classifier, grads)
+    return {"online_classifier/loss": loss,
+            "online_classifier/train_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
 def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule,
@@ -104,6 +125,7 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
     ``augment`` runs the per-pixel augmentations on the accelerator with this step's key
     (:meth:`TrainState.step_key`); without it the views are used as given.
     """
+    labels = batch.get("label")  # present when the online classifier trains
     if augment is not None:
         batch = augment(state.step_key(), batch)
     batch = {"view1": batch["view1"], "view2": batch["view2"]}
@@ -115,7 +137,7 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
                        has_aux=True)
 
     if accumulation_steps == 1:
-        grads, (online_rest, target_state, metrics) = grad_fn(
+        grads, (online_rest, target_state, metrics, representation) = grad_fn(
             params, online_rest, target_state, batch)
     else:
         # Strided split: micro-batch i holds rows i, i+N, ..., so every device of the data axis
@@ -125,13 +147,17 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
 
         def accumulate(carry, micro_batch):
             grad_sum, online_rest, target_state = carry
-            grads, (online_rest, target_state, metrics) = grad_fn(
+            grads, (online_rest, target_state, metrics, representation) = grad_fn(
                 params, online_rest, target_state, micro_batch)
-            return (jax.tree.map(jnp.add, grad_sum, grads), online_rest, target_state), metrics
+            return ((jax.tree.map(jnp.add, grad_sum, grads), online_rest, target_state),
+                    (metrics, representation))
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grad_sum, online_rest, target_state), metrics = jax.lax.scan(
+        (grad_sum, online_rest, target_state), (metrics, representation) = jax.lax.scan(
             accumulate, (zeros, online_rest, target_state), micro_batches)
+        if labels is not None:  # the same strided split, flattened back row for row
+            representation = einops.rearrange(representation, "n m d -> (n m) d")
+            labels = einops.rearrange(labels, "(m n) -> (n m)", n=accumulation_steps)
         grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
         metrics = jax.tree.map(functools.partial(jnp.mean, axis=0), metrics)
 
@@ -142,6 +168,10 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
     state.optimizer.update(state.online, grads)
     tau = target_ema(step)
     state.update_target(tau)
+    if state.classifier is not None:
+        if labels is None:
+            raise ValueError("the state has an online classifier but the batch has no 'label'")
+        metrics |= update_online_classifier(state, representation, labels)
     return metrics | {
         "learning_rate": learning_rate(step),
         "tau": tau,

@@ -2,6 +2,9 @@
 
 import json
 
+import numpy as np
+import pytest
+
 from byol_flax import demo, report
 
 
@@ -12,8 +15,14 @@ def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
     for key in report.HEADLINE_KEYS + ("total_seconds", "device", "recipes", "accuracies"):
         assert key in saved, key
     for key in ("byol_linear_top1", "random_init_linear_top1", "raw_pixels_linear_top1",
-                "byol_knn_top1"):
+                "byol_knn_top1", "byol_online_classifier_top1"):
         assert 0.0 <= saved[key] <= 1.0
+    # One seed: margins are reported, with no verdict against a spread there is not.
+    margins = saved["recipes"]["small_image"]
+    for byol_key, baseline in report.COMPARISONS:
+        margin = margins[f"margin_{byol_key}_over_{baseline}"]
+        assert margin["beats"] is None and margin["seeds"] == 1
+        assert np.isclose(margin["margin"], saved[byol_key] - saved[baseline])
     assert saved["train_seconds"] > 0
     # Every accuracy with its split and seed; hyper-parameters chosen on holdout.
     rows = saved["accuracies"]
@@ -31,3 +40,32 @@ def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
     assert (tmp_path / "export" / "MODEL_CARD.md").exists()
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert {e["protocol"] for e in card["evaluations"]} == {"linear", "knn"}
+
+
+def test_report_verdicts_use_twice_the_seed_std_and_explain_a_losing_recipe():
+    def run(recipe, seed, byol, random_init, pixels, knn, random_knn, online):
+        test = lambda value, metric="top1": {"test": {metric: value}}  # noqa: E731
+        return {"recipe": recipe, "seed": seed, "steps": 10, "train_seconds": 1.0,
+                "final_metrics": {"online_classifier/top1": online, "images_per_second": 5.0},
+                "byol_linear": test(byol), "random_init_linear": test(random_init),
+                "raw_pixels_linear": test(pixels), "byol_knn": test(knn, "top1_k20"),
+                "random_init_knn": test(random_knn, "top1_k20")}
+
+    default = [run("small_image", s, 0.97 + 0.01 * s, 0.83, 0.96, 0.95, 0.90, 0.9)
+               for s in range(3)]
+    summary = report.recipe_summary(default)
+    over_pixels = summary["margin_byol_linear_top1_over_raw_pixels_linear_top1"]
+    # BYOL 0.98 +- 0.0082 vs pixels 0.96 +- 0: margin 0.02 > 2 x 0.0082.
+    assert over_pixels["beats"] is True and over_pixels["twice_seed_std"] == pytest.approx(
+        2 * np.std([0.97, 0.98, 0.99]))
+    close = report.recipe_summary([run("small_image", s, 0.955 + 0.02 * s, 0.83, 0.96, 0.95,
+                                       0.90, 0.9) for s in range(3)])
+    assert close["margin_byol_linear_top1_over_raw_pixels_linear_top1"]["beats"] is False
+    assert summary["byol_online_classifier_top1"]["mean"] == pytest.approx(0.9)
+    lines = report._verdict("small_image", summary)
+    assert len(lines) == len(report.COMPARISONS) and "**beat**" in lines[0]
+
+
+def test_unknown_recipe_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe.*'tiny'"):
+        demo.run_demo(tmp_path, seeds=[0], recipes=["tiny"], quick=True)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -61,18 +62,46 @@ def test_stems_imagenet_7x7_stride_2_with_maxpool_and_small_3x3_stride_1():
     assert last_stage_hw("small", 32) == (4, 4)
 
 
-def test_bottleneck_blocks_zero_init_last_batchnorm_scale():
+def test_bottleneck_blocks_put_the_stride_on_the_3x3_conv():
     encoder = abstract_encoder("resnet50", 1)
     for block in encoder.blocks:
         assert len(block.convs) == 3
-        assert block.convs[1].kernel.shape[:2] == (3, 3)  # stride sits on the 3x3 conv
-    basic = build_encoder("resnet_tiny", rngs=nnx.Rngs(0))
-    assert all(bool(jnp.all(b.norms[-1].scale[...] == 1)) for b in basic.blocks)
-    bottleneck = ResNet(blocks_per_stage=(2,), stage_channels=(16,), bottleneck=True,
-                        stem_channels=8, rngs=nnx.Rngs(0))
-    for block in bottleneck.blocks:
-        assert bool(jnp.all(block.norms[-1].scale[...] == 0))
-        assert all(bool(jnp.all(n.scale[...] == 1)) for n in list(block.norms)[:-1])
+        assert block.convs[1].kernel.shape[:2] == (3, 3)
+
+
+@pytest.mark.parametrize("bottleneck", [False, True])
+def test_last_batchnorm_scale_of_each_block_follows_zero_init_residual(bottleneck):
+    """The paper's results used every BN scale at 1 (official README's batch-normalisation note);
+    ``model.encoder.zero_init_residual`` starts the last scale of every block at 0 instead."""
+    assert base_config().model.encoder.zero_init_residual is False  # the paper's choice
+
+    def block_scales(zero_init_residual):
+        """Per block: (scales of the main-path BNs in order, scale of the shortcut BN or None)."""
+        net = ResNet(blocks_per_stage=(2, 1), stage_channels=(16, 32), bottleneck=bottleneck,
+                     stem_channels=8, zero_init_residual=zero_init_residual, rngs=nnx.Rngs(0))
+        assert np.all(np.asarray(net.stem_norm.scale[...]) == 1)
+        return [([np.asarray(n.scale[...]) for n in block.norms],
+                 None if block.shortcut_norm is None else np.asarray(block.shortcut_norm.scale[...]))
+                for block in net.blocks]
+
+    for main_path, shortcut in block_scales(False):
+        assert len(main_path) == (3 if bottleneck else 2)
+        assert all(np.all(s == 1) for s in main_path)
+        assert shortcut is None or np.all(shortcut == 1)
+    for main_path, shortcut in block_scales(True):
+        assert np.all(main_path[-1] == 0)
+        assert all(np.all(s == 1) for s in main_path[:-1])
+        assert shortcut is None or np.all(shortcut == 1)
+
+
+def test_zero_init_residual_reaches_the_encoder_from_the_config():
+    config = base_config()
+    config.model.encoder.name = "resnet_tiny"
+    config.model.encoder.stem = "small"
+    config.model.encoder.zero_init_residual = True
+    network = build_online_network(config.model, rngs=nnx.Rngs(0))
+    assert all(bool(jnp.all(b.norms[-1].scale[...] == 0)) for b in network.encoder.blocks)
+    assert all(bool(jnp.all(b.norms[0].scale[...] == 1)) for b in network.encoder.blocks)
 
 
 def test_unknown_encoder_names_the_value_and_known_names():

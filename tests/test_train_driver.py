@@ -39,10 +39,10 @@ def data_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-def entry_point(data_dir: str, workdir: Path, *extra: str) -> list[str]:
+def entry_point(data_dir: str, workdir: Path, *extra: str, verbose: bool = True) -> list[str]:
     return [sys.executable, "-m", "byol_flax.main",
             f"--config={REPO / 'experiments' / 'digits_cpu.py'}:{data_dir}",
-            f"--workdir={workdir}", *SHRINK, *extra]
+            f"--workdir={workdir}", *(["--verbose"] if verbose else []), *SHRINK, *extra]
 
 
 def env() -> dict[str, str]:
@@ -57,12 +57,26 @@ def run(cmd: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def reference_run(data_dir, tmp_path_factory) -> Path:
-    """An uninterrupted run of the real entry point, with the kNN monitor at the end."""
+    """An uninterrupted run of the real entry point (quiet console, the default), with the kNN
+    monitor and the online classifier's evaluation at the end."""
     workdir = tmp_path_factory.mktemp("reference")
     result = run(entry_point(data_dir, workdir, f"--config.monitor.every_steps={TOTAL_STEPS}",
-                             "--config.monitor.max_train_examples=200"))
+                             "--config.monitor.max_train_examples=200", verbose=False))
     assert result.returncode == 0, result.stderr[-3000:]
+    (workdir / "console.txt").write_text(result.stdout + result.stderr)
     return workdir
+
+
+def test_console_shows_stages_and_a_progress_bar_and_the_log_file_has_the_rest(reference_run):
+    console = (reference_run / "console.txt").read_text()
+    lines = [line for line in console.splitlines() if line.strip()]
+    assert len(lines) < 15, console
+    assert "full log in" in console and "pre-training" in console and "step" in console
+    assert "logging_writer" not in console and "orbax" not in console.lower(), console
+    log = (reference_run / "log.txt").read_text()
+    # Every scalar line, the parameter table and Orbax's messages went to the file instead.
+    assert log.count("logging_writer.py") >= TOTAL_STEPS // 4
+    assert "online_classifier/loss" in log and "orbax" in log.lower()
 
 
 def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
@@ -72,6 +86,11 @@ def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
     assert config["training"]["batch_size"] == 16 and config["model"]["encoder"]["name"]
     metrics = json.loads((reference_run / "final_metrics.json").read_text())
     assert np.isfinite(metrics["loss"]) and 0.0 <= metrics["knn/top1_k20"] <= 1.0
+    # The official online classifier trained (digits have labels) and was evaluated on holdout.
+    assert np.isfinite(metrics["online_classifier/loss"])
+    assert 0.0 <= metrics["online_classifier/top1"] <= 1.0
+    state, _ = final_state(reference_run)
+    assert any(name.startswith("/classifier/") for name in state), sorted(state)[:5]
     assert metrics["collapse/projection_effective_rank"] >= 1.0
 
 
@@ -169,10 +188,11 @@ def test_runs_differing_only_in_seed_or_host_augmentation_share_the_compiled_ste
     other_seed.seed = 7
     other_lr = digits_cpu.get_config("data=/d,augment=paper")
     other_lr.optimizer.base_learning_rate = 0.5
-    step = lambda config: _cached_train_step(config, None, mesh, 100, 10)  # noqa: E731
+    step = lambda config: _cached_train_step(config, None, mesh, 100, 10, 10)  # noqa: E731
     assert step(first) is step(other_seed)
     assert step(first) is not step(other_lr)
-    assert step(first) is not _cached_train_step(first, None, mesh, 200, 10)
+    assert step(first) is not _cached_train_step(first, None, mesh, 200, 10, 10)
+    assert step(first) is not _cached_train_step(first, None, mesh, 100, 10, 0)
 
 
 def test_collapse_warning_names_the_step_for_projections_and_representations(caplog):

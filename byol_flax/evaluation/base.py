@@ -16,6 +16,8 @@ from byol_flax.registry import Registry
 
 
 class Evaluator(Protocol):
+    # Evaluators that read labels set ``needs_labels = True``: the training loop switches them
+    # off before compiling when the data has none (byol_flax.train.plan_label_users).
     def run(self, state: nnx.State) -> dict[str, float]: ...
 
 

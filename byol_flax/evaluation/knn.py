@@ -66,6 +66,8 @@ def make_embed_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], ja
 class KnnMonitor:
     """Evaluator: ``run(state) -> {"knn/top1_k20": ..., ...}`` on ``config.monitor`` splits."""
 
+    needs_labels = True  # switched off at start-up for data without labels
+
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef):
         self._config = config
         self._mesh = mesh

@@ -43,6 +43,7 @@ def build_online_network(config: ConfigDict, *, rngs: nnx.Rngs) -> ByolNetwork:
     encoder = build_encoder(config.encoder.name, width_multiplier=config.encoder.width_multiplier,
                             stem=config.encoder.stem, bn=bn, dtype=dtype,
                             conv_implementation=config.get("conv_implementation", "auto"),
+                            zero_init_residual=config.encoder.get("zero_init_residual", False),
                             rngs=rngs)
     projector = MLP(encoder.num_features, hidden_size=config.projector.hidden_size,
                     output_size=config.projector.output_size, depth=config.projector.depth,

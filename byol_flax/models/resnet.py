@@ -47,11 +47,18 @@ def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, *, dtype: Any, impl
 
 
 class ResidualBlock(nnx.Module):
-    """Post-activation residual block; bottleneck blocks zero-initialise their last BN scale."""
+    """Post-activation residual block.
+
+    ``zero_init_residual``: start the block's last BatchNorm scale at 0 (Goyal et al., 2017), so
+    the block begins as the identity. The paper's results used scale 1 (the official README's
+    note on batch normalisation: its code's zero-initialisation was not used for the paper and
+    hurts the widest networks), which is the default here.
+    """
 
     def __init__(self, in_channels: int, channels: int, *, stride: int, bottleneck: bool,
                  use_projection: bool, bn: BatchNormConfig, dtype: Any,
-                 conv_implementation: str = "auto", rngs: nnx.Rngs):
+                 conv_implementation: str = "auto", zero_init_residual: bool = False,
+                 rngs: nnx.Rngs):
         conv = functools.partial(_conv, dtype=dtype, implementation=conv_implementation,
                                  rngs=rngs)
         inner = channels // 4 if bottleneck else channels
@@ -61,7 +68,8 @@ class ResidualBlock(nnx.Module):
             shapes = [(in_channels, inner, 3, stride), (inner, channels, 3, 1)]
         self.convs = nnx.List([conv(i, o, k, s) for i, o, k, s in shapes])
         self.norms = nnx.List([
-            bn.make(o, rngs=rngs, dtype=dtype, zero_scale=bottleneck and idx == len(shapes) - 1)
+            bn.make(o, rngs=rngs, dtype=dtype,
+                    zero_scale=zero_init_residual and idx == len(shapes) - 1)
             for idx, (_, o, _, _) in enumerate(shapes)
         ])
         if use_projection:
@@ -89,7 +97,8 @@ class ResNet(nnx.Module):
                  bottleneck: bool, width_multiplier: int = 1, stem: Stem = "imagenet",
                  stem_channels: int = 64, in_channels: int = 3,
                  bn: BatchNormConfig = BatchNormConfig(), dtype: Any = None,
-                 conv_implementation: str = "auto", rngs: nnx.Rngs):
+                 conv_implementation: str = "auto", zero_init_residual: bool = False,
+                 rngs: nnx.Rngs):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"encoder stem must be 'imagenet' or 'small', got {stem!r}")
         if len(blocks_per_stage) != len(stage_channels):
@@ -108,7 +117,8 @@ class ResNet(nnx.Module):
                 blocks.append(ResidualBlock(
                     width, channels, stride=(1 if stage == 0 else 2) if first else 1,
                     bottleneck=bottleneck, use_projection=first, bn=bn, dtype=dtype,
-                    conv_implementation=conv_implementation, rngs=rngs))
+                    conv_implementation=conv_implementation,
+                    zero_init_residual=zero_init_residual, rngs=rngs))
                 width = channels
         self.blocks = nnx.List(blocks)
         self.num_features = width
@@ -149,21 +159,27 @@ ENCODERS.register("resnet_tiny")(functools.partial(
 
 def build_encoder(name: str, *, width_multiplier: int = 1, stem: Stem = "imagenet",
                   bn: BatchNormConfig = BatchNormConfig(), dtype: Any = None,
-                  conv_implementation: str = "auto", rngs: nnx.Rngs) -> ResNet:
+                  conv_implementation: str = "auto", zero_init_residual: bool = False,
+                  rngs: nnx.Rngs) -> ResNet:
     """Builds the encoder registered as ``name`` (``resnet50``, ``resnet18``, ...).
 
     ``conv_implementation``: see :mod:`byol_flax.models.conv` (numerics equal, speed differs).
+    ``zero_init_residual``: see :class:`ResidualBlock`. Encoders registered by users receive
+    either option only if their constructor takes it (a non-default value they cannot take is
+    an error).
     """
     if width_multiplier not in (1, 2, 3, 4):
         raise ValueError(f"encoder width_multiplier must be 1, 2, 3 or 4, got {width_multiplier!r}")
     constructor = ENCODERS.get(name)
     options = {}
     target = constructor.func if isinstance(constructor, functools.partial) else constructor
-    if "conv_implementation" in inspect.signature(
-            target.__init__ if inspect.isclass(target) else target).parameters:
-        options["conv_implementation"] = conv_implementation
-    elif conv_implementation != "auto":  # an encoder registered by a user, without convolutions
-        raise ValueError(f"encoder {name!r} does not take conv_implementation "
-                         f"(got {conv_implementation!r}); leave it at 'auto'")
+    accepted = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+    for key, value, default in (("conv_implementation", conv_implementation, "auto"),
+                                ("zero_init_residual", zero_init_residual, False)):
+        if key in accepted:
+            options[key] = value
+        elif value != default:  # an encoder registered by a user, without that option
+            raise ValueError(f"encoder {name!r} does not take {key} (got {value!r}); leave it at "
+                             f"{default!r}")
     return constructor(width_multiplier=width_multiplier, stem=stem, bn=bn, dtype=dtype,
                        rngs=rngs, **options)

@@ -1,0 +1,167 @@
+"""The sweep that chose the demo's default recipe (docs/demo_calibration.md).
+
+    python benchmarks/demo_calibration.py --workdir workdirs/calibration [--points a,b] [--seeds 0,1,2]
+
+Each point is a recipe of ``experiments/digits_cpu.py`` plus dotted pre-training overrides; each
+(point, seed) pre-trains and evaluates exactly as the demo does (``byol_flax.demo.run_seed``:
+linear and kNN on the BYOL encoder and on the same network at random initialisation, linear on
+raw pixels; fit on train, choose on holdout, report test). Every finished (point, seed) is kept
+in the workdir, so a re-run only adds what is missing; the table is rewritten after each one.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from byol_flax.runtime import configure_xla_flags  # noqa: E402
+
+configure_xla_flags()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
+
+from byol_flax import demo  # noqa: E402
+from byol_flax.local_runs import enable_compilation_cache, prepare_data  # noqa: E402
+
+_R16_W2 = {"data.image_size": 16, "model.encoder.width_multiplier": 2}
+_SCALED_BLUR = {f"augment.{v}.blur_sigma_{m}": s * 16 / 224 for v in ("view1", "view2")
+                for m, s in (("min", 0.1), ("max", 2.0))}
+# The three single changes that raised kNN at 80 epochs: LR 2, tau 0.9, blur scaled to 16 px.
+_COMBO = {"optimizer.base_learning_rate": 2.0, "target.base_ema": 0.9, **_SCALED_BLUR}
+
+# name -> (augmentation recipe, pre-training overrides). Sizes the demo's ten minutes can hold.
+POINTS: dict[str, tuple[str, dict]] = {
+    "r12_w1_e40": ("small_image", {"data.image_size": 12, "model.encoder.width_multiplier": 1,
+                                   "training.epochs": 40.0}),
+    "r12_w1_e40_paper": ("paper", {"data.image_size": 12, "model.encoder.width_multiplier": 1,
+                                   "training.epochs": 40.0}),
+    "r16_w2_e80": ("small_image", {"data.image_size": 16, "model.encoder.width_multiplier": 2,
+                                   "training.epochs": 80.0}),
+    "r16_w2_e80_paper": ("paper", {"data.image_size": 16, "model.encoder.width_multiplier": 2,
+                                   "training.epochs": 80.0}),
+    "r16_w4_e80": ("small_image", {"data.image_size": 16, "model.encoder.width_multiplier": 4,
+                                   "training.epochs": 80.0}),
+    "r16_w2_e160": ("small_image", {"data.image_size": 16, "model.encoder.width_multiplier": 2,
+                                    "training.epochs": 160.0}),
+    "r16_w2_e80_b64": ("small_image", {"data.image_size": 16, "model.encoder.width_multiplier": 2,
+                                       "training.epochs": 80.0, "training.batch_size": 64}),
+    "r16_w4_e120": ("small_image", {"data.image_size": 16, "model.encoder.width_multiplier": 4,
+                                    "training.epochs": 120.0}),
+    "r16_w2_e80_lr2": ("small_image", {"data.image_size": 16, "model.encoder.width_multiplier": 2,
+                                       "training.epochs": 80.0,
+                                       "optimizer.base_learning_rate": 2.0}),
+    "r16_w2_e80_lr05": ("small_image", {"data.image_size": 16,
+                                        "model.encoder.width_multiplier": 2,
+                                        "training.epochs": 80.0,
+                                        "optimizer.base_learning_rate": 0.5}),
+    "r16_w2_e80_tau09": ("small_image", {"data.image_size": 16,
+                                         "model.encoder.width_multiplier": 2,
+                                         "training.epochs": 80.0, "target.base_ema": 0.9}),
+    "r16_w2_e80_tau096": ("small_image", {"data.image_size": 16,
+                                          "model.encoder.width_multiplier": 2,
+                                          "training.epochs": 80.0, "target.base_ema": 0.96}),
+    "r16_w2_e80_lambda10": ("small_image", {"data.image_size": 16,
+                                            "model.encoder.width_multiplier": 2,
+                                            "training.epochs": 80.0,
+                                            "optimizer.predictor_lr_multiplier": 10.0}),
+    # Table 6's blur sigma [0.1, 2.0] is in pixels of a 224-px crop; scaled to 16 px it is
+    # [0.007, 0.14]. Unscaled, a 2-px sigma blurs an upsampled 8x8 digit away.
+    "r16_w2_e80_scaledblur": ("small_image", {"data.image_size": 16,
+                                              "model.encoder.width_multiplier": 2,
+                                              "training.epochs": 80.0,
+                                              **{f"augment.{v}.blur_sigma_{m}": s * 16 / 224
+                                                 for v in ("view1", "view2")
+                                                 for m, s in (("min", 0.1), ("max", 2.0))}}),
+    "r16_w2_e80_noblur": ("small_image", {"data.image_size": 16,
+                                          "model.encoder.width_multiplier": 2,
+                                          "training.epochs": 80.0,
+                                          "augment.view1.blur_prob": 0.0,
+                                          "augment.view2.blur_prob": 0.0}),
+    "r16_w2_e80_combo": ("small_image", {**_R16_W2, "training.epochs": 80.0, **_COMBO}),
+    "r16_w2_e160_combo": ("small_image", {**_R16_W2, "training.epochs": 160.0, **_COMBO}),
+    "r16_w2_e80_b64_combo": ("small_image", {**_R16_W2, "training.epochs": 80.0,
+                                             "training.batch_size": 64, **_COMBO}),
+    "r20_w2_e80": ("small_image", {"data.image_size": 20, "model.encoder.width_multiplier": 2,
+                                   "training.epochs": 80.0}),
+}
+COLUMNS = ("byol_linear", "random_init_linear", "raw_pixels_linear", "byol_knn", "random_init_knn")
+
+
+def run_point(workdir: epath.Path, data_dir: str, name: str, seed: int) -> dict:
+    done = workdir / name / f"seed_{seed}" / "calibration.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    recipe, overrides = POINTS[name]
+    started = time.perf_counter()
+    run = demo.run_seed(workdir / name, data_dir, recipe, seed, quick=False, overrides=overrides)
+    row = {"point": name, "seed": seed, "recipe": recipe, "overrides": overrides,
+           "steps": run["steps"], "train_seconds": run["train_seconds"],
+           "total_seconds": time.perf_counter() - started,
+           **{c: run[c]["test"]["top1" if "linear" in c else "top1_k20"] for c in COLUMNS},
+           "final_metrics": run["final_metrics"]}
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(row, indent=2, sort_keys=True))
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| point | recipe | overrides | seed | steps | train s | train+eval s | BYOL linear | "
+             "random-init linear | raw-pixel linear | BYOL kNN | random-init kNN | "
+             "proj. eff. rank | online classifier |",
+             "|---" * 14 + "|"]
+    for r in rows:
+        final = r["final_metrics"]
+        overrides = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items())
+        rank = final.get("collapse/projection_effective_rank", float("nan"))
+        online = final.get("online_classifier/top1", float("nan"))
+        lines.append(f"| {r['point']} | {r['recipe']} | {overrides} | {r['seed']} | {r['steps']} | "
+                     f"{r['train_seconds']:.0f} | {r['total_seconds']:.0f} | "
+                     + " | ".join(f"{r[c]:.3f}" for c in COLUMNS)
+                     + f" | {rank:.1f} | {online:.3f} |")
+    by_point: dict[str, list[dict]] = {}
+    for r in rows:
+        by_point.setdefault(r["point"], []).append(r)
+    lines += ["", "Mean +- std over the seeds run:", "",
+              "| point | seeds | BYOL linear | random-init linear | raw-pixel linear | BYOL kNN | "
+              "random-init kNN | train s |", "|---" * 8 + "|"]
+    for point, rs in by_point.items():
+        cells = []
+        for c in COLUMNS:
+            values = np.asarray([r[c] for r in rs])
+            cells.append(f"{values.mean():.3f} +- {values.std():.3f}")
+        lines.append(f"| {point} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
+                     + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="workdirs/calibration")
+    parser.add_argument("--points", default=",".join(POINTS))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--table", default="", help="also write the markdown table here")
+    args = parser.parse_args()
+    workdir = epath.Path(args.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(workdir / "jax_cache")
+    data_dir = prepare_data(workdir)
+    rows = []
+    for name in args.points.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            rows.append(run_point(workdir, data_dir, name, seed))
+            print(f"{name} seed {seed}: " + ", ".join(f"{c} {rows[-1][c]:.3f}" for c in COLUMNS)
+                  + f"; train {rows[-1]['train_seconds']:.0f} s", flush=True)
+            table = markdown(rows)
+            (workdir / "calibration.md").write_text(table)
+            if args.table:
+                Path(args.table).write_text(table)
+    print(json.dumps({"device": jax.devices()[0].device_kind, "rows": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()

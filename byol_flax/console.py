@@ -1,0 +1,91 @@
+"""What the entry points print: the console is for people, the full log goes to a file.
+
+:func:`setup` (called by ``byol_flax.main`` and ``byol_flax.demo``) sends every log record, from
+this package and from the libraries (Orbax, Grain, CLU's scalar and parameter tables), to
+``<workdir>/log.txt`` and leaves on the console only warnings, errors, one line per stage
+(:func:`stage`) and a progress bar per pre-training (:func:`progress`). ``verbose=True`` puts
+everything back on the console as well.
+
+Library use (tests, notebooks) without :func:`setup` prints no progress bar and leaves logging
+as the caller configured it.
+"""
+
+import logging
+import os
+import sys
+import tempfile
+from typing import Any
+
+import tqdm
+from etils import epath
+
+LOG_FILE = "log.txt"
+_STAGE_LOGGER = logging.getLogger("byol_flax.stage")
+_FORMAT = "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"
+
+
+class _Settings:
+    enabled = False  # setup() was called: show stage lines and progress bars
+    file_handler: logging.Handler | None = None
+
+
+class _NotStage(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != _STAGE_LOGGER.name
+
+
+def quiet_native_logs() -> None:
+    """TensorFlow's and XLA's C++ start-up notices (oneDNN, absl::InitializeLog); must run
+    before TensorFlow is imported (CLU's writers import it)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def local_log_dir(workdir: str) -> epath.Path:
+    """Where the log file of ``workdir`` goes: the workdir itself, or for a ``gs://`` workdir a
+    local directory named after it (a log file is appended to line by line)."""
+    if "://" not in workdir:
+        return epath.Path(workdir)
+    return epath.Path(tempfile.gettempdir()) / "byol_flax_logs" / workdir.split("://", 1)[1]
+
+
+def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
+    """Routes logging to ``workdir/log.txt`` and quiets the console; returns the log file."""
+    path = epath.Path(workdir) / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    if _Settings.file_handler is not None:
+        root.removeHandler(_Settings.file_handler)
+    file_handler = logging.FileHandler(os.fspath(path), encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter(_FORMAT))
+    file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.addHandler(file_handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    _Settings.file_handler = file_handler
+    for handler in root.handlers:  # absl's stderr handler (app.run installs it) and others
+        if handler is not file_handler:
+            handler.setLevel(logging.NOTSET if verbose else logging.WARNING)
+            if not any(isinstance(f, _NotStage) for f in handler.filters):
+                handler.addFilter(_NotStage())  # stage lines have their own console handler
+    logging.captureWarnings(True)  # Python warnings go through the same handlers
+    if not _STAGE_LOGGER.handlers:
+        console = logging.StreamHandler(sys.stderr)  # beside the progress bars; stdout: results
+        console.setFormatter(logging.Formatter("%(message)s"))
+        _STAGE_LOGGER.addHandler(console)
+    _STAGE_LOGGER.setLevel(logging.INFO)
+    _Settings.enabled = True
+    return path
+
+
+def stage(message: str, *args: Any) -> None:
+    """One line a person reads on the console (and in the log file)."""
+    if _Settings.enabled:
+        _STAGE_LOGGER.info(message, *args)
+    else:
+        logging.info(message, *args)
+
+
+def progress(total: int, initial: int, description: str) -> "tqdm.tqdm":
+    """A progress bar of steps (disabled unless :func:`setup` was called)."""
+    return tqdm.tqdm(total=total, initial=initial, desc=description, unit="step",
+                     disable=not _Settings.enabled, dynamic_ncols=True, leave=True,
+                     mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
