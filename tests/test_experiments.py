@@ -100,9 +100,51 @@ def test_digits_recipes_differ_from_table_6_only_where_documented():
     assert paper.augment.view1.to_dict() == table_6.view1.to_dict()
     assert paper.augment.view2.to_dict() == table_6.view2.to_dict()
     assert paper.augment.crop_area_min == 0.08
-    small = digits_cpu.get_config("data=/d,augment=small_image")
-    assert small.augment.crop_area_min == 0.25
-    assert small.augment.view1.flip_prob == small.augment.view2.flip_prob == 0.0
-    assert small.augment.view2.solarize_prob == 0.2 and small.augment.view1.blur_prob == 1.0
+    for recipe in ("small_image", "digits"):
+        small = digits_cpu.get_config(f"data=/d,augment={recipe}")
+        assert small.augment.crop_area_min == 0.25
+        assert small.augment.view1.flip_prob == small.augment.view2.flip_prob == 0.0
+        assert small.augment.view2.solarize_prob == 0.2 and small.augment.view1.blur_prob == 1.0
+    # digits: Table 6's blur sigma range [0.1, 2.0] (pixels of a 224-px crop) scaled to 16 px.
+    default = digits_cpu.get_config("/d")
+    assert default.augment.view1.blur_sigma_max == pytest.approx(2.0 * 16 / 224)
+    assert default.augment.view2.blur_sigma_min == pytest.approx(0.1 * 16 / 224)
+    # The default differs from paper only in the augmentations.
+    for section in ("model", "optimizer", "target", "training", "data"):
+        assert default[section].to_dict() == paper[section].to_dict(), section
     with pytest.raises(ValueError, match="RECIPE one of"):
         digits_cpu.get_config("data=/d,augment=strong")
+
+
+def test_digits_default_recipe_is_the_point_the_calibration_sweep_chose():
+    """docs/demo_calibration.md's chosen point, as benchmarks/demo_calibration.py defines it."""
+    import importlib.util
+
+    from experiments import digits_cpu
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_calibration.py"
+    spec = importlib.util.spec_from_file_location("demo_calibration", path)
+    calibration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibration)
+    recipe, overrides = calibration.POINTS[calibration.CHOSEN]
+    swept = digits_cpu.get_config(f"data=/d,augment={recipe}")
+    swept.update_from_flattened_dict(overrides)
+    assert digits_cpu.DEFAULT_RECIPE == "digits"
+    chosen = digits_cpu.get_config("/d")
+    got, expected = _flatten(chosen.to_dict()), _flatten(swept.to_dict())
+    assert got.keys() == expected.keys()
+    for key in got:
+        if isinstance(expected[key], float):
+            assert got[key] == pytest.approx(expected[key], rel=1e-12), key
+        else:
+            assert got[key] == expected[key], key
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

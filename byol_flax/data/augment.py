@@ -24,8 +24,10 @@ from PIL import Image
 # standard deviation, computed on ImageNet".
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Appendix C: evaluation resizes the shorter side to 256 and center-crops 224.
-EVAL_RESIZE_RATIO = 256 / 224
+# Appendix C: training crops are 224 px; evaluation resizes the shorter side to 256 and
+# center-crops 224.
+PAPER_CROP_SIZE = 224
+EVAL_RESIZE_RATIO = 256 / PAPER_CROP_SIZE
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
@@ -45,6 +47,15 @@ def default_augment_config() -> ml_collections.ConfigDict:
         "view1": dict(view),
         "view2": dict(view, blur_prob=0.1, solarize_prob=0.2),
     })
+
+
+def scale_blur_to_crop_size(config: ml_collections.ConfigDict, image_size: int) -> None:
+    """Scales both views' blur sigma range from Table 6's pixels of a 224-px crop to
+    ``image_size`` (same blur relative to the image; for small-image recipes)."""
+    factor = image_size / PAPER_CROP_SIZE
+    for view in (config.view1, config.view2):
+        view.blur_sigma_min *= factor
+        view.blur_sigma_max *= factor
 
 
 def blur_kernel_size(image_size: int, divider: float) -> int:
