@@ -120,28 +120,77 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CURVES = (("knn/top1_k20", "kNN top-1 on holdout"),
+          ("online_classifier/top1", "online classifier top-1 on holdout"),
+          ("collapse/projection_effective_rank", "projection effective rank"),
+          ("collapse/representation_std_ratio", "representation std x sqrt(d)"),
+          ("loss", "BYOL loss"), ("grad_norm", "gradient norm"))
+
+
+def seed_curves(workdir: epath.Path, point: str, plot: Path) -> str:
+    """Monitors of every finished seed of ``point`` over training: a plot, and a table of where
+    each seed's curves end and how low its effective rank went (the seed-stability check)."""
+    from byol_flax import report  # noqa: PLC0415 - plotting only here
+
+    recipe = POINTS[point][0]
+    runs = []
+    for done in sorted((workdir / point).glob("seed_*/calibration.json")):
+        row = json.loads(done.read_text())
+        runs.append({**row, "scalars": report.read_scalars(
+            workdir / point / recipe / f"seed_{row['seed']}" / "pretrain")})
+    report._plot_scalars(epath.Path(plot), runs, CURVES, f"{point}: monitors per seed")
+    lines = ["| seed | BYOL linear | BYOL kNN | " + " | ".join(
+        f"{label} (end)" for _, label in CURVES) + " | lowest eff. rank (step) |",
+        "|---" * (len(CURVES) + 4) + "|"]
+    for run in runs:
+        ends = [run["scalars"][tag][1][-1] if tag in run["scalars"] else float("nan")
+                for tag, _ in CURVES]
+        steps, ranks = run["scalars"]["collapse/projection_effective_rank"]
+        lowest = int(np.argmin(ranks))
+        lines.append(f"| {run['seed']} | {run['byol_linear']:.3f} | {run['byol_knn']:.3f} | "
+                     + " | ".join(f"{v:.3f}" for v in ends)
+                     + f" | {ranks[lowest]:.1f} ({steps[lowest]}) |")
+    return "\n".join(lines) + "\n"
+
+
+def finished_rows(workdir: epath.Path) -> list[dict]:
+    """Every finished (point, seed) in the workdir, in POINTS order."""
+    rows = [json.loads(p.read_text()) for p in workdir.glob("*/seed_*/calibration.json")]
+    order = {name: index for index, name in enumerate(POINTS)}
+    return sorted(rows, key=lambda r: (order.get(r["point"], len(order)), r["seed"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="workdirs/calibration")
     parser.add_argument("--points", default=",".join(POINTS))
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--table", default="", help="also write the markdown table here")
+    parser.add_argument("--table", default="", help="also write the markdown table of every "
+                        "finished point in the workdir here")
+    parser.add_argument("--table-only", action="store_true", help="run nothing, write the table")
+    parser.add_argument("--curves", default="", metavar="POINT", help="run nothing; plot the "
+                        "monitors of POINT's seeds to --plot and print their table")
+    parser.add_argument("--plot", default="seed_curves.png")
     args = parser.parse_args()
     workdir = epath.Path(args.workdir).absolute()
+    if args.curves:
+        print(seed_curves(workdir, args.curves, Path(args.plot)))
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     enable_compilation_cache(workdir / "jax_cache")
     data_dir = prepare_data(workdir)
-    rows = []
-    for name in args.points.split(","):
+    for name in [] if args.table_only else args.points.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows.append(run_point(workdir, data_dir, name, seed))
-            print(f"{name} seed {seed}: " + ", ".join(f"{c} {rows[-1][c]:.3f}" for c in COLUMNS)
-                  + f"; train {rows[-1]['train_seconds']:.0f} s", flush=True)
-            table = markdown(rows)
-            (workdir / "calibration.md").write_text(table)
-            if args.table:
-                Path(args.table).write_text(table)
-    print(json.dumps({"device": jax.devices()[0].device_kind, "rows": len(rows)}))
+            row = run_point(workdir, data_dir, name, seed)
+            print(f"{name} seed {seed}: " + ", ".join(f"{c} {row[c]:.3f}" for c in COLUMNS)
+                  + f"; train {row['train_seconds']:.0f} s", flush=True)
+            (workdir / "calibration.md").write_text(markdown(finished_rows(workdir)))
+    table = markdown(finished_rows(workdir))
+    (workdir / "calibration.md").write_text(table)
+    if args.table:
+        Path(args.table).write_text(table)
+    print(json.dumps({"device": jax.devices()[0].device_kind,
+                      "rows": len(finished_rows(workdir))}))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ class Checkpointer:
         valid the run stops: starting from scratch would silently discard the job's progress.
         """
         damaged = []
-        for step in sorted(self.manager.all_steps(read=True), reverse=True):
+        self.manager.reload()  # the steps on disk now, not those cached at construction
+        for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, counters = self.restore(step, state, data_iterator, sharding)
             except DamagedCheckpointError as error:

@@ -127,23 +127,26 @@ def plan_label_users(config: ml_collections.ConfigDict, num_classes: int
     (``num_classes == 0``), the online classifier and the monitors that need labels are switched
     off, with one log line saying which and why. ``config`` itself is not modified."""
     config = copy.deepcopy(config)
+    no_labels = f"the data in {config.data.dir} has no labels"
     reasons = {}  # what is switched off -> why
     if num_classes == 0 and config.model.online_classifier:
         config.model.online_classifier = False
-        reasons["online classifier"] = "no labels"
+        reasons["online classifier"] = no_labels
     kept = []
     for name in config.monitor.evaluators:
         if getattr(EVALUATORS.get(name), "needs_labels", False) and num_classes == 0:
-            reasons[f"{name} monitor"] = "no labels"
+            reasons[f"{name} monitor"] = no_labels
         elif name == "online_classifier" and not config.model.online_classifier:
             reasons[f"{name} monitor"] = "config.model.online_classifier is False"
         else:
             kept.append(name)
     config.monitor.evaluators = tuple(kept)
     if reasons:
+        by_reason: dict[str, list[str]] = {}
+        for what, why in reasons.items():
+            by_reason.setdefault(why, []).append(what)
         logging.warning("switched off: %s", "; ".join(
-            f"{what} ({'the data in ' + config.data.dir + ' has no labels' if why == 'no labels' else why})"
-            for what, why in reasons.items()))
+            f"{', '.join(whats)} ({why})" for why, whats in by_reason.items()))
     return config
 
 
@@ -233,7 +236,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                     raise DataError(f"{skipped} undecodable records skipped by step {step}, more "
                                     f"than config.data.max_skipped_records="
                                     f"{config.data.max_skipped_records}")
-                device_batch = shard_batch(views_only(batch, batch_keys), mesh)  # the one explicit copy
+                # The one explicit copy to the devices.
+                device_batch = shard_batch(views_only(batch, batch_keys), mesh)
                 # Anything else crossing host <-> device inside the step (a NumPy array or Python
                 # scalar in the state, a retrace's constants) is an error, not a silent stall.
                 with jax.transfer_guard("disallow"):

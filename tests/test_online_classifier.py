@@ -17,6 +17,7 @@ from byol_flax.train_step import loss_fn, make_train_step
 from tests.helpers import make_views
 
 NUM_CLASSES = 4
+STEPS = 20
 
 
 def labelled_views(batch_size: int, seed: int = 0) -> dict:
@@ -47,23 +48,30 @@ def run_steps(config, num_classes: int, steps: int, accumulation_steps: int = 1)
 def test_the_classifier_sends_no_gradient_into_the_online_or_target_network(config):
     """Steps with and without the classifier leave the same online and target networks, while
     the classifier itself learns."""
-    with_classifier, history = run_steps(config, NUM_CLASSES, steps=3)
-    without, history_without = run_steps(config, 0, steps=3)
+    config.optimizer.base_learning_rate = 2.0
+    with_classifier, history = run_steps(config, NUM_CLASSES, steps=STEPS)
+    without, history_without = run_steps(config, 0, steps=STEPS)
     assert without.classifier is None and with_classifier.classifier is not None
     for module in ("online", "target"):
         got = jax.tree.leaves(nnx.state(getattr(with_classifier, module)))
         expected = jax.tree.leaves(nnx.state(getattr(without, module)))
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=module)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=module)
     np.testing.assert_allclose([h["loss"] for h in history],
                                [h["loss"] for h in history_without], rtol=1e-6)
     # The BYOL optimizer's state does not hold the classifier; the classifier has its own.
     assert len(jax.tree.leaves(nnx.state(with_classifier.optimizer))) == len(
         jax.tree.leaves(nnx.state(without.optimizer)))
-    assert int(with_classifier.classifier_optimizer.step[...]) == 3
-    assert "online_classifier/loss" in history[0] and "online_classifier/loss" not in \
-        history_without[0]
+    assert int(with_classifier.classifier_optimizer.step[...]) == STEPS
+    assert "online_classifier/loss" not in history_without[0]
+    assert_learns(history)
+
+
+def assert_learns(history) -> None:
+    losses = [float(h["online_classifier/loss"]) for h in history]
+    # LARS (trust coefficient 1e-3) moves the layer slowly but steadily on a fixed batch.
+    assert all(np.isfinite(losses)) and losses[-1] < 0.9 * losses[0], losses
 
 
 def test_the_classifier_loss_has_zero_gradient_with_respect_to_the_online_parameters(config):
@@ -89,16 +97,11 @@ def test_the_classifier_loss_has_zero_gradient_with_respect_to_the_online_parame
     assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(byol_grads))
 
 
-def test_the_classifier_learns_the_labels_also_with_gradient_accumulation(config):
+def test_the_classifier_learns_with_gradient_accumulation(config):
+    """Micro-batch representations and labels are split and re-joined row for row."""
     config.optimizer.base_learning_rate = 2.0
-    for accumulation_steps in (1, 2):
-        config.training.accumulation_steps = accumulation_steps
-        _, history = run_steps(config, NUM_CLASSES, steps=20,
-                               accumulation_steps=accumulation_steps)
-        losses = [float(h["online_classifier/loss"]) for h in history]
-        # LARS (trust coefficient 1e-3) moves the layer slowly but steadily on a fixed batch.
-        assert losses[-1] < 0.9 * losses[0], (accumulation_steps, losses)
-        assert all(np.isfinite(losses))
+    _, history = run_steps(config, NUM_CLASSES, steps=STEPS, accumulation_steps=2)
+    assert_learns(history)
 
 
 def test_without_labels_the_classifier_and_label_monitors_are_switched_off_in_one_line(
