@@ -35,9 +35,12 @@ class _NotStage(logging.Filter):
 
 
 def quiet_native_logs() -> None:
-    """TensorFlow's and XLA's C++ start-up notices (oneDNN, absl::InitializeLog); must run
-    before TensorFlow is imported (CLU's writers import it)."""
+    """TensorFlow's C++ start-up notices; must run before TensorFlow is imported (CLU's writers
+    import it). TensorFlow only writes summaries here, so its oneDNN kernels (whose notice
+    TF_CPP_MIN_LOG_LEVEL does not silence) are not needed. Set in the environment, so worker
+    processes inherit it; a user's own values win."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def local_log_dir(workdir: str) -> epath.Path:

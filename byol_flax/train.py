@@ -186,8 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     total_steps, warmup_steps = training_steps(config, opened.num_records)
     data_iterator = iter(train_dataset(config, opened, process_index=jax.process_index(),
                                        process_count=jax.process_count()))
-    console.stage("pre-training %s: %d images, %d steps (%d warm-up) at batch %d on %d %s "
-                  "device(s)%s", workdir.name, opened.num_records, total_steps, warmup_steps,
+    console.stage("pre-training in %s: %d images, %d steps (%d warm-up) at batch %d on %d %s "
+                  "device(s)%s", workdir, opened.num_records, total_steps, warmup_steps,
                   config.training.batch_size, jax.device_count(), jax.devices()[0].platform,
                   f"; monitors: {', '.join(config.monitor.evaluators)}"
                   if config.monitor.every_steps and config.monitor.evaluators else "")
@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         (workdir / "final_metrics.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
         shown = ["loss", *sorted(k for k in scalars if k.startswith("knn/")),
                  "online_classifier/top1", "collapse/projection_effective_rank"]
-        console.stage("pre-training %s stopped at step %d of %d: %s", workdir.name, step,
+        console.stage("pre-training stopped at step %d of %d: %s", step,
                       total_steps, ", ".join(f"{key} {scalars[key]:.3f}" for key in shown
                                              if key in scalars))
     return scalars
