@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
     # The official online classifier trained (digits have labels) and was evaluated on holdout.
     assert np.isfinite(metrics["online_classifier/loss"])
     assert 0.0 <= metrics["online_classifier/top1"] <= 1.0
-    state, _ = final_state(reference_run)
+    state = final_state(reference_run)[0]
     assert any(name.startswith("/classifier/") for name in state), sorted(state)[:5]
     assert metrics["collapse/projection_effective_rank"] >= 1.0
 
@@ -102,7 +103,7 @@ def test_typo_in_a_config_key_is_rejected_by_name(data_dir, tmp_path):
 
 @pytest.mark.parametrize("key,value,message", [
     ("training.batch_size", 12, "divisible by the 8 devices"),
-    ("training.warmup_epochs", 50.0, "shorter than training.epochs"),
+    ("training.warmup_epochs", 500.0, "shorter than training.epochs"),
     ("optimizer.base_learning_rate", -0.1, "must be positive"),
     ("model.encoder.name", "resnet51", "must be one of"),
     ("target.schedule", "linear", "'cosine' or 'constant'"),
@@ -132,7 +133,7 @@ def test_non_finite_loss_stops_without_checkpointing_the_bad_state(data_dir, tmp
                              "--config.checkpoint.every_steps=1"), cwd=tmp_path)
     assert result.returncode != 0
     assert "NonFiniteLossError" in result.stderr and "at step" in result.stderr
-    bad_step = int(result.stderr.split("at step ")[1].split(":")[0])
+    bad_step = int(re.search(r"NonFiniteLossError: .* at step (\d+):", result.stderr)[1])
     assert all(step < bad_step for step in committed_steps(workdir))
 
 
@@ -153,8 +154,11 @@ def test_two_processes_train_get_killed_resume_and_match_one_process(reference_r
 
     def launch():
         port = free_port()
+        # Quiet console (the default): stderr is a pipe read only at the end, and verbose logs
+        # would fill it and block the processes.
         return [subprocess.Popen(entry_point(data_dir, workdir, f"--coordinator_address=localhost:{port}",
-                                             "--num_processes=2", f"--process_id={i}"),
+                                             "--num_processes=2", f"--process_id={i}",
+                                             verbose=False),
                                  env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
 
@@ -171,7 +175,8 @@ def test_two_processes_train_get_killed_resume_and_match_one_process(reference_r
     for p in processes:
         _, stderr = p.communicate(timeout=600)
         assert p.returncode == 0, stderr[-3000:]
-    assert "2 processes, 2 devices" in stderr and "resuming at step" in stderr
+    assert "resuming at step" in stderr
+    assert "2 processes, 2 devices" in (workdir / "log.txt").read_text()
     expected, got = final_state(reference_run)[0], final_state(workdir)[0]
     assert got.keys() == expected.keys()
     for name in expected:
@@ -184,8 +189,10 @@ def test_runs_differing_only_in_seed_or_host_augmentation_share_the_compiled_ste
 
     mesh = make_mesh()
     first = digits_cpu.get_config("data=/d,augment=paper")
-    other_seed = digits_cpu.get_config("data=/d,augment=small_image")  # crops and flips differ
+    other_seed = digits_cpu.get_config("data=/d,augment=paper")
     other_seed.seed = 7
+    other_seed.augment.crop_area_min = 0.25  # host-side crops and flips differ
+    other_seed.augment.view1.flip_prob = other_seed.augment.view2.flip_prob = 0.0
     other_lr = digits_cpu.get_config("data=/d,augment=paper")
     other_lr.optimizer.base_learning_rate = 0.5
     step = lambda config: _cached_train_step(config, None, mesh, 100, 10, 10)  # noqa: E731
