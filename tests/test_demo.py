@@ -9,7 +9,7 @@ from byol_flax import demo, report
 
 
 def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
-    summary = demo.run_demo(tmp_path, seeds=[0], recipes=["small_image"], quick=True)
+    summary = demo.run_demo(tmp_path, seeds=[0], recipes=["digits"], quick=True)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["seeds"] == [0] == summary["seeds"]
     for key in report.HEADLINE_KEYS + ("total_seconds", "device", "recipes", "accuracies"):
@@ -18,7 +18,7 @@ def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
                 "byol_knn_top1", "byol_online_classifier_top1"):
         assert 0.0 <= saved[key] <= 1.0
     # One seed: margins are reported, with no verdict against a spread there is not.
-    margins = saved["recipes"]["small_image"]
+    margins = saved["recipes"]["digits"]
     for byol_key, baseline in report.COMPARISONS:
         margin = margins[f"margin_{byol_key}_over_{baseline}"]
         assert margin["beats"] is None and margin["seeds"] == 1
@@ -32,8 +32,8 @@ def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
     for plot in saved["plots"].values():
         assert (tmp_path / plot).stat().st_size > 1000, plot
     markdown = (tmp_path / "report.md").read_text()
-    assert "## Verdict" in markdown and "small_image" in markdown
-    run = tmp_path / "small_image" / "seed_0"
+    assert "## Verdict" in markdown and "digits" in markdown
+    run = tmp_path / "digits" / "seed_0"
     assert list((run / "pretrain").glob("events.out.tfevents.*"))
     assert (run / "pretrain" / "checkpoints").is_dir()
     assert (run / "linear_random_init" / "results.json").exists()

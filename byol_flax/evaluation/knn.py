@@ -49,14 +49,20 @@ def knn_accuracy(train: tuple[np.ndarray, np.ndarray], queries: tuple[np.ndarray
         num_classes=num_classes)) == queries[1])) for k in ks}
 
 
+def eval_representation(train_state: Any, images: jax.Array) -> jax.Array:
+    """The online encoder's float32 representation y of uint8 images, BatchNorm in inference
+    mode (the monitors' view of a training state)."""
+    encoder = train_state.online.encoder
+    encoder.eval()
+    return encoder(normalize(to_unit_float(images))).astype(jnp.float32)
+
+
 def make_embed_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
     """Jitted images (uint8) -> l2-normalised online representations, BatchNorm in eval mode."""
 
     @jax.jit
     def embed(state: nnx.State, images: jax.Array) -> jax.Array:
-        encoder = nnx.merge(graphdef, state).online.encoder
-        encoder.eval()
-        features = encoder(normalize(to_unit_float(images))).astype(jnp.float32)
+        features = eval_representation(nnx.merge(graphdef, state), images)
         return features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
 
     return embed

@@ -15,10 +15,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from byol_flax.data.augment import normalize, to_unit_float
 from byol_flax.data.pipeline import open_split
 from byol_flax.evaluation.base import EVALUATORS
 from byol_flax.evaluation.features import extract_features
+from byol_flax.evaluation.knn import eval_representation
 
 
 @EVALUATORS.register("online_classifier")
@@ -35,10 +35,8 @@ class OnlineClassifierMonitor:
         @jax.jit
         def predict(state: nnx.State, images: jax.Array) -> jax.Array:
             train_state = nnx.merge(graphdef, state)
-            encoder = train_state.online.encoder
-            encoder.eval()
-            representation = encoder(normalize(to_unit_float(images))).astype(jnp.float32)
-            return jnp.argmax(train_state.classifier(representation), axis=-1)
+            logits = train_state.classifier(eval_representation(train_state, images))
+            return jnp.argmax(logits, axis=-1)
 
         self._predict = predict
 
