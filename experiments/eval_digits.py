@@ -20,8 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parsed = dict(option.split("=", 1) for option in options if "=" in option)
     if protocol not in PROTOCOLS or not set(parsed) <= {"data", "image_size"}:
         raise ValueError(f"config argument {arg!r}: use <protocol>[,data=DIR][,image_size=N], "
-                         "protocol one of "
-                         f"{PROTOCOLS}")
+                         f"protocol one of {PROTOCOLS}")
     config = eval_base_config()
     config.protocol = protocol
     config.data.dir = parsed.get("data", "data/digits")

@@ -16,10 +16,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from byol_flax.data.augment import normalize, to_unit_float
 from byol_flax.data.pipeline import open_split
 from byol_flax.evaluation.base import EVALUATORS
-from byol_flax.evaluation.features import extract_features
+from byol_flax.evaluation.features import eval_representation, extract_features
 
 
 def knn_predict(train_features: jax.Array, train_labels: jax.Array, queries: jax.Array, *,
@@ -47,14 +46,6 @@ def knn_accuracy(train: tuple[np.ndarray, np.ndarray], queries: tuple[np.ndarray
     return {k: float(np.mean(np.asarray(knn_predict(
         train_x, jnp.asarray(train[1]), eval_x, k=k, temperature=temperature,
         num_classes=num_classes)) == queries[1])) for k in ks}
-
-
-def eval_representation(train_state: Any, images: jax.Array) -> jax.Array:
-    """The online encoder's float32 representation y of uint8 images, BatchNorm in inference
-    mode (the monitors' view of a training state)."""
-    encoder = train_state.online.encoder
-    encoder.eval()
-    return encoder(normalize(to_unit_float(images))).astype(jnp.float32)
 
 
 def make_embed_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:

@@ -17,8 +17,7 @@ from jax.sharding import Mesh
 
 from byol_flax.data.pipeline import open_split
 from byol_flax.evaluation.base import EVALUATORS
-from byol_flax.evaluation.features import extract_features
-from byol_flax.evaluation.knn import eval_representation
+from byol_flax.evaluation.features import eval_representation, extract_features
 
 
 @EVALUATORS.register("online_classifier")

@@ -18,13 +18,14 @@ no-collapse pattern is comparable, not the numbers.
 """
 
 from byol_flax.studies import NO_EMA, SIMCLR, Row, Study
+from experiments.digits_cpu import SMALL_IMAGE_SIZE
 
 STUDY = Study(
     table="CPU replication of Tables 19 and 21",
     description="collapse with tau = 0 vs predictor LR multiplier; targets without predictor",
     config="experiments/digits_cpu.py:data={data},augment=small_image",
-    evaluations=("experiments/eval_digits.py:linear,data={data},image_size=12",
-                 "experiments/eval_digits.py:knn,data={data},image_size=12"),
+    evaluations=tuple(f"experiments/eval_digits.py:{protocol},data={{data}},"
+                      f"image_size={SMALL_IMAGE_SIZE}" for protocol in ("linear", "knn")),
     seeds=(0,),
     data="digits",
     random_init_reference=True,
