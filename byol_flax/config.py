@@ -110,7 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000
     config.checkpoint.max_to_keep = 3
+    # Steps that are multiples of keep_period are kept forever, besides the max_to_keep newest
+    # (Orbax's keep period; 0: none), e.g. for evaluating intermediate encoders later.
+    config.checkpoint.keep_period = 0
     config.checkpoint.async_save = True
+    # A run holds <workdir>/lease.json; a lease whose heartbeat is older than this is taken over
+    # (a dead process on the same host is noticed at once). Heartbeats every tenth of it.
+    config.checkpoint.lease_stale_after_seconds = 600.0
 
     config.logging = ml_collections.ConfigDict()
     config.logging.every_steps = 100  # scalars, finiteness check, collapse warnings
@@ -131,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.monitor.batch_size = 1024  # a multiple of the device count (512 on v3-512)
     config.monitor.knn_k = (20, 200)
     config.monitor.knn_temperature = 0.07
+    # A monitor that raises is logged with its traceback and counted, and training continues;
+    # True makes it end the run (after the step's checkpoint is saved).
+    config.monitor.errors_are_fatal = False
     config.lock()
     return config
 
@@ -200,6 +209,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         (config.data.image_size > 0, "data.image_size", "must be positive"),
         (config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive"),
         (config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
+        (config.checkpoint.keep_period >= 0, "checkpoint.keep_period", "must be >= 0"),
+        (config.checkpoint.lease_stale_after_seconds > 0, "checkpoint.lease_stale_after_seconds",
+         "must be positive"),
         (config.logging.every_steps > 0, "logging.every_steps", "must be positive"),
         (not config.monitor.every_steps or (config.monitor.batch_size > 0
                                             and config.monitor.batch_size % num_devices == 0),

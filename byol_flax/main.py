@@ -17,16 +17,20 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from byol_flax.checkpointing import DamagedCheckpointError, IncompatibleCheckpointError  # noqa: E402
+from byol_flax.checkpointing import (CheckpointWriteError, DamagedCheckpointError,  # noqa: E402
+                                     IncompatibleCheckpointError)
 from byol_flax.config import ConfigError  # noqa: E402
+from byol_flax.config_changes import ConfigChangeError  # noqa: E402
 from byol_flax.data.records import DataError  # noqa: E402
+from byol_flax.lease import WorkdirBusyError  # noqa: E402
 from byol_flax.runtime import configure_xla_flags  # noqa: E402
 from byol_flax.train import NonFiniteLossError, WorkdirError, train_and_evaluate  # noqa: E402
 
 # Errors in what the user gave us (config, data, workdir, checkpoints) or a diverged run: one
 # line naming the key / file / step, exit status 1, no traceback to dig through.
-USER_ERRORS = (ConfigError, DataError, IncompatibleCheckpointError, DamagedCheckpointError,
-               NonFiniteLossError, WorkdirError)
+USER_ERRORS = (ConfigError, ConfigChangeError, DataError, IncompatibleCheckpointError,
+               DamagedCheckpointError, CheckpointWriteError, NonFiniteLossError, WorkdirError,
+               WorkdirBusyError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config module.",
                                           lock_config=True)
@@ -39,6 +43,10 @@ _DISTRIBUTED = flags.DEFINE_boolean(
     "distributed", False, "Call jax.distributed.initialize() with no arguments (multi-host "
     "Cloud TPU slices; the launcher passes it). Implied by TPU_WORKER_HOSTNAMES listing several "
     "hosts or by --coordinator_address.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [], "Config keys (or sections, e.g. optimizer) a resume may change "
+    "although they change what is trained; recorded in <workdir>/config_history.jsonl and the "
+    "model card.")
 _VERBOSE = flags.DEFINE_boolean(
     "verbose", False, "Also print every log line on the console (they always go to "
     "<workdir>/log.txt).")
@@ -68,7 +76,8 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except USER_ERRORS as error:
         logging.error("%s: %s", type(error).__name__, error)
         sys.exit(f"error: {type(error).__name__}: {error}")

@@ -67,7 +67,7 @@ def build_optimizer(config: ConfigDict, model: nnx.Module,
                     learning_rate: optax.Schedule) -> optax.GradientTransformation:
     """LARS with the paper's exclusions and per-module LR multipliers, from ``config.optimizer``."""
     mask: Any = decay_and_adaptation_mask(model) if config.exclude_bias_and_norm else True
-    lars = optax.chain(
+    lars = (
         optax.add_decayed_weights(config.weight_decay, mask=mask),
         optax.masked(optax.scale_by_trust_ratio(trust_coefficient=config.trust_coefficient), mask),
         optax.trace(decay=config.momentum, nesterov=False),
@@ -75,9 +75,20 @@ def build_optimizer(config: ConfigDict, model: nnx.Module,
     )
     multipliers = {"predictor": config.predictor_lr_multiplier,
                    "projector": config.projector_lr_multiplier, "other": 1.0}
-    if all(m == 1.0 for m in multipliers.values()):
-        return lars
-    labels = lambda params: jax.tree_util.tree_map_with_path(
-        lambda key_path, _: module_label(_path_names(key_path)), params)
-    return optax.chain(lars, optax.partition(
-        {name: optax.scale(m) for name, m in multipliers.items()}, labels))
+    return optax.chain(*lars, scale_by_module(multipliers))
+
+
+def scale_by_module(multipliers: dict[str, float]) -> optax.GradientTransformation:
+    """Per-module learning-rate multipliers (lambda, mu) as a stateless transform.
+
+    Stateless and always present, so the optimizer state has one structure whatever the
+    multipliers are: changing them on resume is a config change, not another checkpoint layout.
+    A multiplier of 1 leaves the updates bitwise unchanged.
+    """
+    def scale(updates: Any, params: Any = None) -> Any:
+        del params
+        return jax.tree_util.tree_map_with_path(
+            lambda key_path, update: update * multipliers[module_label(_path_names(key_path))],
+            updates)
+
+    return optax.stateless(scale)

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,13 +22,14 @@ import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from byol_flax import console
-from byol_flax.checkpointing import Checkpointer
+from byol_flax import config_changes, console, lease
+from byol_flax.checkpointing import Checkpointer, Restored
 from byol_flax.config import training_steps, validate_config
 from byol_flax.data.augment import make_device_augment
-from byol_flax.data.pipeline import open_split, train_dataset, views_only
+from byol_flax.data.pipeline import OpenedSplit, open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
 from byol_flax.evaluation import EVALUATORS, build_evaluators
 from byol_flax.schedules import build_schedules
@@ -150,11 +152,82 @@ def plan_label_users(config: ml_collections.ConfigDict, num_classes: int
     return config
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike
-                       ) -> dict[str, float]:
+def _lease(workdir: epath.Path, config: ml_collections.ConfigDict) -> lease.WorkdirLease | None:
+    """Process 0 creates the workdir and takes its lease; every process learns the outcome, so a
+    refused start stops all hosts instead of leaving them waiting for process 0."""
+    held, error = None, None
+    if jax.process_index() == 0:
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            held = lease.WorkdirLease(
+                workdir, stale_after_seconds=config.checkpoint.lease_stale_after_seconds).acquire()
+        except lease.WorkdirBusyError as caught:
+            error = caught
+        except OSError as caught:
+            error = WorkdirError(f"cannot write to the workdir {workdir}: {caught}")
+    if jax.process_count() > 1:
+        refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if refused and error is None:
+            error = lease.WorkdirBusyError(f"process 0 could not take the lease of {workdir}: "
+                                           "see its log")
+    if error is not None:
+        raise error
+    return held
+
+
+def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
+                   restored: Restored, run: dict[str, Any],
+                   allow_config_change: Sequence[str]) -> None:
+    """Refuses a resume that changes what is trained (unless allowed), records accepted changes
+    and only then writes ``config.json`` (never silently replaced)."""
+    where = f"{workdir}"
+    changes = []
+    if restored.step and restored.run is None:
+        logging.warning("checkpoint step %d has no saved config (written by an older version): "
+                        "config changes on this resume are not checked", restored.step)
+    elif restored.step:
+        changes = config_changes.check_resume(restored.run, run, step=restored.step, where=where,
+                                              allowed=allow_config_change)
+    if jax.process_index() != 0:
+        return
+    config_changes.record_changes(workdir, restored.step or 0, changes)
+    text = config.to_json_best_effort(indent=2)
+    path = workdir / config_changes.CONFIG_NAME
+    if path.exists() and path.read_text() != text and not changes:
+        logging.warning("%s differed from this run's config and was rewritten (no checkpoint "
+                        "recorded the old one)", path)
+    path.write_text(text)
+
+
+def _run_monitors(step: int, evaluators: Sequence[tuple[str, Any]], state: nnx.State,
+                  config: ml_collections.ConfigDict, guard: "TerminationGuard"
+                  ) -> dict[str, float]:
+    """Runs the monitors after the step's save. A failing monitor is logged with its traceback
+    and counted (``monitor_errors/<name>``), and training goes on unless
+    ``config.monitor.errors_are_fatal``; a SIGTERM skips the monitors still to run."""
+    scalars: dict[str, float] = {}
+    for name, evaluator in evaluators:
+        if guard.requested:
+            logging.warning("step %d: SIGTERM pending, monitors %s skipped", step, name)
+            break
+        try:
+            scalars.update(evaluator.run(state))
+        except Exception:  # noqa: BLE001 - a monitor must not end a long run
+            if config.monitor.errors_are_fatal:
+                raise
+            logging.exception("step %d: monitor %s failed; training continues "
+                              "(config.monitor.errors_are_fatal makes this fatal)", step, name)
+            scalars[f"monitor_errors/{name}"] = 1.0
+    return scalars
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
+                       allow_config_change: Sequence[str] = ()) -> dict[str, float]:
     """Pre-trains BYOL as ``config`` says, in (or resuming from) ``workdir``.
 
-    Returns the last logged scalars.
+    ``allow_config_change``: dotted config keys (or sections) a resume may change although they
+    change what is trained (see :mod:`byol_flax.config_changes`). Returns the last logged
+    scalars.
     """
     # --- Set-up ------------------------------------------------------------------------------
     # First, so a SIGTERM during start-up still ends in a clean save. Only on one process: under
@@ -164,16 +237,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if "://" not in str(workdir):
         workdir = os.path.abspath(workdir)  # Orbax requires absolute local paths
     workdir = epath.Path(workdir)
-    validate_config(config, num_devices=jax.device_count())
-    opened = open_split(config.data, config.data.train_split)
-    config = plan_label_users(config, opened.manifest.num_classes)
+    try:
+        validate_config(config, num_devices=jax.device_count())
+        opened = open_split(config.data, config.data.train_split)
+        config = plan_label_users(config, opened.manifest.num_classes)
+        held = _lease(workdir, config)
+    except BaseException:
+        guard.restore()
+        raise
+    try:
+        return _train(config, workdir, opened, guard, allow_config_change)
+    finally:
+        guard.restore()
+        if held is not None:
+            held.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: OpenedSplit,
+           guard: TerminationGuard, allow_config_change: Sequence[str]) -> dict[str, float]:
     is_chief = jax.process_index() == 0
-    if is_chief:
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        except OSError as error:
-            raise WorkdirError(f"cannot write to the workdir {workdir}: {error}") from error
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     logging.info("config:\n%s", config)
 
@@ -182,17 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     logging.info("%d processes, %d devices (%s); mesh %s", jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape))
 
-    # --- Data --------------------------------------------------------------------------------
-    total_steps, warmup_steps = training_steps(config, opened.num_records)
-    data_iterator = iter(train_dataset(config, opened, process_index=jax.process_index(),
-                                       process_count=jax.process_count()))
-    console.stage("pre-training in %s: %d images, %d steps (%d warm-up) at batch %d on %d %s "
-                  "device(s)%s", workdir, opened.num_records, total_steps, warmup_steps,
-                  config.training.batch_size, jax.device_count(), jax.devices()[0].platform,
-                  f"; monitors: {', '.join(config.monitor.evaluators)}"
-                  if config.monitor.every_steps and config.monitor.evaluators else "")
-
     # --- Model and step ----------------------------------------------------------------------
+    total_steps, warmup_steps = training_steps(config, opened.num_records)
     learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
                                                 warmup_steps=warmup_steps)
     num_classes = opened.manifest.num_classes if config.model.online_classifier else 0
@@ -205,15 +278,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     batch_keys = ("view1", "view2", "label") if num_classes else ("view1", "view2")
 
     # --- Checkpoint --------------------------------------------------------------------------
-    checkpointer = Checkpointer(workdir / "checkpoints", config)
-    restored_step, state, counters = checkpointer.restore_latest(state, data_iterator,
-                                                                 replicated_sharding(mesh))
-    start_step = restored_step or 0
+    run = config_changes.run_record(config.to_json_best_effort(),
+                                    config_changes.manifest_sha256(opened.data_dir))
+    checkpointer = Checkpointer(workdir / "checkpoints", config, run)
+    restored = checkpointer.restore_latest(state, replicated_sharding(mesh))
+    _record_config(workdir, config, restored, run, allow_config_change)
+    state, counters = restored.state, restored.counters
+    start_step = restored.step or 0
     if start_step:
         console.stage("resuming at step %d of %d", start_step, total_steps)
 
+    # --- Data --------------------------------------------------------------------------------
+    # The position is examples consumed in the global stream (older checkpoints: steps x batch),
+    # so the pipeline restarts exactly there whatever the worker or process count.
+    examples_consumed = counters.get("examples_consumed",
+                                     start_step * config.training.batch_size)
+    data_iterator = iter(train_dataset(config, opened, process_index=jax.process_index(),
+                                       process_count=jax.process_count(),
+                                       examples_consumed=examples_consumed))
+    console.stage("pre-training in %s: %d images, %d steps (%d warm-up) at batch %d on %d %s "
+                  "device(s)%s", workdir, opened.num_records, total_steps, warmup_steps,
+                  config.training.batch_size, jax.device_count(), jax.devices()[0].platform,
+                  f"; monitors: {', '.join(config.monitor.evaluators)}"
+                  if config.monitor.every_steps and config.monitor.evaluators else "")
+
     # --- Loop --------------------------------------------------------------------------------
-    evaluators = build_evaluators(config, mesh, graphdef)
+    evaluators = list(zip(config.monitor.evaluators, build_evaluators(config, mesh, graphdef)))
     hooks = []
     if is_chief:
         hooks.append(periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
@@ -231,6 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(data_iterator)
+                examples_consumed += config.training.batch_size
                 skipped += int(np.sum(batch["skipped"]))
                 if skipped > config.data.max_skipped_records:
                     raise DataError(f"{skipped} undecodable records skipped by step {step}, more "
@@ -264,30 +355,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}",
                                     img_s=f"{scalars['images_per_second']:.0f}", refresh=False)
 
-            if evaluators and (step % config.monitor.every_steps == 0 or step == total_steps):
-                for evaluator in evaluators:
-                    results = evaluator.run(state)
-                    writer.write_scalars(step, results)
-                    scalars.update(results)
-
+            # Save first, then monitor: a preemption notice or a failing monitor never costs
+            # the step's checkpoint.
             preempted = guard.requested or checkpointer.reached_preemption(step)
             if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
                 _check_finite(step, metrics, last_checkpoint)
-                checkpointer.save(step, state, data_iterator, force=True,
-                                  counters={"skipped_records": skipped})
+                checkpointer.save(step, state, force=True,
+                                  counters={"skipped_records": skipped,
+                                            "examples_consumed": examples_consumed})
                 last_checkpoint = step
             if preempted:
                 checkpointer.wait_until_finished()
                 logging.warning("preempted: checkpoint of step %d committed; exiting. Re-run the "
                                 "same command to resume.", step)
                 break
+
+            if evaluators and (step % config.monitor.every_steps == 0 or step == total_steps):
+                results = _run_monitors(step, evaluators, state, config, guard)
+                writer.write_scalars(step, results)
+                scalars.update(results)
     finally:
         if bar is not None:
             bar.close()
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        writer.flush()
-        guard.restore()
+        try:
+            checkpointer.wait_until_finished()
+        finally:
+            checkpointer.close()
+            writer.flush()
     if is_chief and scalars:  # a re-run of a finished job trains nothing and keeps the file
         (workdir / "final_metrics.json").write_text(json.dumps(scalars, indent=2, sort_keys=True))
         shown = ["loss", *sorted(k for k in scalars if k.startswith("knn/")),

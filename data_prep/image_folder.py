@@ -1,7 +1,15 @@
 """Converts image trees on disk (ImageNet, one folder per class, unlabeled) to ArrayRecord shards.
 
-Image files are stored byte for byte (unless ``--reencode``); ids are paths relative to SRC.
-Every split is written in the seeded order of ``data_prep.common.seeded_order``.
+Image files are stored byte for byte (unless ``--reencode``; images of more than 8 bits per
+sample become 8-bit PNG); ids are paths relative to SRC. Every split is written in the seeded
+order of ``data_prep.common.seeded_order``. Symlinks are followed once by real path; bad images
+and non-UTF-8 file names are left out and listed (see ``data_prep.common``).
+
+Held-out splits are a seeded random choice: the tail of the seeded order. ``--imagenet-holdout``
+holds out as many images as the paper (``IMAGENET_HOLDOUT_COUNT``) but NOT the paper's images,
+which are the last ones of the TFDS train split in TFDS order (Appendix E.1): a file tree does
+not have that order.
+For the paper's exact split use ``data_prep.tfds_to_arrayrecord --imagenet-holdout``.
 """
 
 import argparse
@@ -12,31 +20,38 @@ from collections.abc import Sequence
 
 from byol_flax.data.records import UNLABELED, DataError
 from data_prep import common
-from data_prep.common import Example
+from data_prep.common import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_SIZE, Example
 
 LAYOUTS = ("imagenet", "folders", "unlabeled")
-# BYOL, Appendix D.1: the held-out validation split is 10009 images of the ImageNet train set,
-# the remaining 1271158 being used for training: 10009 + 1271158 = 1281167, the full train set.
-IMAGENET_HOLDOUT_COUNT = 10009
-IMAGENET_TRAIN_SIZE = 1281167
 # Split folders recognized by the folders layout, and the split names they become.
 SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "validation",
                  "validation": "validation"}
 
-_EPILOG = """\
+_KEPT = IMAGENET_TRAIN_SIZE - IMAGENET_HOLDOUT_COUNT
+_EPILOG = f"""\
 layouts:
   imagenet   SRC/train/<synset>/*.JPEG and SRC/val/ with either class folders or flat files plus
              --val-labels FILE. FILE is either whitespace-separated "<filename> <label>" lines
              (label: a synset or an index into the sorted synsets; filename with or without its
              extension) or Kaggle's LOC_val_solution.csv (ImageId,PredictionString; the first
              token is the synset). Splits: train (+ holdout), validation.
-             --imagenet-holdout writes the held-out split of BYOL Appendix D.1: the last 10009
-             images of train in the seeded order become "holdout", the other 1271158 "train",
-             so train + holdout = the full ImageNet train set.
-  folders    SRC/<class>/**/*.{jpg,jpeg,png,bmp,gif,webp} (any case). If SRC holds train/ and
+             --imagenet-holdout holds out as many images as BYOL Appendix E.1
+             ({IMAGENET_HOLDOUT_COUNT}; the other {_KEPT} stay in "train"), but a SEEDED RANDOM
+             CHOICE of them (the tail of the seeded order), not the paper's split, which is
+             the last {IMAGENET_HOLDOUT_COUNT} images of the TFDS train split in TFDS order:
+             for that one, convert with python -m data_prep.tfds_to_arrayrecord
+             --imagenet-holdout.
+  folders    SRC/<class>/**/*.{{jpg,jpeg,png,bmp,gif,webp}} (any case). If SRC holds train/ and
              test/, val/ or validation/ class trees instead, each becomes a split (val ->
              validation) with the label names of train. Splits: train (+ holdout) (+ ...).
   unlabeled  every image under SRC, label -1, no label names. Split: train (+ holdout).
+
+bad input:
+  Symlinks are followed, each directory and each file once by real path (a link loop is walked
+  once, a linked duplicate is left out). Every image is fully decoded; an unreadable, truncated
+  or oversized one, or a file name that is not UTF-8, is left out and listed in
+  OUT/skipped_files.json (--on-bad-image=error stops at the first instead). Images of more than
+  8 bits per sample (16-bit PNG) are stored as 8-bit PNG, value >> 8; the manifest counts them.
 
 examples:
   python -m data_prep.image_folder --layout imagenet --src /data/imagenet \\
@@ -63,7 +78,7 @@ def _no_images_error(root: pathlib.Path) -> DataError:
     return DataError(f"no images ({extensions}) found under {root}")
 
 
-def class_tree(root: pathlib.Path, src: pathlib.Path,
+def class_tree(root: pathlib.Path, src: pathlib.Path, scan: common.ImageScan,
                label_names: Sequence[str] | None = None) -> tuple[list[Example], list[str]]:
     """Examples of a tree with one folder per class, and its sorted class names.
 
@@ -76,16 +91,25 @@ def class_tree(root: pathlib.Path, src: pathlib.Path,
     if not folders:
         raise DataError(f"{root} has no class folders")
     names = [folder.name for folder in folders]
+    if bad := [name for name in names if not common.is_utf8(name)]:
+        raise DataError(f"class folder {common.printable_path(root / bad[0])} has a name that is "
+                        "not valid UTF-8: rename it (class names are stored as text)")
     if label_names is None:
         label_names = names
     elif unknown := sorted(set(names) - set(label_names)):
         raise DataError(f"{root} has class folders that train does not: {unknown[:5]}")
     index = {name: i for i, name in enumerate(label_names)}
+    scan.claim(root)
+    scan.claim(*folders, walk_later=True)
     examples = []
     for folder in folders:
-        images = common.find_images(folder)
+        images = scan.find(folder)
         if not images:
-            raise DataError(f"class folder {folder} has no images")
+            left_out = scan.left_out_under(folder) or [
+                s for s in scan.skipped if s.file == common.printable_path(folder)]
+            why = (f" ({len(left_out)} left out, e.g. {left_out[0].file}: {left_out[0].reason})"
+                   if left_out else "")
+            raise DataError(f"class folder {folder} has no images{why}")
         examples.extend(_example(path, src, index[folder.name]) for path in images)
     return examples, list(label_names)
 
@@ -128,10 +152,10 @@ def read_val_labels(path: pathlib.Path, label_names: Sequence[str]) -> dict[str,
 
 
 def flat_validation(val_dir: pathlib.Path, src: pathlib.Path, labels_file: pathlib.Path,
-                    label_names: Sequence[str]) -> list[Example]:
+                    label_names: Sequence[str], scan: common.ImageScan) -> list[Example]:
     """Examples of a flat val folder labelled by ``labels_file``; every file needs one label."""
     labels = read_val_labels(labels_file, label_names)
-    images = _top_level_images(val_dir)
+    images = scan.find(val_dir, recursive=False)
     if not images:
         raise _no_images_error(val_dir)
     examples, used, unlabeled = [], set(), []
@@ -151,13 +175,13 @@ def flat_validation(val_dir: pathlib.Path, src: pathlib.Path, labels_file: pathl
     return examples
 
 
-def imagenet_splits(src: pathlib.Path, val_labels: pathlib.Path | None
+def imagenet_splits(src: pathlib.Path, val_labels: pathlib.Path | None, scan: common.ImageScan
                     ) -> tuple[dict[str, list[Example]], list[str]]:
     """train (and validation when SRC/val exists) of an ImageNet-style tree, synsets sorted."""
     train_dir = src / "train"
     if not train_dir.is_dir():
         raise DataError(f"the imagenet layout needs {train_dir}/<synset>/: it does not exist")
-    train, label_names = class_tree(train_dir, src)
+    train, label_names = class_tree(train_dir, src, scan)
     splits = {"train": train}
     val_dir = src / "val"
     if not val_dir.is_dir():
@@ -171,21 +195,22 @@ def imagenet_splits(src: pathlib.Path, val_labels: pathlib.Path | None
     if has_folders:
         if val_labels is not None:
             raise DataError(f"{val_dir} has class folders: --val-labels is only for a flat val")
-        splits["validation"], _ = class_tree(val_dir, src, label_names)
+        splits["validation"], _ = class_tree(val_dir, src, scan, label_names)
     elif val_labels is None:
         raise DataError(f"{val_dir} holds loose images: give their labels with --val-labels")
     else:
-        splits["validation"] = flat_validation(val_dir, src, val_labels, label_names)
+        splits["validation"] = flat_validation(val_dir, src, val_labels, label_names, scan)
     return splits, label_names
 
 
-def folder_splits(src: pathlib.Path) -> tuple[dict[str, list[Example]], list[str]]:
+def folder_splits(src: pathlib.Path, scan: common.ImageScan
+                  ) -> tuple[dict[str, list[Example]], list[str]]:
     """One class tree (split train), or train/ plus test/ or val/ class trees as splits."""
     folders = {folder.name: folder for folder in _subdirs(src)}
     if "train" not in folders or not set(folders) <= set(SPLIT_FOLDERS):
-        examples, label_names = class_tree(src, src)
+        examples, label_names = class_tree(src, src, scan)
         return {"train": examples}, label_names
-    train, label_names = class_tree(folders["train"], src)
+    train, label_names = class_tree(folders["train"], src, scan)
     splits = {"train": train}
     for name, folder in folders.items():
         split = SPLIT_FOLDERS[name]
@@ -193,12 +218,13 @@ def folder_splits(src: pathlib.Path) -> tuple[dict[str, list[Example]], list[str
             continue
         if split in splits:
             raise DataError(f"{src} has two folders for split {split!r} (val/ and validation/)")
-        splits[split], _ = class_tree(folder, src, label_names)
+        splits[split], _ = class_tree(folder, src, scan, label_names)
     return splits, label_names
 
 
-def unlabeled_splits(src: pathlib.Path) -> tuple[dict[str, list[Example]], list[str]]:
-    images = common.find_images(src)
+def unlabeled_splits(src: pathlib.Path, scan: common.ImageScan
+                     ) -> tuple[dict[str, list[Example]], list[str]]:
+    images = scan.find(src)
     if not images:
         raise _no_images_error(src)
     return {"train": [_example(path, src, UNLABELED) for path in images]}, []
@@ -215,30 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-labels", type=pathlib.Path,
                         help="imagenet layout: label file of a flat SRC/val/")
     parser.add_argument("--imagenet-holdout", action="store_true",
-                        help="imagenet layout: hold out the paper's validation split, the last "
-                             f"{IMAGENET_HOLDOUT_COUNT} train images (--holdout-count overrides "
-                             "the number, e.g. for a small test tree)")
+                        help=f"imagenet layout: hold out {IMAGENET_HOLDOUT_COUNT} train images, "
+                             "as many as the paper, chosen at random by the seeded order: NOT "
+                             f"the paper's split (the last {IMAGENET_HOLDOUT_COUNT} in TFDS "
+                             "order; see tfds_to_arrayrecord); --holdout-count overrides the "
+                             "number, e.g. for a small test tree")
     common.add_holdout_arguments(parser)
     common.add_order_seed_argument(parser)
     common.add_reencode_argument(parser)
+    common.add_bad_image_arguments(parser)
     common.add_output_arguments(parser)
     return parser
-
-
-def _holdout(args: argparse.Namespace, num_train: int) -> tuple[int | None, float | None]:
-    if not args.imagenet_holdout:
-        return args.holdout_count, args.holdout_fraction
-    if args.layout != "imagenet":
-        raise DataError("--imagenet-holdout needs --layout imagenet")
-    if args.holdout_fraction is not None:
-        raise DataError("--imagenet-holdout holds out a count: it excludes --holdout-fraction")
-    if args.holdout_count is not None:
-        return args.holdout_count, None
-    if num_train != IMAGENET_TRAIN_SIZE:
-        print(f"note: {args.src / 'train'} has {num_train} images, not the {IMAGENET_TRAIN_SIZE} "
-              f"of ImageNet: holdout gets {IMAGENET_HOLDOUT_COUNT}, train the rest",
-              file=sys.stderr)
-    return IMAGENET_HOLDOUT_COUNT, None
 
 
 def convert(args: argparse.Namespace) -> common.ConversionResult:
@@ -248,22 +261,25 @@ def convert(args: argparse.Namespace) -> common.ConversionResult:
                         + (" (it is a file)" if src.exists() else ""))
     if args.val_labels is not None and args.layout != "imagenet":
         raise DataError("--val-labels needs --layout imagenet")
+    if args.imagenet_holdout and args.layout != "imagenet":
+        raise DataError("--imagenet-holdout needs --layout imagenet")
+    policy = common.policy_from_args(args)
+    scan = common.ImageScan(policy)
     if args.layout == "imagenet":
-        splits, label_names = imagenet_splits(src, args.val_labels)
+        splits, label_names = imagenet_splits(src, args.val_labels, scan)
     elif args.layout == "folders":
-        splits, label_names = folder_splits(src)
+        splits, label_names = folder_splits(src, scan)
     else:
-        splits, label_names = unlabeled_splits(src)
-    holdout_count, holdout_fraction = _holdout(args, len(splits["train"]))
+        splits, label_names = unlabeled_splits(src, scan)
+    holdout_count, holdout_fraction = common.imagenet_holdout(args, len(splits["train"]),
+                                                              str(src / "train"))
     default_name = "imagenet2012" if args.layout == "imagenet" else src.resolve().name
     source = common.provenance("data_prep.image_folder", args, root=str(src.resolve()))
-    if holdout_count or holdout_fraction:
-        source["holdout"] = {"split": args.holdout_name, "carved_from": "train",
-                             "count": holdout_count, "fraction": holdout_fraction}
     return common.convert_from_args(
         args, splits, dataset=args.dataset_name or default_name, label_names=label_names,
         source=source, seed=args.order_seed, holdout_count=holdout_count,
-        holdout_fraction=holdout_fraction, reencode=args.reencode)
+        holdout_fraction=holdout_fraction, reencode=args.reencode, policy=policy,
+        left_out=scan.skipped)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

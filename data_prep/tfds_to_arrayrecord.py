@@ -1,8 +1,14 @@
 """Converts a TFDS dataset already prepared on disk to ArrayRecord shards; never downloads.
 
-Encoded images are copied without decoding (``tfds.decode.SkipDecoding``). The selected splits
-are read into memory before writing, which suits CIFAR/STL-sized datasets; convert ImageNet from
-its files with ``data_prep.image_folder``. Needs the optional extra: ``pip install '.[tfds]'``.
+Encoded images are read without decoding (``tfds.decode.SkipDecoding``) and stored as they are
+(after a full decode check in the writer, as in every converter). The selected splits are read
+into memory before writing, which suits CIFAR/STL-sized datasets; ImageNet needs a host with
+memory for its ~140 GB of JPEGs, else ``data_prep.image_folder`` (without the paper's split).
+
+Held-out splits are the tail of train in TFDS order (files read one after the other), i.e.
+TFDS's ``train[-N:]``: with ``--imagenet-holdout`` on imagenet2012 that is the paper's validation
+split, the last ``IMAGENET_HOLDOUT_COUNT`` images of the TFDS train split (BYOL Appendix E.1).
+Needs the optional extra: ``pip install '.[tfds]'``.
 """
 
 import argparse
@@ -12,7 +18,7 @@ from typing import Any
 
 from byol_flax.data.records import UNLABELED, DataError
 from data_prep import common
-from data_prep.common import Example
+from data_prep.common import IMAGENET_HOLDOUT_COUNT, Example
 
 INSTALL_HINT = "pip install '.[tfds]'"
 ID_FEATURES = ("id", "file_name")
@@ -58,13 +64,17 @@ def image_is_encoded(tfds: Any, builder: Any, image_key: str) -> bool:
 
 def read_split(tfds: Any, builder: Any, split: str, *, image_key: str, label_key: str,
                pixel_format: str | None) -> list[Example]:
-    """Every example of ``split`` in TFDS's (deterministic, unshuffled) order.
+    """Every example of ``split`` in TFDS order: example i is the one TFDS's ``split[i:i+1]`` reads.
 
-    Encoded images are kept as stored; pixel arrays are encoded as ``pixel_format``.
+    ``shuffle_files=False`` alone still interleaves 16 files at a time; one file at a time
+    (``interleave_cycle_length=1``) reads them in sequence, the order TFDS's slicing counts in,
+    so the tail of the list is ``split[-N:]``, the paper's held-out images. Encoded images are
+    kept as stored; pixel arrays are encoded as ``pixel_format``.
     """
     features = builder.info.features
     decoders = {image_key: tfds.decode.SkipDecoding()} if pixel_format is None else None
-    dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                                 read_config=tfds.ReadConfig(interleave_cycle_length=1))
     id_key = next((key for key in ID_FEATURES if key in features), None)
     examples = []
     for index, values in enumerate(tfds.as_numpy(dataset)):
@@ -101,9 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-key", default="label",
                         help="ClassLabel feature; absent means unlabeled (default %(default)s)")
     parser.add_argument("--dataset-name", help="dataset name in the manifest (default: --name)")
-    common.add_holdout_arguments(parser)
+    parser.add_argument("--imagenet-holdout", action="store_true",
+                        help="hold out the paper's validation split: the last "
+                             f"{IMAGENET_HOLDOUT_COUNT} examples of train in TFDS order (BYOL "
+                             "Appendix E.1, on imagenet2012); --holdout-count overrides the "
+                             "number, e.g. for a small test dataset")
+    common.add_holdout_arguments(parser, order="TFDS order, as the paper's ImageNet split")
     common.add_order_seed_argument(parser)
     common.add_reencode_argument(parser)
+    common.add_bad_image_arguments(parser)
     common.add_output_arguments(parser)
     return parser
 
@@ -122,6 +138,12 @@ def convert(args: argparse.Namespace) -> common.ConversionResult:
                         "encoded images: choose their encoding with --reencode png (or jpeg)")
     # Pixel arrays are encoded once, while reading; encoded images are re-encoded only if asked.
     pixel_format = None if encoded else args.reencode
+    holdout_count, holdout_fraction = common.imagenet_holdout(
+        args, builder.info.splits["train"].num_examples if "train" in available else 0,
+        f"{args.name} train")
+    if (holdout_count or holdout_fraction) and "train" not in wanted:
+        raise DataError(f"a held-out split is carved from train, which --splits={args.splits!r} "
+                        "leaves out")
     splits = {split: read_split(tfds, builder, split, image_key=args.image_key,
                                 label_key=args.label_key, pixel_format=pixel_format)
               for split in wanted}
@@ -132,8 +154,9 @@ def convert(args: argparse.Namespace) -> common.ConversionResult:
     return common.convert_from_args(
         args, splits, dataset=args.dataset_name or builder.name,
         label_names=label_names_of(tfds, builder, args.label_key), source=source,
-        seed=args.order_seed, holdout_count=args.holdout_count,
-        holdout_fraction=args.holdout_fraction, reencode=args.reencode if encoded else "none")
+        seed=args.order_seed, holdout_count=holdout_count, holdout_fraction=holdout_fraction,
+        holdout_order="source", reencode=args.reencode if encoded else "none",
+        policy=common.policy_from_args(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,8 +9,9 @@ The argument picks an encoder of Table 9: ``r<depth>x<width>``, e.g. ``r50x1`` (
 ``,max_per_device=<n>``, default 128): the paper's batch 4096 is then split over the slice's
 devices, with gradient accumulation (Appendix G.2) when more than ``max_per_device`` examples
 would land on one device (see ``byol_flax/slices.py``). Data: ``python -m data_prep.image_folder --layout imagenet
---imagenet-holdout`` writes ``train`` (1271158 images), ``holdout`` (10009, Appendix D.1) and
-``validation``; steps per epoch still use the full 1281167 images, as the paper's HPS do.
+--imagenet-holdout`` writes ``train`` (1271158 images), ``holdout`` (10009, Appendix D.1: a seeded
+random choice; ``data_prep.tfds_to_arrayrecord --imagenet-holdout`` takes the paper's exact last
+10009 of the TFDS split, Appendix E.1) and ``validation``; steps per epoch still use the full 1281167 images, as the paper's HPS do.
 """
 
 import re

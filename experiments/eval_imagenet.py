@@ -1,7 +1,8 @@
 """python -m byol_flax.evaluate --config=experiments/eval_imagenet.py:linear --source=gs://BUCKET/byol_r50x1 --workdir=gs://BUCKET/eval/r50x1_linear --config.data.dir=gs://BUCKET/imagenet_arrayrecord
 
 The ImageNet protocols of Appendix D.1 on the shards of ``data_prep.image_folder --layout imagenet
---imagenet-holdout``: fit on ``train`` (1271158 images), choose on ``holdout`` (10009), report on
+--imagenet-holdout`` (a seeded choice of 10009; ``tfds_to_arrayrecord --imagenet-holdout`` gives the
+paper's exact split): fit on ``train`` (1271158 images), choose on ``holdout`` (10009), report on
 ``validation`` (the public ILSVRC2012 validation set, the paper's test set). The argument:
 
 * ``linear`` (default): frozen encoder, random crop + flip, SGD Nesterov 0.9, 80 epochs, batch

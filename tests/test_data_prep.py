@@ -4,9 +4,17 @@ Trees are a few tiny JPEG and PNG files made with Pillow; the records are read b
 ArrayRecord and compared with the source files byte for byte.
 """
 
+import concurrent.futures
 import io
+import json
+import os
 import re
+import shutil
+import struct
 import sys
+import time
+import types
+import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +22,7 @@ from array_record.python import array_record_module
 from etils import epath
 from PIL import Image
 
+from byol_flax.data import augment, records
 from byol_flax.data.records import (UNLABELED, decode_record, file_sha256, load_manifest,
                                     split_evenly, verify_shard, verify_split)
 from data_prep import common, digits, image_folder, tfds_to_arrayrecord
@@ -230,10 +239,24 @@ def test_imagenet_val_label_errors_name_the_file(tmp_path, capsys, problem):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_imagenet_holdout_size_is_appendix_e1():
+    # BYOL Appendix E.1, Table 10: ImageNet, 1281167 original train examples = 1271158 train +
+    # 10009 validation, "the last 10009 images of the official tensorflow ImageNet split".
+    assert common.IMAGENET_HOLDOUT_COUNT == 10009
+    assert common.IMAGENET_TRAIN_SIZE == 1281167
+    assert common.IMAGENET_TRAIN_SIZE - common.IMAGENET_HOLDOUT_COUNT == 1271158
+
+
+def test_image_folder_docs_say_its_holdout_is_not_the_papers(capsys):
+    with pytest.raises(SystemExit):
+        image_folder.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "SEEDED RANDOM CHOICE" in text and "not the paper's split" in text
+    assert "NOT the paper's split" in " ".join(image_folder.build_parser().format_help().split())
+    assert "NOT the paper's images" in " ".join(image_folder.__doc__.split())
+
+
 def test_imagenet_holdout(tmp_path, capsys):
-    # BYOL Appendix D.1: 10009 held-out images, the other 1271158 of ImageNet's train for training.
-    assert image_folder.IMAGENET_HOLDOUT_COUNT == 10009
-    assert image_folder.IMAGENET_TRAIN_SIZE - image_folder.IMAGENET_HOLDOUT_COUNT == 1271158
     src = tmp_path / "imagenet"
     synsets, val_labels = make_imagenet(src, val_folders=True)
     # On a 9-image tree the default count, 10009, is too large: it is what --imagenet-holdout uses.
@@ -394,15 +417,6 @@ def test_empty_tree_fails_naming_it(tmp_path, capsys, layout, expected):
     assert expected in error and str(src) in error
 
 
-def test_broken_image_fails_naming_it(tmp_path, capsys):
-    src = make_class_tree(tmp_path / "src")
-    broken = src / "dog" / "broken.jpg"
-    broken.write_bytes(b"this is not a JPEG")
-    assert run(image_folder, "--src", src, "--out", tmp_path / "out") == 1
-    assert str(broken) in capsys.readouterr().err
-    assert not (tmp_path / "out" / "manifest.json").exists()
-
-
 @pytest.mark.parametrize("module", [image_folder, digits, tfds_to_arrayrecord])
 def test_help_exits_zero(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -454,3 +468,390 @@ def test_digits(tmp_path):
             share = np.bincount(reference.target, minlength=10) * 0.2
             assert np.all(np.abs(per_class - share) <= 1)
     assert ids == {f"digits/{i}" for i in range(1797)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: symlinks, undecodable, oversized and 16-bit images, non-UTF-8 names
+
+
+def left_out(out_dir):
+    """{printable path: reason} of skipped_files.json, checked against its count."""
+    listed = json.loads((out_dir / common.SKIPPED_FILES_NAME).read_text())
+    assert listed["count"] == len(listed["files"])
+    return {item["file"]: item["reason"] for item in listed["files"]}
+
+
+def truncated_jpeg(path, rng):
+    write_image(path, rng, size=(32, 32))
+    path.write_bytes(path.read_bytes()[:-200])  # header intact, scan data cut short
+    return path
+
+
+def png_claiming_size(path, width, height):
+    """A valid 1x1 PNG whose header says width x height: a decompression bomb's header."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR data follows the signature and tag
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["folders", "unlabeled"])
+def test_symlink_loops_and_linked_duplicates_are_converted_once(tmp_path, capsys, layout):
+    src = make_class_tree(tmp_path / "src")
+    real_files = image_files(src)
+    (src / "cat" / "loop").symlink_to("..", target_is_directory=True)  # to the tree's root
+    (src / "dog" / "nested" / "up").symlink_to("..", target_is_directory=True)  # to dog/
+    (src / "eel" / "twin.png").symlink_to(src / "eel" / "eel_1.png")
+    out = tmp_path / "out"
+    assert run(image_folder, "--src", src, "--out", out, "--layout", layout) == 0
+    labels = ["cat", "dog", "eel"] if layout == "folders" else []
+    check_round_trip(out, src, "train", real_files, labels)  # exactly the real images, once
+    assert sorted(left_out(out)) == [str(src / "cat" / "loop"), str(src / "dog" / "nested" / "up"),
+                                     str(src / "eel" / "twin.png")]
+    assert "3 files left out" in capsys.readouterr().out
+    assert load_manifest(out).source["left_out_files"] == 3
+
+
+def test_link_from_one_class_folder_to_another_keeps_images_in_their_class(tmp_path):
+    src = make_class_tree(tmp_path / "src")
+    (src / "cat" / "dogs").symlink_to(src / "dog", target_is_directory=True)
+    out = tmp_path / "out"
+    assert run(image_folder, "--src", src, "--out", out) == 0
+    check_round_trip(out, src, "train", image_files(src), ["cat", "dog", "eel"])
+
+
+def make_bad_tree(root):
+    """A class tree plus a truncated JPEG, a text file named .jpg and a decompression bomb."""
+    src = make_class_tree(root)
+    rng = np.random.default_rng(9)
+    bad = {"truncated": truncated_jpeg(src / "dog" / "cut.jpg", rng),
+           "text": src / "dog" / "notes.jpg",
+           "bomb": png_claiming_size(src / "eel" / "bomb.png", 100_000, 100_000)}
+    bad["text"].write_text("a text file with an image's extension")
+    return src, bad
+
+
+def test_bad_images_are_left_out_listed_and_stay_out_on_resume(tmp_path, capsys):
+    src, bad = make_bad_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    args = ("--src", src, "--out", out, "--examples-per-shard", 4)
+    assert run(image_folder, *args) == 0
+    reasons = left_out(out)
+    assert sorted(reasons) == sorted(str(path) for path in bad.values())
+    assert "cannot be fully decoded" in reasons[str(bad["truncated"])]
+    assert "truncated" in reasons[str(bad["truncated"])]
+    assert "not a readable image" in reasons[str(bad["text"])]
+    assert "oversized" in reasons[str(bad["bomb"])]
+    good = [p for p in image_files(src) if p not in bad.values()]
+    records = check_round_trip(out, src, "train", good, ["cat", "dog", "eel"])
+    for record in records:  # what training decodes
+        assert augment.decode_image(record.image).size == (6, 5)
+    assert "3 files left out" in capsys.readouterr().out
+    # A resume skips every finished shard and still lists (and leaves out) the bad files.
+    assert run(image_folder, *args) == 0
+    written, skipped = summary_counts(capsys)
+    assert written == 0 and skipped == len(load_manifest(out).splits["train"].shards)
+    assert left_out(out) == reasons
+    check_round_trip(out, src, "train", good, ["cat", "dog", "eel"])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "bomb", "limit"])
+def test_bad_image_error_mode_names_the_file_and_leaves_nothing_half_written(tmp_path, capsys,
+                                                                            kind):
+    src = make_class_tree(tmp_path / "src")
+    rng = np.random.default_rng(2)
+    extra = ()
+    if kind == "truncated":
+        bad = truncated_jpeg(src / "dog" / "cut.jpg", rng)
+    elif kind == "text":
+        bad = src / "dog" / "notes.jpg"
+        bad.write_text("not an image")
+    elif kind == "bomb":
+        bad = png_claiming_size(src / "dog" / "bomb.png", 100_000, 100_000)
+    else:  # an ordinary image over a lowered limit
+        bad = write_image(src / "dog" / "big.png", rng, size=(8, 8))
+        extra = ("--max-image-pixels", 40)
+    out = tmp_path / "out"
+    workers = 2 if kind == "text" else 1  # the error crosses from a worker process
+    assert run(image_folder, "--src", src, "--out", out, "--on-bad-image", "error",
+               "--examples-per-shard", 3, *extra, workers=workers) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: bad image {bad}: ") and error.count("\n") == 1
+    expected = {"truncated": "truncated", "text": "not a readable image", "bomb": "oversized",
+                "limit": "8x8 = 64 pixels, over the limit of 40"}[kind]
+    assert expected in error
+    assert not (out / "manifest.json").exists()
+    assert not list(out.glob("*.tmp"))
+    for sidecar in out.glob("*.array_record.json"):  # finished shards are complete, for a resume
+        meta = json.loads(sidecar.read_text())
+        shard = out / meta["file"]
+        assert file_sha256(shard) == meta["sha256"]
+    # Skipping is the default: the same tree converts, without the bad image.
+    assert run(image_folder, "--src", src, "--out", out, "--examples-per-shard", 3, *extra) == 0
+    assert list(left_out(out)) == [str(bad)]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes")
+@pytest.mark.parametrize("mode", ["skip", "error"])
+def test_non_utf8_file_name_is_left_out(tmp_path, capsys, mode):
+    src = make_class_tree(tmp_path / "src")
+    good = image_files(src)
+    name = os.fsencode(src / "cat") + b"/bad\xff.png"
+    with open(name, "wb") as f:
+        Image.new("RGB", (3, 3)).save(f, format="PNG")
+    out = tmp_path / "out"
+    code = run(image_folder, "--src", src, "--out", out, "--on-bad-image", mode)
+    printable = f"{src / 'cat'}/bad\\xff.png"  # the byte escaped, as in the list and errors
+    if mode == "error":
+        assert code == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: bad image {printable}: file name is not valid UTF-8")
+        return
+    assert code == 0
+    assert list(left_out(out)) == [printable]
+    check_round_trip(out, src, "train", good, ["cat", "dog", "eel"])
+
+
+@pytest.mark.parametrize("reencode", ["none", "png"])
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path, capsys, reencode):
+    src = tmp_path / "src"
+    (src / "deep").mkdir(parents=True)
+    values = np.array([[65535, 256], [0, 1000]], np.uint16)
+    Image.fromarray(values).save(src / "deep" / "x.png")
+    write_image(src / "deep" / "y.png", np.random.default_rng(0))
+    with Image.open(src / "deep" / "x.png") as image:
+        assert image.mode in common.HIGH_BIT_DEPTH_MODES  # Pillow kept the 16 bits
+    out = tmp_path / "out"
+    assert run(image_folder, "--src", src, "--out", out, "--reencode", reencode) == 0
+    records = {r.id: r for r in read_split(out, "train")}
+    expected = np.array([[255, 1], [0, 3]], np.uint8)  # value >> 8
+    with Image.open(io.BytesIO(records["deep/x.png"].image)) as stored:
+        assert stored.format == "PNG" and stored.mode == "L"
+        np.testing.assert_array_equal(np.asarray(stored), expected)
+    rgb = np.asarray(augment.decode_image(records["deep/x.png"].image))  # what training sees
+    np.testing.assert_array_equal(rgb, np.repeat(expected[..., None], 3, axis=2))
+    if reencode == "none":  # an 8-bit image keeps its bytes
+        assert records["deep/y.png"].image == (src / "deep" / "y.png").read_bytes()
+    converted = load_manifest(out).source["converted_to_8bit"]
+    assert converted["count"] == 1 and converted["ids"] == ["deep/x.png"]
+    assert "1 images of more than 8 bits" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's held-out split: the last N images in TFDS order
+
+
+def test_source_order_holdout_is_the_tail_as_given():
+    examples = [common.Example(id=f"img{i:02d}", label=0, data=b"") for i in range(20)]
+    given = examples[::-1]  # the order the source read them in
+    split = common.order_and_hold_out({"train": given}, seed=0, holdout_count=4,
+                                      holdout_order="source")
+    assert {e.id for e in split["holdout"]} == {e.id for e in given[-4:]}
+    assert {e.id for e in split["train"]} == {e.id for e in given[:-4]}
+    seeded = common.order_and_hold_out({"train": given}, seed=0, holdout_count=4)
+    assert {e.id for e in seeded["holdout"]} != {e.id for e in given[-4:]}
+    assert split["train"] == common.seeded_order(split["train"])  # then written seeded
+
+
+def fake_tfds(files, tmp_path):
+    """A tensorflow_datasets stand-in: imagenet2012-like shards of (file_name, label, PNG).
+
+    Like TFDS, reading interleaves the files unless ``interleave_cycle_length`` is 1.
+    """
+    class ImageFeature:
+        pass
+
+    class ClassLabel:
+        def __init__(self, names):
+            self.names = names
+
+    class ReadConfig:
+        def __init__(self, interleave_cycle_length=16):
+            self.interleave_cycle_length = interleave_cycle_length
+
+    def as_dataset(split, shuffle_files, decoders, read_config=None):
+        assert split == "train" and not shuffle_files and decoders
+        if read_config is not None and read_config.interleave_cycle_length == 1:
+            rows = [row for file in files for row in file]
+        else:
+            rows = [row for group in zip(*files) for row in group]
+        return [{"file_name": name.encode(), "label": label, "image": data}
+                for name, label, data in rows]
+
+    info = types.SimpleNamespace(
+        version="5.1.0", splits={"train": types.SimpleNamespace(num_examples=sum(map(len, files)))},
+        features={"image": ImageFeature(), "label": ClassLabel(["a", "b"]), "file_name": None})
+    builder = types.SimpleNamespace(name="imagenet2012", data_dir=str(tmp_path / "tfds"), info=info,
+                                    is_prepared=lambda: True, as_dataset=as_dataset)
+    return types.SimpleNamespace(
+        builder=lambda name, data_dir, try_gcs: builder, ReadConfig=ReadConfig,
+        features=types.SimpleNamespace(Image=ImageFeature, ClassLabel=ClassLabel),
+        decode=types.SimpleNamespace(SkipDecoding=lambda: "skip"), as_numpy=lambda ds: ds)
+
+
+def test_tfds_imagenet_holdout_is_the_last_images_in_tfds_order(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+
+    def png():
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    files = [[(f"f{f}_{i}.JPEG", i % 2, png()) for i in range(5)] for f in range(2)]
+    in_tfds_order = [name for file in files for name, _, _ in file]
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(files, tmp_path))
+    out = tmp_path / "out"
+    assert run(tfds_to_arrayrecord, "--name", "imagenet2012", "--data-dir", tmp_path / "tfds",
+               "--out", out, "--imagenet-holdout", "--holdout-count", 3) == 0
+    holdout = {r.id for r in read_split(out, "holdout")}
+    assert holdout == set(in_tfds_order[-3:])  # TFDS's train[-3:]
+    assert {r.id for r in read_split(out, "train")} == set(in_tfds_order[:-3])
+    interleaved_tail = {name for name, _, _ in [row for g in zip(*files) for row in g][-3:]}
+    assert interleaved_tail != holdout  # the test tells TFDS order from the interleaved one
+    source = load_manifest(out).source
+    assert source["holdout"] == {"split": "holdout", "carved_from": "train", "count": 3,
+                                 "fraction": None, "tail_of": "source"}
+    assert source["converter"] == "data_prep.tfds_to_arrayrecord"
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging a remote dataset on local disk (records.copy_dataset, behind gs:// data dirs)
+
+
+def make_dataset(root, payload=b"x"):
+    """A two-shard dataset written with the real writer (records need not be images here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards = tuple(records.write_shard(root / records.shard_name("train", i, 2),
+                                       [records.Record(payload * 1000 + bytes([i]), 0, f"{i}")])
+                   for i in range(2))
+    records.write_manifest(root, records.Manifest("d", ("0",), {"train": records.SplitInfo(
+        2, shards)}))
+    return root
+
+
+def test_staging_copies_verifies_and_stamps_then_a_restart_does_nothing(tmp_path, monkeypatch):
+    source = make_dataset(tmp_path / "bucket" / "ds")
+    destination = tmp_path / "cache" / "ds"
+    assert os.fspath(records.copy_dataset(source, destination)) == str(destination)
+    assert records.is_verified_copy(destination)
+    stamp = json.loads((destination / records.VERIFIED_COPY_STAMP).read_text())
+    assert stamp["source"] == str(source)
+    assert stamp["manifest_sha256"] == file_sha256(source / "manifest.json")
+    assert not list(tmp_path.glob("cache/*.partial"))
+    for name in ("manifest.json", "train-00000-of-00002.array_record"):
+        assert (destination / name).read_bytes() == (source / name).read_bytes()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a restart with a verified copy copied or hashed a shard")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(records, "file_sha256", forbidden)
+        patch.setattr(records, "_copy_shard", forbidden)
+        records.copy_dataset(source, destination)
+    # A changed source (new manifest) makes the stamp stale: copied again.
+    make_dataset(source, payload=b"y")
+    records.copy_dataset(source, destination)
+    assert (destination / "train-00001-of-00002.array_record").read_bytes() == (
+        source / "train-00001-of-00002.array_record").read_bytes()
+    assert records.is_verified_copy(destination)
+    # A local manifest that no longer matches the stamp is not a verified copy.
+    (destination / "manifest.json").write_text((destination / "manifest.json").read_text() + " ")
+    assert not records.is_verified_copy(destination)
+
+
+def test_staging_refuses_a_disk_without_room(tmp_path, monkeypatch):
+    source = make_dataset(tmp_path / "bucket" / "ds")
+    destination = tmp_path / "cache" / "new" / "ds"  # its parents do not exist yet
+    asked = []
+
+    def small_disk(path):
+        asked.append(path)
+        return shutil._ntuple_diskusage(10**9, 10**9 - 5 * 10**8, 5 * 10**8)
+
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    with pytest.raises(records.DataError) as error:
+        records.copy_dataset(source, destination)
+    message = str(error.value)
+    assert "\n" not in message and str(destination) in message and str(source) in message
+    assert re.search(r"needs 0\.00 GB .*0\.50 GB are free", message)
+    assert asked and os.path.exists(asked[0])  # the destination's nearest existing parent
+    assert not (destination / "manifest.json").exists()
+    assert not records.is_verified_copy(destination)
+
+
+def test_staging_interrupted_copy_never_looks_complete_and_resumes(tmp_path, monkeypatch):
+    source = make_dataset(tmp_path / "bucket" / "ds")
+    destination = tmp_path / "cache" / "ds"
+    copied = []
+    path_type = type(epath.Path(source))
+    real_copy = path_type.copy
+
+    def copy_then_die(self, dst, overwrite=False):
+        if copied:
+            raise KeyboardInterrupt  # killed while copying the second shard
+        copied.append(self.name)
+        return real_copy(self, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(path_type, "copy", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        records.copy_dataset(source, destination, workers=1)
+    assert not destination.exists() and not records.is_verified_copy(destination)
+    monkeypatch.undo()
+    copies = []
+    monkeypatch.setattr(path_type, "copy",
+                        lambda self, dst, overwrite=False: copies.append(self.name)
+                        or real_copy(self, dst, overwrite=overwrite))
+    records.copy_dataset(source, destination)
+    assert copies == ["train-00001-of-00002.array_record"]  # the finished shard was kept
+    assert records.is_verified_copy(destination)
+
+
+def test_staging_names_a_corrupt_source_shard_and_recopies_a_damaged_kept_one(tmp_path):
+    source = make_dataset(tmp_path / "bucket" / "ds")
+    destination = tmp_path / "cache" / "ds"
+    shard = source / "train-00001-of-00002.array_record"
+    good = shard.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(records.DataError, match=r"train-00001-of-00002.array_record is corrupt"):
+        records.copy_dataset(source, destination)
+    assert not destination.exists()
+    # The damaged copy stays in the partial directory with the right size: repaired, not kept.
+    shard.write_bytes(good)
+    records.copy_dataset(source, destination)
+    assert (destination / shard.name).read_bytes() == good
+    assert records.is_verified_copy(destination)
+
+
+def test_staging_does_not_replace_a_directory_holding_other_files(tmp_path):
+    source = make_dataset(tmp_path / "bucket" / "ds")
+    destination = tmp_path / "cache" / "ds"
+    destination.mkdir(parents=True)
+    (destination / "thesis.tex").write_text("precious")
+    with pytest.raises(records.DataError, match=r"holds files that are not this dataset's"):
+        records.copy_dataset(source, destination)
+    assert (destination / "thesis.tex").read_text() == "precious"
+
+
+def test_staging_by_two_processes_at_once_copies_once(tmp_path, monkeypatch):
+    source = make_dataset(tmp_path / "bucket" / "ds")
+    destination = tmp_path / "cache" / "ds"
+    path_type = type(epath.Path(source))
+    real_copy = path_type.copy
+    copies = []
+
+    def slow_copy(self, dst, overwrite=False):
+        copies.append(self.name)
+        time.sleep(0.05)  # both starts are inside copy_dataset at the same time
+        return real_copy(self, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(path_type, "copy", slow_copy)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # flock: one open file each
+        done = [pool.submit(records.copy_dataset, source, destination) for _ in range(2)]
+        assert [os.fspath(d.result()) for d in done] == [str(destination)] * 2
+    assert sorted(copies) == sorted(p.name for p in source.glob("*.array_record"))
+    assert records.is_verified_copy(destination)

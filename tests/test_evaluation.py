@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from byol_flax.checkpointing import Checkpointer
 from byol_flax.config import ConfigError
 from byol_flax.data.augment import normalize, photometric_augment
-from byol_flax.data.pipeline import labelled_dataset, open_split, train_dataset
+from byol_flax.data.pipeline import labelled_dataset, open_split
 from byol_flax.data.records import DataError
 from byol_flax.evaluation.model_card import export_with_model_card as export_cli
 from byol_flax.evaluation.runner import evaluate
@@ -264,10 +264,9 @@ def pretraining_workdir(data_dir, tmp_path_factory):
     config.training.batch_size = 16
     lr, _ = build_schedules(config, total_steps=10, warmup_steps=1)
     state = nnx.state(create_train_state(config, lr))
-    iterator = iter(train_dataset(config, open_split(config.data, "train")))
     (workdir / "config.json").write_text(config.to_json_best_effort())
     checkpointer = Checkpointer(workdir / "checkpoints", config)
-    checkpointer.save(7, state, iterator, force=True)
+    checkpointer.save(7, state, force=True)
     checkpointer.wait_until_finished()
     checkpointer.close()
     return workdir, state

@@ -123,3 +123,16 @@ def test_optimizer_state_covers_only_parameters(online):
     shapes = lambda tree: {k: v.shape for k, v in leaves_with_names(tree).items()}
     assert shapes(momentum[0].trace) == shapes(params)
     assert len(jax.tree.leaves(nnx.state(online, nnx.BatchStat))) > 0
+
+
+def test_optimizer_state_has_one_structure_whatever_the_multipliers(online):
+    """Changing lambda or mu on resume must not change the checkpoint layout (issue 17)."""
+    def state_paths(predictor_mult):
+        config = base_config().optimizer
+        config.predictor_lr_multiplier = predictor_mult
+        tx = build_optimizer(config, online, optax.constant_schedule(0.1))
+        optimizer = nnx.Optimizer(nnx.clone(online), tx, wrt=nnx.Param)
+        return [jax.tree_util.keystr(k) for k, _ in
+                jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(optimizer)))[0]]
+
+    assert state_paths(1.0) == state_paths(10.0)

@@ -2,6 +2,10 @@
 
 import io
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,8 @@ from PIL import Image
 from byol_flax.config import base_config
 from byol_flax.data import records
 from byol_flax.data.pipeline import eval_dataset, open_split, train_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 NUM_RECORDS, NUM_SHARDS, NUM_CLASSES = 36, 3, 4
 
@@ -97,17 +103,65 @@ def test_processes_read_disjoint_slices(config):
     assert per_process[0] | per_process[1] == set(range(NUM_RECORDS))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_restored_iterator_continues_exactly(config, workers):
-    config.data.worker_count = workers
+def test_a_resumed_stream_continues_exactly_with_other_workers_and_processes(config):
+    """Issue 17: the position is examples consumed, not a Grain iterator state, so a run read
+    with 0 workers, resumed with 2, then resumed with 2 processes reads the uninterrupted
+    global batches."""
     opened = open_split(config.data, "train")
+    batch = config.training.batch_size
     uninterrupted = take(iter(train_dataset(config, opened)), 8)
-    it = iter(train_dataset(config, opened))
-    take(it, 5)
-    state = it.get_state()
-    resumed = iter(train_dataset(config, opened))
-    resumed.set_state(state)
-    assert_batches_equal(take(resumed, 3), uninterrupted[5:])
+    config.data.worker_count = 2
+    with_workers = take(iter(train_dataset(config, opened, examples_consumed=3 * batch)), 2)
+    assert_batches_equal(with_workers, uninterrupted[3:5])
+    config.data.worker_count = 0
+    parts = [take(iter(train_dataset(config, opened, process_index=p, process_count=2,
+                                     examples_consumed=5 * batch)), 3) for p in range(2)]
+    joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts)]
+    assert_batches_equal(joined, uninterrupted[5:8])
+
+
+def test_a_grain_worker_exits_when_its_trainer_is_killed(tmp_path):
+    """kill -9 of the trainer runs no clean-up: the workers notice the parent is gone."""
+    program = (
+        "import sys, time, numpy as np, grain\n"
+        "from absl import flags; flags.FLAGS.mark_as_parsed()\n"
+        "from byol_flax.data.pipeline import exit_with_parent\n"
+        "ds = grain.MapDataset.range(10**6).map(lambda i: np.full(4, i)).to_iter_dataset()\n"
+        "it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=2),\n"
+        "                         worker_init_fn=exit_with_parent))\n"
+        "next(it); print('ready', flush=True); time.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
+                               text=True, cwd=REPO)
+    assert trainer.stdout.readline().strip() == "ready"
+    workers = children(trainer.pid)
+    assert len(workers) >= 2
+    trainer.kill()
+    trainer.wait()
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
+                          if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            out.append(int(status.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state  # a zombie has exited (its parent is gone, init reaps it)
 
 
 def test_eval_dataset_is_one_ordered_pass(config):

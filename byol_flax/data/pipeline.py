@@ -6,15 +6,19 @@ each global batch -> batch -> prefetch in ``worker_count`` processes (lazily: a 
 reads and decodes its own rows). Each process yields its own rows of the
 global batch; :func:`byol_flax.sharding.shard_batch` turns them into one global ``jax.Array``.
 
-Every random choice is a function of (seed, epoch, index), so a restored iterator
-(``get_state``/``set_state``, or Orbax via ``grain.checkpoint``) yields exactly the batches an
-uninterrupted one would, whatever the worker count.
+Every random choice is a function of (seed, epoch, index), and the training stream starts at a
+position in the global stream (examples consumed so far) rather than from a saved Grain iterator
+state: a run resumed with another worker count or process count reads exactly the global batches
+an uninterrupted run would have read.
 """
 
 import bisect
 import dataclasses
 import itertools
 import logging
+import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +28,9 @@ import numpy as np
 from etils import epath
 
 from byol_flax.data import augment
-from byol_flax.data.records import (DataError, Manifest, decode_record, load_manifest,
-                                    resolve_data_dir, shard_paths, split_info, verify_split)
+from byol_flax.data.records import (DataError, Manifest, decode_record, is_verified_copy,
+                                    load_manifest, resolve_data_dir, shard_paths, split_info,
+                                    verify_split)
 
 # How far a skipped (undecodable) record looks for a replacement before giving up.
 MAX_REPLACEMENT_HOPS = 64
@@ -70,7 +75,8 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> OpenedSpli
     checksummed = (str(data_dir), split, tuple(
         shard.sha256 for shard in split_info(manifest, split, data_dir=data_dir).shards))
     verify_split(data_dir, manifest, split,  # counts and sizes are always re-checked (cheap)
-                 checksum=data_config.verify_checksums and checksummed not in _CHECKSUMMED)
+                 checksum=data_config.verify_checksums and checksummed not in _CHECKSUMMED
+                 and not is_verified_copy(data_dir))  # a staged gs:// copy hashed when copied
     if data_config.verify_checksums:
         _CHECKSUMMED.add(checksummed)
     if data_config.num_classes and manifest.num_classes != data_config.num_classes:
@@ -159,11 +165,30 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+# How often a Grain worker checks that the process that started it is alive.
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)  # noqa: SLF001 - the trainer died (e.g. kill -9): free the worker's memory now
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Grain worker initialiser: the worker exits when the trainer that started it dies, even by
+    kill -9 (no clean-up runs then, and each worker holds hundreds of MB of decoded images)."""
+    del worker_index, worker_count
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True,
+                     name="exit-with-parent").start()
+
+
 def _prefetch(ds: grain.MapDataset, data_config: ml_collections.ConfigDict) -> grain.IterDataset:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
                                               prefetch_buffer_size=data_config.prefetch_buffer_size))
     if data_config.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count),
+                            worker_init_fn=exit_with_parent)
     return it
 
 
@@ -176,9 +201,9 @@ class _ProcessRows(grain.transforms.Map):
     """
 
     def __init__(self, stream: grain.MapDataset, process_index: int, local_batch: int,
-                 global_batch: int):
+                 global_batch: int, start: int = 0):
         self._stream = stream
-        self._offset = process_index * local_batch
+        self._offset = start + process_index * local_batch
         self._local = local_batch
         self._global = global_batch
 
@@ -188,18 +213,21 @@ class _ProcessRows(grain.transforms.Map):
 
 
 def _process_batches(stream: grain.MapDataset, data_config: ml_collections.ConfigDict, *,
-                     global_batch: int, process_index: int, process_count: int
+                     global_batch: int, process_index: int, process_count: int, start: int = 0
                      ) -> grain.IterDataset:
-    """This process's rows of each global batch of ``stream``, batched and prefetched."""
+    """This process's rows of each global batch of ``stream`` from position ``start`` on,
+    batched and prefetched."""
     local_batch = _local_batch_size(global_batch, process_count)
-    rows = _ProcessRows(stream, process_index, local_batch, global_batch)
+    rows = _ProcessRows(stream, process_index, local_batch, global_batch, start)
     ds = grain.MapDataset.range(len(stream) // process_count).map(rows)
     return _prefetch(ds.batch(local_batch, drop_remainder=True), data_config)
 
 
 def train_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
-                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The endless, checkpointable training stream of this process's rows of each global batch.
+                  process_index: int = 0, process_count: int = 1,
+                  examples_consumed: int = 0) -> grain.IterDataset:
+    """The endless training stream of this process's rows of each global batch, starting after
+    the first ``examples_consumed`` examples of the global stream (a resumed run's position).
 
     Randomness (order, crops, flips) is a function of the seed and the position in the global
     stream only, so the run does not depend on the number of processes or workers.
@@ -212,7 +240,8 @@ def train_dataset(config: ml_collections.ConfigDict, opened: OpenedSplit, *,
                                        allow_skips=data_config.max_skipped_records > 0),
                           seed=config.seed))
     return _process_batches(stream, data_config, global_batch=config.training.batch_size,
-                            process_index=process_index, process_count=process_count)
+                            process_index=process_index, process_count=process_count,
+                            start=examples_consumed)
 
 
 class _Lookup(grain.transforms.Map):

@@ -5,8 +5,9 @@ input pipeline reads and validates it.
 
 Record schema (schema version 1), one msgpack map per record:
 
-    {"image": bytes,   # the encoded image file as found (JPEG, PNG, ...); never re-encoded
-                       # unless the converter was asked to (then the manifest says so)
+    {"image": bytes,   # the encoded image file as found (JPEG, PNG, ...); re-encoded only when
+                       # the converter was asked to or the image has 16-bit samples (scaled to
+                       # 8 bits); the manifest says so in both cases
      "label": int,     # class index into the manifest's label_names; -1 when unlabeled
      "id": str}        # stable identifier, e.g. the path relative to the source root
 
@@ -27,9 +28,12 @@ Manifest (``manifest.json``):
 """
 
 import dataclasses
+import datetime
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from concurrent import futures
 from typing import Any
@@ -220,35 +224,161 @@ def verify_split(data_dir: epath.PathLike, manifest: Manifest, split: str, *,
 SUPPORTED_REMOTE_SCHEMES = ("gs",)
 
 
-def copy_dataset(source: epath.PathLike, destination: epath.PathLike) -> epath.Path:
-    """Copies ``manifest.json`` and every shard it names to ``destination``.
+# A copy whose shards were hashed against its manifest carries this stamp; a restart that finds
+# it, for the source's current manifest, neither copies nor hashes again.
+VERIFIED_COPY_STAMP = ".verified_copy.json"
+# Free space wanted beyond the files themselves: the manifest, the stamp, and slack so that the
+# copy does not fill the disk other writers (checkpoints, logs) share.
+COPY_FREE_SPACE_MARGIN = 1_000_000_000
+_GB = 1e9
 
-    Shards already there with the right size are kept (a restarted job does not copy again);
-    checksums are verified afterwards by :func:`verify_split`, like any local dataset.
+
+def _bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verified_manifest_sha256(local_dir: os.PathLike | str) -> str | None:
+    """The manifest sha256 in ``local_dir``'s stamp, if it is that of the manifest beside it."""
+    local_dir = epath.Path(local_dir)
+    try:
+        stamp = json.loads((local_dir / VERIFIED_COPY_STAMP).read_text())
+        manifest = manifest_path(local_dir).read_bytes()
+    except (OSError, ValueError):
+        return None
+    recorded = stamp.get("manifest_sha256") if isinstance(stamp, dict) else None
+    return recorded if recorded == _bytes_sha256(manifest) else None
+
+
+def is_verified_copy(local_dir: epath.PathLike) -> bool:
+    """Whether ``local_dir`` is a copy whose shards were sha256-verified when it was made.
+
+    True when its stamp names the sha256 of the manifest beside it: the input pipeline may then
+    skip hashing the shards again (counts and sizes are cheap and still worth checking).
     """
-    source, destination = epath.Path(source), epath.Path(destination)
-    manifest = load_manifest(source)
-    destination.mkdir(parents=True, exist_ok=True)
-    for split in manifest.splits.values():
-        for shard in split.shards:
-            src, dst = source / shard.file, destination / shard.file
-            if not src.exists():
-                raise DataError(f"shard {src} named by the manifest is missing")
-            if dst.exists() and dst.stat().length == src.stat().length:
-                continue
-            tmp = dst.with_name(dst.name + ".tmp")
-            src.copy(tmp, overwrite=True)
-            os.replace(tmp, dst)
-    manifest_path(source).copy(manifest_path(destination), overwrite=True)
-    return destination
+    return _verified_manifest_sha256(local_dir) is not None
+
+
+def _existing_parent(path: str) -> str:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_free_space(needed: int, source: epath.Path, destination: str) -> None:
+    """Fails, giving both sizes, unless the destination's disk has room for ``needed`` bytes."""
+    free = shutil.disk_usage(_existing_parent(destination)).free
+    if free < needed + COPY_FREE_SPACE_MARGIN:
+        raise DataError(f"not enough disk space to copy {source} to {destination}: it needs "
+                        f"{needed / _GB:.2f} GB (+ {COPY_FREE_SPACE_MARGIN / _GB:.2f} GB margin), "
+                        f"{free / _GB:.2f} GB are free; point config.data.local_cache_dir at a "
+                        "larger disk")
+
+
+def _clear_old_copy(destination: str, partial: str, names: set[str]) -> None:
+    """Moves the shards of an unverified old copy into ``partial``, then removes the rest.
+
+    Only files a copy writes are touched: a destination holding anything else is refused.
+    """
+    if not os.path.isdir(destination):
+        return
+    ours = names | {MANIFEST_NAME, VERIFIED_COPY_STAMP}
+    if others := sorted(n for n in os.listdir(destination) if n.removesuffix(".tmp") not in ours):
+        raise DataError(f"{destination} holds files that are not this dataset's (e.g. "
+                        f"{others[0]!r}): not replacing it; empty it or choose another "
+                        "config.data.local_cache_dir")
+    for name in os.listdir(destination):
+        old, new = os.path.join(destination, name), os.path.join(partial, name)
+        if name in names and not os.path.exists(new):
+            os.replace(old, new)  # kept only if its sha256 matches the manifest
+        else:
+            os.remove(old)
+    os.rmdir(destination)
+
+
+def _copy_shard(source: epath.Path, partial: str, shard: ShardInfo, size: int) -> None:
+    """Puts a verified copy of ``shard`` in ``partial``; a kept file is copied again if bad."""
+    path = os.path.join(partial, shard.file)
+    if os.path.isfile(path) and os.path.getsize(path) == size:
+        try:
+            return verify_shard(path, shard)
+        except DataError:
+            pass  # an old or damaged file: copy it again
+    tmp = epath.Path(path + ".tmp")
+    (source / shard.file).copy(tmp, overwrite=True)
+    os.replace(tmp, path)
+    verify_shard(path, shard)  # a fresh copy that does not match: the source is bad
+
+
+def copy_dataset(source: epath.PathLike, destination: epath.PathLike,
+                 workers: int = 8) -> epath.Path:
+    """Copies ``manifest.json`` and every shard it names to the local ``destination``, verified.
+
+    A destination stamped as a verified copy of the source's current manifest is used as it is:
+    a restart copies and hashes nothing. Otherwise the shards go to ``<destination>.partial``
+    after a free-space check, each is sha256-checked against the manifest, the directory is
+    stamped and renamed to ``destination``. A killed copy therefore never looks complete, and
+    the next start resumes it (files already there are hashed, not copied). Processes of one
+    host take turns (a lock file beside the destination): the first copies, the others find
+    its stamp.
+    """
+    source = epath.Path(source)
+    destination = os.path.abspath(os.fspath(destination))
+    try:
+        manifest_bytes = manifest_path(source).read_bytes()
+    except OSError as error:
+        raise DataError(f"{manifest_path(source)} cannot be read: {error}") from error
+    manifest_sha256 = _bytes_sha256(manifest_bytes)
+    if _verified_manifest_sha256(destination) == manifest_sha256:
+        return epath.Path(destination)
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    with open(destination + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if _verified_manifest_sha256(destination) != manifest_sha256:
+            _copy_verified(source, destination, manifest_bytes, workers)
+    return epath.Path(destination)
+
+
+def _copy_verified(source: epath.Path, destination: str, manifest_bytes: bytes,
+                   workers: int) -> None:
+    """The copy itself (see copy_dataset), under its lock."""
+    manifest = Manifest.from_json(manifest_bytes.decode("utf-8", "replace"),
+                                  origin=str(manifest_path(source)))
+    shards = [shard for split in manifest.splits.values() for shard in split.shards]
+    partial = destination + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    _clear_old_copy(destination, partial, {shard.file for shard in shards})
+
+    sizes = {}
+    for shard in shards:
+        if not (src := source / shard.file).exists():
+            raise DataError(f"shard {src} named by the manifest is missing")
+        sizes[shard.file] = src.stat().length
+    kept = {shard.file for shard in shards
+            if os.path.isfile(path := os.path.join(partial, shard.file))
+            and os.path.getsize(path) == sizes[shard.file]}
+    _check_free_space(sum(size for name, size in sizes.items() if name not in kept)
+                      + len(manifest_bytes), source, destination)
+    with futures.ThreadPoolExecutor(max(1, workers)) as pool:  # I/O and hashing in C
+        for done in [pool.submit(_copy_shard, source, partial, shard, sizes[shard.file])
+                     for shard in shards]:
+            done.result()
+    with open(os.path.join(partial, MANIFEST_NAME), "wb") as f:
+        f.write(manifest_bytes)  # the bytes hashed above, even if the source changed since
+    for split in manifest.splits:
+        verify_split(partial, manifest, split, checksum=False)  # the counts add up
+    with open(os.path.join(partial, VERIFIED_COPY_STAMP), "w") as f:
+        json.dump({"source": str(source), "manifest_sha256": _bytes_sha256(manifest_bytes),
+                   "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f)
+    os.replace(partial, destination)  # destination was cleared above: an atomic rename
 
 
 def resolve_data_dir(data_dir: str, local_cache_dir: str) -> str:
     """A local directory holding the dataset at ``data_dir``.
 
     Local paths (including a bucket mounted with gcsfuse) are used in place. ``gs://`` datasets
-    are copied to ``local_cache_dir`` first: ArrayRecord reads local files, and random access
-    over the network would make the input pipeline the bottleneck. Other schemes are refused.
+    are copied to ``local_cache_dir`` first (see :func:`copy_dataset`: once, checked for room,
+    verified): ArrayRecord reads local files, and random access over the network would make the
+    input pipeline the bottleneck. Other schemes are refused.
     """
     if "://" not in data_dir:
         return data_dir

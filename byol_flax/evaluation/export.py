@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,6 +29,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from byol_flax import config_changes
+from byol_flax.checkpointing import DamagedCheckpointError, committed_steps, read_verified
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import BatchNormConfig, ResNet, build_encoder
 
@@ -130,37 +133,48 @@ def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
                              meta.get("pretrain_config"))
 
 
-def _checkpoint_steps(workdir: epath.Path) -> list[int]:
-    directory = workdir / "checkpoints"
-    if not directory.exists():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and (p / "state").exists())
-
-
 def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
                              ) -> PretrainedEncoder:
-    """The online encoder of a pre-training workdir's checkpoint (the latest by default).
+    """The online encoder of a pre-training workdir's checkpoint (the newest valid one by
+    default), read the way training reads it: committed steps only, every array checked against
+    its checksum, and a damaged newest step skipped with a warning.
 
     Only the encoder's arrays are read (Orbax partial restore): the optimizer state, target,
-    projector and predictor stay on disk.
+    projector and predictor stay on disk. The pre-training config is the one saved with that
+    step (what it was trained with), plus the workdir's recorded config changes up to it.
     """
     workdir = _absolute(workdir)
-    steps = _checkpoint_steps(workdir)
-    if not steps:
-        raise SourceError(f"no checkpoint in {workdir / 'checkpoints'}: pass a pre-training "
-                          "workdir, an export directory or random:PATH")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise SourceError(f"step {step} is not among the checkpoints of {workdir}: {steps}")
-    step_dir = workdir / "checkpoints" / str(step)
-    # {"model": config.model, "target": {...}} (byol_flax.checkpointing); the encoder needs only
-    # the model section.
-    model_config = json.loads((step_dir / "model_config" / "metadata").read_text())["model"]
+    directory = workdir / "checkpoints"
+    if not committed_steps(directory):
+        raise SourceError(f"no checkpoint in {directory}: pass a pre-training workdir, an "
+                          "export directory or random:PATH")
+    try:
+        chosen = step if step is not None else committed_steps(directory)[-1]
+        # {"model": config.model, "target": {...}} (byol_flax.checkpointing); the encoder needs
+        # only the model section, and every step of one workdir has the same one.
+        model_config = json.loads((directory / str(chosen) / "model_config" / "metadata")
+                                  .read_text())["model"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SourceError(f"step {chosen} of {directory}: its model config cannot be read: "
+                          f"{error}") from error
     encoder = encoder_from_model_config(model_config)
-    _restore_into(encoder, step_dir / "state", prefix=("online", "encoder"))
-    config_file = workdir / "config.json"
-    pretrain_config = json.loads(config_file.read_text()) if config_file.exists() else None
+    target = nnx.to_pure_dict(nnx.state(encoder))
+    try:
+        step, arrays, run = read_verified(directory, target, prefix=("online", "encoder"),
+                                          step=step)
+    except DamagedCheckpointError as error:
+        raise SourceError(str(error)) from error
+    state = nnx.state(encoder)
+    nnx.replace_by_pure_dict(state, arrays)
+    nnx.update(encoder, state)
+    if run is not None:
+        pretrain_config = run["config"]
+    else:  # checkpoints written before run records: the workdir's config file
+        config_file = workdir / config_changes.CONFIG_NAME
+        pretrain_config = json.loads(config_file.read_text()) if config_file.exists() else None
+    if pretrain_config is not None:
+        pretrain_config = {**pretrain_config,
+                           "config_history": config_changes.read_history(workdir, step)}
     return PretrainedEncoder(encoder, model_config,
                              {"kind": "pretraining", "path": str(workdir), "step": step,
                               "fingerprint": fingerprint(encoder)}, pretrain_config)
@@ -204,25 +218,53 @@ def load_source(source: str, *, seed: int = 0, image_size: int = 0) -> Pretraine
                       "random-init baseline of PATH's architecture")
 
 
-def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike) -> epath.Path:
-    """Writes ``encoder/`` and ``encoder_config.json`` to ``out_dir`` (model card: see
-    :func:`byol_flax.evaluation.model_card.write_model_card`)."""
+def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
+                   write_extra: Callable[[epath.Path], None] | None = None) -> epath.Path:
+    """Writes ``encoder/`` and ``encoder_config.json`` (and whatever ``write_extra(directory)``
+    adds, e.g. the model card: :func:`byol_flax.evaluation.model_card.write_model_card`) to
+    ``out_dir``, atomically: everything is written to a temporary directory beside it that then
+    replaces ``out_dir``, so a failed export leaves the previous one intact."""
     out_dir = _absolute(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / WEIGHTS_DIR
-    if weights.exists():
-        weights.rmtree()
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    checkpointer.save(weights, args=ocp.args.PyTreeSave(
-        nnx.to_pure_dict(nnx.state(pretrained.encoder))))
-    checkpointer.close()
-    origin = {("source_" + k if k in ("kind", "path") else k): v
-              for k, v in pretrained.origin.items() if k != "fingerprint"}
-    (out_dir / ENCODER_CONFIG_NAME).write_text(json.dumps({
-        "format_version": EXPORT_FORMAT_VERSION,
-        "model": pretrained.model_config,
-        "origin": origin,
-        "pretrain_config": pretrained.pretrain_config,
-    }, indent=2, sort_keys=True))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
+    if staging.exists():
+        staging.rmtree()
+    staging.mkdir()
+    try:
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        checkpointer.save(staging / WEIGHTS_DIR, args=ocp.args.PyTreeSave(
+            nnx.to_pure_dict(nnx.state(pretrained.encoder))))
+        checkpointer.close()
+        origin = {("source_" + k if k in ("kind", "path") else k): v
+                  for k, v in pretrained.origin.items() if k != "fingerprint"}
+        (staging / ENCODER_CONFIG_NAME).write_text(json.dumps({
+            "format_version": EXPORT_FORMAT_VERSION,
+            "model": pretrained.model_config,
+            "origin": origin,
+            "pretrain_config": pretrained.pretrain_config,
+        }, indent=2, sort_keys=True))
+        if write_extra is not None:
+            write_extra(staging)
+        _swap_in(staging, out_dir)
+    except BaseException:
+        if staging.exists():
+            staging.rmtree()
+        raise
     logging.info("exported the encoder of %s to %s", pretrained.origin, out_dir)
     return out_dir
+
+
+def _swap_in(staging: epath.Path, out_dir: epath.Path) -> None:
+    """Replaces ``out_dir`` by the complete ``staging`` directory; the old one is removed only
+    once the new one is in place."""
+    previous = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(previous)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        if previous.exists() and not out_dir.exists():
+            previous.rename(out_dir)
+        raise
+    if previous.exists():
+        previous.rmtree()

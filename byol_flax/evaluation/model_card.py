@@ -96,6 +96,9 @@ def build_model_card(pretrained: PretrainedEncoder, *, intended_use: str = "",
         "out_of_scope_use": out_of_scope_use or NOT_STATED,
         "known_failure_domains": known_failures or NOT_STATED,
         "evaluations": [],
+        # Config keys changed on resume with --allow_config_change (and runtime changes), in
+        # order: the recipe actually trained is the config above as changed at these steps.
+        "config_history": config.get("config_history", []),
         "pretrain_config": config,
     }
 
@@ -120,6 +123,15 @@ def _evaluation_rows(card: dict[str, Any]) -> list[str]:
                         f"{e.get('selection_split', '-')} | {json.dumps(e.get('selected', {}))} |")
     return rows if len(rows) > 2 else ["No evaluation recorded yet: run `python -m "
                                        "byol_flax.evaluate --source=<this directory> ...`."]
+
+
+def _history_rows(history: list[dict[str, Any]]) -> list[str]:
+    if not history:
+        return ["None: trained start to end with the config above."]
+    rows = ["| step | kind | key | old | new |", "|---|---|---|---|---|"]
+    rows += [f"| {h['step']} | {h['kind']} | {h['key']} | {json.dumps(h['old'])} | "
+             f"{json.dumps(h['new'])} |" for h in history]
+    return rows
 
 
 def render_markdown(card: dict[str, Any]) -> str:
@@ -157,6 +169,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- Data: `{json.dumps({k: v for k, v in data.items() if k != 'converter'})}`.",
         f"- Augmentations: `{json.dumps(card['augmentations'])}`.",
         "",
+        "## Config changes during pre-training",
+        *_history_rows(card.get("config_history", [])),
+        "",
         "## Evaluations",
         *_evaluation_rows(card),
         "",
@@ -182,11 +197,10 @@ def export_with_model_card(workdir: str, out: str, *, step: int | None = None,
     """Exports the encoder of pre-training ``workdir`` to ``out`` with its model card, adding
     the ``results.json`` of the evaluation workdirs ``results``."""
     pretrained = load_pretraining_encoder(workdir, step)
-    out_dir = export_encoder(pretrained, out)
     card = build_model_card(pretrained, intended_use=intended_use,
                             out_of_scope_use=out_of_scope_use, known_failures=known_failures)
     for directory in results:
         card = add_evaluation(
             card, json.loads((epath.Path(directory) / RESULTS_NAME).read_text()))
-    write_model_card(out_dir, card)
-    return out_dir
+    return export_encoder(pretrained, out, write_extra=lambda staging: write_model_card(
+        staging, card))

@@ -1,0 +1,139 @@
+"""What a resumed run may change: config keys compared with the config its checkpoint was
+trained with.
+
+Every checkpoint holds the full config of the run that wrote it plus the identity of its data
+(the sha256 of the training manifest). On resume:
+
+* runtime keys (:data:`RUNTIME_KEYS`: workers, threads, logging, monitors, checkpoint cadence,
+  convolution implementation, ...) change freely;
+* every other key changes what is trained (batch, epochs, learning rate, weight decay, tau,
+  multipliers, loss, augmentation, seed, data) and is refused with the old and new values unless
+  it is named in ``--allow_config_change``. Unknown keys count as trained keys: a new key is safe
+  by default.
+
+Changes that are accepted are appended to ``<workdir>/config_history.jsonl`` (step, time, key,
+old, new, kind), which the model card shows; ``config.json`` is rewritten only together with
+such a record.
+"""
+
+import datetime
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from etils import epath
+
+# Dotted prefixes of keys that change how a run is executed, not what it trains.
+RUNTIME_KEYS = (
+    "data.dir",  # the data's identity is its manifest hash (DATA_IDENTITY_KEY), not its path
+    "data.local_cache_dir",
+    "data.verify_checksums",
+    "data.max_skipped_records",
+    "data.num_classes",  # checks against the manifest; what is read is the data identity
+    "data.source_image_size",
+    "data.worker_count",
+    "data.read_threads",
+    "data.prefetch_buffer_size",
+    "model.conv_implementation",
+    "model.encoder.zero_init_residual",  # initialisation only: a resumed run initialises nothing
+    "checkpoint",
+    "logging",
+    "monitor",
+)
+DATA_IDENTITY_KEY = "data.manifest_sha256"
+HISTORY_NAME = "config_history.jsonl"
+CONFIG_NAME = "config.json"
+
+
+class ConfigChangeError(ValueError):
+    """A resumed run's config changes what the checkpoint was trained with."""
+
+
+def manifest_sha256(data_dir: str) -> str:
+    """The data's identity: the sha256 of its manifest (which holds every shard's sha256)."""
+    from byol_flax.data.records import manifest_path  # noqa: PLC0415 - keeps this module light
+
+    return hashlib.sha256(manifest_path(data_dir).read_bytes()).hexdigest()
+
+
+def run_record(config_json: str, data_identity: str) -> dict[str, Any]:
+    """What a checkpoint stores about its run: the config (JSON form) and the data identity."""
+    return {"config": json.loads(config_json), "data": {"manifest_sha256": data_identity}}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of nested dicts; lists stay values."""
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def _record_keys(record: dict[str, Any]) -> dict[str, Any]:
+    keys = flatten(record.get("config", {}))
+    keys[DATA_IDENTITY_KEY] = record.get("data", {}).get("manifest_sha256")
+    return keys
+
+
+def is_runtime_key(key: str) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in RUNTIME_KEYS)
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every key whose value differs between two run records, with its kind."""
+    old, new = _record_keys(saved), _record_keys(current)
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            out.append({"key": key, "old": old.get(key), "new": new.get(key),
+                        "kind": "runtime" if is_runtime_key(key) else "trained"})
+    return out
+
+
+def _allowed(key: str, allowed: Sequence[str]) -> bool:
+    return any(key == entry or key.startswith(entry + ".") for entry in allowed)
+
+
+def check_resume(saved: dict[str, Any], current: dict[str, Any], *, step: int, where: str,
+                 allowed: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The changes a resume at ``step`` makes; raises :class:`ConfigChangeError` naming every
+    trained key that changed without being allowed (old -> new) and the flag that allows them."""
+    changes = differences(saved, current)
+    refused = [c for c in changes if c["kind"] == "trained" and not _allowed(c["key"], allowed)]
+    if refused:
+        listed = "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in refused)
+        keys = ",".join(c["key"] for c in refused)
+        raise ConfigChangeError(
+            f"resuming {where} at step {step} would change what is trained: {listed}. Resume with "
+            f"the config the checkpoint was trained with (saved in it and in {CONFIG_NAME}), "
+            f"start a new --workdir, or accept the change with --allow_config_change={keys} "
+            f"(recorded in {HISTORY_NAME} and the model card). The checkpoints are intact.")
+    return changes
+
+
+def record_changes(workdir: epath.Path, step: int, changes: Sequence[dict[str, Any]]) -> None:
+    """Appends accepted changes to the workdir's config history (one JSON object per line)."""
+    if not changes:
+        return
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    lines = [json.dumps({"step": step, "time": now, **change}, sort_keys=True, default=str)
+             for change in changes]
+    path = workdir / HISTORY_NAME
+    previous = path.read_text() if path.exists() else ""
+    path.write_text(previous + "".join(line + "\n" for line in lines))  # gs:// has no append
+    for change in changes:
+        logging.warning("config change at step %d (%s): %s: %r -> %r", step, change["kind"],
+                        change["key"], change["old"], change["new"])
+
+
+def read_history(workdir: epath.PathLike, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    """The workdir's recorded config changes (those made at or before ``up_to_step``)."""
+    path = epath.Path(workdir) / HISTORY_NAME
+    if not path.exists():
+        return []
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if up_to_step is None or e["step"] <= up_to_step]
