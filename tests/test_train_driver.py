@@ -1,14 +1,17 @@
-"""The real entry point end to end: checkpoints, TensorBoard, 2-process resume,
-config errors and the non-finite-loss stop. Runs experiments/digits_cpu.py, shrunk."""
+"""The real entry point end to end: checkpoints, TensorBoard, resumes under change (worker and
+process counts, a changed recipe, a damaged step under 2 processes, a second run on the same
+workdir), config errors and the non-finite-loss stop. Runs experiments/digits_cpu.py, shrunk."""
 
 import importlib.util
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,10 +49,18 @@ def entry_point(data_dir: str, workdir: Path, *extra: str, verbose: bool = True)
             f"--workdir={workdir}", *(["--verbose"] if verbose else []), *SHRINK, *extra]
 
 
+# One persistent compilation cache for this module's subprocesses: resumes and reruns of the
+# same program compile nothing.
+CACHE_DIR = tempfile.mkdtemp(prefix="byol_driver_jax_cache_")
+
+
 def env() -> dict[str, str]:
     """One CPU device per subprocess, like a user's machine (the tests' 8 devices are not
-    inherited)."""
-    return {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    inherited), and the module's compilation cache."""
+    return {**os.environ, "XLA_FLAGS": "", "TF_CPP_MIN_LOG_LEVEL": "3",
+            "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def run(cmd: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -145,42 +156,147 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start(argv: list[str], log: Path, devices: int = 1) -> "reliability.Run":
+    """A subprocess whose stderr is read as it runs (no pipe can fill up)."""
+    environment = {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    return reliability.Run(argv, environment, log)
+
+
+def kill_after(runs: list, workdir: Path, condition, timeout: float = 300) -> None:
+    """kill -9 every process of ``runs`` once ``condition()`` holds."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline and all(r.process.poll() is None for r in runs), \
+            runs[0].text[-3000:]
+        time.sleep(0.01)
+    for r in runs:
+        r.process.send_signal(signal.SIGKILL)
+        r.finish()
+
+
+def assert_bitwise_equal(workdir: Path, reference: Path) -> None:
+    (got, got_position, got_counters), (expected, position, counters) = (
+        final_state(workdir), final_state(reference))
+    assert got.keys() == expected.keys()
+    assert got_position == position and got_counters == counters
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_resumes_with_other_worker_counts_are_bitwise_equal(reference_run, data_dir, tmp_path):
+    """Issue 17: 0 -> 2 -> 1 Grain workers across two kill -9s read exactly the batches of the
+    uninterrupted run; the runtime changes are recorded in the config history."""
+    workdir = tmp_path / "workers"
+    first = start(entry_point(data_dir, workdir, "--config.data.worker_count=0"), tmp_path / "0.log")
+    kill_after([first], workdir, lambda: committed_steps(workdir)[-1:] >= [EVERY])
+    resumed_at = committed_steps(workdir)[-1]
+    second = start(entry_point(data_dir, workdir, "--config.data.worker_count=2"),
+                   tmp_path / "2.log")
+    kill_after([second], workdir, lambda: committed_steps(workdir)[-1] > resumed_at)
+    assert f"resuming at step {resumed_at}" in second.text
+    result = run(entry_point(data_dir, workdir, "--config.data.worker_count=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at step" in result.stderr
+    assert_bitwise_equal(workdir, reference_run)
+    history = [(h["key"], h["old"], h["new"], h["kind"]) for h in
+               (json.loads(line) for line in (workdir / "config_history.jsonl").read_text()
+                .splitlines())]
+    assert ("data.worker_count", 0, 2, "runtime") in history
+    assert ("data.worker_count", 2, 1, "runtime") in history
+
+
+def test_a_changed_recipe_is_refused_unless_allowed_and_then_recorded(reference_run, data_dir,
+                                                                      tmp_path):
+    workdir = tmp_path / "changed"
+    shutil.copytree(reference_run, workdir)
+    written = (workdir / "config.json").read_text()
+    result = run(entry_point(data_dir, workdir, "--config.training.epochs=8",
+                             "--config.training.batch_size=32", verbose=False))
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ConfigChangeError") and "at step 16" in error
+    assert "training.batch_size: 16 -> 32" in error and "training.epochs: 4.0 -> 8.0" in error
+    assert "--allow_config_change=training.batch_size,training.epochs" in error
+    assert (workdir / "config.json").read_text() == written  # not silently overwritten
+    assert committed_steps(workdir) == [8, 12, 16]
+
+    result = run(entry_point(data_dir, workdir, "--config.training.epochs=8",
+                             "--allow_config_change=training.epochs", verbose=False))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at step 16 of 32" in result.stderr
+    assert committed_steps(workdir)[-1] == 32
+    from byol_flax.config_changes import read_history
+    from byol_flax.evaluation import model_card
+    assert [(h["step"], h["key"], h["old"], h["new"], h["kind"])
+            for h in read_history(workdir) if h["kind"] == "trained"] == [
+        (16, "training.epochs", 4.0, 8.0, "trained")]
+    card = model_card.read_model_card(model_card.export_with_model_card(
+        str(workdir), str(tmp_path / "export")))
+    assert ("training.epochs", 4.0, 8.0) in [(h["key"], h["old"], h["new"])
+                                              for h in card["config_history"]]
+    assert card["pretrain_config"]["training"]["epochs"] == 8.0
+    assert "## Config changes during pre-training" in (tmp_path / "export" /
+                                                       model_card.CARD_MARKDOWN).read_text()
+
+
+def test_a_second_run_on_a_live_workdir_stops_at_once(data_dir, tmp_path):
+    workdir = tmp_path / "shared"
+    first = start(entry_point(data_dir, workdir), tmp_path / "first.log")
+    try:
+        first.wait_for(lambda: "pre-training in" in first.text)
+        result = run(entry_point(data_dir, workdir, verbose=False))
+        assert result.returncode == 1
+        assert "WorkdirBusyError" in result.stderr and f"process {first.process.pid}" in \
+            result.stderr
+    finally:
+        first.process.send_signal(signal.SIGKILL)
+        first.finish()
+
+
 @pytest.mark.slow
-def test_two_processes_train_get_killed_resume_and_match_one_process(reference_run, data_dir,
-                                                                     tmp_path):
+def test_two_processes_agree_on_a_damaged_step_and_resume_on_one_process(data_dir, tmp_path):
     """Multi-host on one machine: jax.distributed on localhost, CPU collectives over gloo, each
-    process reading its own rows; killed after a checkpoint, resumed, compared with 1 process."""
+    process reading its own rows. Killed after two checkpoints; the newest is damaged; both
+    processes restore the same older step (process 0's decision); killed again and resumed on
+    ONE process with the same 2 devices: bitwise the uninterrupted 1-process 2-device run."""
+    reference = tmp_path / "reference_2_devices"
+    result = subprocess.run(entry_point(data_dir, reference, verbose=False), cwd=REPO,
+                            env={**env(), "XLA_FLAGS":
+                                 "--xla_force_host_platform_device_count=2"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
     workdir = tmp_path / "two_processes"
 
-    def launch():
+    def launch(tag: str) -> list:
         port = free_port()
-        # Quiet console (the default): stderr is a pipe read only at the end, and verbose logs
-        # would fill it and block the processes.
-        return [subprocess.Popen(entry_point(data_dir, workdir, f"--coordinator_address=localhost:{port}",
-                                             "--num_processes=2", f"--process_id={i}",
-                                             verbose=False),
-                                 env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
+        return [start(entry_point(data_dir, workdir, f"--coordinator_address=localhost:{port}",
+                                  "--num_processes=2", f"--process_id={i}"),
+                      tmp_path / f"{tag}_{i}.log") for i in range(2)]
 
-    processes = launch()
-    deadline = time.time() + 300
-    while not committed_steps(workdir) and time.time() < deadline:
-        assert all(p.poll() is None for p in processes), processes[0].stderr.read()[-3000:]
-        time.sleep(0.05)
+    processes = launch("first")
+    kill_after(processes, workdir, lambda: len(committed_steps(workdir)) >= 2)
+    *older, newest = committed_steps(workdir)
+    integrity = workdir / "checkpoints" / str(newest) / "integrity" / "metadata"
+    record = json.loads(integrity.read_text())
+    key = sorted(record["checksums"])[0]
+    record["checksums"][key] = (record["checksums"][key] + 1) % 2**32  # an altered array
+    integrity.write_text(json.dumps(record))
+
+    processes = launch("damaged")
+    kill_after(processes, workdir, lambda: all("resuming at step" in p.text for p in processes))
     for p in processes:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    assert committed_steps(workdir)[-1] < TOTAL_STEPS
-    processes = launch()
-    for p in processes:
-        _, stderr = p.communicate(timeout=600)
-        assert p.returncode == 0, stderr[-3000:]
-    assert "resuming at step" in stderr
+        assert f"resuming at step {older[-1]}" in p.text, p.text[-2000:]
     assert "2 processes, 2 devices" in (workdir / "log.txt").read_text()
-    expected, got = final_state(reference_run)[0], final_state(workdir)[0]
-    assert got.keys() == expected.keys()
-    for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=2e-3, atol=2e-5, err_msg=name)
+    assert [p.name for p in (workdir / "checkpoints").iterdir()
+            if p.name.startswith(f"{newest}.damaged")]
+
+    result = subprocess.run(entry_point(data_dir, workdir, verbose=False), cwd=REPO,
+                            env={**env(), "XLA_FLAGS":
+                                 "--xla_force_host_platform_device_count=2"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at step" in result.stderr
+    assert_bitwise_equal(workdir, reference)
 
 
 def test_runs_differing_only_in_seed_or_host_augmentation_share_the_compiled_step():
