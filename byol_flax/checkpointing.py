@@ -21,6 +21,8 @@ Every reader (training, evaluation, export) goes through this module.
 
 import json
 import logging
+import os
+import re
 import time
 from typing import Any
 
@@ -96,6 +98,18 @@ def _short(error: BaseException) -> str:
     """One line for an exception raised deep inside Orbax or TensorStore."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def _write_reason(error: BaseException) -> str:
+    """The operating system's reason inside a write error (TensorStore wraps it in a long
+    message naming internal files), else the shortened message."""
+    text = " ".join(str(error).split())
+    match = re.search(r"([A-Z][^:\"]*?) \[os_error_code='?(\d+)", text)
+    if match:
+        return f"{match.group(1)} (errno {match.group(2)})"
+    if isinstance(error, OSError) and error.errno:
+        return f"{os.strerror(error.errno)} (errno {error.errno})"
+    return _short(error)
 
 
 def _agree(value: int) -> int:
@@ -183,7 +197,7 @@ class Checkpointer:
     def _write_failed(self, step: int | None, error: BaseException) -> CheckpointWriteError:
         last = f"step {self.last_written}" if self.last_written is not None else "none yet"
         return CheckpointWriteError(
-            f"cannot write checkpoint step {step} to {self.directory}: {_short(error)}; the last "
+            f"cannot write checkpoint step {step} to {self.directory}: {_write_reason(error)}; the last "
             f"intact checkpoint is {last} (resume from it once the cause is fixed)")
 
     def save(self, step: int, state: nnx.State, *, force: bool = False,
@@ -207,6 +221,17 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001 - any write failure gets the one-line form
             raise self._write_failed(step, error) from error
         self._pending = step
+
+    def check_for_errors(self) -> None:
+        """Raises :class:`CheckpointWriteError` as soon as the asynchronous save in flight has
+        failed (the loop asks every step, so a full disk stops the run at once)."""
+        if self._pending is None:
+            return
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001
+            failed, self._pending = self._pending, None
+            raise self._write_failed(failed, error) from error
 
     def _finish_pending(self) -> None:
         try:

@@ -34,6 +34,17 @@ class _NotStage(logging.Filter):
         return record.name != _STAGE_LOGGER.name
 
 
+class _NotLibraryNoise(logging.Filter):
+    """Console only, without --verbose: Orbax's own error reports and asyncio's "exception was
+    never retrieved" blocks. Every failure of a save reaches the console as the one-line
+    CheckpointWriteError (byol_flax.checkpointing); the full reports stay in the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "asyncio" and "never retrieved" in str(record.msg):
+            return False
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def quiet_native_logs() -> None:
     """TensorFlow's C++ start-up notices; must run before TensorFlow is imported (CLU's writers
     import it). TensorFlow only writes summaries here, so its oneDNN kernels (whose notice
@@ -69,6 +80,10 @@ def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
             handler.setLevel(logging.NOTSET if verbose else logging.WARNING)
             if not any(isinstance(f, _NotStage) for f in handler.filters):
                 handler.addFilter(_NotStage())  # stage lines have their own console handler
+            for noise in [f for f in handler.filters if isinstance(f, _NotLibraryNoise)]:
+                handler.removeFilter(noise)
+            if not verbose:
+                handler.addFilter(_NotLibraryNoise())
     logging.captureWarnings(True)  # Python warnings go through the same handlers
     if not _STAGE_LOGGER.handlers:
         console = logging.StreamHandler(sys.stderr)  # beside the progress bars; stdout: results

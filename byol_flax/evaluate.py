@@ -11,10 +11,12 @@ SOURCE is an export, the result is also added to its model card.
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from byol_flax.evaluation.export import SourceError
 from byol_flax.evaluation.runner import evaluate
 from byol_flax.runtime import configure_xla_flags
 
@@ -29,7 +31,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
+    try:
+        result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
+    except SourceError as error:  # a missing, damaged or unknown source: one line naming it
+        sys.exit(f"error: {type(error).__name__}: {error}")
     print(json.dumps({"protocol": result["protocol"], "test": result["test"],
                       "selected": result["selected"]}))
 

@@ -6,9 +6,12 @@ Writes the online encoder alone (Orbax), ``encoder_config.json`` and the model c
 Reload with ``byol_flax.evaluation.export.load_encoder(DIR)``.
 """
 
+import sys
+
 from absl import app, flags
 
 from byol_flax.evaluation import model_card
+from byol_flax.evaluation.export import SourceError
 from byol_flax.runtime import configure_xla_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pre-training workdir (holds checkpoints/).")
@@ -25,9 +28,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    out = model_card.export_with_model_card(_WORKDIR.value, _OUT.value, step=_STEP.value, results=_RESULTS.value,
-                 intended_use=_INTENDED.value, out_of_scope_use=_OUT_OF_SCOPE.value,
-                 known_failures=_FAILURES.value)
+    try:
+        out = model_card.export_with_model_card(
+            _WORKDIR.value, _OUT.value, step=_STEP.value, results=_RESULTS.value,
+            intended_use=_INTENDED.value, out_of_scope_use=_OUT_OF_SCOPE.value,
+            known_failures=_FAILURES.value)
+    except (SourceError, OSError) as error:  # a failed export leaves the previous one intact
+        sys.exit(f"error: {type(error).__name__}: {error}")
     print(f"exported to {out}: {model_card.CARD_MARKDOWN}, {model_card.CARD_JSON}")
 
 

@@ -335,6 +335,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
                     state, metrics = step_fn(state, device_batch)
             if previous is not None:
                 _check_finite(*previous, last_checkpoint)
+            checkpointer.check_for_errors()
             previous = (step, metrics)
             for hook in hooks:
                 hook(step)
