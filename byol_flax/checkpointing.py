@@ -197,8 +197,8 @@ class Checkpointer:
     def _write_failed(self, step: int | None, error: BaseException) -> CheckpointWriteError:
         last = f"step {self.last_written}" if self.last_written is not None else "none yet"
         return CheckpointWriteError(
-            f"cannot write checkpoint step {step} to {self.directory}: {_write_reason(error)}; the last "
-            f"intact checkpoint is {last} (resume from it once the cause is fixed)")
+            f"cannot write checkpoint step {step} to {self.directory}: {_write_reason(error)}; "
+            f"the last intact checkpoint is {last} (resume from it once the cause is fixed)")
 
     def save(self, step: int, state: nnx.State, *, force: bool = False,
              counters: dict[str, int] | None = None) -> None:

@@ -12,9 +12,9 @@ import math
 import ml_collections
 
 from byol_flax.data.augment import default_augment_config
+from byol_flax.data.imagenet import IMAGENET_TRAIN_EXAMPLES  # noqa: F401 - re-exported for configs
 from byol_flax.models.conv import CONV_IMPLEMENTATIONS
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167  # Appendix J.1: max_steps = 1000 * 1281167 / 4096
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -40,6 +40,7 @@ import tqdm
 from etils import epath
 from PIL import Image
 
+from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_EXAMPLES
 from byol_flax.data.records import (UNLABELED, DataError, Manifest, Record, ShardInfo, SplitInfo,
                                     count_records, file_sha256, manifest_path, shard_name,
                                     split_evenly, write_manifest, write_shard)
@@ -58,11 +59,6 @@ TMP_SUFFIX = ".tmp"
 # Split names become file-name prefixes, and "-" separates the prefix from the shard index.
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_.]+")
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
-# BYOL Appendix E.1: "For ImageNet, we took the last 10009 images of the official tensorflow
-# ImageNet split" (Table 10: 1281167 train images = 1271158 for training + 10009 for validation;
-# Appendix D.1 chooses the linear-evaluation learning rate on them).
-IMAGENET_HOLDOUT_COUNT = 10009
-IMAGENET_TRAIN_SIZE = 1281167
 # Where a held-out split comes from: the tail of the seeded order, or the tail of the order the
 # converter read the split in (TFDS order for tfds_to_arrayrecord: the paper's split).
 HOLDOUT_ORDERS = ("seeded", "source")
@@ -759,9 +755,9 @@ def imagenet_holdout(args: argparse.Namespace, num_train: int,
         raise DataError("--imagenet-holdout holds out a count: it excludes --holdout-fraction")
     if args.holdout_count is not None:
         return args.holdout_count, None
-    if num_train != IMAGENET_TRAIN_SIZE:
-        print(f"note: {where} has {num_train} images, not the {IMAGENET_TRAIN_SIZE} of ImageNet: "
-              f"holdout gets {IMAGENET_HOLDOUT_COUNT}, train the rest", file=sys.stderr)
+    if num_train != IMAGENET_TRAIN_EXAMPLES:
+        print(f"note: {where} has {num_train} images, not the {IMAGENET_TRAIN_EXAMPLES} of "
+              f"ImageNet: holdout gets {IMAGENET_HOLDOUT_COUNT}, train the rest", file=sys.stderr)
     return IMAGENET_HOLDOUT_COUNT, None
 
 

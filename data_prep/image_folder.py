@@ -20,14 +20,14 @@ from collections.abc import Sequence
 
 from byol_flax.data.records import UNLABELED, DataError
 from data_prep import common
-from data_prep.common import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_SIZE, Example
+from data_prep.common import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_EXAMPLES, Example
 
 LAYOUTS = ("imagenet", "folders", "unlabeled")
 # Split folders recognized by the folders layout, and the split names they become.
 SPLIT_FOLDERS = {"train": "train", "test": "test", "val": "validation",
                  "validation": "validation"}
 
-_KEPT = IMAGENET_TRAIN_SIZE - IMAGENET_HOLDOUT_COUNT
+_KEPT = IMAGENET_TRAIN_EXAMPLES - IMAGENET_HOLDOUT_COUNT
 _EPILOG = f"""\
 layouts:
   imagenet   SRC/train/<synset>/*.JPEG and SRC/val/ with either class folders or flat files plus

@@ -243,8 +243,8 @@ def test_imagenet_holdout_size_is_appendix_e1():
     # BYOL Appendix E.1, Table 10: ImageNet, 1281167 original train examples = 1271158 train +
     # 10009 validation, "the last 10009 images of the official tensorflow ImageNet split".
     assert common.IMAGENET_HOLDOUT_COUNT == 10009
-    assert common.IMAGENET_TRAIN_SIZE == 1281167
-    assert common.IMAGENET_TRAIN_SIZE - common.IMAGENET_HOLDOUT_COUNT == 1271158
+    assert common.IMAGENET_TRAIN_EXAMPLES == 1281167
+    assert common.IMAGENET_TRAIN_EXAMPLES - common.IMAGENET_HOLDOUT_COUNT == 1271158
 
 
 def test_image_folder_docs_say_its_holdout_is_not_the_papers(capsys):
