@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Names in byol_flax.evaluation.EVALUATORS; those that need labels are dropped, with a log
     # line, when the monitor splits have none (and online_classifier when it is not trained).
     config.monitor.evaluators = ("knn", "online_classifier")
+    # A labelled dataset (a data_prep directory) the kNN monitor reads instead of the training
+    # data: training on unlabeled images can still be watched on labelled ones. "": the
+    # training data. The online classifier always uses the training data's labels.
+    config.monitor.data_dir = ""
     config.monitor.train_split = "train"  # labelled examples forming the kNN memory
     config.monitor.eval_split = "holdout"  # queries
     config.monitor.max_train_examples = 10_000

@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from byol_flax.config import ConfigError
+from byol_flax.data.records import DataError
 from byol_flax.evaluation.export import SourceError
 from byol_flax.evaluation.runner import evaluate
 from byol_flax.runtime import configure_xla_flags
@@ -33,7 +35,7 @@ def main(argv: list[str]) -> None:
     configure_xla_flags()  # before the first computation
     try:
         result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
-    except SourceError as error:  # a missing, damaged or unknown source: one line naming it
+    except (SourceError, DataError, ConfigError) as error:  # one line naming source/split/key
         sys.exit(f"error: {type(error).__name__}: {error}")
     print(json.dumps({"protocol": result["protocol"], "test": result["test"],
                       "selected": result["selected"]}))

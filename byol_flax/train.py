@@ -31,7 +31,7 @@ from byol_flax.config import training_steps, validate_config
 from byol_flax.data.augment import make_device_augment
 from byol_flax.data.pipeline import OpenedSplit, open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
-from byol_flax.evaluation import EVALUATORS, build_evaluators
+from byol_flax.evaluation import EVALUATORS, build_evaluators, monitor_data
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
 from byol_flax.train_state import create_train_state
@@ -123,12 +123,15 @@ def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
     return _STEP_CACHE[key]
 
 
-def plan_label_users(config: ml_collections.ConfigDict, num_classes: int
-                     ) -> ml_collections.ConfigDict:
+def plan_label_users(config: ml_collections.ConfigDict, num_classes: int,
+                     monitor_classes: int | None = None) -> ml_collections.ConfigDict:
     """The config the run will use, decided before anything compiles: without labels in the data
-    (``num_classes == 0``), the online classifier and the monitors that need labels are switched
-    off, with one log line saying which and why. ``config`` itself is not modified."""
+    an evaluator reads (``num_classes`` of the training data; ``monitor_classes`` of
+    ``config.monitor.data_dir`` for evaluators that read it, the training data's when None), the
+    online classifier and the monitors that need labels are switched off, with one log line
+    saying which and why. ``config`` itself is not modified."""
     config = copy.deepcopy(config)
+    monitor_classes = num_classes if monitor_classes is None else monitor_classes
     no_labels = f"the data in {config.data.dir} has no labels"
     reasons = {}  # what is switched off -> why
     if num_classes == 0 and config.model.online_classifier:
@@ -136,8 +139,14 @@ def plan_label_users(config: ml_collections.ConfigDict, num_classes: int
         reasons["online classifier"] = no_labels
     kept = []
     for name in config.monitor.evaluators:
-        if getattr(EVALUATORS.get(name), "needs_labels", False) and num_classes == 0:
-            reasons[f"{name} monitor"] = no_labels
+        evaluator = EVALUATORS.get(name)
+        own_data = getattr(evaluator, "reads_monitor_data", False) and config.monitor.data_dir
+        classes = monitor_classes if own_data else num_classes
+        if getattr(evaluator, "needs_labels", False) and classes == 0:
+            reasons[f"{name} monitor"] = (
+                f"the data in {config.monitor.data_dir} has no labels" if own_data else
+                no_labels + ("; config.monitor.data_dir can name a labelled dataset for it"
+                             if getattr(evaluator, "reads_monitor_data", False) else ""))
         elif name == "online_classifier" and not config.model.online_classifier:
             reasons[f"{name} monitor"] = "config.model.online_classifier is False"
         else:
@@ -150,6 +159,14 @@ def plan_label_users(config: ml_collections.ConfigDict, num_classes: int
         logging.warning("switched off: %s", "; ".join(
             f"{', '.join(whats)} ({why})" for why, whats in by_reason.items()))
     return config
+
+
+def _monitor_classes(config: ml_collections.ConfigDict) -> int | None:
+    """Label count of ``config.monitor.data_dir`` (validated like training data), if set and
+    monitors run."""
+    if not (config.monitor.data_dir and config.monitor.every_steps and config.monitor.evaluators):
+        return None
+    return open_split(monitor_data(config), config.monitor.train_split).manifest.num_classes
 
 
 def _lease(workdir: epath.Path, config: ml_collections.ConfigDict) -> lease.WorkdirLease | None:
@@ -240,7 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     try:
         validate_config(config, num_devices=jax.device_count())
         opened = open_split(config.data, config.data.train_split)
-        config = plan_label_users(config, opened.manifest.num_classes)
+        config = plan_label_users(config, opened.manifest.num_classes, _monitor_classes(config))
         held = _lease(workdir, config)
     except BaseException:
         guard.restore()

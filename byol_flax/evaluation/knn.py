@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from byol_flax.data.pipeline import open_split
-from byol_flax.evaluation.base import EVALUATORS
+from byol_flax.evaluation.base import EVALUATORS, monitor_data
 from byol_flax.evaluation.features import eval_representation, extract_features
 
 
@@ -64,13 +64,14 @@ class KnnMonitor:
     """Evaluator: ``run(state) -> {"knn/top1_k20": ..., ...}`` on ``config.monitor`` splits."""
 
     needs_labels = True  # switched off at start-up for data without labels
+    reads_monitor_data = True  # config.monitor.data_dir, when set: any labelled dataset
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef):
         self._config = config
         self._mesh = mesh
         self._embed = make_embed_fn(graphdef)
-        self._train = open_split(config.data, config.monitor.train_split)
-        self._eval = open_split(config.data, config.monitor.eval_split)
+        self._train = open_split(monitor_data(config), config.monitor.train_split)
+        self._eval = open_split(monitor_data(config), config.monitor.eval_split)
         self._num_classes = self._train.manifest.num_classes
 
     def run(self, state: nnx.State) -> dict[str, Any]:

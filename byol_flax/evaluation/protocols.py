@@ -82,6 +82,19 @@ class SweepStore:
             temporary.rename(path)
 
 
+def labelled_split(config: ml_collections.ConfigDict, key: str) -> OpenedSplit:
+    """The split ``config.data.<key>`` names, refused in one line naming it when its data has no
+    labels: every protocol fits or scores a classifier."""
+    split = config.data[key]
+    opened = open_split(config.data, split)
+    if opened.manifest.num_classes == 0:
+        raise DataError(f"config.data.{key}={split!r} of {config.data.dir} has no labels (its "
+                        "manifest lists no label names): evaluation protocols need a labelled "
+                        "dataset; point config.data.dir at one, e.g. a data_prep.image_folder "
+                        "--layout folders conversion")
+    return opened
+
+
 @dataclasses.dataclass
 class Context:
     """What every protocol needs: config, encoder, mesh, opened splits, store."""
@@ -95,15 +108,15 @@ class Context:
     # Splits are opened (and their checksums verified) on first use.
     @functools.cached_property
     def train(self) -> OpenedSplit:
-        return open_split(self.config.data, self.config.data.train_split)
+        return labelled_split(self.config, "train_split")
 
     @functools.cached_property
     def selection(self) -> OpenedSplit:
-        return open_split(self.config.data, self.config.data.selection_split)
+        return labelled_split(self.config, "selection_split")
 
     @functools.cached_property
     def test(self) -> OpenedSplit:
-        return open_split(self.config.data, self.config.data.test_split)
+        return labelled_split(self.config, "test_split")
 
     @functools.cached_property
     def num_classes(self) -> int:
