@@ -232,6 +232,20 @@ def _value(config: ml_collections.ConfigDict, dotted: str):
     return config
 
 
+def parse_config_arg(arg: str | None, defaults: dict[str, str], *, positional: str = "data"
+                     ) -> dict[str, str]:
+    """An experiment module's argument (``--config=experiments/x.py:ARG``): ``VALUE`` (for the
+    ``positional`` option) or ``key=value,...``, over ``defaults``; unknown keys are an error
+    naming them and the known ones."""
+    if arg and "=" not in arg:
+        return defaults | {positional: arg}
+    parsed = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
+    if unknown := sorted(set(parsed) - set(defaults)):
+        raise ValueError(f"config argument {arg!r}: unknown option(s) {unknown}; use "
+                         f"{positional.upper()} or key=value with keys {sorted(defaults)}")
+    return defaults | parsed
+
+
 def training_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
     """(total steps K, warm-up steps) of a config: the one place epochs become steps."""
     examples = config.training.num_train_examples or num_train_examples

@@ -21,7 +21,7 @@ The argument is ``DATA_DIR`` (default ``data/digits``) or ``data=DATA_DIR,augmen
 
 import ml_collections
 
-from byol_flax.config import base_config
+from byol_flax.config import base_config, parse_config_arg
 from byol_flax.data.augment import scale_blur_to_crop_size
 
 AUGMENTATION_RECIPES = ("digits", "paper", "small_image")
@@ -44,15 +44,11 @@ BLUR_KERNEL_DIVIDER = 4.0
 
 def parse_arg(arg: str | None) -> dict[str, str]:
     """``"DIR"`` or ``"data=DIR,augment=RECIPE"`` -> {"data": ..., "augment": ...}."""
-    options = {"data": "data/digits", "augment": DEFAULT_RECIPE}
-    if arg and "=" not in arg:
-        return options | {"data": arg}
-    parsed = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
-    if not set(parsed) <= set(options) or parsed.get("augment", DEFAULT_RECIPE) not in \
-            AUGMENTATION_RECIPES:
+    options = parse_config_arg(arg, {"data": "data/digits", "augment": DEFAULT_RECIPE})
+    if options["augment"] not in AUGMENTATION_RECIPES:
         raise ValueError(f"config argument {arg!r}: use DATA_DIR or data=DIR,augment=RECIPE with "
                          f"RECIPE one of {AUGMENTATION_RECIPES}")
-    return options | parsed
+    return options
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -28,7 +28,7 @@ import os
 
 import ml_collections
 
-from byol_flax.config import base_config
+from byol_flax.config import base_config, parse_config_arg
 from byol_flax.data.augment import scale_blur_to_crop_size
 
 DEFAULTS = {"data": "data/my_images", "size": "96", "encoder": "resnet18", "batch": "256", "epochs": "100",
@@ -37,19 +37,8 @@ DEFAULTS = {"data": "data/my_images", "size": "96", "encoder": "resnet18", "batc
 SMALL_STEM_BELOW = 64
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"DIR"`` or ``"data=DIR,size=N,..."`` -> the options with defaults filled in."""
-    if arg and "=" not in arg:
-        return DEFAULTS | {"data": arg}
-    parsed = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
-    if unknown := set(parsed) - set(DEFAULTS):
-        raise ValueError(f"config argument {arg!r}: unknown option(s) {sorted(unknown)}; use "
-                         f"DATA_DIR or data=DIR with any of {sorted(set(DEFAULTS) - {'data'})}")
-    return DEFAULTS | parsed
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = parse_arg(arg)
+    options = parse_config_arg(arg, DEFAULTS)
     config = base_config()
     size = int(options["size"])
     config.data.dir = options["data"]
