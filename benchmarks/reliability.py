@@ -488,7 +488,7 @@ def nan_case(suite: Suite, bad_step: int) -> dict[str, Any]:
     workdir = suite.root / "nan"
     shutil.rmtree(workdir, ignore_errors=True)
     run = suite.run(workdir, program=[sys.executable, "-c", NAN_PROGRAM, str(bad_step)])
-    match = re.search(r"at step (\d+)", run.text)
+    match = re.search(r"NonFiniteLossError: .* at step (\d+)", run.text)
     named = int(match.group(1)) if match else None
     steps = committed_steps(workdir)
     finite = all(np.all(np.isfinite(v)) for v in final_state(workdir)[0].values()

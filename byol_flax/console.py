@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import tempfile
-from typing import Any
+from typing import Any, NoReturn
 
 import tqdm
 from etils import epath
@@ -43,6 +43,25 @@ class _NotLibraryNoise(logging.Filter):
         if record.name == "asyncio" and "never retrieved" in str(record.msg):
             return False
         return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _is_closed_loop_noise(kind: type, value: BaseException) -> bool:
+    return issubclass(kind, RuntimeError) and "Event loop is closed" in str(value)
+
+
+def _without_closed_loop_noise(previous):
+    """A ``sys.unraisablehook`` that sends asyncio's "Event loop is closed" errors to the log
+    file: TensorStore's callbacks raise them in bulk once a failed asynchronous save has shut
+    its event loop down, while the run reports the failure itself in one line."""
+    def hook(unraisable) -> None:
+        if _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+            logging.info("after a failed asynchronous save", exc_info=(
+                unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+            return
+        previous(unraisable)
+
+    hook.filters_closed_loop_noise = True
+    return hook
 
 
 def quiet_native_logs() -> None:
@@ -85,6 +104,8 @@ def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
             if not verbose:
                 handler.addFilter(_NotLibraryNoise())
     logging.captureWarnings(True)  # Python warnings go through the same handlers
+    if not verbose and not getattr(sys.unraisablehook, "filters_closed_loop_noise", False):
+        sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     if not _STAGE_LOGGER.handlers:
         console = logging.StreamHandler(sys.stderr)  # beside the progress bars; stdout: results
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -92,6 +113,21 @@ def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
     _STAGE_LOGGER.setLevel(logging.INFO)
     _Settings.enabled = True
     return path
+
+
+def exit_with_error(line: str) -> NoReturn:
+    """Ends the process with one line on the console and status 1. What libraries still print
+    while the process winds down (e.g. background threads of a failed asynchronous save) goes to
+    the log file instead of burying that line."""
+    print(line, file=sys.stderr, flush=True)
+    if _Settings.file_handler is not None:
+        try:
+            descriptor = os.open(_Settings.file_handler.baseFilename,
+                                 os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            os.dup2(descriptor, sys.stderr.fileno())
+        except (OSError, ValueError, AttributeError):  # no file descriptor (captured stderr)
+            pass
+    sys.exit(1)
 
 
 def stage(message: str, *args: Any) -> None:

@@ -7,7 +7,6 @@ Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VM
 
 import logging
 import os
-import sys
 
 from byol_flax import console
 
@@ -70,7 +69,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+    try:
+        log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+    except OSError as error:
+        console.exit_with_error(f"error: WorkdirError: cannot write to the workdir "
+                                f"{_WORKDIR.value}: {error}")
     console.stage("byol_flax: full log in %s", log_file)
     _initialize_distributed()
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
@@ -80,7 +83,7 @@ def main(argv: list[str]) -> None:
                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except USER_ERRORS as error:
         logging.error("%s: %s", type(error).__name__, error)
-        sys.exit(f"error: {type(error).__name__}: {error}")
+        console.exit_with_error(f"error: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
