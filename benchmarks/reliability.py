@@ -760,6 +760,7 @@ def children(pid: int) -> list[int]:
 
 
 def process_alive(pid: int) -> bool:
+    """Running (a zombie has exited: its parent is gone and init reaps it)."""
     try:
         return "State:\tZ" not in (Path("/proc") / str(pid) / "status").read_text()
     except OSError:

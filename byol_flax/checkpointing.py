@@ -19,6 +19,7 @@ previous step); *incompatible* means they verify but describe another run (nothi
 Every reader (training, evaluation, export) goes through this module.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,12 +27,10 @@ import re
 import time
 from typing import Any
 
-import numpy as np
-
-import dataclasses
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -80,16 +79,17 @@ def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
 
 def state_checksums(pure_state: dict[str, Any]) -> dict[str, int]:
     """{flattened path: checksum} of a pure-dict state (what the ``state`` item holds)."""
-    flat = _flatten(pure_state)
+    flat = flatten_dotted(pure_state)
     values = jax.device_get(_checksums([jnp.asarray(v) for v in flat.values()]))
     return {key: int(value) for key, value in zip(flat, values)}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of nested dicts (empty dicts vanish); lists and arrays are leaves."""
     if isinstance(tree, dict):
         out = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            out.update(flatten_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
     return {prefix: tree}
 
@@ -129,7 +129,7 @@ def _all_processes(ok: bool) -> bool:
 def _layout(tree: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """{flattened path: (shape, dtype)} of a pure state or of Orbax's metadata of one."""
     return {key: (tuple(value.shape), str(np.dtype(value.dtype)))
-            for key, value in _flatten(tree).items()}
+            for key, value in flatten_dotted(tree).items()}
 
 
 def layout_differences(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
@@ -253,7 +253,7 @@ class Checkpointer:
                       if abstract is not None else None)
         except Exception as error:  # an empty or half-deleted step directory
             raise DamagedCheckpointError(f"{where} cannot be read: {_short(error)}") from error
-        ours, theirs = _flatten(self._model_config), _flatten(saved)
+        ours, theirs = flatten_dotted(self._model_config), flatten_dotted(saved)
         differences = [f"{key}: checkpoint {theirs.get(key)!r}, config {ours.get(key)!r}"
                        for key in sorted(ours.keys() | theirs.keys())
                        if ours.get(key) != theirs.get(key)]
@@ -432,21 +432,29 @@ def read_verified(directory: epath.PathLike, target: dict[str, Any], *,
                                  + (f"steps {errors} are damaged" if errors else "none committed"))
 
 
-def _read_part(step_dir: epath.Path, target: dict[str, Any], prefix: tuple[str, ...]
-               ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    where = f"checkpoint {step_dir}"
+def read_pytree(path: epath.PathLike, target: dict[str, Any], prefix: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
+    """The arrays shaped like ``target`` stored under ``prefix`` of the PyTree checkpoint at
+    ``path``, on this process's first device, still nested under ``prefix`` (Orbax partial
+    restore: everything else stays on disk). Not verified: see :func:`read_verified`."""
     item = target
     for key in reversed(prefix):
         item = {key: item}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             item)
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
+        epath.Path(path), args=ocp.args.PyTreeRestore(
+            abstract, restore_args=jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract),
+            partial_restore=bool(prefix)))
+
+
+def _read_part(step_dir: epath.Path, target: dict[str, Any], prefix: tuple[str, ...]
+               ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    where = f"checkpoint {step_dir}"
     try:
-        restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-            step_dir / "state", args=ocp.args.PyTreeRestore(
-                abstract, restore_args=jax.tree.map(
-                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract),
-                partial_restore=bool(prefix)))
+        restored = read_pytree(step_dir / "state", target, prefix)
         integrity_file = step_dir / INTEGRITY_ITEM / "metadata"
         integrity = json.loads(integrity_file.read_text()) if integrity_file.exists() else None
         run_file = step_dir / RUN_ITEM / "metadata"

@@ -25,6 +25,9 @@ from typing import Any
 
 from etils import epath
 
+from byol_flax.checkpointing import flatten_dotted
+from byol_flax.data.records import manifest_path
+
 # Dotted prefixes of keys that change how a run is executed, not what it trains.
 RUNTIME_KEYS = (
     "data.dir",  # the data's identity is its manifest hash (DATA_IDENTITY_KEY), not its path
@@ -53,8 +56,6 @@ class ConfigChangeError(ValueError):
 
 def manifest_sha256(data_dir: str) -> str:
     """The data's identity: the sha256 of its manifest (which holds every shard's sha256)."""
-    from byol_flax.data.records import manifest_path  # noqa: PLC0415 - keeps this module light
-
     return hashlib.sha256(manifest_path(data_dir).read_bytes()).hexdigest()
 
 
@@ -63,24 +64,19 @@ def run_record(config_json: str, data_identity: str) -> dict[str, Any]:
     return {"config": json.loads(config_json), "data": {"manifest_sha256": data_identity}}
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: value} of nested dicts; lists stay values."""
-    if isinstance(tree, dict) and tree:
-        out = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
-
-
 def _record_keys(record: dict[str, Any]) -> dict[str, Any]:
-    keys = flatten(record.get("config", {}))
+    keys = flatten_dotted(record.get("config", {}))
     keys[DATA_IDENTITY_KEY] = record.get("data", {}).get("manifest_sha256")
     return keys
 
 
+def _under(key: str, sections: Sequence[str]) -> bool:
+    """``key`` is one of ``sections`` or inside one of them (dotted)."""
+    return any(key == section or key.startswith(section + ".") for section in sections)
+
+
 def is_runtime_key(key: str) -> bool:
-    return any(key == prefix or key.startswith(prefix + ".") for prefix in RUNTIME_KEYS)
+    return _under(key, RUNTIME_KEYS)
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,16 +90,12 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str
     return out
 
 
-def _allowed(key: str, allowed: Sequence[str]) -> bool:
-    return any(key == entry or key.startswith(entry + ".") for entry in allowed)
-
-
 def check_resume(saved: dict[str, Any], current: dict[str, Any], *, step: int, where: str,
                  allowed: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The changes a resume at ``step`` makes; raises :class:`ConfigChangeError` naming every
     trained key that changed without being allowed (old -> new) and the flag that allows them."""
     changes = differences(saved, current)
-    refused = [c for c in changes if c["kind"] == "trained" and not _allowed(c["key"], allowed)]
+    refused = [c for c in changes if c["kind"] == "trained" and not _under(c["key"], allowed)]
     if refused:
         listed = "; ".join(f"{c['key']}: {c['old']!r} -> {c['new']!r}" for c in refused)
         keys = ",".join(c["key"] for c in refused)

@@ -27,10 +27,6 @@ class WorkdirBusyError(OSError):
     """Another live run holds the work directory."""
 
 
-def _now() -> float:
-    return time.time()
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -57,11 +53,11 @@ class WorkdirLease:
         self.token = secrets.token_hex(8)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._started = _now()
+        self._started = time.time()
 
     def _record(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                "started": _iso(self._started), "heartbeat": _now()}
+                "started": _iso(self._started), "heartbeat": time.time()}
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -78,7 +74,7 @@ class WorkdirLease:
             return "it is unreadable"
         if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder["pid"])):
             return f"process {holder['pid']} on this host is not running"
-        age = _now() - float(holder.get("heartbeat", 0))
+        age = time.time() - float(holder.get("heartbeat", 0))
         if age > self.stale_after:
             return f"its last heartbeat is {age:.0f} s old (stale after {self.stale_after:.0f} s)"
         return None
@@ -92,7 +88,7 @@ class WorkdirLease:
                 raise WorkdirBusyError(
                     f"{self.path.parent} is in use by process {holder['pid']} on host "
                     f"{holder['host']} (started {holder.get('started')}, heartbeat "
-                    f"{_now() - float(holder['heartbeat']):.0f} s ago): stop that run or use "
+                    f"{time.time() - float(holder['heartbeat']):.0f} s ago): stop that run or use "
                     f"another --workdir")
             logging.warning("taking over the lease of %s from process %s on host %s: %s",
                             self.path.parent, holder.get("pid"), holder.get("host"), reason)

@@ -197,13 +197,13 @@ def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
                    allow_config_change: Sequence[str]) -> None:
     """Refuses a resume that changes what is trained (unless allowed), records accepted changes
     and only then writes ``config.json`` (never silently replaced)."""
-    where = f"{workdir}"
     changes = []
     if restored.step and restored.run is None:
         logging.warning("checkpoint step %d has no saved config (written by an older version): "
                         "config changes on this resume are not checked", restored.step)
     elif restored.step:
-        changes = config_changes.check_resume(restored.run, run, step=restored.step, where=where,
+        changes = config_changes.check_resume(restored.run, run, step=restored.step,
+                                              where=str(workdir),
                                               allowed=allow_config_change)
     if jax.process_index() != 0:
         return
@@ -254,15 +254,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     if "://" not in str(workdir):
         workdir = os.path.abspath(workdir)  # Orbax requires absolute local paths
     workdir = epath.Path(workdir)
+    held = None
     try:
         validate_config(config, num_devices=jax.device_count())
         opened = open_split(config.data, config.data.train_split)
         config = plan_label_users(config, opened.manifest.num_classes, _monitor_classes(config))
         held = _lease(workdir, config)
-    except BaseException:
-        guard.restore()
-        raise
-    try:
         return _train(config, workdir, opened, guard, allow_config_change)
     finally:
         guard.restore()

@@ -14,8 +14,10 @@ from PIL import Image
 from byol_flax.config import base_config
 from byol_flax.data import records
 from byol_flax.data.pipeline import eval_dataset, open_split, train_dataset
+from tests.helpers import load_reliability
 
 REPO = Path(__file__).resolve().parents[1]
+reliability = load_reliability()  # its /proc helpers: child processes, liveness
 
 NUM_RECORDS, NUM_SHARDS, NUM_CLASSES = 36, 3, 4
 
@@ -133,35 +135,16 @@ def test_a_grain_worker_exits_when_its_trainer_is_killed(tmp_path):
     trainer = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
                                text=True, cwd=REPO)
     assert trainer.stdout.readline().strip() == "ready"
-    workers = children(trainer.pid)
+    workers = reliability.children(trainer.pid)
     assert len(workers) >= 2
     trainer.kill()
     trainer.wait()
     deadline = time.time() + 30
-    while any(alive(pid) for pid in workers) and time.time() < deadline:
+    while any(reliability.process_alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
-    assert not any(alive(pid) for pid in workers)
+    assert not any(reliability.process_alive(pid) for pid in workers)
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines()
-                          if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            out.append(int(status.parent.name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in state  # a zombie has exited (its parent is gone, init reaps it)
 
 
 def test_eval_dataset_is_one_ordered_pass(config):

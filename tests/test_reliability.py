@@ -3,23 +3,13 @@ kill -9 at random moments resumes bitwise, SIGTERM loses no step, damaged checkp
 are named (or the newest valid step is used), bad configs get a message naming the key. (The
 NaN-batch case runs in the full suite; tests/test_train_driver.py checks a diverging run.)"""
 
-import importlib.util
 import json
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_suite():
-    spec = importlib.util.spec_from_file_location("reliability", REPO / "benchmarks" /
-                                                  "reliability.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_reliability
 
 
 def test_quick_reliability_suite_meets_its_targets(tmp_path, capsys):
-    suite = load_suite()
+    suite = load_reliability()
     code = suite.main(["--quick", "--workdir", str(tmp_path)])
     output = capsys.readouterr().out
     summary = json.loads(output.strip().splitlines()[-1])

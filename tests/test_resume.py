@@ -22,19 +22,10 @@ from byol_flax.checkpointing import (Checkpointer, CheckpointWriteError, Damaged
                                      IncompatibleCheckpointError, read_verified)
 from byol_flax.evaluation import export
 from byol_flax.schedules import build_schedules
-from byol_flax.sharding import make_mesh, replicated_sharding
 from byol_flax.train import TerminationGuard, _run_monitors
 from byol_flax.train_state import create_train_state
 from tests.helpers import tiny_config
-
-
-def new_state(config):
-    lr, _ = build_schedules(config, total_steps=10, warmup_steps=1)
-    return nnx.split(create_train_state(config, lr))
-
-
-def one_device():
-    return replicated_sharding(make_mesh(jax.devices()[:1]))
+from tests.test_checkpointing import new_state, one_device
 
 
 def record(config, data="a" * 64):

@@ -2,7 +2,6 @@
 process counts, a changed recipe, a damaged step under 2 processes, a second run on the same
 workdir), config errors and the non-finite-loss stop. Runs experiments/digits_cpu.py, shrunk."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -21,15 +20,13 @@ import pytest
 from byol_flax.config import ConfigError, validate_config
 from data_prep import digits
 from experiments import digits_cpu
+from tests.helpers import load_reliability
 
 REPO = Path(__file__).resolve().parents[1]
 # Exact-resume checks (kill -9 at random moments, SIGTERM, damaged checkpoints and data, NaN)
 # live in benchmarks/reliability.py; tests/test_reliability.py runs its fast subset. Its helpers
 # read committed checkpoints here too.
-_spec = importlib.util.spec_from_file_location("reliability", REPO / "benchmarks" /
-                                               "reliability.py")
-reliability = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reliability)
+reliability = load_reliability()
 committed_steps, final_state = reliability.committed_steps, reliability.final_state
 # 64 examples per "epoch" at batch 16: 4 steps per epoch, 16 steps in all.
 SHRINK = reliability.shrink_flags(num_train_examples=64, logging_every=4)

@@ -30,7 +30,8 @@ from etils import epath
 from flax import nnx
 
 from byol_flax import config_changes
-from byol_flax.checkpointing import DamagedCheckpointError, committed_steps, read_verified
+from byol_flax.checkpointing import (DamagedCheckpointError, committed_steps, read_pytree,
+                                     read_verified)
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import BatchNormConfig, ResNet, build_encoder
 
@@ -71,27 +72,10 @@ def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0) ->
         dtype=jax.numpy.dtype(model_config.get("compute_dtype", "float32")), rngs=nnx.Rngs(seed)))
 
 
-def _abstract(tree: Any) -> Any:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
-
-
-def _restore_into(encoder: ResNet, path: epath.Path, prefix: tuple[str, ...] = ()) -> None:
-    """Reads the encoder arrays stored under ``prefix`` of the PyTree checkpoint at ``path``."""
-    target = nnx.to_pure_dict(nnx.state(encoder))
-    item = target
-    for key in reversed(prefix):
-        item = {key: item}
-    abstract = _abstract(item)
-    restored = ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(
-        path, args=ocp.args.PyTreeRestore(
-            abstract, restore_args=jax.tree.map(
-                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract),
-            partial_restore=bool(prefix)))
-    for key in prefix:
-        restored = restored[key]
+def _set_arrays(encoder: ResNet, arrays: dict[str, Any]) -> None:
+    """Puts ``arrays`` (a pure dict shaped like the encoder's state) into ``encoder``."""
     state = nnx.state(encoder)
-    nnx.replace_by_pure_dict(state, restored)
+    nnx.replace_by_pure_dict(state, arrays)
     nnx.update(encoder, state)
 
 
@@ -126,7 +110,8 @@ def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
     if "model" not in meta or "origin" not in meta:
         raise SourceError(f"{config_path} lacks 'model' or 'origin': not written by this code")
     encoder = encoder_from_model_config(meta["model"])
-    _restore_into(encoder, export_dir / WEIGHTS_DIR)
+    _set_arrays(encoder, read_pytree(export_dir / WEIGHTS_DIR,
+                                     nnx.to_pure_dict(nnx.state(encoder))))
     return PretrainedEncoder(encoder, meta["model"],
                              {"kind": "export", "path": str(export_dir), **meta["origin"],
                               "fingerprint": fingerprint(encoder)},
@@ -145,11 +130,12 @@ def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
     """
     workdir = _absolute(workdir)
     directory = workdir / "checkpoints"
-    if not committed_steps(directory):
+    steps = committed_steps(directory)
+    if not steps:
         raise SourceError(f"no checkpoint in {directory}: pass a pre-training workdir, an "
                           "export directory or random:PATH")
     try:
-        chosen = step if step is not None else committed_steps(directory)[-1]
+        chosen = step if step is not None else steps[-1]
         # {"model": config.model, "target": {...}} (byol_flax.checkpointing); the encoder needs
         # only the model section, and every step of one workdir has the same one.
         model_config = json.loads((directory / str(chosen) / "model_config" / "metadata")
@@ -164,9 +150,7 @@ def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
                                           step=step)
     except DamagedCheckpointError as error:
         raise SourceError(str(error)) from error
-    state = nnx.state(encoder)
-    nnx.replace_by_pure_dict(state, arrays)
-    nnx.update(encoder, state)
+    _set_arrays(encoder, arrays)
     if run is not None:
         pretrain_config = run["config"]
     else:  # checkpoints written before run records: the workdir's config file
