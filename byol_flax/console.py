@@ -120,7 +120,9 @@ def exit_with_error(line: str) -> NoReturn:
     while the process winds down (e.g. background threads of a failed asynchronous save) goes to
     the log file instead of burying that line."""
     print(line, file=sys.stderr, flush=True)
-    if _Settings.file_handler is not None:
+    if _Settings.file_handler is not None:  # the log file records it too (console: once)
+        _Settings.file_handler.handle(logging.LogRecord(
+            "byol_flax", logging.ERROR, __file__, 0, line, None, None))
         try:
             descriptor = os.open(_Settings.file_handler.baseFilename,
                                  os.O_WRONLY | os.O_APPEND | os.O_CREAT)

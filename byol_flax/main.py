@@ -82,7 +82,6 @@ def main(argv: list[str]) -> None:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except USER_ERRORS as error:
-        logging.error("%s: %s", type(error).__name__, error)
         console.exit_with_error(f"error: {type(error).__name__}: {error}")
 
 
