@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from byol_flax.runtime import configure_xla_flags
+from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()  # before JAX starts: the step it is compared with runs with them
 import jax  # noqa: E402

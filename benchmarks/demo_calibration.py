@@ -2,8 +2,8 @@
 
     python benchmarks/demo_calibration.py --workdir workdirs/calibration [--points a,b] [--seeds 0,1,2]
 
-Each point is a recipe of ``experiments/digits_cpu.py`` plus dotted pre-training overrides; each
-(point, seed) pre-trains and evaluates exactly as the demo does (``byol_flax.demo.run_seed``:
+Each point is a recipe of ``byol_flax/configs/digits_cpu.py`` plus dotted pre-training overrides; each
+(point, seed) pre-trains and evaluates exactly as the demo does (``byol_flax.studies.demo.run_seed``:
 linear and kNN on the BYOL encoder and on the same network at random initialisation, linear on
 raw pixels; fit on train, choose on holdout, report test). Every finished (point, seed) is kept
 in the workdir, so a re-run only adds what is missing; the table is rewritten after each one.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from byol_flax.runtime import configure_xla_flags  # noqa: E402
+from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
 
 configure_xla_flags()
 
@@ -25,8 +25,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from byol_flax import demo  # noqa: E402
-from byol_flax.local_runs import enable_compilation_cache, prepare_data  # noqa: E402
+from byol_flax.studies import demo  # noqa: E402
+from byol_flax.studies.local_runs import enable_compilation_cache, prepare_data  # noqa: E402
 
 _R12_W1 = {"data.image_size": 12, "model.encoder.width_multiplier": 1}
 _R16_W2 = {"data.image_size": 16, "model.encoder.width_multiplier": 2}
@@ -41,7 +41,7 @@ def _epochs(epochs: float, size: dict = _R16_W2, **changes) -> dict:
     return {**size, "training.epochs": epochs, **changes}
 
 
-# name -> (augmentation recipe of experiments/digits_cpu.py, pre-training overrides). The recipe
+# name -> (augmentation recipe of byol_flax/configs/digits_cpu.py, pre-training overrides). The recipe
 # small_image is the first demo's setup (12 px, 1x, 40 epochs, LR 1.0, tau 0.99); every point
 # is that setup plus its overrides (the paper point names the LR and tau it shares with the
 # chosen one).
@@ -68,7 +68,7 @@ POINTS: dict[str, tuple[str, dict]] = {
     "r16_w2_e160_combo_paper": ("paper", _epochs(160.0, **{
         "optimizer.base_learning_rate": 2.0, "target.base_ema": 0.9})),
 }
-# The point experiments/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
+# The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
 # (point, seed) runs that shared the 2 cores with test runs: their times are inflated (marked *).
 SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2)}
@@ -143,7 +143,7 @@ CURVES = (("knn/top1_k20", "kNN top-1 on holdout"),
 def seed_curves(workdir: epath.Path, point: str, plot: Path) -> str:
     """Monitors of every finished seed of ``point`` over training: a plot, and a table of where
     each seed's curves end and how low its effective rank went (the seed-stability check)."""
-    from byol_flax import report  # noqa: PLC0415 - plotting only here
+    from byol_flax.studies import report  # noqa: PLC0415 - plotting only here
 
     recipe = POINTS[point][0]
     runs = []

@@ -54,7 +54,7 @@ TOTAL_STEPS, EVERY = 20, 4
 
 
 def shrink_flags(num_train_examples: int, logging_every: int) -> list[str]:
-    """Overrides making experiments/digits_cpu.py a seconds-long run: batch 16, 4 epochs of
+    """Overrides making byol_flax/configs/digits_cpu.py a seconds-long run: batch 16, 4 epochs of
     ``num_train_examples``, 8-px images, tiny heads, a checkpoint every EVERY steps."""
     return [
         "--config.training.batch_size=16",
@@ -91,7 +91,7 @@ def subprocess_env(cache_dir: Path, devices: int = 1) -> dict[str, str]:
 def entry_point(data_dir: str, workdir: Path, *extra: str,
                 program: Sequence[str] = ()) -> list[str]:
     return [*(program or [sys.executable, "-m", "byol_flax.main"]),
-            f"--config={REPO / 'experiments' / 'digits_cpu.py'}:{data_dir}",
+            f"--config={REPO / 'byol_flax' / 'configs' / 'digits_cpu.py'}:{data_dir}",
             f"--workdir={workdir}", "--verbose", *SHRINK, *extra]
 
 
@@ -694,7 +694,8 @@ def verified_read_cases(suite: Suite, stopped: Path, flips: int) -> list[dict[st
     """``evaluate --source=WORKDIR`` and ``export`` read through the verified path: single-bit
     flips spread over the newest step's files never load a wrong encoder silently; a failed
     re-export leaves the previous export intact."""
-    from byol_flax.evaluation import export, model_card  # noqa: PLC0415
+    from byol_flax.export import encoder as export
+    from byol_flax.export import model_card  # noqa: PLC0415
 
     newest = committed_steps(stopped)[-1]
     truth = export.load_pretraining_encoder(stopped, newest)
@@ -886,7 +887,7 @@ def change_targets(changes: dict[str, Any]) -> dict[str, bool]:
 
 def run_suite(root: Path, *, trials: int, quick: bool, seed: int = 0,
               only_changes: bool = False) -> dict[str, Any]:
-    from byol_flax.local_runs import prepare_data  # noqa: PLC0415
+    from byol_flax.studies.local_runs import prepare_data  # noqa: PLC0415
 
     root.mkdir(parents=True, exist_ok=True)
     from etils import epath  # noqa: PLC0415

@@ -2,7 +2,7 @@
 
     python benchmarks/reliability_data_prep.py [--workdir /tmp/byol_reliability_data_prep]
 
-``data_prep_cases`` runs the real converter (``python -m data_prep.image_folder``) on small bad
+``data_prep_cases`` runs the real converter (``python -m byol_flax.data.convert.image_folder``) on small bad
 trees built under a root: a symlink loop, a truncated JPEG (skipped, and failing with
 ``--on-bad-image=error``), a decompression bomb, a non-UTF-8 file name and a 16-bit PNG.
 ``staging_cases`` stages a dataset the way a ``gs://`` one is (``records.copy_dataset``) onto a
@@ -81,7 +81,7 @@ def non_utf8_file(directory: Path) -> bytes:
 
 
 def convert(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "data_prep.image_folder", "--src", str(src), "--out", str(out),
+    argv = [sys.executable, "-m", "byol_flax.data.convert.image_folder", "--src", str(src), "--out", str(out),
             "--workers", "1", "--no-progress", *extra]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -90,7 +90,7 @@ def outcome(case: str, out: Path, done: subprocess.CompletedProcess,
             check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """One row: exit status, records written, files left out, the one line a person reads."""
     from byol_flax.data.records import DataError, load_manifest  # noqa: PLC0415
-    from data_prep.common import read_skipped_files  # noqa: PLC0415
+    from byol_flax.data.convert.common import read_skipped_files  # noqa: PLC0415
 
     try:
         records = sum(s.num_records for s in load_manifest(out).splits.values())
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["all_as_expected"] = all(row["as_expected"] for key in ("data_prep", "staging")
                                      for row in results[key])
-    print("## Bad input trees (python -m data_prep.image_folder)")
+    print("## Bad input trees (python -m byol_flax.data.convert.image_folder)")
     print(table(results["data_prep"], ["case", "exit", "records", "skipped", "as_expected",
                                        "message"]))
     print("\n## gs:// staging (records.copy_dataset)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 def worker(args: argparse.Namespace) -> None:
-    from byol_flax.runtime import configure_xla_flags
+    from byol_flax.runtime.xla import configure_xla_flags
 
     configure_xla_flags()
     import jax

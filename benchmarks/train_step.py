@@ -128,7 +128,7 @@ def random_views(batch: int, image_size: int, mesh, count: int) -> list[dict]:
 
 
 def run_jax(args: argparse.Namespace) -> dict:
-    from byol_flax.runtime import configure_xla_flags
+    from byol_flax.runtime.xla import configure_xla_flags
 
     if not args.no_xla_flags:
         configure_xla_flags()
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="our compute dtype (torch: float32)")
     parser.add_argument("--conv", default="auto", help="config.model.conv_implementation")
     parser.add_argument("--no-xla-flags", action="store_true",
-                        help="do not add byol_flax.runtime's XLA:CPU flags")
+                        help="do not add byol_flax.runtime.xla's XLA:CPU flags")
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, default="jax")
     parser.add_argument("--compare-torch", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)

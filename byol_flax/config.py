@@ -3,7 +3,7 @@
 Defaults are Section 4 / Appendix J.1 (``HPS``): 1000 epochs at batch 4096, LARS with base LR 0.2,
 weight decay 1.5e-6, trust coefficient 1e-3, momentum 0.9, tau_base 0.996, 10 warm-up epochs,
 BatchNorm decay 0.9 / eps 1e-5, MLP hidden size 4096, projection size 256, seed 1337.
-Experiment modules in ``experiments/`` start from :func:`base_config` and override fields; the
+Experiment modules in ``byol_flax/configs/`` start from :func:`base_config` and override fields; the
 returned dict is locked, so a typo'd key is an error instead of a silently ignored setting.
 """
 
@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.training.accumulation_steps = 1
 
     config.data = ml_collections.ConfigDict()
-    config.data.dir = ""  # a directory written by data_prep/ (holds manifest.json); or gs://
+    config.data.dir = ""  # a directory written by byol_flax/data/convert/ (holds manifest.json); or gs://
     # gs:// datasets are copied here at start-up (ArrayRecord reads local files).
     config.data.local_cache_dir = "/tmp/byol_flax_data"
     config.data.train_split = "train"
@@ -209,7 +209,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "must be float32, bfloat16 or float16"),
         (config.model.conv_implementation in CONV_IMPLEMENTATIONS, "model.conv_implementation",
          f"must be one of {list(CONV_IMPLEMENTATIONS)}"),
-        (bool(config.data.dir), "data.dir", "is empty: point it at a data_prep/ output directory"),
+        (bool(config.data.dir), "data.dir", "is empty: point it at a byol_flax/data/convert/ output directory"),
         (config.data.image_size > 0, "data.image_size", "must be positive"),
         (config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive"),
         (config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),
@@ -234,7 +234,7 @@ def _value(config: ml_collections.ConfigDict, dotted: str):
 
 def parse_config_arg(arg: str | None, defaults: dict[str, str], *, positional: str = "data"
                      ) -> dict[str, str]:
-    """An experiment module's argument (``--config=experiments/x.py:ARG``): ``VALUE`` (for the
+    """An experiment module's argument (``--config=byol_flax/configs/x.py:ARG``): ``VALUE`` (for the
     ``positional`` option) or ``key=value,...``, over ``defaults``; unknown keys are an error
     naming them and the known ones."""
     if arg and "=" not in arg:

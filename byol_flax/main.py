@@ -1,4 +1,4 @@
-"""Entry point: ``python -m byol_flax.main --config=experiments/<module>.py[:arg] --workdir=DIR``.
+"""Entry point: ``python -m byol_flax.main --config=byol_flax/configs/<module>.py[:arg] --workdir=DIR``.
 
 Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VMs
 ``jax.distributed.initialize()`` finds its peers by itself; elsewhere pass
@@ -8,7 +8,7 @@ Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VM
 import logging
 import os
 
-from byol_flax import console
+from byol_flax.runtime import console
 
 console.quiet_native_logs()  # before TensorFlow is imported (through CLU)
 
@@ -19,10 +19,10 @@ from ml_collections import config_flags  # noqa: E402
 from byol_flax.checkpointing import (CheckpointWriteError, DamagedCheckpointError,  # noqa: E402
                                      IncompatibleCheckpointError)
 from byol_flax.config import ConfigError  # noqa: E402
-from byol_flax.config_changes import ConfigChangeError  # noqa: E402
+from byol_flax.checkpointing.config_changes import ConfigChangeError  # noqa: E402
 from byol_flax.data.records import DataError  # noqa: E402
-from byol_flax.lease import WorkdirBusyError  # noqa: E402
-from byol_flax.runtime import configure_xla_flags  # noqa: E402
+from byol_flax.checkpointing.lease import WorkdirBusyError  # noqa: E402
+from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
 from byol_flax.train import NonFiniteLossError, WorkdirError, train_and_evaluate  # noqa: E402
 
 # Errors in what the user gave us (config, data, workdir, checkpoints) or a diverged run: one

@@ -25,7 +25,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from byol_flax import config_changes, console, lease
+from byol_flax.checkpointing import config_changes
+from byol_flax.runtime import console
+from byol_flax.checkpointing import lease
 from byol_flax.checkpointing import Checkpointer, Restored
 from byol_flax.config import training_steps, validate_config
 from byol_flax.data.augment import make_device_augment
@@ -243,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     """Pre-trains BYOL as ``config`` says, in (or resuming from) ``workdir``.
 
     ``allow_config_change``: dotted config keys (or sections) a resume may change although they
-    change what is trained (see :mod:`byol_flax.config_changes`). Returns the last logged
+    change what is trained (see :mod:`byol_flax.checkpointing.config_changes`). Returns the last logged
     scalars.
     """
     # --- Set-up ------------------------------------------------------------------------------

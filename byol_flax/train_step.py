@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from byol_flax.losses import byol_loss, l2_normalize
-from byol_flax.runtime import speed_up_tracing
+from byol_flax.runtime.xla import speed_up_tracing
 from byol_flax.schedules import Schedule
 from byol_flax.sharding import replicated_sharding
 from byol_flax.train_state import RngKey, TrainState

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from byol_flax import launch
+from byol_flax.cloud import launch
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "cloud_tpu.md"
@@ -29,9 +29,9 @@ def guide_commands() -> list[str]:
 
 def test_the_guide_has_commands():
     commands = guide_commands()
-    assert any("byol_flax.launch up" in c for c in commands)
-    assert any("byol_flax.launch relaunch" in c for c in commands)
-    assert any("data_prep.image_folder" in c for c in commands)
+    assert any("byol_flax.cloud.launch up" in c for c in commands)
+    assert any("byol_flax.cloud.launch relaunch" in c for c in commands)
+    assert any("byol_flax.data.convert.image_folder" in c for c in commands)
 
 
 def benchmark_parser(script: str):
@@ -47,12 +47,12 @@ def test_guide_command_is_accepted(command):
         return
     argv = shlex.split(command)
     assert argv[0] == "python", f"unexpected program in the guide: {command}"
-    if argv[1:3] == ["-m", "byol_flax.launch"]:
+    if argv[1:3] == ["-m", "byol_flax.cloud.launch"]:
         output = io.StringIO()
         with contextlib.redirect_stdout(output):
             assert launch.main(argv[3:]) == 0  # dry run: prints, executes nothing
         assert output.getvalue().startswith("gcloud compute tpus tpu-vm ")
-    elif argv[1] == "-m" and argv[2].startswith("data_prep."):
+    elif argv[1] == "-m" and argv[2].startswith("byol_flax.data.convert."):
         importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
     elif argv[1] == "-c":
         with contextlib.redirect_stdout(io.StringIO()):
@@ -65,7 +65,7 @@ def test_guide_command_is_accepted(command):
 
 def test_documented_launcher_output_is_exactly_what_it_prints():
     """A launcher command followed by a ```text block must print exactly that block."""
-    pairs = re.findall(r"```bash\n(python -m byol_flax\.launch [^\n]*)\n```\n\n[^`]*```text\n"
+    pairs = re.findall(r"```bash\n(python -m byol_flax\.cloud\.launch [^\n]*)\n```\n\n[^`]*```text\n"
                        r"(.*?)```", GUIDE.read_text(), flags=re.S)
     assert len(pairs) == 2  # the single-host and the multi-host case
     for command, documented in pairs:
@@ -76,8 +76,8 @@ def test_documented_launcher_output_is_exactly_what_it_prints():
 
 
 def test_guide_slice_table_matches_the_batch_plans():
-    from experiments import byol_imagenet
-    from byol_flax.slices import devices_in_slice, hosts_in_slice
+    from byol_flax.configs import byol_imagenet
+    from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice
 
     rows = re.findall(r"^\| (v[\w-]+)[^|]*\| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
                       GUIDE.read_text(), flags=re.M)

@@ -1,4 +1,4 @@
-"""data_prep/: the converters write what byol_flax.data.records reads, resumably and reproducibly.
+"""byol_flax/data/convert/: the converters write what byol_flax.data.records reads, resumably and reproducibly.
 
 Trees are a few tiny JPEG and PNG files made with Pillow; the records are read back with
 ArrayRecord and compared with the source files byte for byte.
@@ -25,7 +25,7 @@ from PIL import Image
 from byol_flax.data import augment, records
 from byol_flax.data.records import (UNLABELED, decode_record, file_sha256, load_manifest,
                                     split_evenly, verify_shard, verify_split)
-from data_prep import common, digits, image_folder, tfds_to_arrayrecord
+from byol_flax.data.convert import common, digits, image_folder, tfds_to_arrayrecord
 
 CLASSES = {"cat": 3, "dog": 4, "eel": 3}
 EXTENSIONS = (".jpg", ".png", ".JPEG", ".PNG")
@@ -123,7 +123,7 @@ def test_folders_round_trip(tmp_path):
     # 10 images, 3 per shard -> 4 shards, assigned by split_evenly.
     sizes = [s.num_records for s in manifest.splits["train"].shards]
     assert sizes == [len(part) for part in split_evenly(range(10), 4)]
-    assert manifest.source["converter"] == "data_prep.image_folder"
+    assert manifest.source["converter"] == "byol_flax.data.convert.image_folder"
     assert manifest.source["root"] == str(src.resolve())
     assert manifest.source["options"]["layout"] == "folders"
     assert manifest.source["reencode"] == "none"
@@ -714,7 +714,7 @@ def test_tfds_imagenet_holdout_is_the_last_images_in_tfds_order(tmp_path, monkey
     source = load_manifest(out).source
     assert source["holdout"] == {"split": "holdout", "carved_from": "train", "count": 3,
                                  "fraction": None, "tail_of": "source"}
-    assert source["converter"] == "data_prep.tfds_to_arrayrecord"
+    assert source["converter"] == "byol_flax.data.convert.tfds_to_arrayrecord"
 
 
 # ---------------------------------------------------------------------------------------------

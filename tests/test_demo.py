@@ -1,11 +1,12 @@
-"""The demo pipeline (byol_flax/demo.py), shrunk to seconds: same steps, same report."""
+"""The demo pipeline (byol_flax/studies/demo.py), shrunk to seconds: same steps, same report."""
 
 import json
 
 import numpy as np
 import pytest
 
-from byol_flax import demo, report
+from byol_flax.studies import demo
+from byol_flax.studies import report
 
 
 def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):

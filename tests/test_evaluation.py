@@ -15,18 +15,20 @@ from byol_flax.config import ConfigError
 from byol_flax.data.augment import normalize, photometric_augment
 from byol_flax.data.pipeline import labelled_dataset, open_split
 from byol_flax.data.records import DataError
-from byol_flax.evaluation.model_card import export_with_model_card as export_cli
+from byol_flax.export.model_card import export_with_model_card as export_cli
 from byol_flax.evaluation.runner import evaluate
 from byol_flax.evaluation import classifier as clf
-from byol_flax.evaluation import export, model_card, protocols
+from byol_flax.evaluation import protocols
+from byol_flax.export import encoder as export
+from byol_flax.export import model_card
 from byol_flax.evaluation.config import eval_base_config, validate_eval_config
 from byol_flax.evaluation.transfer import fit_logistic_regression, l2_grid, logistic_objective
 from byol_flax.models import count_params
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh
 from byol_flax.train_state import create_train_state
-from data_prep import digits
-from experiments import digits_cpu, eval_digits, eval_imagenet, eval_transfer
+from byol_flax.data.convert import digits
+from byol_flax.configs import digits_cpu, eval_digits, eval_imagenet, eval_transfer
 from tests.helpers import tiny_config
 
 

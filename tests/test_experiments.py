@@ -7,22 +7,22 @@ import pytest
 
 from byol_flax.config import ConfigError, validate_config
 from byol_flax.evaluation.config import validate_eval_config
-from experiments import byol_imagenet
+from byol_flax.configs import byol_imagenet
 
-MODULES = sorted(p.stem for p in (Path(__file__).parents[1] / "experiments").glob("*.py")
+MODULES = sorted(p.stem for p in (Path(__file__).parents[1] / "byol_flax" / "configs").glob("*.py")
                  if p.stem != "__init__")
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_starts_with_the_launch_command(name):
-    module = importlib.import_module(f"experiments.{name}")
+    module = importlib.import_module(f"byol_flax.configs.{name}")
     assert module.__doc__.lstrip().startswith(
-        "python -m") and f"--config=experiments/{name}.py" in module.__doc__.splitlines()[0]
+        "python -m") and f"--config=byol_flax/configs/{name}.py" in module.__doc__.splitlines()[0]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_configs_validate(name):
-    config = importlib.import_module(f"experiments.{name}").get_config()
+    config = importlib.import_module(f"byol_flax.configs.{name}").get_config()
     config.data.dir = config.data.dir or "/some/data"
     # eval_* modules are evaluation configs, with their own schema.
     validate = validate_eval_config if name.startswith("eval_") else validate_config
@@ -42,10 +42,10 @@ def test_imagenet_is_appendix_j1():
 
 
 def test_appendix_h_and_section_5_variants():
-    h = importlib.import_module("experiments.byol_imagenet_bs512").get_config()
+    h = importlib.import_module("byol_flax.configs.byol_imagenet_bs512").get_config()
     assert (h.training.batch_size, h.optimizer.base_learning_rate, h.target.base_ema) == (
         512, 0.4, 0.9995)
-    g = importlib.import_module("experiments.byol_imagenet_300ep").get_config()
+    g = importlib.import_module("byol_flax.configs.byol_imagenet_300ep").get_config()
     assert (g.training.epochs, g.optimizer.base_learning_rate, g.optimizer.weight_decay,
             g.target.base_ema) == (300, 0.3, 1e-6, 0.99)
 
@@ -84,7 +84,7 @@ def test_slice_plans_split_the_paper_batch(arg, accumulation):
 
 
 def test_appendix_h_slice_plan_uses_its_own_batch():
-    h = importlib.import_module("experiments.byol_imagenet_bs512").get_config("r50x1,slice=v4-8")
+    h = importlib.import_module("byol_flax.configs.byol_imagenet_bs512").get_config("r50x1,slice=v4-8")
     assert (h.training.batch_size, h.training.accumulation_steps) == (512, 1)  # 128 per device
     with pytest.raises(ValueError, match="options are slice"):
         byol_imagenet.get_config("r50x1,slices=v4-8")
@@ -92,7 +92,7 @@ def test_appendix_h_slice_plan_uses_its_own_batch():
 
 def test_digits_recipes_differ_from_table_6_only_where_documented():
     from byol_flax.data.augment import default_augment_config
-    from experiments import digits_cpu
+    from byol_flax.configs import digits_cpu
 
     paper = digits_cpu.get_config("data=/d,augment=paper")
     assert paper.data.dir == "/d" and digits_cpu.get_config("/d").data.dir == "/d"
@@ -120,7 +120,7 @@ def test_digits_default_recipe_is_the_point_the_calibration_sweep_chose():
     """docs/demo_calibration.md's chosen point, as benchmarks/demo_calibration.py defines it."""
     import importlib.util
 
-    from experiments import digits_cpu
+    from byol_flax.configs import digits_cpu
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_calibration.py"
     spec = importlib.util.spec_from_file_location("demo_calibration", path)

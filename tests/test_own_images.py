@@ -1,5 +1,5 @@
 """Your own unlabeled images end to end (issue 21): a folder the test writes is converted with
-``--layout unlabeled``, pre-trained with experiments/own_images.py and its default monitors (those
+``--layout unlabeled``, pre-trained with byol_flax/configs/own_images.py and its default monitors (those
 that need labels are switched off before compiling, in one log line), resumed, exported, and
 evaluated on the labelled digits with the transfer protocol; evaluation on an unlabeled split is
 refused naming it."""
@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from byol_flax.data.records import DataError
-from byol_flax.evaluation import model_card
+from byol_flax.export import model_card
 from byol_flax.evaluation.protocols import labelled_split
 from byol_flax.train import plan_label_users
-from data_prep import digits, image_folder
-from experiments import eval_digits, own_images
+from byol_flax.data.convert import digits, image_folder
+from byol_flax.configs import eval_digits, own_images
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, HOLDOUT = 48, 8
@@ -49,7 +49,7 @@ def env() -> dict[str, str]:
 def pretrain(data_dir: Path, workdir: Path, *extra: str, epochs: int = 2
              ) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "byol_flax.main",
-            f"--config={REPO / 'experiments' / 'own_images.py'}:data={data_dir},size=16,"
+            f"--config={REPO / 'byol_flax' / 'configs' / 'own_images.py'}:data={data_dir},size=16,"
             f"encoder=resnet_tiny,batch=16,epochs={epochs}", f"--workdir={workdir}", *SHRINK,
             *extra]
     return subprocess.run(argv, env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -88,8 +88,8 @@ def test_unlabeled_folder_pretrains_resumes_exports_and_transfers(unlabeled, tmp
     digits_dir = tmp_path / "digits"
     assert digits.main(["--out", str(digits_dir), "--holdout-count", "150", "--no-progress"]) == 0
     evaluation = subprocess.run(
-        [sys.executable, "-m", "byol_flax.evaluate",
-         f"--config={REPO / 'experiments' / 'eval_digits.py'}:transfer_linear,data={digits_dir}",
+        [sys.executable, "-m", "byol_flax.evaluation",
+         f"--config={REPO / 'byol_flax' / 'configs' / 'eval_digits.py'}:transfer_linear,data={digits_dir}",
          f"--source={export_dir}", f"--workdir={tmp_path / 'transfer'}",
          "--config.transfer_linear.l2_count=3"],
         env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from byol_flax import runtime
+from byol_flax.runtime.xla import xla as runtime
 from byol_flax.models.conv import PATCHES_BELOW, conv_auto, conv_function, conv_via_patches
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import build_encoder
@@ -137,11 +137,11 @@ def test_the_test_process_runs_with_the_entry_points_flags():
 
 
 def shrunk_digits_config(data_dir: str):
-    """experiments/digits_cpu.py with the driver tests' shrink flags (16 steps, batch 16)."""
+    """byol_flax/configs/digits_cpu.py with the driver tests' shrink flags (16 steps, batch 16)."""
     import ast
 
-    from byol_flax.studies import set_dotted
-    from experiments import digits_cpu
+    from byol_flax.studies.study import set_dotted
+    from byol_flax.configs import digits_cpu
 
     config = digits_cpu.get_config(f"data={data_dir}")
     for flag in SHRINK:

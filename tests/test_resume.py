@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from byol_flax import config_changes, lease
+from byol_flax.checkpointing import config_changes
+from byol_flax.checkpointing import lease
 from byol_flax.checkpointing import (Checkpointer, CheckpointWriteError, DamagedCheckpointError,
                                      IncompatibleCheckpointError, read_verified)
-from byol_flax.evaluation import export
+from byol_flax.export import encoder as export
 from byol_flax.schedules import build_schedules
 from byol_flax.train import TerminationGuard, _run_monitors
 from byol_flax.train_state import create_train_state

@@ -8,11 +8,12 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from byol_flax import studies, sweep
+from byol_flax.studies import study as studies
+from byol_flax.studies import runner as sweep
 from byol_flax.config import validate_config
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY_DIR = REPO / "experiments" / "studies"
+STUDY_DIR = REPO / "byol_flax" / "configs" / "studies"
 ROW_COUNTS = {  # module -> rows of the paper's table
     "table14": 9 + 6, "table15": 7 + 5, "table16": 7 * 2, "table17": 14 * 2, "table18": 1 + 18,
     "table19": 13, "table20": 4, "table21": 5 + 1, "table22": 25, "j2_closed_form": 1,
@@ -102,12 +103,12 @@ def test_printed_commands_build_the_same_configs_as_the_launcher(capsys):
         expected = studies.row_config(study, study.row(row), 4, {"data.dir": "gs://b/imagenet"})
         assert json.loads(config.to_json()) == json.loads(expected.to_json())
         assert workdir == f"gs://b/t21/{row}/seed_4"
-    assert lines[1].startswith("python -m byol_flax.evaluate --config=experiments/eval_imagenet.py")
+    assert lines[1].startswith("python -m byol_flax.evaluation --config=byol_flax/configs/eval_imagenet.py")
     assert "--source=gs://b/t21/lambda2/seed_4" in lines[1]
 
 
 QUICK_CONFIG = '''
-from experiments import digits_cpu
+from byol_flax.configs import digits_cpu
 
 def get_config(arg=None):
     config = digits_cpu.get_config(arg)
@@ -122,10 +123,10 @@ def get_config(arg=None):
     return config
 '''
 QUICK_STUDY = '''
-from byol_flax.studies import Row, Study
+from byol_flax.studies.study import Row, Study
 
 STUDY = Study(table="Quick", description="two rows", config="{config}:data={{data}}",
-              evaluations=("experiments/eval_digits.py:knn,data={{data}}",), seeds=(0,),
+              evaluations=("byol_flax/configs/eval_digits.py:knn,data={{data}}",), seeds=(0,),
               data="digits", random_init_reference=True,
               rows=(Row("byol", {{}}, 72.5),
                     Row("no_predictor_theta", {{"model.predictor.kind": "identity",
@@ -160,7 +161,7 @@ def test_launcher_runs_a_study_and_writes_table_and_plot(tmp_path):
 
 
 def test_simclr_config_is_the_g5_baseline_on_the_300_epoch_base():
-    from experiments import byol_imagenet_300ep, simclr_imagenet_300ep  # noqa: PLC0415
+    from byol_flax.configs import byol_imagenet_300ep, simclr_imagenet_300ep  # noqa: PLC0415
 
     simclr, byol = simclr_imagenet_300ep.get_config("r50x1"), byol_imagenet_300ep.get_config("r50x1")
     assert (simclr.model.predictor.kind, simclr.target.kind) == ("identity", "online")

@@ -1,6 +1,6 @@
 """The real entry point end to end: checkpoints, TensorBoard, resumes under change (worker and
 process counts, a changed recipe, a damaged step under 2 processes, a second run on the same
-workdir), config errors and the non-finite-loss stop. Runs experiments/digits_cpu.py, shrunk."""
+workdir), config errors and the non-finite-loss stop. Runs byol_flax/configs/digits_cpu.py, shrunk."""
 
 import json
 import logging
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from byol_flax.config import ConfigError, validate_config
-from data_prep import digits
-from experiments import digits_cpu
+from byol_flax.data.convert import digits
+from byol_flax.configs import digits_cpu
 from tests.helpers import load_reliability
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory) -> str:
 
 def entry_point(data_dir: str, workdir: Path, *extra: str, verbose: bool = True) -> list[str]:
     return [sys.executable, "-m", "byol_flax.main",
-            f"--config={REPO / 'experiments' / 'digits_cpu.py'}:{data_dir}",
+            f"--config={REPO / 'byol_flax' / 'configs' / 'digits_cpu.py'}:{data_dir}",
             f"--workdir={workdir}", *(["--verbose"] if verbose else []), *SHRINK, *extra]
 
 
@@ -222,8 +222,8 @@ def test_a_changed_recipe_is_refused_unless_allowed_and_then_recorded(reference_
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming at step 16 of 32" in result.stderr
     assert committed_steps(workdir)[-1] == 32
-    from byol_flax.config_changes import read_history
-    from byol_flax.evaluation import model_card
+    from byol_flax.checkpointing.config_changes import read_history
+    from byol_flax.export import model_card
     assert [(h["step"], h["key"], h["old"], h["new"], h["kind"])
             for h in read_history(workdir) if h["kind"] == "trained"] == [
         (16, "training.epochs", 4.0, 8.0, "trained")]

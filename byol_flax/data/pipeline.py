@@ -1,4 +1,4 @@
-"""Grain input pipelines over the ArrayRecord shards written by ``data_prep/``.
+"""Grain input pipelines over the ArrayRecord shards written by ``byol_flax/data/convert/``.
 
 Training: source indices -> seeded global shuffle (reseeded every epoch) -> repeat -> read +
 decode -> two host-side views (random resized crop + flip, T and T') -> this process's rows of
@@ -69,7 +69,7 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> OpenedSpli
     (number of classes, image size when the converter recorded one).
     """
     if not data_config.dir:
-        raise DataError("config.data.dir is empty: point it at a directory written by data_prep/")
+        raise DataError("config.data.dir is empty: point it at a directory written by byol_flax/data/convert/")
     data_dir = resolve_data_dir(data_config.dir, data_config.local_cache_dir)
     manifest = load_manifest(data_dir)
     checksummed = (str(data_dir), split, tuple(

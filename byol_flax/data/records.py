@@ -1,6 +1,6 @@
 """The on-disk dataset format: ArrayRecord shards of msgpack records plus a JSON manifest.
 
-This module is the one place that defines the format; ``data_prep/`` writes it and the training
+This module is the one place that defines the format; ``byol_flax/data/convert/`` writes it and the training
 input pipeline reads and validates it.
 
 Record schema (schema version 1), one msgpack map per record:
@@ -175,7 +175,7 @@ def load_manifest(data_dir: epath.PathLike) -> Manifest:
         raise DataError(f"data directory {data_dir} does not exist")
     path = manifest_path(data_dir)
     if not path.exists():
-        raise DataError(f"{path} is missing: {data_dir} was not written by data_prep/ "
+        raise DataError(f"{path} is missing: {data_dir} was not written by byol_flax/data/convert/ "
                         "(or the conversion did not finish)")
     return Manifest.from_json(path.read_text(), origin=str(path))
 

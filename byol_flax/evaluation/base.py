@@ -13,7 +13,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from byol_flax.registry import Registry
+from byol_flax.runtime.registry import Registry
 
 
 class Evaluator(Protocol):

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from byol_flax.data.augment import normalize, to_unit_float
-from byol_flax.runtime import speed_up_tracing
+from byol_flax.runtime.xla import speed_up_tracing
 from byol_flax.sharding import replicate, shard_batch
 
 speed_up_tracing()  # classifier steps write nnx Variables too (see the function)

@@ -2,7 +2,7 @@
 
 Appendix D.1 (linear evaluation and semi-supervised fine-tuning on ImageNet, Table 7's variant),
 Appendix E.2 (transfer via linear classification with L-BFGS) and E.3 (transfer via fine-tuning),
-plus the weighted kNN monitor. Experiment modules (``experiments/eval_*.py``) start from
+plus the weighted kNN monitor. Experiment modules (``byol_flax/configs/eval_*.py``) start from
 :func:`eval_base_config`; the dict is locked, so a typo'd key is an error.
 """
 
@@ -113,7 +113,7 @@ def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int)
     """Rejects values that would fail late or silently, naming the key."""
     checks = [
         (config.protocol in PROTOCOLS, "protocol", f"must be one of {PROTOCOLS}"),
-        (bool(config.data.dir), "data.dir", "is empty: point it at a data_prep/ output directory"),
+        (bool(config.data.dir), "data.dir", "is empty: point it at a byol_flax/data/convert/ output directory"),
         (config.data.selection_split != config.data.test_split, "data.selection_split",
          "must differ from data.test_split: hyper-parameters are never chosen on test"),
         (config.data.train_split not in (config.data.test_split, config.data.selection_split),

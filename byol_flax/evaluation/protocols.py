@@ -36,7 +36,7 @@ from byol_flax.data.pipeline import (OpenedSplit, combine_splits, labelled_datas
                                      labels_and_ids, open_split)
 from byol_flax.data.records import DataError
 from byol_flax.evaluation import classifier as clf
-from byol_flax.evaluation.export import PretrainedEncoder
+from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.evaluation.features import extract_features
 from byol_flax.evaluation.knn import knn_accuracy
 from byol_flax.evaluation.transfer import fit_logistic_regression, l2_grid
@@ -90,7 +90,7 @@ def labelled_split(config: ml_collections.ConfigDict, key: str) -> OpenedSplit:
     if opened.manifest.num_classes == 0:
         raise DataError(f"config.data.{key}={split!r} of {config.data.dir} has no labels (its "
                         "manifest lists no label names): evaluation protocols need a labelled "
-                        "dataset; point config.data.dir at one, e.g. a data_prep.image_folder "
+                        "dataset; point config.data.dir at one, e.g. a byol_flax.data.convert.image_folder "
                         "--layout folders conversion")
     return opened
 

@@ -26,7 +26,7 @@ CONV_IMPLEMENTATIONS = ("auto", "xla", "patches")
 # 2-core Xeon (AVX-512), jaxlib 0.10.2, ResNet layers at batch 32-128, forward + backward: for
 # 2x2 outputs of 3x3 kernels (stride 1 from 2x2, stride 2 from 4x4) XLA's convolution runs at
 # 1-4 GFLOP/s and the patches form at 98-131, and 1x1 layers are 1.1-1.9x faster as patches;
-# from 4x4 outputs up XLA's own (with the runtime flags of byol_flax.runtime) is 1.1-2x faster.
+# from 4x4 outputs up XLA's own (with the runtime flags of byol_flax.runtime.xla) is 1.1-2x faster.
 PATCHES_BELOW = 4
 
 

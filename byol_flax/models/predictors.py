@@ -24,7 +24,7 @@ from ml_collections import ConfigDict
 
 from byol_flax.models.heads import MLP
 from byol_flax.models.resnet import BatchNormConfig
-from byol_flax.registry import Registry
+from byol_flax.runtime.registry import Registry
 
 # (predictor config section, *, features, bn, dtype, rngs) -> nnx.Module
 PREDICTORS: Registry = Registry("predictor")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from byol_flax.models.conv import conv_function
-from byol_flax.registry import Registry
+from byol_flax.runtime.registry import Registry
 
 Stem = Literal["imagenet", "small"]
 

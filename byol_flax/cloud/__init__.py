@@ -1,0 +1,1 @@
+"""byol_flax/cloud."""

@@ -1,0 +1,168 @@
+"""Converts a TFDS dataset already prepared on disk to ArrayRecord shards; never downloads.
+
+Encoded images are read without decoding (``tfds.decode.SkipDecoding``) and stored as they are
+(after a full decode check in the writer, as in every converter). The selected splits are read
+into memory before writing, which suits CIFAR/STL-sized datasets; ImageNet needs a host with
+memory for its ~140 GB of JPEGs, else ``byol_flax.data.convert.image_folder`` (without the paper's split).
+
+Held-out splits are the tail of train in TFDS order (files read one after the other), i.e.
+TFDS's ``train[-N:]``: with ``--imagenet-holdout`` on imagenet2012 that is the paper's validation
+split, the last ``IMAGENET_HOLDOUT_COUNT`` images of the TFDS train split (BYOL Appendix E.1).
+Needs the optional extra: ``pip install '.[tfds]'``.
+"""
+
+import argparse
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from byol_flax.data.records import UNLABELED, DataError
+from byol_flax.data.convert import common
+from byol_flax.data.convert.common import IMAGENET_HOLDOUT_COUNT, Example
+
+INSTALL_HINT = "pip install '.[tfds]'"
+ID_FEATURES = ("id", "file_name")
+
+
+def import_tfds() -> Any:
+    """tensorflow_datasets, or a DataError that says how to install it (it is optional)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise DataError("tensorflow_datasets is not installed: it is the optional 'tfds' extra "
+                        f"of byol_flax; install it with {INSTALL_HINT}") from error
+    return tfds
+
+
+def prepared_builder(tfds: Any, name: str, data_dir: pathlib.Path) -> Any:
+    """The dataset's builder, only if it is prepared in ``data_dir`` (nothing is downloaded)."""
+    try:
+        builder = tfds.builder(name, data_dir=str(data_dir), try_gcs=False)
+    except Exception as error:  # DatasetNotFoundError and friends: name them uniformly.
+        raise DataError(f"TFDS has no dataset {name!r} in {data_dir}: {error}") from error
+    prepared = (builder.is_prepared() if hasattr(builder, "is_prepared")
+                else pathlib.Path(builder.data_dir).exists())
+    if not prepared:
+        raise DataError(f"{name} is not prepared in {data_dir} (looked for {builder.data_dir}); "
+                        f"this converter never downloads: run `tfds build {name} "
+                        f"--data_dir {data_dir}` first")
+    return builder
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def image_is_encoded(tfds: Any, builder: Any, image_key: str) -> bool:
+    """Whether the image feature holds encoded files (an Image) rather than pixel arrays."""
+    features = builder.info.features
+    if image_key not in features:
+        raise DataError(f"{builder.name} has no image feature {image_key!r}; features: "
+                        f"{sorted(features.keys())}")
+    return isinstance(features[image_key], tfds.features.Image)
+
+
+def read_split(tfds: Any, builder: Any, split: str, *, image_key: str, label_key: str,
+               pixel_format: str | None) -> list[Example]:
+    """Every example of ``split`` in TFDS order: example i is the one TFDS's ``split[i:i+1]`` reads.
+
+    ``shuffle_files=False`` alone still interleaves 16 files at a time; one file at a time
+    (``interleave_cycle_length=1``) reads them in sequence, the order TFDS's slicing counts in,
+    so the tail of the list is ``split[-N:]``, the paper's held-out images. Encoded images are
+    kept as stored; pixel arrays are encoded as ``pixel_format``.
+    """
+    features = builder.info.features
+    decoders = {image_key: tfds.decode.SkipDecoding()} if pixel_format is None else None
+    dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                                 read_config=tfds.ReadConfig(interleave_cycle_length=1))
+    id_key = next((key for key in ID_FEATURES if key in features), None)
+    examples = []
+    for index, values in enumerate(tfds.as_numpy(dataset)):
+        image = values[image_key]
+        data = bytes(image) if pixel_format is None else common.encode_image(image, pixel_format)
+        label = int(values[label_key]) if label_key in features else UNLABELED
+        example_id = _text(values[id_key]) if id_key else f"{split}/{index}"
+        examples.append(Example(id=example_id, label=label, data=data))
+    return examples
+
+
+def label_names_of(tfds: Any, builder: Any, label_key: str) -> list[str]:
+    """Class names of the label feature; none (unlabeled) when the dataset has no such feature."""
+    features = builder.info.features
+    if label_key not in features:
+        return []
+    if not isinstance(features[label_key], tfds.features.ClassLabel):
+        raise DataError(f"{builder.name}: feature {label_key!r} is not a ClassLabel")
+    return list(features[label_key].names)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = common.make_parser(
+        "byol_flax.data.convert.tfds_to_arrayrecord", __doc__.splitlines()[0],
+        "example:\n  python -m byol_flax.data.convert.tfds_to_arrayrecord --name cifar10 "
+        "--data-dir ~/tensorflow_datasets --out data/cifar10\n")
+    parser.add_argument("--name", required=True,
+                        help="TFDS name, optionally with config and version (cifar10:3.0.2)")
+    parser.add_argument("--data-dir", required=True, type=pathlib.Path,
+                        help="the TFDS data_dir the dataset was prepared in")
+    parser.add_argument("--splits",
+                        help="comma-separated splits to convert (default: all of the dataset's)")
+    parser.add_argument("--image-key", default="image", help="image feature (default %(default)s)")
+    parser.add_argument("--label-key", default="label",
+                        help="ClassLabel feature; absent means unlabeled (default %(default)s)")
+    parser.add_argument("--dataset-name", help="dataset name in the manifest (default: --name)")
+    parser.add_argument("--imagenet-holdout", action="store_true",
+                        help="hold out the paper's validation split: the last "
+                             f"{IMAGENET_HOLDOUT_COUNT} examples of train in TFDS order (BYOL "
+                             "Appendix E.1, on imagenet2012); --holdout-count overrides the "
+                             "number, e.g. for a small test dataset")
+    common.add_holdout_arguments(parser, order="TFDS order, as the paper's ImageNet split")
+    common.add_order_seed_argument(parser)
+    common.add_reencode_argument(parser)
+    common.add_bad_image_arguments(parser)
+    common.add_output_arguments(parser)
+    return parser
+
+
+def convert(args: argparse.Namespace) -> common.ConversionResult:
+    tfds = import_tfds()
+    builder = prepared_builder(tfds, args.name, args.data_dir)
+    available = list(builder.info.splits.keys())
+    wanted = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else available
+    if unknown := [s for s in wanted if s not in available]:
+        raise DataError(f"{args.name} in {args.data_dir} has no split {unknown}; it has "
+                        f"{available}")
+    encoded = image_is_encoded(tfds, builder, args.image_key)
+    if not encoded and args.reencode == "none":
+        raise DataError(f"{builder.name}: feature {args.image_key!r} holds pixel arrays, not "
+                        "encoded images: choose their encoding with --reencode png (or jpeg)")
+    # Pixel arrays are encoded once, while reading; encoded images are re-encoded only if asked.
+    pixel_format = None if encoded else args.reencode
+    holdout_count, holdout_fraction = common.imagenet_holdout(
+        args, builder.info.splits["train"].num_examples if "train" in available else 0,
+        f"{args.name} train")
+    if (holdout_count or holdout_fraction) and "train" not in wanted:
+        raise DataError(f"a held-out split is carved from train, which --splits={args.splits!r} "
+                        "leaves out")
+    splits = {split: read_split(tfds, builder, split, image_key=args.image_key,
+                                label_key=args.label_key, pixel_format=pixel_format)
+              for split in wanted}
+    source = common.provenance("byol_flax.data.convert.tfds_to_arrayrecord", args,
+                               tfds_version=str(builder.info.version),
+                               tfds_data_dir=str(builder.data_dir),
+                               pixels_encoded_as=pixel_format)
+    return common.convert_from_args(
+        args, splits, dataset=args.dataset_name or builder.name,
+        label_names=label_names_of(tfds, builder, args.label_key), source=source,
+        seed=args.order_seed, holdout_count=holdout_count, holdout_fraction=holdout_fraction,
+        holdout_order="source", reencode=args.reencode if encoded else "none",
+        policy=common.policy_from_args(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return common.run_cli(lambda: convert(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

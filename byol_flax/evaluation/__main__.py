@@ -1,0 +1,45 @@
+"""Evaluation CLI: ``python -m byol_flax.evaluation --config=byol_flax/configs/eval_<x>.py[:arg]
+--source=SOURCE --workdir=DIR``.
+
+SOURCE is a pre-training workdir (its latest checkpoint), an export directory
+(``python -m byol_flax.export``), ``random:PATH`` (PATH's architecture at random
+initialisation: the baseline), or ``pixels`` (raw pixels: the linear-on-pixels baseline). The
+protocol is ``config.protocol`` (override with
+``--config.protocol=knn`` etc.). Writes ``results.json`` and CLU metrics (TensorBoard) to the
+workdir, and keeps one file per finished sweep point under ``sweep/`` so a re-run resumes. When
+SOURCE is an export, the result is also added to its model card.
+"""
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from byol_flax.config import ConfigError
+from byol_flax.data.records import DataError
+from byol_flax.export.encoder import SourceError
+from byol_flax.evaluation.runner import evaluate
+from byol_flax.runtime.xla import configure_xla_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config module.",
+                                          lock_config=True)
+_SOURCE = flags.DEFINE_string("source", None, "Pre-training workdir, export dir or random:PATH.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where results and metrics are written.")
+flags.mark_flags_as_required(["config", "source", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configure_xla_flags()  # before the first computation
+    try:
+        result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
+    except (SourceError, DataError, ConfigError) as error:  # one line naming source/split/key
+        sys.exit(f"error: {type(error).__name__}: {error}")
+    print(json.dumps({"protocol": result["protocol"], "test": result["test"],
+                      "selected": result["selected"]}))
+
+
+if __name__ == "__main__":
+    app.run(main)

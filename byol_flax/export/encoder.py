@@ -1,0 +1,254 @@
+"""The pre-trained encoder on its own: export, reload, and the sources evaluation accepts.
+
+An export directory holds
+  * ``encoder/``: an Orbax checkpoint of the online encoder's arrays (``nnx.Param`` weights and
+    ``nnx.BatchStat`` running statistics) as a plain nested dict: no optimizer, no target, no
+    projector or predictor;
+  * ``encoder_config.json``: what :func:`load_encoder` needs to rebuild the module (the
+    pre-training run's ``config.model`` plus a format version);
+  * ``MODEL_CARD.md`` / ``model_card.json`` (see :mod:`byol_flax.export.model_card`).
+
+Reuse it with two lines and no training code::
+
+    from byol_flax.export.encoder import load_encoder
+    encoder = load_encoder("exports/r50")   # nnx.Module: uint8->normalised images -> (B, 2048)
+    encoder.eval()                          # BatchNorm uses the stored running statistics
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from byol_flax.checkpointing import config_changes
+from byol_flax.checkpointing import (DamagedCheckpointError, committed_steps, read_pytree,
+                                     read_verified)
+from byol_flax.models.init import init_module
+from byol_flax.models.resnet import BatchNormConfig, ResNet, build_encoder
+
+EXPORT_FORMAT_VERSION = 1
+ENCODER_CONFIG_NAME = "encoder_config.json"
+WEIGHTS_DIR = "encoder"
+RANDOM_PREFIX = "random:"
+PIXELS_SOURCE = "pixels"
+
+
+class SourceError(ValueError):
+    """An evaluation source is neither an export, a pre-training workdir, nor ``random:PATH``."""
+
+
+@dataclasses.dataclass
+class PretrainedEncoder:
+    """An encoder and where it came from (recorded in results and model cards)."""
+
+    encoder: ResNet
+    model_config: dict[str, Any]  # config.model of the pre-training run (JSON form)
+    origin: dict[str, Any]  # {"kind": "export" | "pretraining" | "random", "path", "step", ...}
+    pretrain_config: dict[str, Any] | None = None  # the whole pre-training config, if known
+
+
+def _absolute(path: epath.PathLike) -> epath.Path:
+    """Orbax wants absolute local paths; gs:// paths pass through."""
+    text = os.fspath(path)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0) -> ResNet:
+    """Builds (randomly initialised) the encoder a pre-training ``config.model`` describes."""
+    encoder = model_config["encoder"]
+    batchnorm = model_config.get("batchnorm", {})
+    return init_module(lambda: build_encoder(
+        encoder["name"], width_multiplier=encoder["width_multiplier"], stem=encoder["stem"],
+        bn=BatchNormConfig(**batchnorm),
+        dtype=jax.numpy.dtype(model_config.get("compute_dtype", "float32")), rngs=nnx.Rngs(seed)))
+
+
+def _set_arrays(encoder: ResNet, arrays: dict[str, Any]) -> None:
+    """Puts ``arrays`` (a pure dict shaped like the encoder's state) into ``encoder``."""
+    state = nnx.state(encoder)
+    nnx.replace_by_pure_dict(state, arrays)
+    nnx.update(encoder, state)
+
+
+def fingerprint(module: nnx.Module) -> str:
+    """A digest of every array of ``module``: results and caches key on the weights, not only
+    on the path and step they were read from."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(nnx.state(module)):
+        digest.update(np.asarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_encoder(export_dir: epath.PathLike) -> ResNet:
+    """The documented loader: an exported encoder as an ``nnx.Module`` (call ``.eval()``).
+
+    Input: images normalised as in pre-training (``byol_flax.data.augment.normalize`` of [0, 1]
+    RGB); output: the representation y, shape (B, ``encoder.num_features``).
+    """
+    return load_export(export_dir).encoder
+
+
+def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
+    """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance)."""
+    export_dir = _absolute(export_dir)
+    config_path = export_dir / ENCODER_CONFIG_NAME
+    if not config_path.exists():
+        raise SourceError(f"{export_dir} is not an encoder export: {ENCODER_CONFIG_NAME} missing")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise SourceError(f"{config_path}: format_version {meta.get('format_version')!r}, this "
+                          f"code reads {EXPORT_FORMAT_VERSION}")
+    if "model" not in meta or "origin" not in meta:
+        raise SourceError(f"{config_path} lacks 'model' or 'origin': not written by this code")
+    encoder = encoder_from_model_config(meta["model"])
+    _set_arrays(encoder, read_pytree(export_dir / WEIGHTS_DIR,
+                                     nnx.to_pure_dict(nnx.state(encoder))))
+    return PretrainedEncoder(encoder, meta["model"],
+                             {"kind": "export", "path": str(export_dir), **meta["origin"],
+                              "fingerprint": fingerprint(encoder)},
+                             meta.get("pretrain_config"))
+
+
+def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
+                             ) -> PretrainedEncoder:
+    """The online encoder of a pre-training workdir's checkpoint (the newest valid one by
+    default), read the way training reads it: committed steps only, every array checked against
+    its checksum, and a damaged newest step skipped with a warning.
+
+    Only the encoder's arrays are read (Orbax partial restore): the optimizer state, target,
+    projector and predictor stay on disk. The pre-training config is the one saved with that
+    step (what it was trained with), plus the workdir's recorded config changes up to it.
+    """
+    workdir = _absolute(workdir)
+    directory = workdir / "checkpoints"
+    steps = committed_steps(directory)
+    if not steps:
+        raise SourceError(f"no checkpoint in {directory}: pass a pre-training workdir, an "
+                          "export directory or random:PATH")
+    try:
+        chosen = step if step is not None else steps[-1]
+        # {"model": config.model, "target": {...}} (byol_flax.checkpointing); the encoder needs
+        # only the model section, and every step of one workdir has the same one.
+        model_config = json.loads((directory / str(chosen) / "model_config" / "metadata")
+                                  .read_text())["model"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SourceError(f"step {chosen} of {directory}: its model config cannot be read: "
+                          f"{error}") from error
+    encoder = encoder_from_model_config(model_config)
+    target = nnx.to_pure_dict(nnx.state(encoder))
+    try:
+        step, arrays, run = read_verified(directory, target, prefix=("online", "encoder"),
+                                          step=step)
+    except DamagedCheckpointError as error:
+        raise SourceError(str(error)) from error
+    _set_arrays(encoder, arrays)
+    if run is not None:
+        pretrain_config = run["config"]
+    else:  # checkpoints written before run records: the workdir's config file
+        config_file = workdir / config_changes.CONFIG_NAME
+        pretrain_config = json.loads(config_file.read_text()) if config_file.exists() else None
+    if pretrain_config is not None:
+        pretrain_config = {**pretrain_config,
+                           "config_history": config_changes.read_history(workdir, step)}
+    return PretrainedEncoder(encoder, model_config,
+                             {"kind": "pretraining", "path": str(workdir), "step": step,
+                              "fingerprint": fingerprint(encoder)}, pretrain_config)
+
+
+class PixelEncoder(nnx.Module):
+    """The raw-pixel baseline as an "encoder": the normalised image, flattened."""
+
+    def __init__(self, image_size: int):
+        self.num_features = image_size * image_size * 3
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return images.reshape(images.shape[0], -1)
+
+
+def load_source(source: str, *, seed: int = 0, image_size: int = 0) -> PretrainedEncoder:
+    """What the evaluation CLI's ``--source`` names.
+
+    * an export directory (holds ``encoder_config.json``);
+    * a pre-training workdir (holds ``checkpoints/``): its latest checkpoint;
+    * ``random:PATH``: the architecture of the export or workdir at PATH, randomly initialised
+      with ``seed`` (the random-init baseline, with exactly the same code path);
+    * ``pixels``: raw pixels of the ``image_size`` evaluation view (the linear-on-pixels
+      baseline).
+    """
+    if source == PIXELS_SOURCE:
+        return PretrainedEncoder(PixelEncoder(image_size), {}, {"kind": "pixels"})
+    if source.startswith(RANDOM_PREFIX):
+        reference = load_source(source[len(RANDOM_PREFIX):], seed=seed)
+        encoder = encoder_from_model_config(reference.model_config, seed=seed)
+        return PretrainedEncoder(encoder, reference.model_config,
+                                 {"kind": "random", "path": reference.origin["path"],
+                                  "seed": seed}, reference.pretrain_config)
+    path = _absolute(source)
+    if (path / ENCODER_CONFIG_NAME).exists():
+        return load_export(path)
+    if (path / "checkpoints").exists():
+        return load_pretraining_encoder(path)
+    raise SourceError(f"--source={source!r}: {path} holds neither {ENCODER_CONFIG_NAME} (an "
+                      "export) nor checkpoints/ (a pre-training workdir); random:PATH gives the "
+                      "random-init baseline of PATH's architecture")
+
+
+def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
+                   write_extra: Callable[[epath.Path], None] | None = None) -> epath.Path:
+    """Writes ``encoder/`` and ``encoder_config.json`` (and whatever ``write_extra(directory)``
+    adds, e.g. the model card: :func:`byol_flax.export.model_card.write_model_card`) to
+    ``out_dir``, atomically: everything is written to a temporary directory beside it that then
+    replaces ``out_dir``, so a failed export leaves the previous one intact."""
+    out_dir = _absolute(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
+    if staging.exists():
+        staging.rmtree()
+    staging.mkdir()
+    try:
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        checkpointer.save(staging / WEIGHTS_DIR, args=ocp.args.PyTreeSave(
+            nnx.to_pure_dict(nnx.state(pretrained.encoder))))
+        checkpointer.close()
+        origin = {("source_" + k if k in ("kind", "path") else k): v
+                  for k, v in pretrained.origin.items() if k != "fingerprint"}
+        (staging / ENCODER_CONFIG_NAME).write_text(json.dumps({
+            "format_version": EXPORT_FORMAT_VERSION,
+            "model": pretrained.model_config,
+            "origin": origin,
+            "pretrain_config": pretrained.pretrain_config,
+        }, indent=2, sort_keys=True))
+        if write_extra is not None:
+            write_extra(staging)
+        _swap_in(staging, out_dir)
+    except BaseException:
+        if staging.exists():
+            staging.rmtree()
+        raise
+    logging.info("exported the encoder of %s to %s", pretrained.origin, out_dir)
+    return out_dir
+
+
+def _swap_in(staging: epath.Path, out_dir: epath.Path) -> None:
+    """Replaces ``out_dir`` by the complete ``staging`` directory; the old one is removed only
+    once the new one is in place."""
+    previous = out_dir.parent / f".{out_dir.name}.export-old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(previous)
+    try:
+        staging.rename(out_dir)
+    except BaseException:
+        if previous.exists() and not out_dir.exists():
+            previous.rename(out_dir)
+        raise
+    if previous.exists():
+        previous.rmtree()

@@ -1,2 +1,0 @@
-"""One module per ablation table of the paper (Appendix G, J): ``STUDY`` = rows of overrides and
-the paper's values. Run with ``python -m byol_flax.sweep --study=experiments/studies/<name>.py``."""
