@@ -16,6 +16,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from byol_flax import configs  # noqa: E402
 from byol_flax.checkpointing import (CheckpointWriteError, DamagedCheckpointError,  # noqa: E402
                                      IncompatibleCheckpointError)
 from byol_flax.config import ConfigError  # noqa: E402
@@ -85,5 +86,19 @@ def main(argv: list[str]) -> None:
         console.exit_with_error(f"error: {type(error).__name__}: {error}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, after ``--config=NAME`` is resolved to a shipped config module."""
+    try:
+        argv = configs.resolve_flag(argv)
+    except configs.UnknownConfigError as error:
+        console.exit_with_error(f"error: --config: {error}")
+    return app.parse_flags_with_usage(argv)
+
+
+def run() -> None:
+    """Console entry point."""
+    app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

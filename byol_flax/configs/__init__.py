@@ -1,1 +1,48 @@
-"""Experiment config modules: ``get_config(arg=None)`` returns an ``ml_collections.ConfigDict``."""
+"""Experiment config modules: ``get_config(arg=None)`` returns an ``ml_collections.ConfigDict``.
+
+They ship inside the package, so an installed user names them: ``--config=byol_imagenet:r50x1``
+is ``byol_flax/configs/byol_imagenet.py:r50x1``, ``--config=studies/table21`` a study module.
+A path to any other ``.py`` file is used as it is (``--config=my_configs/x.py:arg``).
+"""
+
+import pathlib
+from collections.abc import Sequence
+
+CONFIG_DIR = pathlib.Path(__file__).parent
+
+
+class UnknownConfigError(ValueError):
+    """A ``--config`` value that is neither a ``.py`` file nor a shipped config name."""
+
+
+def names(subdir: str = "") -> list[str]:
+    """Shipped config names (``subdir="studies"``: the study modules)."""
+    root = CONFIG_DIR / subdir
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in root.glob("*.py")
+                  if not p.name.startswith("_"))
+
+
+def resolve(spec: str, *, subdir: str = "") -> str:
+    """``"NAME[:ARG]"`` -> ``"/abs/path/NAME.py[:ARG]"`` for a shipped config; a ``.py`` path is
+    returned unchanged. ``subdir`` is where a bare name is looked up first (studies)."""
+    path, sep, arg = spec.partition(":")
+    if path.endswith(".py"):
+        return spec
+    for candidate in ([f"{subdir}/{path}"] if subdir else []) + [path]:
+        file = CONFIG_DIR / f"{candidate}.py"
+        if file.is_file() and not file.name.startswith("_"):
+            return f"{file}{sep}{arg}"
+    raise UnknownConfigError(f"{spec!r} is neither a .py file nor a shipped config; names: "
+                             f"{', '.join(names(subdir) or names())}")
+
+
+def resolve_flag(argv: Sequence[str], flag: str = "config", *, subdir: str = "") -> list[str]:
+    """``argv`` with ``--FLAG=NAME[:ARG]`` / ``--FLAG NAME[:ARG]`` resolved by :func:`resolve`
+    (before absl or argparse sees it; ``--FLAG.key=value`` overrides are left alone)."""
+    out = list(argv)
+    for index, item in enumerate(out):
+        if item.startswith(f"--{flag}="):
+            out[index] = f"--{flag}=" + resolve(item.split("=", 1)[1], subdir=subdir)
+        elif item == f"--{flag}" and index + 1 < len(out):
+            out[index + 1] = resolve(out[index + 1], subdir=subdir)
+    return out

@@ -16,6 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from byol_flax import configs
 from byol_flax.config import ConfigError
 from byol_flax.data.records import DataError
 from byol_flax.export.encoder import SourceError
@@ -41,5 +42,19 @@ def main(argv: list[str]) -> None:
                       "selected": result["selected"]}))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, after ``--config=NAME`` is resolved to a shipped config module."""
+    try:
+        argv = configs.resolve_flag(argv)
+    except configs.UnknownConfigError as error:
+        sys.exit(f"error: --config: {error}")
+    return app.parse_flags_with_usage(argv)
+
+
+def run() -> None:
+    """Console entry point."""
+    app.run(main, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()
