@@ -2,11 +2,12 @@
 
     python benchmarks/demo_calibration.py --workdir workdirs/calibration [--points a,b] [--seeds 0,1,2]
 
-Each point is a recipe of ``byol_flax/configs/digits_cpu.py`` plus dotted pre-training overrides; each
-(point, seed) pre-trains and evaluates exactly as the demo does (``byol_flax.studies.demo.run_seed``:
-linear and kNN on the BYOL encoder and on the same network at random initialisation, linear on
-raw pixels; fit on train, choose on holdout, report test). Every finished (point, seed) is kept
-in the workdir, so a re-run only adds what is missing; the table is rewritten after each one.
+Each point is a recipe of ``byol_flax/configs/digits_cpu.py`` plus dotted pre-training overrides: a
+row of the demo's study (``byol_flax.studies.demo.demo_study``), so each (point, seed) pre-trains
+and evaluates exactly as the demo does, through the study runner (linear and kNN on the BYOL
+encoder and on the same network at random initialisation, linear on raw pixels; fit on train,
+choose on holdout, report test). Every finished (point, seed) is kept in the workdir, so a
+re-run only adds what is missing; the table is rewritten after each one.
 """
 
 import argparse
@@ -25,8 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from byol_flax.studies import demo  # noqa: E402
-from byol_flax.studies.local_runs import enable_compilation_cache, prepare_data  # noqa: E402
+from byol_flax.studies import demo, report, runner  # noqa: E402
 
 _R12_W1 = {"data.image_size": 12, "model.encoder.width_multiplier": 1}
 _R16_W2 = {"data.image_size": 16, "model.encoder.width_multiplier": 2}
@@ -72,20 +72,22 @@ POINTS: dict[str, tuple[str, dict]] = {
 CHOSEN = "r16_w2_e160_combo"
 # (point, seed) runs that shared the 2 cores with test runs: their times are inflated (marked *).
 SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2)}
-COLUMNS = ("byol_linear", "random_init_linear", "raw_pixels_linear", "byol_knn", "random_init_knn")
+# Table column -> (evaluation of the run, metric): the demo report's methods.
+COLUMNS = {name.removesuffix("_top1"): method for name, method in report.METHODS.items()}
 
 
-def run_point(workdir: epath.Path, data_dir: str, name: str, seed: int) -> dict:
+def run_point(workdir: epath.Path, name: str, seed: int) -> dict:
     done = workdir / name / f"seed_{seed}" / "calibration.json"
     if done.exists():
         return json.loads(done.read_text())
     recipe, overrides = POINTS[name]
     started = time.perf_counter()
-    run = demo.run_seed(workdir / name, data_dir, recipe, seed, quick=False, overrides=overrides)
+    (run,) = runner.run(demo.demo_study([demo.recipe_row(name, recipe, overrides)],
+                                        seeds=(seed,)), workdir)
     row = {"point": name, "seed": seed, "recipe": recipe, "overrides": overrides,
            "steps": run["steps"], "train_seconds": run["train_seconds"],
            "total_seconds": time.perf_counter() - started,
-           **{c: run[c]["test"]["top1" if "linear" in c else "top1_k20"] for c in COLUMNS},
+           **{c: run["evaluations"][key]["test"][metric] for c, (key, metric) in COLUMNS.items()},
            "final_metrics": run["final_metrics"]}
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(row, indent=2, sort_keys=True))
@@ -143,14 +145,10 @@ CURVES = (("knn/top1_k20", "kNN top-1 on holdout"),
 def seed_curves(workdir: epath.Path, point: str, plot: Path) -> str:
     """Monitors of every finished seed of ``point`` over training: a plot, and a table of where
     each seed's curves end and how low its effective rank went (the seed-stability check)."""
-    from byol_flax.studies import report  # noqa: PLC0415 - plotting only here
-
-    recipe = POINTS[point][0]
     runs = []
     for done in sorted((workdir / point).glob("seed_*/calibration.json")):
         row = json.loads(done.read_text())
-        runs.append({**row, "scalars": report.read_scalars(
-            workdir / point / recipe / f"seed_{row['seed']}" / "pretrain")})
+        runs.append({**row, "row": point, "scalars": report.read_scalars(done.parent)})
     report._plot_scalars(epath.Path(plot), runs, CURVES, f"{point}: monitors per seed")
     lines = ["| seed | BYOL linear | BYOL kNN | " + " | ".join(
         f"{label} (end)" for _, label in CURVES) + " | lowest eff. rank (step) |",
@@ -190,11 +188,9 @@ def main() -> None:
         print(seed_curves(workdir, args.curves, Path(args.plot)))
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    enable_compilation_cache(workdir / "jax_cache")
-    data_dir = prepare_data(workdir)
     for name in [] if args.table_only else args.points.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            row = run_point(workdir, data_dir, name, seed)
+            row = run_point(workdir, name, seed)
             print(f"{name} seed {seed}: " + ", ".join(f"{c} {row[c]:.3f}" for c in COLUMNS)
                   + f"; train {row['train_seconds']:.0f} s", flush=True)
             (workdir / "calibration.md").write_text(markdown(finished_rows(workdir)))

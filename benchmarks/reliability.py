@@ -54,17 +54,19 @@ TOTAL_STEPS, EVERY = 20, 4
 
 
 def shrink_flags(num_train_examples: int, logging_every: int) -> list[str]:
-    """Overrides making byol_flax/configs/digits_cpu.py a seconds-long run: batch 16, 4 epochs of
-    ``num_train_examples``, 8-px images, tiny heads, a checkpoint every EVERY steps."""
-    return [
-        "--config.training.batch_size=16",
-        f"--config.training.num_train_examples={num_train_examples}",
-        "--config.training.epochs=4", "--config.training.warmup_epochs=1",
-        "--config.data.image_size=8", "--config.model.projector.hidden_size=32",
-        "--config.model.projector.output_size=16", "--config.model.predictor.hidden_size=32",
-        f"--config.checkpoint.every_steps={EVERY}", "--config.checkpoint.max_to_keep=3",
-        f"--config.logging.every_steps={logging_every}", "--config.monitor.every_steps=0",
-    ]
+    """Overrides making byol_flax/configs/digits_cpu.py a seconds-long run: the smoke switch's
+    pre-training sizes (``byol_flax.configs.common.SMOKE_PRETRAINING``, as flags: the config
+    argument is the data directory), then the suite's own step count and cadences: batch 16, 4
+    epochs of ``num_train_examples``, 32-16 heads (fast steps to kill), a checkpoint every EVERY
+    steps, every ``logging_every`` steps logged, no monitors."""
+    from byol_flax.configs.common import SMOKE_PRETRAINING  # noqa: PLC0415
+
+    overrides = {**SMOKE_PRETRAINING, "training.batch_size": 16,
+                 "training.num_train_examples": num_train_examples, "training.epochs": 4,
+                 "model.projector.hidden_size": 32, "model.projector.output_size": 16,
+                 "model.predictor.hidden_size": 32, "checkpoint.every_steps": EVERY,
+                 "logging.every_steps": logging_every, "monitor.every_steps": 0}
+    return [f"--config.{key}={value}" for key, value in overrides.items()]
 
 
 # 80 examples per "epoch" at batch 16: 5 steps per epoch, 20 steps in all; every step logged.
@@ -646,9 +648,10 @@ from byol_flax import main
 from byol_flax.evaluation import EVALUATORS
 
 class Failing:
-    def __init__(self, config, mesh, graphdef):
+    needs_labels = reads_monitor_data = False
+    def __init__(self, config, mesh, **kwargs):
         pass
-    def run(self, state):
+    def run(self, subject):
         raise RuntimeError("injected monitor failure")
 
 EVALUATORS.register("failing")(Failing)
@@ -887,7 +890,7 @@ def change_targets(changes: dict[str, Any]) -> dict[str, bool]:
 
 def run_suite(root: Path, *, trials: int, quick: bool, seed: int = 0,
               only_changes: bool = False) -> dict[str, Any]:
-    from byol_flax.studies.local_runs import prepare_data  # noqa: PLC0415
+    from byol_flax.studies.runner import prepare_data  # noqa: PLC0415
 
     root.mkdir(parents=True, exist_ok=True)
     from etils import epath  # noqa: PLC0415

@@ -121,9 +121,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.logging = ml_collections.ConfigDict()
     config.logging.every_steps = 100  # scalars, finiteness check, collapse warnings
     config.logging.profile_steps = 0  # >0: CLU Profile captures that many steps once
-    # Collapse monitor: warn when the batch std of l2-normalised projections falls below this
-    # fraction of 1/sqrt(d) (the value for uniformly spread unit vectors).
-    config.logging.collapse_warning_fraction = 0.2
 
     config.monitor = ml_collections.ConfigDict()
     config.monitor.every_steps = 5000  # 0 disables the online evaluation
@@ -230,20 +227,6 @@ def _value(config: ml_collections.ConfigDict, dotted: str):
     for part in dotted.split("."):
         config = config[part]
     return config
-
-
-def parse_config_arg(arg: str | None, defaults: dict[str, str], *, positional: str = "data"
-                     ) -> dict[str, str]:
-    """An experiment module's argument (``--config=byol_flax/configs/x.py:ARG``): ``VALUE`` (for the
-    ``positional`` option) or ``key=value,...``, over ``defaults``; unknown keys are an error
-    naming them and the known ones."""
-    if arg and "=" not in arg:
-        return defaults | {positional: arg}
-    parsed = dict(part.split("=", 1) for part in (arg or "").split(",") if part)
-    if unknown := sorted(set(parsed) - set(defaults)):
-        raise ValueError(f"config argument {arg!r}: unknown option(s) {unknown}; use "
-                         f"{positional.upper()} or key=value with keys {sorted(defaults)}")
-    return defaults | parsed
 
 
 def training_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:

@@ -1,17 +1,22 @@
 """The BYOL training loop: ``train_and_evaluate(config, workdir)``.
 
 Reads top to bottom: set-up, mesh, data, model and step, checkpoint, loop. Each section calls the
-module that owns the concept. Resume is automatic: if ``workdir/checkpoints`` holds a complete
-checkpoint, training continues from it exactly (state, RNG and data position).
+module that owns the concept; the loop is steps, logging and monitors, and asks the checkpointer
+once per step whether to save and whether to stop. Resume is automatic: if
+``workdir/checkpoints`` holds a complete checkpoint, training continues from it exactly (state,
+RNG and data position).
+
+Logged scalars (TensorBoard, ``log.txt`` and ``<workdir>/metrics.jsonl``) are averages over the
+steps since the previous logging step, accumulated on the devices; :data:`SNAPSHOT_KEYS` are the
+values at the logging step.
 """
 
 import copy
+import functools
 import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
+from clu.metrics import Average
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -29,15 +35,20 @@ from byol_flax.checkpointing import config_changes
 from byol_flax.runtime import console
 from byol_flax.checkpointing import lease
 from byol_flax.checkpointing import Checkpointer, Restored
+from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.config import training_steps, validate_config
-from byol_flax.data.augment import make_device_augment
 from byol_flax.data.pipeline import OpenedSplit, open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
 from byol_flax.evaluation import EVALUATORS, build_evaluators, monitor_data
-from byol_flax.schedules import build_schedules
+from byol_flax.evaluation.collapse import warn_on_collapse
 from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
 from byol_flax.train_state import create_train_state
-from byol_flax.train_step import StepFn, make_train_step
+from byol_flax.train_step import Metrics, StepFn, StepOptions, make_train_step
+
+METRICS_FILE = "metrics.jsonl"
+# Scalars of the step logged as their value at the logging step (schedule values and the
+# finiteness flag); every other scalar of the step is averaged over the logging window.
+SNAPSHOT_KEYS = ("learning_rate", "tau", "state_is_finite")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -46,28 +57,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class WorkdirError(OSError):
     """The work directory cannot be created or written."""
-
-
-class TerminationGuard:
-    """Turns SIGTERM (single-host preemption notice, ``kill``) into a flag read at step ends.
-
-    Orbax's preemption check covers multi-host runs under ``jax.distributed``; on one host the
-    signal is ours to catch. The loop saves at the next step boundary and exits cleanly.
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.requested = False
-        self._previous = None
-        if enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a checkpoint at the end of this step")
-        self.requested = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | None) -> None:
@@ -82,19 +71,57 @@ def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | Non
             "the data, then resume.")
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+@jax.jit
+def _accumulate(window: dict[str, Average] | None, metrics: Metrics) -> dict[str, Average]:
+    """The logging window's running sums with one more step, on the devices (no host sync)."""
+    step = {k: Average.from_model_output(v) for k, v in metrics.items()
+            if k not in SNAPSHOT_KEYS}
+    return step if window is None else {k: window[k].merge(step[k]) for k in step}
 
 
-def _warn_on_collapse(step: int, scalars: dict[str, float], fraction: float) -> None:
-    for name in ("projection", "representation"):
-        ratio = scalars.get(f"collapse/{name}_std_ratio")
-        if ratio is not None and ratio < fraction:
-            rank = scalars.get(f"collapse/{name}_effective_rank")  # not computed for y
-            logging.warning(
-                "step %d: possible collapse: batch std of normalised %ss is %.3f x 1/sqrt(d) "
-                "(warning threshold %.3f)%s", step, name, ratio, fraction,
-                "" if rank is None else f"; effective rank {rank:.1f}")
+def _logged_scalars(window: dict[str, Average], metrics: Metrics) -> dict[str, float]:
+    """The window's averages and this step's snapshots, in one device -> host copy."""
+    window, snapshots = jax.device_get(
+        (window, {k: metrics[k] for k in SNAPSHOT_KEYS if k in metrics}))
+    return ({k: float(average.compute()) for k, average in window.items()}
+            | {k: float(v) for k, v in snapshots.items()})
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+class MetricsFile:
+    """``<workdir>/metrics.jsonl``: one JSON object per logged step (``step``, every scalar
+    written to TensorBoard for it, monitor results included), for analysis without TensorBoard:
+    ``pandas.read_json(path, lines=True)``. Written by process 0, appended to across resumes.
+
+    A resume from step k first drops the lines of later steps (written before a kill and about
+    to be written again) and any line a kill cut short, so every step appears once.
+    """
+
+    def __init__(self, workdir: epath.Path, resumed_step: int):
+        path = workdir / METRICS_FILE
+        if path.exists():
+            text = path.read_text()
+            kept = "".join(line for line in text.splitlines(keepends=True)
+                           if line.endswith("\n") and _logged_step(line) <= resumed_step)
+            if kept != text:  # written beside it and renamed: a kill now loses nothing
+                staged = workdir / f".{METRICS_FILE}.tmp"
+                staged.write_text(kept)
+                staged.replace(path)
+        self._file = path.open("a")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        self._file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 # Jitted steps of this process, by everything their program depends on: runs that differ only
@@ -104,7 +131,10 @@ _STEP_CACHE: dict[str, StepFn] = {}
 
 
 def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh,
-                       total_steps: int, warmup_steps: int, num_classes: int) -> StepFn:
+                       options: StepOptions, *, total_steps: int, warmup_steps: int,
+                       num_classes: int) -> StepFn:
+    """The jitted step of ``options`` (built from ``config`` for ``total_steps`` and
+    ``warmup_steps``), traced by an earlier run of this process if its program was the same."""
     program = {key: json.loads(config[key].to_json())
                for key in ("model", "optimizer", "target", "loss", "training", "augment")}
     program["augment"] = {k: v for k, v in program["augment"].items()  # host-side keys
@@ -115,13 +145,7 @@ def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
     key = json.dumps([program, total_steps, warmup_steps, num_classes,
                       [d.id for d in mesh.devices.flat]], sort_keys=True)
     if key not in _STEP_CACHE:
-        learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
-                                                    warmup_steps=warmup_steps)
-        _STEP_CACHE[key] = make_train_step(
-            graphdef, mesh, learning_rate=learning_rate, target_ema=target_ema,
-            augment=make_device_augment(config.augment),
-            accumulation_steps=config.training.accumulation_steps, loss_config=config.loss,
-            target_kind=config.target.kind)
+        _STEP_CACHE[key] = make_train_step(graphdef, mesh, options)
     return _STEP_CACHE[key]
 
 
@@ -282,21 +306,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
 
     # --- Model and step ----------------------------------------------------------------------
     total_steps, warmup_steps = training_steps(config, opened.num_records)
-    learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
-                                                warmup_steps=warmup_steps)
+    options = StepOptions.from_config(config, total_steps, warmup_steps)
     num_classes = opened.manifest.num_classes if config.model.online_classifier else 0
-    graphdef, state = nnx.split(create_train_state(config, learning_rate,
+    graphdef, state = nnx.split(create_train_state(config, options.learning_rate,
                                                    num_classes=num_classes))
     state = jax.device_put(state, replicated_sharding(mesh))
     parameter_overview.log_parameter_overview(
         nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state).online, nnx.Param)))
-    step_fn = _cached_train_step(config, graphdef, mesh, total_steps, warmup_steps, num_classes)
+    step_fn = _cached_train_step(config, graphdef, mesh, options, total_steps=total_steps,
+                                 warmup_steps=warmup_steps, num_classes=num_classes)
     batch_keys = ("view1", "view2", "label") if num_classes else ("view1", "view2")
 
     # --- Checkpoint --------------------------------------------------------------------------
     run = config_changes.run_record(config.to_json_best_effort(),
                                     config_changes.manifest_sha256(opened.data_dir))
-    checkpointer = Checkpointer(workdir / "checkpoints", config, run)
+    checkpointer = Checkpointer(workdir / "checkpoints", config, run, total_steps=total_steps,
+                                termination=guard)
     restored = checkpointer.restore_latest(state, replicated_sharding(mesh))
     _record_config(workdir, config, restored, run, allow_config_change)
     state, counters = restored.state, restored.counters
@@ -327,12 +352,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
         if config.logging.profile_steps:
             hooks.append(periodic_actions.Profile(num_profile_steps=config.logging.profile_steps,
                                                   logdir=str(workdir)))
-    last_checkpoint = start_step or None
     skipped = counters.get("skipped_records", 0)  # restored: the bound holds across resumes
     previous = None  # (step, metrics): checked one step late, so the host never stalls the device
+    window = None  # the running sums of the scalars since the last logging step, on the devices
     scalars: dict[str, float] = {}
     timer = (time.perf_counter(), start_step)
     bar = console.progress(total_steps, start_step, "pre-training") if is_chief else None
+    metrics_file = MetricsFile(workdir, start_step) if is_chief else None
     try:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -349,8 +375,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
                 # scalar in the state, a retrace's constants) is an error, not a silent stall.
                 with jax.transfer_guard("disallow"):
                     state, metrics = step_fn(state, device_batch)
+                    window = _accumulate(window, metrics)
             if previous is not None:
-                _check_finite(*previous, last_checkpoint)
+                _check_finite(*previous, checkpointer.last_saved)
             checkpointer.check_for_errors()
             previous = (step, metrics)
             for hook in hooks:
@@ -358,42 +385,42 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
             if bar is not None:
                 bar.update(1)
 
+            logged: dict[str, float] = {}  # this step's line of metrics.jsonl
             if step % config.logging.every_steps == 0 or step == total_steps:
-                _check_finite(step, metrics, last_checkpoint)
-                scalars = _scalars(metrics)
+                _check_finite(step, metrics, checkpointer.last_saved)
+                scalars, window = _logged_scalars(window, metrics), None
                 now = time.perf_counter()
                 scalars["images_per_second"] = ((step - timer[1]) * config.training.batch_size
                                                 / (now - timer[0]))
                 scalars["skipped_records"] = skipped
                 timer = (now, step)
                 writer.write_scalars(step, scalars)
-                _warn_on_collapse(step, scalars, config.logging.collapse_warning_fraction)
+                logged.update(scalars)
+                warn_on_collapse(step, scalars)
                 if bar is not None:
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}",
                                     img_s=f"{scalars['images_per_second']:.0f}", refresh=False)
 
             # Save first, then monitor: a preemption notice or a failing monitor never costs
-            # the step's checkpoint.
-            preempted = guard.requested or checkpointer.reached_preemption(step)
-            if step % config.checkpoint.every_steps == 0 or step == total_steps or preempted:
-                _check_finite(step, metrics, last_checkpoint)
-                checkpointer.save(step, state, force=True,
-                                  counters={"skipped_records": skipped,
-                                            "examples_consumed": examples_consumed})
-                last_checkpoint = step
-            if preempted:
-                checkpointer.wait_until_finished()
-                logging.warning("preempted: checkpoint of step %d committed; exiting. Re-run the "
-                                "same command to resume.", step)
-                break
-
-            if evaluators and (step % config.monitor.every_steps == 0 or step == total_steps):
+            # the step's checkpoint. The checkpointer decides (cadence, last step, preemption).
+            stop = checkpointer.maybe_save(
+                step, state, {"skipped_records": skipped, "examples_consumed": examples_consumed},
+                check=functools.partial(_check_finite, step, metrics, checkpointer.last_saved))
+            if not stop and evaluators and (step % config.monitor.every_steps == 0
+                                            or step == total_steps):
                 results = _run_monitors(step, evaluators, state, config, guard)
                 writer.write_scalars(step, results)
                 scalars.update(results)
+                logged.update(results)
+            if metrics_file is not None and logged:
+                metrics_file.write(step, logged)
+            if stop:
+                break
     finally:
         if bar is not None:
             bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
         try:
             checkpointer.wait_until_finished()
         finally:

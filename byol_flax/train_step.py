@@ -1,8 +1,10 @@
 """The BYOL update (Algorithm 1, lines 5-11) as one jitted function of explicit state.
 
-``train_step`` works on a :class:`TrainState` in place (NNX style) and is what tests call
-directly; :func:`make_train_step` wraps it into ``jax.jit`` over the split state with the state
-buffers donated, so a training loop carries ``nnx.State`` pytrees between steps.
+``train_step`` works on a :class:`TrainState` in place (NNX style); :func:`make_train_step`
+wraps it into ``jax.jit`` over the split state with the state buffers donated, so a training loop
+carries ``nnx.State`` pytrees between steps. What the step computes with besides the state and
+the batch (schedules, device augmentation, accumulation, loss and target variants) is one
+:class:`StepOptions` value, built from the config once.
 
 Gradient accumulation (Appendix G.2): with ``accumulation_steps = N`` the batch is split into N
 micro-batches whose gradients are averaged before one optimizer update and one target update.
@@ -11,6 +13,7 @@ once per micro-batch, exactly as N consecutive smaller steps would; this is the 
 accumulated step differs from a step on the concatenated batch.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -22,9 +25,11 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from byol_flax.losses import byol_loss, l2_normalize
+from byol_flax.data.augment import make_device_augment
+from byol_flax.evaluation.collapse import collapse_metrics
+from byol_flax.losses import byol_loss
 from byol_flax.runtime.xla import speed_up_tracing
-from byol_flax.schedules import Schedule
+from byol_flax.schedules import Schedule, build_schedules
 from byol_flax.sharding import replicated_sharding
 from byol_flax.train_state import RngKey, TrainState
 
@@ -35,27 +40,33 @@ Metrics = dict[str, jax.Array]
 Augment = Callable[[jax.Array, Batch], Batch]  # (key, host crops) -> network inputs
 
 
-def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True) -> Metrics:
-    """Collapse monitors of a batch of outputs (B, d).
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What the step computes with besides the state and the batch: one value from the config,
+    passed whole instead of six keywords threaded through every layer of the step.
 
-    ``std``: mean over features of the batch std of l2-normalised outputs; 1/sqrt(d) for vectors
-    spread uniformly on the sphere, 0 when every input maps to the same vector (``std_ratio`` is
-    std x sqrt(d), so 1 is healthy). ``effective_rank``: exp of the entropy of the normalised
-    singular values of the centred outputs (Roy & Vetterli, 2007), between 1 and min(B, d);
-    computed from the d x d covariance (an eigendecomposition, cheap for the 256-d projections;
-    skipped for the 2048 x width representations).
+    ``learning_rate`` and ``target_ema`` are functions of the step counter (an array in the
+    state), so the jitted step is traced once for the whole run. ``augment`` runs the per-pixel
+    augmentations on the accelerator with the step's key (None: the views are used as given).
+    ``loss_config`` None is the paper's loss; ``target_kind`` is Table 19's choice of target.
     """
-    unit = l2_normalize(x.astype(jnp.float32))
-    std = jnp.mean(jnp.std(unit, axis=0))
-    metrics = {f"collapse/{name}_std": std,
-               f"collapse/{name}_std_ratio": std * jnp.sqrt(x.shape[-1])}
-    if effective_rank:
-        centred = unit - unit.mean(axis=0)
-        singular = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(centred.T @ centred), 0.0))
-        p = singular / jnp.maximum(singular.sum(), 1e-12)
-        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
-        metrics[f"collapse/{name}_effective_rank"] = jnp.exp(entropy)
-    return metrics
+
+    learning_rate: optax.Schedule
+    target_ema: Schedule
+    augment: Augment | None = None
+    accumulation_steps: int = 1
+    loss_config: ConfigDict | None = None
+    target_kind: str = "ema"
+
+    @classmethod
+    def from_config(cls, config: ConfigDict, total_steps: int, warmup_steps: int
+                    ) -> "StepOptions":
+        """The options ``config`` trains with for a run of ``total_steps``."""
+        learning_rate, target_ema = build_schedules(config, total_steps=total_steps,
+                                                    warmup_steps=warmup_steps)
+        return cls(learning_rate, target_ema, augment=make_device_augment(config.augment),
+                   accumulation_steps=config.training.accumulation_steps,
+                   loss_config=config.loss, target_kind=config.target.kind)
 
 
 def loss_fn(params: nnx.State, online_rest: nnx.State, target_state: nnx.State | None,
@@ -116,25 +127,20 @@ def update_online_classifier(state: TrainState, representation: jax.Array,
             "online_classifier/train_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
 
 
-def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule,
-               target_ema: Schedule, augment: Augment | None = None,
-               accumulation_steps: int = 1, loss_config: ConfigDict | None = None,
-               target_kind: str = "ema") -> Metrics:
-    """One optimizer update of the online network and one EMA update of the target.
-
-    ``augment`` runs the per-pixel augmentations on the accelerator with this step's key
-    (:meth:`TrainState.step_key`); without it the views are used as given.
-    """
+def train_step(state: TrainState, batch: Batch, options: StepOptions) -> Metrics:
+    """One optimizer update of the online network and one EMA update of the target."""
     labels = batch.get("label")  # present when the online classifier trains
-    if augment is not None:
-        batch = augment(state.step_key(), batch)
+    if options.augment is not None:
+        batch = options.augment(state.step_key(), batch)
     batch = {"view1": batch["view1"], "view2": batch["view2"]}
     online_def, params, online_rest = nnx.split(state.online, nnx.Param, ...)
     params_before = jax.tree.leaves(params)  # arrays: a snapshot, the Variables get updated
     target_def, target_state = (None, None) if state.target is None else nnx.split(state.target)
     grad_fn = jax.grad(functools.partial(loss_fn, online_def=online_def, target_def=target_def,
-                                         loss_config=loss_config, target_kind=target_kind),
+                                         loss_config=options.loss_config,
+                                         target_kind=options.target_kind),
                        has_aux=True)
+    accumulation_steps = options.accumulation_steps
 
     if accumulation_steps == 1:
         grads, (online_rest, target_state, metrics, representation) = grad_fn(
@@ -166,14 +172,14 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
         nnx.update(state.target, target_state)
     step = state.step
     state.optimizer.update(state.online, grads)
-    tau = target_ema(step)
+    tau = options.target_ema(step)
     state.update_target(tau)
     if state.classifier is not None:
         if labels is None:
             raise ValueError("the state has an online classifier but the batch has no 'label'")
         metrics |= update_online_classifier(state, representation, labels)
     return metrics | {
-        "learning_rate": learning_rate(step),
+        "learning_rate": options.learning_rate(step),
         "tau": tau,
         "grad_norm": optax.tree.norm(grads),
         "update_norm": optax.tree.norm(jax.tree.map(
@@ -188,22 +194,12 @@ def train_step(state: TrainState, batch: Batch, *, learning_rate: optax.Schedule
 StepFn = Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]
 
 
-def make_train_step(graphdef: nnx.GraphDef, mesh: Mesh, *, learning_rate: optax.Schedule,
-                    target_ema: Schedule, augment: Augment | None = None,
-                    accumulation_steps: int = 1, loss_config: ConfigDict | None = None,
-                    target_kind: str = "ema") -> StepFn:
-    """``jax.jit`` of :func:`train_step` over ``nnx.State``; state donated and kept replicated.
-
-    The learning rate and tau are computed inside from the step counter (an array in the state),
-    so the function is traced once for the whole run.
-    """
+def make_train_step(graphdef: nnx.GraphDef, mesh: Mesh, options: StepOptions) -> StepFn:
+    """``jax.jit`` of :func:`train_step` over ``nnx.State``; state donated and kept replicated."""
 
     def step(state: nnx.State, batch: Batch) -> tuple[nnx.State, Metrics]:
         train_state = nnx.merge(graphdef, state)
-        metrics = train_step(train_state, batch, learning_rate=learning_rate,
-                             target_ema=target_ema, augment=augment,
-                             accumulation_steps=accumulation_steps, loss_config=loss_config,
-                             target_kind=target_kind)
+        metrics = train_step(train_state, batch, options)
         return nnx.state(train_state), metrics
 
     return jax.jit(step, donate_argnums=0, out_shardings=replicated_sharding(mesh))

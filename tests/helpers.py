@@ -7,18 +7,17 @@ from pathlib import Path
 import numpy as np
 
 from byol_flax.config import base_config
+from byol_flax.configs.common import SMOKE_MODEL
 
 TINY_IMAGE_SIZE = 16
 
 
 def tiny_config(batch_size: int = 16):
-    """The paper's config with a tiny encoder and heads: same code paths, seconds to compile."""
+    """The paper's config with the smoke switch's tiny model (resnet_tiny, 32-px stem, small
+    heads): same code paths, seconds to compile. The rest stays the paper's, so unit tests see
+    its schedule and cadences."""
     config = base_config()
-    config.model.encoder.name = "resnet_tiny"
-    config.model.encoder.stem = "small"
-    config.model.projector.hidden_size = 64
-    config.model.projector.output_size = 32
-    config.model.predictor.hidden_size = 64
+    config.update_from_flattened_dict(SMOKE_MODEL)
     config.training.batch_size = batch_size
     return config
 

@@ -1,8 +1,11 @@
 """Orbax checkpoints: other mesh sizes, incompatible configs, stale temporary directories,
-damaged steps (truncated, flipped, empty) and the fallback to the newest valid one."""
+damaged steps (truncated, flipped, empty) and the fallback to the newest valid one; the save
+policy (cadence, last step, SIGTERM)."""
 
 import logging
+import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -10,7 +13,8 @@ import pytest
 from flax import nnx
 
 from byol_flax.checkpointing import (Checkpointer, DamagedCheckpointError,
-                                     IncompatibleCheckpointError)
+                                     IncompatibleCheckpointError, committed_steps)
+from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicated_sharding
 from byol_flax.train_state import create_train_state
@@ -170,3 +174,50 @@ def test_no_valid_step_stops_instead_of_starting_over(tmp_path):
     _, fresh = new_state(config)
     with pytest.raises(DamagedCheckpointError, match=r"no restorable checkpoint .* steps \[3\]"):
         Checkpointer(tmp_path, config).restore_latest(fresh, one_device())
+
+
+# --- The save policy: cadence, last step, preemption ---------------------------------------------
+
+
+def test_maybe_save_saves_every_n_steps_and_the_last_step_and_checks_before_saving(tmp_path):
+    config = tiny_config()
+    config.checkpoint.every_steps = 4
+    config.checkpoint.max_to_keep = 10
+    _, state = new_state(config)
+    checkpointer = Checkpointer(tmp_path, config, total_steps=10)
+    checked = []
+    stops = [checkpointer.maybe_save(step, state, {"examples_consumed": 16 * step},
+                                     check=lambda step=step: checked.append(step))
+             for step in range(1, 11)]
+    checkpointer.wait_until_finished()
+    assert not any(stops) and checked == [4, 8, 10]
+    assert sorted(checkpointer.manager.all_steps()) == [4, 8, 10]
+    assert checkpointer.last_saved == 10
+
+    def refuse():
+        raise FloatingPointError("not finite")
+
+    with pytest.raises(FloatingPointError):  # a refused save writes nothing
+        checkpointer.maybe_save(12, state, {}, check=refuse)
+    assert sorted(checkpointer.manager.all_steps()) == [4, 8, 10]
+    checkpointer.close()
+
+
+def test_a_sigterm_saves_the_current_step_commits_it_and_asks_to_stop(tmp_path):
+    config = tiny_config()
+    config.checkpoint.every_steps = 100
+    config.checkpoint.async_save = True
+    _, state = new_state(config)
+    before = signal.getsignal(signal.SIGTERM)
+    guard = TerminationGuard()
+    try:
+        checkpointer = Checkpointer(tmp_path, config, total_steps=1000, termination=guard)
+        assert not checkpointer.maybe_save(1, state, {})
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.requested
+        assert checkpointer.maybe_save(2, state, {"examples_consumed": 32})
+        assert committed_steps(tmp_path) == [2]  # committed before it answers: exit is safe
+        checkpointer.close()
+    finally:
+        guard.restore()
+    assert signal.getsignal(signal.SIGTERM) == before

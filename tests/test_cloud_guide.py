@@ -1,8 +1,8 @@
 """Every command in docs/cloud_tpu.md is one the project accepts.
 
-Project commands are parsed by the project's own parsers (data_prep, benchmarks), run in dry-run
-mode (the launcher) or executed (the config check); external tools (gcloud, tensorboard) are
-allowed only as the guide's upload and viewing steps.
+Project commands are parsed by the project's own parsers (byol_flax.data.convert, benchmarks),
+run in dry-run mode (the launcher) or executed (the config check); external tools (gcloud,
+tensorboard) are allowed only as the guide's upload and viewing steps.
 """
 
 import contextlib
@@ -64,9 +64,10 @@ def test_guide_command_is_accepted(command):
 
 
 def test_documented_launcher_output_is_exactly_what_it_prints():
-    """A launcher command followed by a ```text block must print exactly that block."""
-    pairs = re.findall(r"```bash\n(python -m byol_flax\.cloud\.launch [^\n]*)\n```\n\n[^`]*```text\n"
-                       r"(.*?)```", GUIDE.read_text(), flags=re.S)
+    """A launcher command followed by a ```text block (prose with inline code between them)
+    must print exactly that block."""
+    pairs = re.findall(r"```bash\n(python -m byol_flax\.cloud\.launch [^\n]*)\n```\n\n"
+                       r"(?:[^`]|`(?!``))*```text\n(.*?)```", GUIDE.read_text(), flags=re.S)
     assert len(pairs) == 2  # the single-host and the multi-host case
     for command, documented in pairs:
         output = io.StringIO()

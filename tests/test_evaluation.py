@@ -1,5 +1,6 @@
 """The evaluation protocols (Appendix D.1, E.2, E.3), the encoder export and the model card."""
 
+import dataclasses
 import json
 
 import jax
@@ -18,11 +19,14 @@ from byol_flax.data.records import DataError
 from byol_flax.export.model_card import export_with_model_card as export_cli
 from byol_flax.evaluation.runner import evaluate
 from byol_flax.evaluation import classifier as clf
-from byol_flax.evaluation import protocols
+from byol_flax.evaluation import base, semi_supervised, transfer_finetune
+from byol_flax.evaluation.linear import linear_on_features
 from byol_flax.export import encoder as export
 from byol_flax.export import model_card
 from byol_flax.evaluation.config import eval_base_config, validate_eval_config
-from byol_flax.evaluation.transfer import fit_logistic_regression, l2_grid, logistic_objective
+from byol_flax.evaluation.transfer_linear import (fit_logistic_regression, l2_grid,
+                                                  logistic_objective,
+                                                  transfer_linear_on_features)
 from byol_flax.models import count_params
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh
@@ -95,15 +99,15 @@ def test_l2_grid_has_45_log_spaced_values_in_range():
 
 
 def test_finetuning_grid_and_batchnorm_decay_match_appendix_e3():
-    grid = protocols.finetune_grid(eval_base_config().transfer_finetune)
+    grid = transfer_finetune.finetune_grid(eval_base_config().transfer_finetune)
     rates = sorted({p["learning_rate"] for p in grid})
     decays = sorted({p["weight_decay"] for p in grid})
     assert len(grid) == 7 * 8 and len(rates) == 7 and len(decays) == 8
     np.testing.assert_allclose([rates[0], rates[-1]], [1e-4, 0.1])
     assert decays[0] == 0.0
     np.testing.assert_allclose([decays[1], decays[-1]], [1e-6, 1e-3])
-    assert protocols.finetune_batchnorm_decay(5) == 0.9  # max(1 - 10/5, 0.9)
-    assert protocols.finetune_batchnorm_decay(1000) == pytest.approx(0.99)
+    assert transfer_finetune.finetune_batchnorm_decay(5) == 0.9  # max(1 - 10/5, 0.9)
+    assert transfer_finetune.finetune_batchnorm_decay(1000) == pytest.approx(0.99)
 
 
 def test_logistic_regression_reaches_scikit_learns_optimum():
@@ -142,31 +146,31 @@ def test_label_fraction_subset_is_balanced_and_deterministic():
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), [400, 250, 200, 150])
     rng.shuffle(labels)
-    subset = protocols.balanced_subset(labels, 0.1, seed=3)
+    subset = semi_supervised.balanced_subset(labels, 0.1, seed=3)
     counts = np.bincount(labels[subset], minlength=4)
     assert np.all(counts == 25)  # round(0.1 * 1000 / 4) of every class, whatever its size
     assert len(set(subset)) == len(subset) and np.all(np.diff(subset) > 0)
-    np.testing.assert_array_equal(subset, protocols.balanced_subset(labels, 0.1, seed=3))
-    assert not np.array_equal(subset, protocols.balanced_subset(labels, 0.1, seed=4))
+    np.testing.assert_array_equal(subset, semi_supervised.balanced_subset(labels, 0.1, seed=3))
+    assert not np.array_equal(subset, semi_supervised.balanced_subset(labels, 0.1, seed=4))
 
 
 def test_subset_from_a_split_file_matches_ids_or_file_names(tmp_path):
     ids = ["n01/n01_1.JPEG", "n01/n01_2.JPEG", "n02/n02_7.JPEG"]
     listing = tmp_path / "1percent.txt"
     listing.write_text("n02_7.JPEG\nn01/n01_1.JPEG\n\n")
-    np.testing.assert_array_equal(protocols.subset_from_split_file(ids, str(listing)), [0, 2])
+    np.testing.assert_array_equal(semi_supervised.subset_from_split_file(ids, str(listing)), [0, 2])
     listing.write_text("n01_1.JPEG\nn09_9.JPEG\n")
     with pytest.raises(DataError, match=r"1percent.txt: 1 of 2 .*n09_9.JPEG"):
-        protocols.subset_from_split_file(ids, str(listing))
+        semi_supervised.subset_from_split_file(ids, str(listing))
 
 
 # ----------------------------------------------------------------------------------------------
 # Selection happens on the selection split, never on test.
 
 
-def feature_context(tmp_path, config) -> protocols.Context:
+def feature_context(tmp_path, config) -> base.Context:
     stub = export.PretrainedEncoder(encoder=None, model_config={}, origin={"kind": "test"})
-    ctx = protocols.Context(config, stub, make_mesh(), protocols.SweepStore(tmp_path), "test")
+    ctx = base.Context(config, stub, make_mesh(), base.SweepStore(tmp_path), "test")
     ctx.num_classes = 2
     return ctx
 
@@ -195,12 +199,12 @@ def test_linear_sweep_selects_on_the_selection_split_not_on_test(tmp_path):
     ctx = feature_context(tmp_path, config)
     points = [{"learning_rate": lr} for lr in (1e-6, 0.5)]
     no_tclip = {"tclip_alpha": 0.0, "tclip_beta": 0.0}
-    result = protocols.linear_on_features(ctx, train, selection, test, points, no_tclip)
+    result = linear_on_features(ctx, train, selection, test, points, no_tclip)
     by_lr = {row["point"]["learning_rate"]: row["selection"]["top1"] for row in result["sweep"]}
     assert by_lr[0.5] > 0.95 > 0.85 > by_lr[1e-6]
     assert result["selected"] == {"learning_rate": 0.5}
     # What selecting on test would have picked instead: the barely trained classifier.
-    untrained_on_test = protocols.linear_on_features(
+    untrained_on_test = linear_on_features(
         feature_context(tmp_path / "other", config), train, test, test, points[:1], no_tclip)
     assert result["test"]["top1"] < 0.3 < untrained_on_test["test"]["top1"]
     assert (result["selection_split"], result["test_split"]) == ("holdout", "test")
@@ -213,14 +217,14 @@ def test_transfer_linear_selects_l2_on_selection_and_refits_on_train_and_selecti
     config.transfer_linear.l2_max = 1e4
     train, selection, test = disagreeing_splits()
     ctx = feature_context(tmp_path, config)
-    result = protocols.transfer_linear_on_features(ctx, train, selection, test)
+    result = transfer_linear_on_features(ctx, train, selection, test)
     # l2 = 1e4 shrinks the kernel towards the class-mean direction (x1): ~0.7 on both splits.
     by_l2 = {row["point"]["l2"]: row["selection"]["top1"] for row in result["sweep"]}
     assert by_l2[1e-4] > 0.95 > 0.85 > by_l2[1e4]
     assert result["selected"]["l2"] in (1e-4, 1.0)
     assert result["test"]["top1"] < 0.3 and result["refit_on_train_and_selection"]
     # A re-run resumes from the stored sweep points and gives the same answer.
-    again = protocols.transfer_linear_on_features(feature_context(tmp_path, config), train,
+    again = transfer_linear_on_features(feature_context(tmp_path, config), train,
                                                   selection, test)
     assert again["selected"] == result["selected"] and again["test"] == result["test"]
 
@@ -361,13 +365,13 @@ def test_stored_sweep_points_are_reused_only_for_the_same_config(tmp_path):
     train, selection, test = disagreeing_splits()
     points = [{"learning_rate": 0.5}]
     no_tclip = {"tclip_alpha": 0.0, "tclip_beta": 0.0}
-    protocols.linear_on_features(feature_context(tmp_path, config), train, selection, test,
+    linear_on_features(feature_context(tmp_path, config), train, selection, test,
                                  points, no_tclip)
-    protocols.linear_on_features(feature_context(tmp_path, config), train, selection, test,
+    linear_on_features(feature_context(tmp_path, config), train, selection, test,
                                  points, no_tclip)
     assert len(list(tmp_path.glob("*.json"))) == 1  # same config: resumed, not refitted
     config.linear.epochs = 6.0
-    protocols.linear_on_features(feature_context(tmp_path, config), train, selection, test,
+    linear_on_features(feature_context(tmp_path, config), train, selection, test,
                                  points, no_tclip)
     assert len(list(tmp_path.glob("*.json"))) == 2  # another config: its own point
 
@@ -382,11 +386,11 @@ def test_a_diverging_sweep_point_loses_instead_of_stopping_the_sweep(tmp_path):
             raise FloatingPointError("loss is nan")
         return point
 
-    selected, _, rows = protocols.sweep(ctx, "toy", [{"learning_rate": 10.0},
+    selected, _, rows = base.sweep(ctx, "toy", [{"learning_rate": 10.0},
                                                      {"learning_rate": 0.1}], fit,
                                         lambda model: {"top1": 0.5}, metric="top1")
     assert selected == {"learning_rate": 0.1} and rows[0]["selection"]["diverged"] == 1.0
-    protocols.sweep(ctx, "toy", [{"learning_rate": 10.0}], fit, lambda m: {"top1": 0.5},
+    base.sweep(ctx, "toy", [{"learning_rate": 10.0}], fit, lambda m: {"top1": 0.5},
                     metric="top1")
     assert len(calls) == 2  # the diverged point is stored, not retried
 
@@ -395,23 +399,23 @@ def test_semi_supervised_and_finetuning_protocols_run_on_digits(data_dir, tmp_pa
     encoder = export.PretrainedEncoder(
         export.encoder_from_model_config(tiny_model_config(), seed=2), tiny_model_config(),
         {"kind": "random", "path": "tiny", "seed": 2})
-    base = tiny_eval_config(data_dir)
-    base.semi_supervised.learning_rates = (0.05,)
-    base.semi_supervised.epochs = (1,)
-    base.semi_supervised.batch_size = 64
-    base.transfer_finetune.learning_rate_count = 1
-    base.transfer_finetune.weight_decay_count = 1
-    base.transfer_finetune.include_no_weight_decay = False
-    base.transfer_finetune.steps = 2
-    base.transfer_finetune.batch_size = 64
+    common = tiny_eval_config(data_dir)
+    common.semi_supervised.learning_rates = (0.05,)
+    common.semi_supervised.epochs = (1,)
+    common.semi_supervised.batch_size = 64
+    common.transfer_finetune.learning_rate_count = 1
+    common.transfer_finetune.weight_decay_count = 1
+    common.transfer_finetune.include_no_weight_decay = False
+    common.transfer_finetune.steps = 2
+    common.transfer_finetune.batch_size = 64
     mesh = make_mesh()
-    semi = protocols.run_protocol(_with_protocol(base, "semi_supervised"), encoder, mesh,
-                                  protocols.SweepStore(tmp_path))
-    num_train = open_split(base.data, "train").num_records
+    semi = base.run_protocol(_with_protocol(common, "semi_supervised"), encoder, mesh,
+                                  base.SweepStore(tmp_path))
+    num_train = open_split(common.data, "train").num_records
     assert semi["labelled_examples"] == 10 * round(0.1 * num_train / 10)  # balanced 10%
     assert semi["selected"] == {"learning_rate": 0.05, "epochs": 1}
-    tuned = protocols.run_protocol(_with_protocol(base, "transfer_finetune"), encoder, mesh,
-                                   protocols.SweepStore(tmp_path))
+    tuned = base.run_protocol(_with_protocol(common, "transfer_finetune"), encoder, mesh,
+                                   base.SweepStore(tmp_path))
     assert tuned["selected"] == {"learning_rate": 1e-4, "weight_decay": 1e-6}
     assert tuned["refit_on_train_and_selection"] and 0 <= tuned["test"]["top1"] <= 1
 
@@ -420,3 +424,77 @@ def _with_protocol(config, protocol):
     config = config.copy_and_resolve_references()
     config.protocol = protocol
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# One evaluator interface for the training monitor and the CLI.
+
+
+def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
+    """kNN and the online classifier as training monitors on a live state give exactly what
+    the protocol code gives on the same encoder and splits."""
+    config = tiny_config(batch_size=16)
+    config.data.dir, config.data.image_size = data_dir, 8
+    config.monitor.every_steps, config.monitor.batch_size = 1, 64
+    config.monitor.max_train_examples, config.monitor.max_eval_examples = 200, 64
+    config.monitor.evaluators = ("knn", "online_classifier")
+    train_state = create_train_state(config, build_schedules(config, total_steps=10, warmup_steps=1)[0], num_classes=10)
+    graphdef, state = nnx.split(train_state)
+    mesh = make_mesh()
+    scalars = {}
+    for monitor in base.build_evaluators(config, mesh, graphdef):
+        scalars.update(monitor.run(state))
+    assert set(scalars) >= {"knn/top1_k20", "knn/top1_k200", "online_classifier/top1"}
+
+    evaluation = tiny_eval_config(data_dir, "knn")
+    evaluation.data.selection_split = evaluation.data.test_split = "holdout"  # as the monitor
+    evaluation.data.train_split = "train"
+    evaluation.data.max_train_examples, evaluation.data.max_eval_examples = 200, 64
+    evaluation.knn.k = (20, 200)
+    subject = export.PretrainedEncoder(nnx.merge(graphdef, state).online.encoder,
+                                       tiny_model_config(), {"kind": "test"})
+    knn = base.run_protocol(evaluation, subject, mesh, base.SweepStore(None))
+    assert knn["test"] == {"top1_k20": scalars["knn/top1_k20"],
+                           "top1_k200": scalars["knn/top1_k200"]}
+
+    evaluation.protocol = "online_classifier"
+    merged = nnx.merge(graphdef, state)
+    subject = export.PretrainedEncoder(merged.online.encoder, tiny_model_config(),
+                                       {"kind": "test"}, classifier=merged.classifier)
+    online = base.run_protocol(evaluation, subject, mesh, base.SweepStore(None))
+    assert online["test"]["top1"] == scalars["online_classifier/top1"]
+    with pytest.raises(export.SourceError, match="no online classifier"):
+        base.run_protocol(evaluation, dataclasses.replace(subject, classifier=None), mesh,
+                          base.SweepStore(None))
+
+
+def test_a_registered_protocol_is_an_evaluator_for_the_cli_and_the_monitor(data_dir, tmp_path):
+    """CONTRIBUTING's "adding an evaluator" example: one function, one registration, one
+    config entry; the CLI config accepts the name and the monitor writes its metric."""
+    from byol_flax.evaluation.base import EVALUATORS, protocol  # noqa: PLC0415
+
+    @protocol("train_size_example")
+    def run_train_size_example(ctx: base.Context) -> dict:
+        """Counts the examples the protocol would fit on (a stand-in for a real metric)."""
+        return base.result(ctx, "train_size_example", [], {}, {"examples": float(ctx.num_train)})
+
+    try:
+        evaluation = tiny_eval_config(data_dir, "knn")
+        evaluation.protocol = "train_size_example"
+        validate_eval_config(evaluation, num_devices=jax.device_count())
+        encoder = export.PretrainedEncoder(
+            export.encoder_from_model_config(tiny_model_config()), tiny_model_config(),
+            {"kind": "random"})
+        result = base.run_protocol(evaluation, encoder, make_mesh(), base.SweepStore(tmp_path))
+        assert result["test"] == {"examples": open_split(evaluation.data, "train").num_records}
+
+        config = tiny_config()
+        config.data.dir, config.monitor.every_steps = data_dir, 1
+        config.monitor.evaluators = ("train_size_example",)
+        config.monitor.max_train_examples = 100
+        graphdef, state = nnx.split(create_train_state(config, build_schedules(config, total_steps=10, warmup_steps=1)[0],
+                                                       num_classes=10))
+        (monitor,) = base.build_evaluators(config, make_mesh(), graphdef)
+        assert monitor.run(state) == {"train_size_example/examples": 100.0}
+    finally:
+        EVALUATORS.unregister("train_size_example")

@@ -1,23 +1,24 @@
 """Experiment config modules carry the paper's numbers and say how to run them."""
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
 
-from byol_flax.config import ConfigError, validate_config
+from byol_flax.config import ConfigError, training_steps, validate_config
+from byol_flax.configs import byol_imagenet, common
 from byol_flax.evaluation.config import validate_eval_config
-from byol_flax.configs import byol_imagenet
 
 MODULES = sorted(p.stem for p in (Path(__file__).parents[1] / "byol_flax" / "configs").glob("*.py")
-                 if p.stem != "__init__")
+                 if p.stem not in ("__init__", "common"))  # common: what the modules share
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_starts_with_the_launch_command(name):
     module = importlib.import_module(f"byol_flax.configs.{name}")
-    assert module.__doc__.lstrip().startswith(
-        "python -m") and f"--config=byol_flax/configs/{name}.py" in module.__doc__.splitlines()[0]
+    first = module.__doc__.splitlines()[0]
+    assert first.startswith("python -m") and re.search(rf"--config={name}[: ]", first)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -86,7 +87,8 @@ def test_slice_plans_split_the_paper_batch(arg, accumulation):
 def test_appendix_h_slice_plan_uses_its_own_batch():
     h = importlib.import_module("byol_flax.configs.byol_imagenet_bs512").get_config("r50x1,slice=v4-8")
     assert (h.training.batch_size, h.training.accumulation_steps) == (512, 1)  # 128 per device
-    with pytest.raises(ValueError, match="options are slice"):
+    with pytest.raises(ValueError, match=r"unknown option 'slices'; known: encoder, slice, "
+                                         r"max_per_device, smoke"):
         byol_imagenet.get_config("r50x1,slices=v4-8")
 
 
@@ -112,7 +114,7 @@ def test_digits_recipes_differ_from_table_6_only_where_documented():
     # The default differs from paper only in the augmentations.
     for section in ("model", "optimizer", "target", "training", "data"):
         assert default[section].to_dict() == paper[section].to_dict(), section
-    with pytest.raises(ValueError, match="RECIPE one of"):
+    with pytest.raises(ValueError, match=r"augment='strong' is not one of \['digits', 'paper', "):
         digits_cpu.get_config("data=/d,augment=strong")
 
 
@@ -148,3 +150,55 @@ def _flatten(tree, prefix=""):
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+def test_parse_arg_types_values_by_their_defaults_and_fills_the_positional_key():
+    options = common.parse_arg("r101x2,slice=v4-8,max_per_device=64,smoke=True",
+                               positional="encoder", encoder="r50x1", slice="",
+                               max_per_device=128, epochs=100.0)
+    assert options.to_dict() == {"encoder": "r101x2", "slice": "v4-8", "max_per_device": 64,
+                                 "epochs": 100.0, "smoke": True}
+    assert common.parse_arg("epochs=5,smoke=false", epochs=1.0).to_dict() == {
+        "epochs": 5.0, "smoke": False}
+    assert common.parse_arg(None, positional="data", data="d").to_dict() == {
+        "data": "d", "smoke": False}
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("size=big", r"config argument 'size=big': size='big' is not of type int"),
+    ("smoke=maybe", r"smoke='maybe' is not of type bool"),
+    ("sise=3", r"unknown option 'sise'; known: data, size, mode, smoke"),
+    ("/d,/e", r"'/e' is not key=value; keys: data, size, mode, smoke"),
+    ("mode=slow", r"mode='slow' is not one of \['fast', 'exact'\]"),
+])
+def test_parse_arg_refuses_bad_input_in_one_line_naming_it(arg, message):
+    with pytest.raises(ValueError, match=message):
+        common.parse_arg(arg, positional="data", data="", size=96, mode="fast",
+                         choices={"mode": ("fast", "exact")})
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_module_shrinks_to_smoke_size_last(name):
+    """``smoke=True`` is the full config with the smoke switch applied on top (derived modules
+    included: their own schedule does not undo it), valid, and seconds-long."""
+    module = importlib.import_module(f"byol_flax.configs.{name}")
+    small, full = module.get_config("smoke=True"), module.get_config()
+    assert small.to_dict() == common.smoke(full).to_dict()
+    small.data.dir = small.data.dir or "/some/data"
+    if name.startswith("eval_"):
+        validate_eval_config(small, num_devices=8)
+        assert (small.data.image_size, small.data.max_train_examples) == (8, 256)
+        return
+    validate_config(small, num_devices=8)
+    assert training_steps(small, 1_000_000) == (8, 4)  # batch 32 on 128-example "epochs"
+    assert (small.data.image_size, small.model.encoder.name) == (8, "resnet_tiny")
+
+
+def test_smoke_keeps_a_cpu_sized_model_and_replaces_a_full_size_one():
+    from byol_flax.configs import digits_cpu
+
+    assert digits_cpu.get_config("smoke=True").model == digits_cpu.get_config().model
+    tiny = byol_imagenet.get_config("r200x2,smoke=True").model
+    assert (tiny.encoder.name, tiny.encoder.stem, tiny.encoder.width_multiplier) == (
+        "resnet_tiny", "small", 2)
+    assert (tiny.projector.hidden_size, tiny.projector.output_size,
+            tiny.predictor.hidden_size) == (64, 32, 64)

@@ -1,12 +1,16 @@
 """The Cloud TPU launcher in dry-run mode, slice arithmetic and the remote data route."""
 
 import shlex
+from pathlib import Path
 
 import pytest
 
 from byol_flax.cloud import launch
 from byol_flax.data import records
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice, plan_batch
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def dry_run(capsys, *argv):
@@ -24,9 +28,20 @@ def test_single_host_commands(capsys):
     lines = dry_run(capsys, *SINGLE_HOST)
     assert lines == [
         'gcloud compute tpus tpu-vm create byol-v4-8 --zone=us-central2-b --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot',
-        'gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all \'--command=sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv && python3.11 -m venv ~/byol_venv && (git clone --depth 1 https://github.com/byol-flax/byol_flax.git ~/byol_flax || git -C ~/byol_flax pull) && ~/byol_venv/bin/pip install -U "jax[tpu]" -e ~/byol_flax\'',
+        'gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all \'--command=sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv && python3.11 -m venv ~/byol_venv && (git clone --depth 1 https://github.com/byol-flax/byol_flax.git ~/byol_flax || git -C ~/byol_flax pull) && ~/byol_venv/bin/pip install -c ~/byol_flax/constraints.txt "jax[tpu]" -e ~/byol_flax\'',
         "gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all '--command=cd ~/byol_flax && nohup ~/byol_venv/bin/python -m byol_flax.main --config=byol_flax/configs/byol_imagenet.py:r50x1,slice=v4-8 --workdir=gs://my-bucket/byol_r50x1 --config.data.dir=gs://my-bucket/imagenet_arrayrecord < /dev/null > ~/byol_train.log 2>&1 &'",
     ]
+
+
+def test_the_install_step_pins_the_tested_releases():
+    """The launcher installs with the repository's constraints.txt, which pins jax (and so the
+    jax[tpu] it installs) to the tested release."""
+    install = launch.Launch("t", "z", "v4-8", "c", "gs://b/w").install()[0][-1]
+    assert f"-c {launch.CONSTRAINTS} " in install and "-U" not in install.split()
+    constraints = REPO / launch.CONSTRAINTS.removeprefix(launch.CHECKOUT + "/")
+    pins = dict(line.split("==") for line in constraints.read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert pins["jax"] == pins["jaxlib"]
 
 
 def test_multi_host_spot_relaunch_and_logs(capsys):

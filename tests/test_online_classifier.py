@@ -13,7 +13,7 @@ from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train import plan_label_users
 from byol_flax.train_state import create_train_state
-from byol_flax.train_step import loss_fn, make_train_step
+from byol_flax.train_step import StepOptions, loss_fn, make_train_step
 from tests.helpers import make_views
 
 NUM_CLASSES = 4
@@ -32,8 +32,8 @@ def run_steps(config, num_classes: int, steps: int, accumulation_steps: int = 1)
     mesh = make_mesh(jax.devices()[:1])
     lr, tau = build_schedules(config, total_steps=100, warmup_steps=0)
     graphdef, state = nnx.split(create_train_state(config, lr, num_classes=num_classes))
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau,
-                           accumulation_steps=accumulation_steps)
+    step = make_train_step(graphdef, mesh, StepOptions(lr, tau,
+                                                       accumulation_steps=accumulation_steps))
     state = replicate(state, mesh)
     batch = labelled_views(16)
     if not num_classes:

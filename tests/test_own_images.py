@@ -16,7 +16,7 @@ from PIL import Image
 
 from byol_flax.data.records import DataError
 from byol_flax.export import model_card
-from byol_flax.evaluation.protocols import labelled_split
+from byol_flax.evaluation.base import labelled_split
 from byol_flax.train import plan_label_users
 from byol_flax.data.convert import digits, image_folder
 from byol_flax.configs import eval_digits, own_images

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from byol_flax.runtime.xla import xla as runtime
+from byol_flax.runtime import xla as runtime
 from byol_flax.models.conv import PATCHES_BELOW, conv_auto, conv_function, conv_via_patches
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import build_encoder

@@ -1,5 +1,6 @@
-"""Study modules (one per ablation table) and the launcher that prints or runs them."""
+"""Study modules (one per ablation table) and the runner that prints or runs them."""
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -8,9 +9,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from byol_flax.studies import study as studies
-from byol_flax.studies import runner as sweep
+from byol_flax import configs
 from byol_flax.config import validate_config
+from byol_flax.studies import runner
+from byol_flax.studies import study as studies
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY_DIR = REPO / "byol_flax" / "configs" / "studies"
@@ -21,7 +23,15 @@ ROW_COUNTS = {  # module -> rows of the paper's table
 
 
 def load(name: str) -> studies.Study:
-    return studies.load_study(str(STUDY_DIR / f"{name}.py"))
+    return studies.load_study(name)
+
+
+def test_a_study_is_named_or_given_by_path():
+    by_path = studies.load_study(str(STUDY_DIR / "table21.py"))
+    assert by_path == load("table21") == studies.load_study("studies/table21")
+    assert by_path.config == "byol_imagenet_300ep:r50x1"  # names, as a printed command has them
+    with pytest.raises(configs.UnknownConfigError, match="'table99'.*table21"):
+        studies.load_study("table99")
 
 
 @pytest.mark.parametrize("name, rows", ROW_COUNTS.items())
@@ -79,70 +89,82 @@ def test_unknown_override_is_named_with_its_row():
         studies.row_config(study, bad, seed=0)
 
 
-def parse_main_command(command: str):
-    """The config ``python -m byol_flax.main`` would build from a printed command."""
+def parse_command(command: str, program: str):
+    """The config (and other flags) ``python -m PROGRAM`` builds from a printed command: its
+    ``--config=NAME`` resolved as the entry points do, then absl's config flag."""
     argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", "byol_flax.main"]
+    assert argv[:3] == ["python", "-m", program]
+    argv = ["main", *configs.resolve_flag(argv[3:])]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                    sys_argv=["main", *argv[3:]])
-    flags.DEFINE_string("workdir", None, "", flag_values=values)
-    values(["main", *argv[3:]])
-    return values.config, values.workdir
+                                    sys_argv=argv)
+    for name in ("workdir", "source"):
+        flags.DEFINE_string(name, None, "", flag_values=values)
+    values(argv)
+    return values
 
 
-def test_printed_commands_build_the_same_configs_as_the_launcher(capsys):
-    assert sweep.main([f"--study={STUDY_DIR / 'table21.py'}", "--workdir=gs://b/t21", "--print",
-                       "--set=data.dir=gs://b/imagenet", "--seeds=4",
-                       "--rows=lambda2,baseline"]) == 0
+def test_printed_commands_build_the_same_configs_as_the_runner(capsys):
+    assert runner.main(["--study=table21", "--workdir=gs://b/t21", "--print",
+                        "--set=data.dir=gs://b/imagenet", "--eval_set=data.dir=gs://b/imagenet",
+                        "--seeds=4", "--rows=lambda2,baseline"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4  # (pre-training + linear evaluation) x 2 rows x 1 seed
-    study = load("table21")
-    for line, row in zip(lines[::2], ("lambda2", "baseline")):
-        config, workdir = parse_main_command(line)
-        expected = studies.row_config(study, study.row(row), 4, {"data.dir": "gs://b/imagenet"})
-        assert json.loads(config.to_json()) == json.loads(expected.to_json())
-        assert workdir == f"gs://b/t21/{row}/seed_4"
-    assert lines[1].startswith("python -m byol_flax.evaluation --config=byol_flax/configs/eval_imagenet.py")
-    assert "--source=gs://b/t21/lambda2/seed_4" in lines[1]
+    study = runner.select_rows(load("table21"), ["lambda2", "baseline"])
+    plan = runner.plan(study, "gs://b/t21", seeds=[4], extra={"data.dir": "gs://b/imagenet"},
+                       eval_extra={"data.dir": "gs://b/imagenet"})
+    for (train, evaluate), run in zip(zip(lines[::2], lines[1::2]), plan):
+        assert train.startswith("python -m byol_flax.main --config=byol_imagenet_300ep:r50x1 ")
+        values = parse_command(train, "byol_flax.main")
+        assert json.loads(values.config.to_json()) == json.loads(run.config.to_json())
+        assert values.workdir == run.workdir == f"gs://b/t21/{run.row.name}/seed_4"
+        assert evaluate.startswith("python -m byol_flax.evaluation --config=eval_imagenet:linear ")
+        values = parse_command(evaluate, "byol_flax.evaluation")
+        (planned,) = run.evaluations
+        assert json.loads(values.config.to_json()) == json.loads(planned.config.to_json())
+        assert (values.source, values.workdir) == (run.workdir, f"{run.workdir}/eval_linear")
 
 
-QUICK_CONFIG = '''
-from byol_flax.configs import digits_cpu
+def test_printed_digits_study_converts_the_data_and_scores_its_references(capsys):
+    assert runner.main(["--study=cpu_collapse", "--workdir=w", "--print", "--rows=byol,simclr",
+                        "--smoke"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == ("python -m byol_flax.data.convert.digits --out w/data --holdout-count "
+                        f"{runner.HOLDOUT_COUNT}")
+    # The first run: pre-training, then linear and kNN on it and on its random initialisation;
+    # later runs: no references.
+    sources = [line.split("--source=")[1].split()[0] for line in lines[1:] if "--source" in line]
+    assert sources == ["w/byol/seed_0", "random:w/byol/seed_0"] * 2 + ["w/simclr/seed_0"] * 2
+    values = parse_command(lines[1], "byol_flax.main")
+    assert values.config.data.dir == "w/data" and values.config.data.image_size == 8  # smoke
+    evaluation = parse_command(lines[2], "byol_flax.evaluation").config
+    assert (evaluation.data.image_size, evaluation.feature_batch_size) == (8, 64)
 
-def get_config(arg=None):
-    config = digits_cpu.get_config(arg)
-    config.data.image_size = 8
-    config.training.epochs = 2.0
-    config.training.warmup_epochs = 1.0
-    config.training.num_train_examples = 128
-    config.training.batch_size = 32
-    config.checkpoint.every_steps = 4
-    config.logging.every_steps = 2
-    config.monitor.every_steps = 0
-    return config
-'''
+
+def test_a_reference_must_be_scored_by_one_of_the_evaluations():
+    study = dataclasses.replace(load("cpu_collapse"), references={"pixels": ("eval_top5",)})
+    with pytest.raises(ValueError, match=r"references \{'pixels': \('eval_top5',\)\}"):
+        runner.plan(study, "w")
+
+
 QUICK_STUDY = '''
 from byol_flax.studies.study import Row, Study
 
-STUDY = Study(table="Quick", description="two rows", config="{config}:data={{data}}",
-              evaluations=("byol_flax/configs/eval_digits.py:knn,data={{data}}",), seeds=(0,),
-              data="digits", random_init_reference=True,
-              rows=(Row("byol", {{}}, 72.5),
-                    Row("no_predictor_theta", {{"model.predictor.kind": "identity",
-                                                "target.kind": "online"}}, 0.1,
+STUDY = Study(table="Quick", description="two rows", config="digits_cpu:data={data}",
+              evaluations=("eval_digits:knn,data={data}",), seeds=(0,), data="digits",
+              references={"random_init": ("eval_knn",)}, overrides={"monitor.every_steps": 0},
+              rows=(Row("byol", {}, 72.5),
+                    Row("no_predictor_theta", {"model.predictor.kind": "identity",
+                                               "target.kind": "online"}, 0.1,
                         note="collapse")))
 '''
 
 
 @pytest.mark.slow
-def test_launcher_runs_a_study_and_writes_table_and_plot(tmp_path):
-    (tmp_path / "quick_config.py").write_text(QUICK_CONFIG)
-    (tmp_path / "quick_study.py").write_text(
-        QUICK_STUDY.format(config=tmp_path / "quick_config.py"))
-    study = studies.load_study(str(tmp_path / "quick_study.py"))
-    summary = sweep.run_study(study, tmp_path / "runs",
-                              eval_extra={"data.image_size": 8, "feature_batch_size": 64})
+def test_runner_runs_a_study_and_writes_table_and_plot(tmp_path):
+    (tmp_path / "quick_study.py").write_text(QUICK_STUDY)
+    study = studies.with_smoke(studies.load_study(str(tmp_path / "quick_study.py")))
+    summary = runner.run_study(study, tmp_path / "runs")
     rows = {r["row"]: r for r in summary["rows"]}
     assert set(rows) == {"byol", "no_predictor_theta"}
     for row in rows.values():
@@ -155,8 +177,7 @@ def test_launcher_runs_a_study_and_writes_table_and_plot(tmp_path):
     assert (tmp_path / "runs" / "summary.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "runs" / "summary.json").read_text())["table"] == "Quick"
     # Re-running resumes: nothing is trained again, the same table comes out.
-    again = sweep.run_study(study, tmp_path / "runs",
-                            eval_extra={"data.image_size": 8, "feature_batch_size": 64})
+    again = runner.run_study(study, tmp_path / "runs")
     assert [r["ours"] for r in again["rows"]] == [r["ours"] for r in summary["rows"]]
 
 

@@ -10,7 +10,7 @@ from byol_flax.data.augment import make_device_augment
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train_state import TrainState, create_train_state
-from byol_flax.train_step import loss_fn, make_train_step
+from byol_flax.train_step import StepOptions, loss_fn, make_train_step
 from tests.helpers import make_views, tiny_config
 
 TOTAL_STEPS, WARMUP_STEPS = 100, 0
@@ -21,8 +21,8 @@ def setup(config, devices=None, accumulation_steps=1, augment=None):
     mesh = make_mesh(devices if devices is not None else jax.devices()[:1])
     lr, tau = build_schedules(config, total_steps=TOTAL_STEPS, warmup_steps=WARMUP_STEPS)
     graphdef, state = nnx.split(create_train_state(config, lr))
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau, augment=augment,
-                           accumulation_steps=accumulation_steps)
+    step = make_train_step(graphdef, mesh, StepOptions(lr, tau, augment=augment,
+                                                       accumulation_steps=accumulation_steps))
     return graphdef, replicate(state, mesh), step, mesh
 
 
@@ -189,6 +189,20 @@ def test_sharded_step_on_8_devices_equals_single_device_step():
     assert single.keys() == sharded.keys()
     for name in single:
         np.testing.assert_allclose(sharded[name], single[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_step_options_carry_the_configs_schedules_and_variants(config):
+    config.training.accumulation_steps = 2
+    config.target.kind = "stop_gradient"
+    options = StepOptions.from_config(config, TOTAL_STEPS, warmup_steps=10)
+    lr, tau = build_schedules(config, total_steps=TOTAL_STEPS, warmup_steps=10)
+    for step in (0, 5, 10, 60, TOTAL_STEPS):
+        assert float(options.learning_rate(step)) == float(lr(step))
+        assert float(options.target_ema(step)) == float(tau(step))
+    assert (options.accumulation_steps, options.target_kind) == (2, "stop_gradient")
+    assert options.loss_config is config.loss and options.augment is not None
+    with pytest.raises(AttributeError):  # frozen: one value for the whole run
+        options.accumulation_steps = 1
 
 
 def test_train_state_holds_online_target_optimizer_and_step(config):

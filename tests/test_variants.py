@@ -24,7 +24,7 @@ from byol_flax.models.predictors import PREDICTORS, closed_form_linear_map
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train_state import create_train_state
-from byol_flax.train_step import loss_fn, make_train_step
+from byol_flax.train_step import StepOptions, loss_fn, make_train_step
 from tests.helpers import make_views, tiny_config
 
 IMAGE = 8
@@ -69,8 +69,8 @@ def run_steps(config, steps: int = 2, seed: int = 0):
     graphdef, state = nnx.split(create_train_state(config, lr))
     state = replicate(state, mesh)
     before = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau,
-                           loss_config=config.loss, target_kind=config.target.kind)
+    step = make_train_step(graphdef, mesh, StepOptions(lr, tau, loss_config=config.loss,
+                                                       target_kind=config.target.kind))
     for i in range(steps):
         state, metrics = step(state, shard_batch(make_views(32, seed + i, size=IMAGE), mesh))
     return before, nnx.merge(graphdef, state), metrics

@@ -14,6 +14,10 @@ One checkpoint = one step directory holding
 Saves are asynchronous; Orbax writes to a temporary directory and renames it when complete, so
 a killed save never looks like a checkpoint, and stale temporary directories are removed.
 
+The :class:`Checkpointer` also owns the policy (:meth:`Checkpointer.maybe_save`, after MaxText's
+``maybe_save_checkpoint``): the cadence, preemption notices (SIGTERM on one host, Orbax's sync
+point across hosts) and the decision to stop, so the training loop only asks it once per step.
+
 *Damaged* means the files of a step cannot be read back exactly (the run falls back to the
 previous step); *incompatible* means they verify but describe another run (nothing is moved).
 Every reader (training, evaluation, export) goes through this module.
@@ -25,6 +29,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -37,6 +42,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from byol_flax.checkpointing.preemption import TerminationGuard
 
 # Keys of config.model that change how the network is computed or initialised, not what a
 # checkpoint holds: it restores under any of their values, so they are left out of the saved
@@ -157,10 +163,14 @@ class Checkpointer:
     """Saves and restores BYOL runs in ``directory`` (local or ``gs://``).
 
     ``run`` is what every save records about the run (:func:`byol_flax.checkpointing.config_changes.run_record`).
+    ``total_steps`` (the run's last step, always saved) and ``termination`` (the SIGTERM flag of
+    a single-host run) are what :meth:`maybe_save` decides with, besides
+    ``config.checkpoint.every_steps``.
     """
 
     def __init__(self, directory: epath.PathLike, config: ml_collections.ConfigDict,
-                 run: dict[str, Any] | None = None):
+                 run: dict[str, Any] | None = None, *, total_steps: int | None = None,
+                 termination: TerminationGuard | None = None):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.checkpoint.max_to_keep,  # the newest is always among those kept
             keep_period=config.checkpoint.keep_period or None,
@@ -177,6 +187,9 @@ class Checkpointer:
             section.pop(name, None)
         self._model_config = {"model": model, "target": {"kind": config.target.kind}}
         self._run = run
+        self._every_steps = config.checkpoint.every_steps
+        self._total_steps = total_steps
+        self._termination = termination
         self._pending: int | None = None  # the step of the save in flight
         self.last_written: int | None = None  # the newest step known to be committed
         self.manager = ocp.CheckpointManager(
@@ -193,6 +206,12 @@ class Checkpointer:
     @property
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    @property
+    def last_saved(self) -> int | None:
+        """The newest step this run saved (committed or in flight) or restored; None before
+        any: what a run stopped now would resume from, once its save commits."""
+        return self._pending if self._pending is not None else self.last_written
 
     def _write_failed(self, step: int | None, error: BaseException) -> CheckpointWriteError:
         last = f"step {self.last_written}" if self.last_written is not None else "none yet"
@@ -221,6 +240,32 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001 - any write failure gets the one-line form
             raise self._write_failed(step, error) from error
         self._pending = step
+
+    def maybe_save(self, step: int, state: nnx.State, counters: dict[str, int], *,
+                   check: Callable[[], None] | None = None) -> bool:
+        """The loop's one checkpoint call per step; True means stop now.
+
+        Saves ``step`` every ``config.checkpoint.every_steps``, at ``total_steps`` and on a
+        preemption notice (SIGTERM on one host; Orbax's sync point under ``jax.distributed``,
+        which every host reaches at the same step). ``check`` runs before a save and raises to
+        refuse it (the loop's non-finite check: a bad state is never saved). After a preemption
+        save it waits for the commit and returns True: the run exits cleanly and the same
+        command resumes it.
+        """
+        # Asked on every step: under jax.distributed it is a collective all hosts must reach.
+        preempted = ((self._termination is not None and self._termination.requested)
+                     or self.manager.reached_preemption(step))
+        if not (preempted or step % self._every_steps == 0 or step == self._total_steps):
+            return False
+        if check is not None:
+            check()
+        self.save(step, state, force=True, counters=counters)
+        if not preempted:
+            return False
+        self.wait_until_finished()
+        logging.warning("preempted: checkpoint of step %d committed; exiting. Re-run the same "
+                        "command to resume.", step)
+        return True
 
     def check_for_errors(self) -> None:
         """Raises :class:`CheckpointWriteError` as soon as the asynchronous save in flight has
@@ -353,10 +398,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"byol_flax: moved aside step {step}")
         self.manager.reload()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True on every process once any of them got a preemption notice (multi-host)."""
-        return self.manager.reached_preemption(step)
-
     def wait_until_finished(self) -> None:
         """Blocks until the save in flight is committed (raises :class:`CheckpointWriteError`)."""
         self._finish_pending()
@@ -398,12 +439,13 @@ def committed_steps(directory: epath.PathLike) -> list[int]:
         manager.close()
 
 
-def read_verified(directory: epath.PathLike, target: dict[str, Any], *,
-                  prefix: tuple[str, ...] = (), step: int | None = None
+def read_verified(directory: epath.PathLike, *, prefix: tuple[str, ...] = (),
+                  step: int | None = None
                   ) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
-    """Reads the arrays shaped like ``target`` stored under ``prefix`` of the state of a
-    committed step (the newest valid one by default), verified against its checksums:
-    (step, arrays, run record or None). What evaluation and export read.
+    """Reads the arrays stored under ``prefix`` of the state of a committed step (the newest
+    valid one by default), shaped as the step recorded them and verified against its checksums:
+    (step, arrays, run record or None). What evaluation and export read
+    (:mod:`byol_flax.checkpointing.encoder`).
 
     An explicitly requested ``step`` that is damaged raises :class:`DamagedCheckpointError`; the
     default falls back to the previous valid step with a warning (nothing is moved or deleted).
@@ -417,7 +459,7 @@ def read_verified(directory: epath.PathLike, target: dict[str, Any], *,
     errors = []
     for candidate in candidates:
         try:
-            arrays, run = _read_part(directory / str(candidate), target, prefix)
+            arrays, run = _read_part(directory / str(candidate), prefix)
         except DamagedCheckpointError as error:
             if step is not None:
                 raise
@@ -450,10 +492,14 @@ def read_pytree(path: epath.PathLike, target: dict[str, Any], prefix: tuple[str,
             partial_restore=bool(prefix)))
 
 
-def _read_part(step_dir: epath.Path, target: dict[str, Any], prefix: tuple[str, ...]
+def _read_part(step_dir: epath.Path, prefix: tuple[str, ...]
                ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     where = f"checkpoint {step_dir}"
     try:
+        # The shapes and dtypes Orbax recorded with the step, under ``prefix``.
+        target = _metadata_tree(ocp.PyTreeCheckpointHandler().metadata(step_dir / "state"))
+        for key in prefix:
+            target = target[key]
         restored = read_pytree(step_dir / "state", target, prefix)
         integrity_file = step_dir / INTEGRITY_ITEM / "metadata"
         integrity = json.loads(integrity_file.read_text()) if integrity_file.exists() else None

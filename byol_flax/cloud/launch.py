@@ -4,7 +4,8 @@
         --config byol_flax/configs/byol_imagenet.py:r50x1 --workdir gs://BUCKET/run [--spot] [--run]
 
 Actions: ``create`` (the TPU VM slice, optionally spot/preemptible), ``install`` (Python 3.11 in
-a virtual environment, clone this repository and install it with JAX for TPU on every worker), ``train`` (start the same training
+a virtual environment, clone this repository and install it with JAX for TPU on every worker, at
+the exact releases of the repository's ``constraints.txt``), ``train`` (start the same training
 command on every worker, in the background, logging to ``~/byol_train.log``), ``logs`` (follow
 worker 0's log), ``relaunch`` (after a preemption: delete, create, install, train against the
 same workdir, which resumes from its newest checkpoint), ``delete``, and ``up`` (create + install
@@ -30,6 +31,8 @@ LOG_FILE = "~/byol_train.log"
 CHECKOUT = "~/byol_flax"
 # The images ship Python 3.10; the project needs 3.11+, installed into its own environment.
 VENV = "~/byol_venv"
+# The tested releases (the CI's); jax[tpu] adds the libtpu that the pinned jax requires.
+CONSTRAINTS = f"{CHECKOUT}/constraints.txt"
 ACTIONS = ("create", "install", "train", "logs", "relaunch", "delete", "up")
 
 
@@ -65,7 +68,7 @@ class Launch:
         remote = ("sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv"
                   f" && python3.11 -m venv {VENV}"
                   f" && (git clone --depth 1 {self.repo} {CHECKOUT} || git -C {CHECKOUT} pull)"
-                  f' && {VENV}/bin/pip install -U "jax[tpu]" -e {CHECKOUT}')
+                  f' && {VENV}/bin/pip install -c {CONSTRAINTS} "jax[tpu]" -e {CHECKOUT}')
         return [self._on_workers(remote)]
 
     def train(self) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""python -m byol_flax.main --config=byol_flax/configs/byol_imagenet.py:r50x1,slice=v4-64 --workdir=gs://BUCKET/byol_r50x1 --config.data.dir=gs://BUCKET/imagenet_arrayrecord
+"""python -m byol_flax.main --config=byol_imagenet:r50x1,slice=v4-64 --workdir=gs://BUCKET/byol_r50x1 --config.data.dir=gs://BUCKET/imagenet_arrayrecord
 
 BYOL on ImageNet with the hyper-parameters of Section 4 and Appendix J.1: 1000 epochs at batch
 4096, LARS (eta 1e-3, momentum 0.9), base LR 0.2 x batch/256 with 10 warm-up epochs and cosine
@@ -8,18 +8,21 @@ The argument picks an encoder of Table 9: ``r<depth>x<width>``, e.g. ``r50x1`` (
 ``r200x2``, ``r50x4``, optionally followed by ``,slice=<accelerator type>`` (and
 ``,max_per_device=<n>``, default 128): the paper's batch 4096 is then split over the slice's
 devices, with gradient accumulation (Appendix G.2) when more than ``max_per_device`` examples
-would land on one device (see ``byol_flax/cloud/slices.py``). Data: ``python -m byol_flax.data.convert.image_folder --layout imagenet
---imagenet-holdout`` writes ``train`` (1271158 images), ``holdout`` (10009, Appendix D.1: a seeded
-random choice; ``byol_flax.data.convert.tfds_to_arrayrecord --imagenet-holdout`` takes the paper's exact last
-10009 of the TFDS split, Appendix E.1) and ``validation``; steps per epoch still use the full 1281167 images, as the paper's HPS do.
+would land on one device (see ``byol_flax/cloud/slices.py``). ``,smoke=True``: the seconds-long
+version (``byol_flax/configs/common.py``). Data: ``python -m byol_flax.data.convert.image_folder
+--layout imagenet --imagenet-holdout`` writes ``train`` (1271158 images), ``holdout`` (10009,
+Appendix D.1: a seeded random choice; ``byol_flax.data.convert.tfds_to_arrayrecord
+--imagenet-holdout`` takes the paper's exact last 10009 of the TFDS split, Appendix E.1) and
+``validation``; steps per epoch still use the full 1281167 images, as the paper's HPS do.
 """
 
 import re
 
 import ml_collections
 
-from byol_flax.config import IMAGENET_TRAIN_EXAMPLES, base_config
 from byol_flax.cloud.slices import devices_in_slice, plan_batch
+from byol_flax.config import IMAGENET_TRAIN_EXAMPLES, base_config
+from byol_flax.configs import common
 
 DEFAULT_MAX_PER_DEVICE_BATCH = 128
 
@@ -27,35 +30,30 @@ TABLE_9_ENCODERS = ("r50x1", "r101x1", "r152x1", "r200x1", "r50x2", "r101x2", "r
                     "r200x2", "r50x4", "r101x3", "r152x3")
 
 
-def parse_encoder(arg: str | None) -> tuple[str, int]:
+def parse_encoder(arg: str) -> tuple[str, int]:
     """``"r200x2"`` -> ("resnet200", 2)."""
-    match = re.fullmatch(r"r(\d+)x(\d)", arg or "r50x1")
+    match = re.fullmatch(r"r(\d+)x(\d)", arg)
     if not match:
         raise ValueError(f"config argument {arg!r} is not an encoder like 'r50x1'; "
                          f"Table 9 has {TABLE_9_ENCODERS}")
     return f"resnet{match.group(1)}", int(match.group(2))
 
 
-def parse_arg(arg: str | None) -> tuple[str, dict[str, str]]:
-    """``"r50x1,slice=v4-64"`` -> ("r50x1", {"slice": "v4-64"})."""
-    encoder, *options = (arg or "r50x1").split(",")
-    parsed = dict(option.split("=", 1) for option in options if "=" in option)
-    unknown = set(parsed) - {"slice", "max_per_device"}
-    if unknown or len(parsed) != len(options):
-        raise ValueError(f"config argument {arg!r}: options are slice=<type>, max_per_device=<n>")
-    return encoder, parsed
-
-
-def get_config(arg: str | None = None, *, batch_size: int = 4096) -> ml_collections.ConfigDict:
-    """``batch_size`` is for variants (Appendix H) so the slice plan splits their batch."""
-    encoder, options = parse_arg(arg)
+def get_config(arg: str | None = None, *, batch_size: int = 4096, epochs: float = 1000.0
+               ) -> ml_collections.ConfigDict:
+    """``batch_size`` and ``epochs`` are for variants (Appendix H, Section 5): the slice plan
+    splits their batch and ``smoke=True`` still shrinks their schedule."""
+    options = common.parse_arg(arg, positional="encoder", encoder="r50x1", slice="",
+                               max_per_device=DEFAULT_MAX_PER_DEVICE_BATCH)
     config = base_config()  # the defaults are Appendix J.1
     config.training.batch_size = batch_size
-    config.model.encoder.name, config.model.encoder.width_multiplier = parse_encoder(encoder)
+    config.training.epochs = epochs
+    config.model.encoder.name, config.model.encoder.width_multiplier = parse_encoder(
+        options.encoder)
     config.training.num_train_examples = IMAGENET_TRAIN_EXAMPLES
     config.data.num_classes = 1000
-    if "slice" in options:
-        plan = plan_batch(config.training.batch_size, devices_in_slice(options["slice"]),
-                          int(options.get("max_per_device", DEFAULT_MAX_PER_DEVICE_BATCH)))
+    if options.slice:
+        plan = plan_batch(config.training.batch_size, devices_in_slice(options.slice),
+                          options.max_per_device)
         config.training.accumulation_steps = plan.accumulation_steps
-    return config
+    return common.finish(config, options)

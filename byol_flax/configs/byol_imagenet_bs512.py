@@ -1,4 +1,4 @@
-"""python -m byol_flax.main --config=byol_flax/configs/byol_imagenet_bs512.py:r50x1,slice=v3-8 --workdir=gs://BUCKET/byol_bs512 --config.data.dir=gs://BUCKET/imagenet_arrayrecord
+"""python -m byol_flax.main --config=byol_imagenet_bs512:r50x1,slice=v3-8 --workdir=gs://BUCKET/byol_bs512 --config.data.dir=gs://BUCKET/imagenet_arrayrecord
 
 Appendix H, training with a smaller batch: batch 512, base LR 0.4, tau_base 0.9995; everything
 else as Section 4 / Appendix J.1 (see ``byol_imagenet.py``).

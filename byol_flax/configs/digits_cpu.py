@@ -1,10 +1,11 @@
-"""python -m byol_flax.data.convert.digits --out data/digits --holdout-count 150 && python -m byol_flax.main --config=byol_flax/configs/digits_cpu.py --workdir=workdirs/digits
+"""python -m byol_flax.data.convert.digits --out data/digits --holdout-count 150 && python -m byol_flax.main --config=digits_cpu --workdir=workdirs/digits
 
 CPU-sized BYOL on the 1797 real 8x8 digits that scikit-learn ships (no download): a small
 ResNet with the 32-px stem, the paper's loss, LARS optimizer, schedules and (scaled) Table 6
 augmentations, scaled-down heads. About five minutes on two CPU cores.
 
-The argument is ``DATA_DIR`` (default ``data/digits``) or ``data=DATA_DIR,augment=RECIPE``:
+The argument is ``DATA_DIR`` (default ``data/digits``) or ``data=DATA_DIR,augment=RECIPE``
+(``,smoke=True``: the seconds-long version, ``byol_flax/configs/common.py``):
 
 * ``augment=digits`` (the default, the demo's): the setup chosen by the sweep in
   ``docs/demo_calibration.md`` (``benchmarks/demo_calibration.py``, point ``r16_w2_e160_combo``):
@@ -21,7 +22,8 @@ The argument is ``DATA_DIR`` (default ``data/digits``) or ``data=DATA_DIR,augmen
 
 import ml_collections
 
-from byol_flax.config import base_config, parse_config_arg
+from byol_flax.config import base_config
+from byol_flax.configs import common
 from byol_flax.data.augment import scale_blur_to_crop_size
 
 AUGMENTATION_RECIPES = ("digits", "paper", "small_image")
@@ -42,17 +44,9 @@ SMALL_IMAGE_SIZE = 12
 BLUR_KERNEL_DIVIDER = 4.0
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"DIR"`` or ``"data=DIR,augment=RECIPE"`` -> {"data": ..., "augment": ...}."""
-    options = parse_config_arg(arg, {"data": "data/digits", "augment": DEFAULT_RECIPE})
-    if options["augment"] not in AUGMENTATION_RECIPES:
-        raise ValueError(f"config argument {arg!r}: use DATA_DIR or data=DIR,augment=RECIPE with "
-                         f"RECIPE one of {AUGMENTATION_RECIPES}")
-    return options
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = parse_arg(arg)
+    options = common.parse_arg(arg, positional="data", data="data/digits", augment=DEFAULT_RECIPE,
+                               choices={"augment": AUGMENTATION_RECIPES})
     config = base_config()
     config.seed = 0
     config.model.encoder.name = "resnet_tiny"
@@ -62,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.predictor.hidden_size = 256
     config.training.batch_size = 128
     config.training.warmup_epochs = 2.0
-    recipe = options["augment"]
+    recipe = options.augment
     if recipe == "small_image":  # the first demo's setup
         config.data.image_size = SMALL_IMAGE_SIZE
         config.training.epochs = 40.0
@@ -74,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.training.epochs = 160.0
         config.optimizer.base_learning_rate = 2.0
         config.target.base_ema = 0.9
-    config.data.dir = options["data"]
+    config.data.dir = options.data
     config.data.num_classes = 10
     config.data.source_image_size = (8, 8)
     config.data.worker_count = 0
@@ -91,4 +85,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.augment.view2.flip_prob = 0.0
     if recipe == "digits":
         scale_blur_to_crop_size(config.augment, config.data.image_size)
-    return config
+    return common.finish(config, options)

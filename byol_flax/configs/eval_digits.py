@@ -1,30 +1,28 @@
-"""python -m byol_flax.evaluation --config=byol_flax/configs/eval_digits.py:linear --source=workdirs/digits --workdir=workdirs/digits_eval/linear
+"""python -m byol_flax.evaluation --config=eval_digits:linear --source=workdirs/digits --workdir=workdirs/digits_eval/linear
 
 The evaluation protocols on the bundled digits (``byol_flax.data.convert.digits --holdout-count 150``): fit on
 ``train`` (1287 images), choose on ``holdout`` (150), report on ``test`` (360), at the demo's
 16 px. The paper's hyper-parameter grids are kept; the batch is the CPU demo's 256 and the linear
 classifier is trained on precomputed features (no augmentation) unless overridden with
-``--config.linear.augment=spatial``. Argument: ``<protocol>[,data=DIR][,image_size=N]`` with
-protocol one of linear, semi_supervised, transfer_linear, transfer_finetune, knn; ``image_size``
-is the pre-training's crop size (12 for ``digits_cpu.py``'s ``small_image`` recipe).
+``--config.linear.augment=spatial``. Argument: ``<protocol>[,data=DIR][,image_size=N][,smoke=True]``
+with protocol one of linear, semi_supervised, transfer_linear, transfer_finetune, knn;
+``image_size`` is the pre-training's crop size (12 for ``digits_cpu.py``'s ``small_image``
+recipe).
 """
 
 import ml_collections
 
 from byol_flax.evaluation.config import PROTOCOLS, eval_base_config
-from byol_flax.configs import digits_cpu
+from byol_flax.configs import common, digits_cpu
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    protocol, *options = (arg or "linear").split(",")
-    parsed = dict(option.split("=", 1) for option in options if "=" in option)
-    if protocol not in PROTOCOLS or not set(parsed) <= {"data", "image_size"}:
-        raise ValueError(f"config argument {arg!r}: use <protocol>[,data=DIR][,image_size=N], "
-                         f"protocol one of {PROTOCOLS}")
+    options = common.parse_arg(arg, positional="protocol", protocol="linear", data="data/digits",
+                               image_size=digits_cpu.IMAGE_SIZE, choices={"protocol": PROTOCOLS})
     config = eval_base_config()
-    config.protocol = protocol
-    config.data.dir = parsed.get("data", "data/digits")
-    config.data.image_size = int(parsed.get("image_size", digits_cpu.IMAGE_SIZE))
+    config.protocol = options.protocol
+    config.data.dir = options.data
+    config.data.image_size = options.image_size
     config.data.num_classes = 10
     config.data.source_image_size = (8, 8)
     config.data.worker_count = 0
@@ -39,4 +37,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.transfer_finetune.batch_size = 128
     config.transfer_finetune.steps = 200
     config.knn.k = (20,)
-    return config
+    return common.finish(config, options)

@@ -1,4 +1,4 @@
-"""python -m byol_flax.evaluation --config=byol_flax/configs/eval_imagenet.py:linear --source=gs://BUCKET/byol_r50x1 --workdir=gs://BUCKET/eval/r50x1_linear --config.data.dir=gs://BUCKET/imagenet_arrayrecord
+"""python -m byol_flax.evaluation --config=eval_imagenet:linear --source=gs://BUCKET/byol_r50x1 --workdir=gs://BUCKET/eval/r50x1_linear --config.data.dir=gs://BUCKET/imagenet_arrayrecord
 
 The ImageNet protocols of Appendix D.1 on the shards of ``byol_flax.data.convert.image_folder --layout imagenet
 --imagenet-holdout`` (a seeded choice of 10009; ``tfds_to_arrayrecord --imagenet-holdout`` gives the
@@ -12,19 +12,22 @@ paper's exact split): fit on ``train`` (1271158 images), choose on ``holdout`` (
   {0.01, 0.02, 0.05, 0.1, 0.005} x {30, 50} epochs. For the SimCLR subsets of Table 2 add
   ``--config.semi_supervised.split_file=1percent.txt``.
 * ``knn``: weighted kNN (k 20 and 200, T 0.07).
+
+``,smoke=True`` gives the seconds-long version (``byol_flax/configs/common.py``).
 """
 
 import ml_collections
 
+from byol_flax.configs import common
 from byol_flax.evaluation.config import eval_base_config
 
 VARIANTS = ("linear", "linear_table7", "semi_1pct", "semi_10pct", "knn")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = arg or "linear"
-    if variant not in VARIANTS:
-        raise ValueError(f"config argument {variant!r}: choose one of {VARIANTS}")
+    options = common.parse_arg(arg, positional="variant", variant="linear",
+                               choices={"variant": VARIANTS})
+    variant = options.variant
     config = eval_base_config()
     config.name = variant
     config.data.num_classes = 1000
@@ -39,4 +42,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.semi_supervised.label_fraction = 0.01 if variant == "semi_1pct" else 0.1
     if variant == "knn":
         config.protocol = "knn"
-    return config
+    return common.finish(config, options)

@@ -1,7 +1,11 @@
-"""Evaluation of BYOL representations (online monitors and the paper's protocols)."""
+"""Evaluation of BYOL representations: one evaluator interface (``base``) for the training
+monitors and the evaluation CLI, one module per protocol, collapse monitoring (``collapse``)."""
 
-from byol_flax.evaluation import knn  # noqa: F401 - registers "knn"
-from byol_flax.evaluation import online_classifier  # noqa: F401 - registers "online_classifier"
-from byol_flax.evaluation.base import EVALUATORS, Evaluator, build_evaluators, monitor_data
+# Importing a protocol module registers its evaluator.
+from byol_flax.evaluation import (knn, linear, online_classifier, semi_supervised,  # noqa: F401
+                                  transfer_finetune, transfer_linear)
+from byol_flax.evaluation.base import (EVALUATORS, Context, Evaluator, SweepStore,
+                                       build_evaluators, monitor_data, protocol, run_protocol)
 
-__all__ = ["EVALUATORS", "Evaluator", "build_evaluators", "monitor_data"]
+__all__ = ["EVALUATORS", "Context", "Evaluator", "SweepStore", "build_evaluators",
+           "monitor_data", "protocol", "run_protocol"]

@@ -1,28 +1,262 @@
-"""The one protocol every evaluator follows, and the registry that builds them from config.
+"""The one evaluator interface, used by the training loop and the evaluation CLI alike.
 
-An evaluator is built once from (config, mesh, graphdef) and ``run(state)`` returns named scalars;
-the training loop calls the evaluators listed in ``config.monitor.evaluators`` every
-``config.monitor.every_steps`` steps and writes what they return.
+An evaluator is built from an evaluation config (``byol_flax.evaluation.config``), a mesh and
+an optional sweep store, and ``run(subject)`` measures a :class:`PretrainedEncoder`, returning
+the result dict of :func:`result` (``test`` holds the reported metrics). Every protocol is a
+function ``run_<name>(ctx: Context) -> dict`` registered with :func:`protocol`; the CLI runs
+``config.protocol`` on a ``--source`` (:func:`run_protocol`), and the training loop runs the
+names in ``config.monitor.evaluators`` on the live state every ``monitor.every_steps`` steps
+(:func:`build_evaluators`, which writes ``<name>/<metric>`` scalars).
 """
 
 import copy
-from collections.abc import Callable
-from typing import Protocol
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol
 
+import jax
 import ml_collections
+import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
+from byol_flax.data.augment import EVAL_RESIZE_RATIO
+from byol_flax.data.pipeline import OpenedSplit, open_split
+from byol_flax.data.records import DataError
+from byol_flax.evaluation import classifier as clf
+from byol_flax.evaluation.features import extract_features
+from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.runtime.registry import Registry
+
+Scores = dict[str, float]
 
 
 class Evaluator(Protocol):
-    # Evaluators that read labels set ``needs_labels = True``: the training loop switches them
-    # off before compiling when the data they read has none (byol_flax.train.plan_label_users).
-    # Those that set ``reads_monitor_data = True`` read ``config.monitor.data_dir`` when it is
-    # set (a labelled dataset of the user's choosing beside unlabeled training data), through
-    # :func:`monitor_data`; the others read the training data.
-    def run(self, state: nnx.State) -> dict[str, float]: ...
+    # ``needs_labels``: the training loop switches the evaluator off before compiling when the
+    # data it reads has no labels (byol_flax.train.plan_label_users). ``reads_monitor_data``:
+    # as a training monitor it reads ``config.monitor.data_dir`` when that is set (a labelled
+    # dataset beside unlabeled training data), the training data otherwise.
+    needs_labels: ClassVar[bool]
+    reads_monitor_data: ClassVar[bool]
+
+    def run(self, subject: PretrainedEncoder) -> dict[str, Any]: ...
+
+
+EvaluatorFactory = Callable[..., Evaluator]  # (config, mesh, *, store=None) -> Evaluator
+EVALUATORS: Registry[EvaluatorFactory] = Registry("evaluator")
+
+
+class SweepStore:
+    """One JSON file per finished sweep point under ``directory`` (the evaluation workdir)."""
+
+    def __init__(self, directory: epath.PathLike | None):
+        self._directory = epath.Path(directory) if directory else None
+        if self._directory:
+            self._directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str, point: dict[str, Any]) -> epath.Path | None:
+        if not self._directory:
+            return None
+        digest = hashlib.sha256(json.dumps(point, sort_keys=True).encode()).hexdigest()[:16]
+        return self._directory / f"{name}-{digest}.json"
+
+    def get(self, name: str, point: dict[str, Any]) -> Scores | None:
+        path = self._path(name, point)
+        if path and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise DataError(f"sweep point file {path} is damaged ({error}); delete it to "
+                                "refit that point") from error
+            if saved["point"] == point:
+                return saved["selection"]
+        return None
+
+    def put(self, name: str, point: dict[str, Any], selection: Scores) -> None:
+        """Written by process 0 only, atomically (temporary file + rename)."""
+        path = self._path(name, point)
+        if path and jax.process_index() == 0:
+            temporary = path.parent / (path.name + ".tmp")
+            temporary.write_text(json.dumps({"point": point, "selection": selection},
+                                            sort_keys=True))
+            temporary.rename(path)
+
+
+def labelled_split(config: ml_collections.ConfigDict, key: str) -> OpenedSplit:
+    """The split ``config.data.<key>`` names, refused in one line naming it when its data has no
+    labels: every protocol fits or scores a classifier."""
+    split = config.data[key]
+    opened = open_split(config.data, split)
+    if opened.manifest.num_classes == 0:
+        raise DataError(f"config.data.{key}={split!r} of {config.data.dir} has no labels (its "
+                        "manifest lists no label names): evaluation protocols need a labelled "
+                        "dataset; point config.data.dir at one, e.g. a "
+                        "byol_flax.data.convert.image_folder --layout folders conversion")
+    return opened
+
+
+@dataclasses.dataclass
+class Context:
+    """What every protocol needs: config, encoder, mesh, opened splits, store."""
+
+    config: ml_collections.ConfigDict
+    pretrained: PretrainedEncoder
+    mesh: Mesh
+    store: SweepStore
+    identity: str  # distinguishes sweeps of different encoders sharing a store
+    # Frozen features already extracted for this subject, by (split, limit, view).
+    _features: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
+        default_factory=dict, repr=False)
+
+    # Splits are opened (and their checksums verified) on first use.
+    @functools.cached_property
+    def train(self) -> OpenedSplit:
+        return labelled_split(self.config, "train_split")
+
+    @functools.cached_property
+    def selection(self) -> OpenedSplit:
+        return labelled_split(self.config, "selection_split")
+
+    @functools.cached_property
+    def test(self) -> OpenedSplit:
+        return labelled_split(self.config, "test_split")
+
+    @functools.cached_property
+    def num_classes(self) -> int:
+        return self.train.manifest.num_classes
+
+    @property
+    def train_limit(self) -> int:
+        return self.config.data.max_train_examples
+
+    @property
+    def eval_limit(self) -> int:
+        """Examples of the selection and test splits scored (0: all)."""
+        return self.config.data.max_eval_examples
+
+    def features(self, opened: OpenedSplit, *, limit: int = 0,
+                 resize_ratio: float = EVAL_RESIZE_RATIO) -> tuple[np.ndarray, np.ndarray]:
+        """Frozen features of ``opened``, computed once per split and view for this subject (a
+        protocol scoring selection and test on one split computes them once)."""
+        key = json.dumps([opened.data_dir, opened.split, limit, resize_ratio])
+        if key not in self._features:
+            apply, state = clf.make_inference_fn(self.pretrained.encoder, self.mesh)
+            self._features[key] = extract_features(
+                apply, state, opened, self.config, self.mesh,
+                batch_size=self.config.feature_batch_size, limit=limit, resize_ratio=resize_ratio)
+        return self._features[key]
+
+    def classifier_scores(self, model: nnx.Module, opened: OpenedSplit) -> Scores:
+        """Accuracies of a network mapping images to logits on (the first ``eval_limit`` of)
+        ``opened``."""
+        apply, state = clf.make_inference_fn(model, self.mesh)
+        logits, labels = extract_features(apply, state, opened, self.config, self.mesh,
+                                          batch_size=self.config.feature_batch_size,
+                                          limit=self.eval_limit)
+        return clf.accuracy_metrics(logits, labels)
+
+    @property
+    def num_train(self) -> int:
+        """Training examples the protocol fits on (``data.max_train_examples`` caps them)."""
+        return min(self.train_limit or self.train.num_records, self.train.num_records)
+
+    def train_indices(self) -> np.ndarray | None:
+        return np.arange(min(self.train_limit, self.train.num_records)) if self.train_limit \
+            else None
+
+
+def sweep(ctx: Context, name: str, points: Sequence[dict[str, Any]],
+          fit: Callable[[dict[str, Any]], Any], score: Callable[[Any], Scores], *, metric: str
+          ) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+    """Fits every point, scores it on the selection split, returns (best point, its model or
+    None if it was scored by an earlier run, all rows). Ties go to the earlier point."""
+    rows, best = [], None
+    # Everything that changes a point's score: the encoder and the whole evaluation config.
+    settings = ctx.config.to_dict()
+    settings.pop("name")
+    settings = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for point in points:
+        key = {"encoder": ctx.identity, "config": settings.hexdigest(), **point}
+        selection = ctx.store.get(name, key)
+        model = None
+        if selection is None:
+            try:
+                model = fit(point)
+                selection = score(model)
+            except FloatingPointError as error:  # a diverging point loses; the sweep goes on
+                logging.warning("%s %s diverged: %s", name, point, error)
+                selection = {metric: float("-inf"), "diverged": 1.0}
+            ctx.store.put(name, key, selection)
+        logging.info("%s %s: selection %s", name, point, selection)
+        rows.append({"point": point, "selection": selection})
+        if best is None or selection[metric] > best[1][metric]:
+            best = (point, selection, model)
+    point, _, model = best
+    return point, model, rows
+
+
+def result(ctx: Context, protocol: str, rows: list[dict[str, Any]], selected: dict[str, Any],
+           test: Scores, **extra: Any) -> dict[str, Any]:
+    """The shape every evaluator returns (and results.json holds)."""
+    data = ctx.config.data
+    return {"protocol": protocol, "name": ctx.config.name or protocol,
+            "source": ctx.pretrained.origin, "data_dir": data.dir, "train_split": data.train_split,
+            "selection_split": data.selection_split, "test_split": data.test_split,
+            "sweep": rows, "selected": selected, "test": test, **extra}
+
+
+def this_process() -> dict[str, int]:
+    """Each process reads its rows of every global batch (as in pre-training)."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+class ProtocolEvaluator:
+    """An :class:`Evaluator` running one registered protocol function on a subject."""
+
+    needs_labels: ClassVar[bool] = True
+    reads_monitor_data: ClassVar[bool] = True
+    run_protocol: ClassVar[Callable[[Context], dict[str, Any]]]
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *,
+                 store: SweepStore | None = None):
+        self._config = config
+        self._mesh = mesh
+        self._store = store or SweepStore(None)
+
+    def run(self, subject: PretrainedEncoder) -> dict[str, Any]:
+        identity = json.dumps(subject.origin, sort_keys=True)
+        ctx = Context(self._config, subject, self._mesh, self._store, identity)
+        return type(self).run_protocol(ctx)
+
+
+def protocol(name: str, *, needs_labels: bool = True, reads_monitor_data: bool = True
+             ) -> Callable[[Callable[[Context], dict[str, Any]]], Callable]:
+    """Registers ``run_<name>(ctx) -> result(...)`` as the evaluator ``name``: selectable with
+    ``config.protocol`` (the CLI) and ``config.monitor.evaluators`` (during pre-training)."""
+
+    def register(fn: Callable[[Context], dict[str, Any]]) -> Callable[[Context], dict[str, Any]]:
+        evaluator = type(f"{name}_evaluator", (ProtocolEvaluator,), {
+            "run_protocol": staticmethod(fn), "needs_labels": needs_labels,
+            "reads_monitor_data": reads_monitor_data, "__doc__": fn.__doc__})
+        EVALUATORS.register(name)(evaluator)
+        return fn
+
+    return register
+
+
+def run_protocol(config: ml_collections.ConfigDict, pretrained: PretrainedEncoder, mesh: Mesh,
+                 store: SweepStore) -> dict[str, Any]:
+    """Runs ``config.protocol`` on ``pretrained`` (the evaluation CLI's body)."""
+    return EVALUATORS.get(config.protocol)(config, mesh, store=store).run(pretrained)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluators as training monitors.
 
 
 def monitor_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -37,12 +271,39 @@ def monitor_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return data
 
 
-EvaluatorFactory = Callable[[ml_collections.ConfigDict, Mesh, nnx.GraphDef], Evaluator]
-EVALUATORS: Registry[EvaluatorFactory] = Registry("evaluator")
+class Monitor:
+    """A registered evaluator run by the training loop on the live training state: the online
+    encoder (and the online classifier) of ``state`` are its subject, and the metrics it reports
+    on its test split become the scalars ``<name>/<metric>``."""
+
+    def __init__(self, name: str, evaluator: Evaluator, graphdef: nnx.GraphDef,
+                 model_config: dict[str, Any]):
+        self.name = name
+        self._evaluator = evaluator
+        self._graphdef = graphdef
+        self._model_config = model_config
+
+    def run(self, state: nnx.State) -> dict[str, float]:
+        train_state = nnx.merge(self._graphdef, state)
+        subject = PretrainedEncoder(
+            train_state.online.encoder, self._model_config,
+            {"kind": "training"},
+            classifier=getattr(train_state, "classifier", None))
+        return {f"{self.name}/{metric}": value
+                for metric, value in self._evaluator.run(subject)["test"].items()}
 
 
 def build_evaluators(config: ml_collections.ConfigDict, mesh: Mesh,
-                     graphdef: nnx.GraphDef) -> list[Evaluator]:
+                     graphdef: nnx.GraphDef) -> list[Monitor]:
+    """The monitors ``config.monitor.evaluators`` names, each reading the monitor splits."""
+    from byol_flax.evaluation.config import monitor_eval_config  # noqa: PLC0415 - a cycle
+
     if not config.monitor.every_steps:
         return []
-    return [EVALUATORS.get(name)(config, mesh, graphdef) for name in config.monitor.evaluators]
+    model_config = json.loads(config.model.to_json())
+    monitors = []
+    for name in config.monitor.evaluators:
+        factory = EVALUATORS.get(name)
+        evaluation = monitor_eval_config(config, name, own_data=factory.reads_monitor_data)
+        monitors.append(Monitor(name, factory(evaluation, mesh), graphdef, model_config))
+    return monitors

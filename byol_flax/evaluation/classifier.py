@@ -12,6 +12,7 @@
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,12 @@ class SgdSpec:
               if self.schedule == "cosine" else learning_rate)
         return optax.chain(optax.add_decayed_weights(weight_decay),
                            optax.sgd(lr, momentum=self.momentum, nesterov=self.nesterov))
+
+
+def sgd_spec(section: Any, total_steps: int) -> SgdSpec:
+    """The :class:`SgdSpec` of a protocol's config section (momentum, nesterov, schedule)."""
+    return SgdSpec(total_steps=total_steps, momentum=section.momentum,
+                   nesterov=section.nesterov, schedule=section.schedule)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> tuple[int, int]:

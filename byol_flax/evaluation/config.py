@@ -9,8 +9,11 @@ plus the weighted kNN monitor. Experiment modules (``byol_flax/configs/eval_*.py
 import ml_collections
 
 from byol_flax.config import ConfigError, base_config
+from byol_flax.evaluation.base import EVALUATORS, monitor_data
 from byol_flax.data.augment import default_augment_config
 
+# The paper's protocols (each has a section below); any registered evaluator is a valid
+# ``config.protocol`` (byol_flax.evaluation.EVALUATORS).
 PROTOCOLS = ("linear", "semi_supervised", "transfer_linear", "transfer_finetune", "knn")
 LINEAR_AUGMENTATIONS = ("none", "spatial", "pretrain")
 METRICS = ("top1", "mean_per_class")
@@ -20,7 +23,7 @@ SCHEDULES = ("cosine", "constant")
 def eval_base_config() -> ml_collections.ConfigDict:
     """All evaluation keys with the paper's values (Appendix D.1, E.2, E.3)."""
     config = ml_collections.ConfigDict()
-    config.protocol = "linear"  # one of PROTOCOLS
+    config.protocol = "linear"  # a registered evaluator: one of PROTOCOLS, knn, online_classifier
     config.name = ""  # label of the result (e.g. "byol", "random_init"); default: the protocol
     config.seed = 0  # classifier init / data order; also the random-init baseline's seed
 
@@ -30,6 +33,7 @@ def eval_base_config() -> ml_collections.ConfigDict:
     config.data.selection_split = "holdout"  # 10009 ImageNet train images (Appendix D.1, E.1)
     config.data.test_split = "test"  # the public ILSVRC2012 validation set for ImageNet
     config.data.max_train_examples = 0  # 0: all; >0 caps train_split (quick runs)
+    config.data.max_eval_examples = 0  # 0: all; >0 caps selection_split and test_split scored
     # Pre-training augmentations for linear.augment="pretrain" (Table 7 variant): T of Table 6.
     config.augment = default_augment_config()
     config.feature_batch_size = 1024  # forward passes for features and accuracy (global batch)
@@ -112,7 +116,8 @@ def eval_base_config() -> ml_collections.ConfigDict:
 def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
     """Rejects values that would fail late or silently, naming the key."""
     checks = [
-        (config.protocol in PROTOCOLS, "protocol", f"must be one of {PROTOCOLS}"),
+        (config.protocol in EVALUATORS, "protocol",
+         f"must be a registered evaluator, one of {list(EVALUATORS)}"),
         (bool(config.data.dir), "data.dir", "is empty: point it at a byol_flax/data/convert/ output directory"),
         (config.data.selection_split != config.data.test_split, "data.selection_split",
          "must differ from data.test_split: hyper-parameters are never chosen on test"),
@@ -161,3 +166,27 @@ def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int)
             for part in key.split("."):
                 value = value[part]
             raise ConfigError(f"config.{key}={value!r} {problem}")
+
+
+def monitor_eval_config(config: ml_collections.ConfigDict, protocol: str, *, own_data: bool
+                        ) -> ml_collections.ConfigDict:
+    """The evaluation config of a training monitor: pre-training's ``config.monitor`` in the
+    evaluation schema (memory / fit on ``monitor.train_split``, scored on ``monitor.eval_split``;
+    ``own_data``: read ``monitor.data_dir`` when set). Not validated as a protocol config is:
+    a monitor has no separate test split."""
+    evaluation = eval_base_config()
+    monitor = config.monitor
+    evaluation.protocol = protocol
+    evaluation.seed = config.seed
+    data = monitor_data(config) if own_data else config.data
+    for key, value in data.items():
+        evaluation.data[key] = value
+    evaluation.data.train_split = monitor.train_split
+    evaluation.data.selection_split = evaluation.data.test_split = monitor.eval_split
+    evaluation.data.max_train_examples = monitor.max_train_examples
+    evaluation.data.max_eval_examples = monitor.max_eval_examples
+    evaluation.feature_batch_size = monitor.batch_size
+    evaluation.knn.k = tuple(monitor.knn_k)
+    evaluation.knn.temperature = monitor.knn_temperature
+    evaluation.augment = config.augment
+    return evaluation

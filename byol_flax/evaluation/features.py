@@ -1,6 +1,6 @@
 """Frozen features of a labelled split: one ordered pass, every process, every device.
 
-Shared by the online kNN monitor and the offline protocols (linear on precomputed features, kNN,
+Shared by every protocol (as a training monitor or offline) (linear on precomputed features, kNN,
 transfer via L-BFGS). Batches are padded to a fixed size so the embedding function compiles once,
 and every process runs the same number of batches because the gathers are collectives.
 """
@@ -9,23 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from byol_flax.data.augment import EVAL_RESIZE_RATIO, normalize, to_unit_float
+from byol_flax.data.augment import EVAL_RESIZE_RATIO
 from byol_flax.data.pipeline import OpenedSplit, eval_dataset
 from byol_flax.sharding import shard_batch
-
-
-def eval_representation(train_state: Any, images: jax.Array) -> jax.Array:
-    """The online encoder's float32 representation y of uint8 images, BatchNorm in inference
-    mode (the monitors' view of a training state)."""
-    encoder = train_state.online.encoder
-    encoder.eval()
-    return encoder(normalize(to_unit_float(images))).astype(jnp.float32)
 
 
 # (weights, uint8 images sharded over the mesh) -> features (B, D).

@@ -1,47 +1,38 @@
 """Held-out top-1 of the online classifier trained during pre-training (official implementation).
 
 The classifier (:func:`byol_flax.train_state.create_train_state`) is a linear layer on the
-stop-gradient representation; here it is applied to the encoder's representation of the
-``config.monitor.eval_split`` images (evaluation view, BatchNorm in inference mode), the curve the
-official code reports while BYOL trains.
+stop-gradient representation; here it is applied to the encoder's representation of the test
+split (during pre-training ``monitor.eval_split``; evaluation view, BatchNorm in inference
+mode), the curve the official code reports while BYOL trains. Only a training state carries the
+classifier: exports and checkpointed encoders do not.
 """
 
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
-from byol_flax.data.pipeline import open_split
-from byol_flax.evaluation.base import EVALUATORS
-from byol_flax.evaluation.features import eval_representation, extract_features
+from byol_flax.evaluation.base import Context, protocol, result
+from byol_flax.export.encoder import SourceError
 
 
-@EVALUATORS.register("online_classifier")
-class OnlineClassifierMonitor:
-    """Evaluator: ``run(state) -> {"online_classifier/top1": ...}``."""
+class _EncoderWithHead(nnx.Module):
+    """Images -> logits of the online classifier on the encoder's representation."""
 
-    needs_labels = True  # switched off at start-up for data without labels
+    def __init__(self, encoder: nnx.Module, head: nnx.Module):
+        self.encoder = encoder
+        self.head = head
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, graphdef: nnx.GraphDef):
-        self._config = config
-        self._mesh = mesh
-        self._eval = open_split(config.data, config.monitor.eval_split)
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.head(self.encoder(images))
 
-        @jax.jit
-        def predict(state: nnx.State, images: jax.Array) -> jax.Array:
-            train_state = nnx.merge(graphdef, state)
-            logits = train_state.classifier(eval_representation(train_state, images))
-            return jnp.argmax(logits, axis=-1)
 
-        self._predict = predict
-
-    def run(self, state: nnx.State) -> dict[str, Any]:
-        monitor = self._config.monitor
-        predicted, labels = extract_features(self._predict, state, self._eval, self._config,
-                                             self._mesh, batch_size=monitor.batch_size,
-                                             limit=monitor.max_eval_examples)
-        return {"online_classifier/top1": float(np.mean(predicted == labels))}
+@protocol("online_classifier", reads_monitor_data=False)  # its classes are the training labels
+def run_online_classifier(ctx: Context) -> dict[str, Any]:
+    """Accuracies of the online classifier on the test split; nothing is fitted."""
+    classifier = ctx.pretrained.classifier
+    if classifier is None:
+        raise SourceError(f"{ctx.pretrained.origin}: no online classifier (only a training "
+                          "state has one: use it as a monitor, config.monitor.evaluators)")
+    model = _EncoderWithHead(ctx.pretrained.encoder, classifier)
+    return result(ctx, "online_classifier", [], {}, ctx.classifier_scores(model, ctx.test))

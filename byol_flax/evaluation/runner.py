@@ -12,7 +12,7 @@ from etils import epath
 from byol_flax.export import model_card
 from byol_flax.evaluation.config import validate_eval_config
 from byol_flax.export.encoder import ENCODER_CONFIG_NAME, RANDOM_PREFIX, load_source
-from byol_flax.evaluation.protocols import SweepStore, run_protocol
+from byol_flax.evaluation import SweepStore, run_protocol
 from byol_flax.sharding import make_mesh
 
 def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> dict:

@@ -38,5 +38,14 @@ def main(argv: list[str]) -> None:
     print(f"exported to {out}: {model_card.CARD_MARKDOWN}, {model_card.CARD_JSON}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point (``byol-export``). absl's ``--help`` shows the docstring and flags of
+    ``__main__``, for an installed command pip's wrapper: it is given this module's."""
+    sys.modules["__main__"].__doc__ = __doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -29,9 +29,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from byol_flax.checkpointing import config_changes
-from byol_flax.checkpointing import (DamagedCheckpointError, committed_steps, read_pytree,
-                                     read_verified)
+from byol_flax.checkpointing import DamagedCheckpointError, read_pytree
+from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import BatchNormConfig, ResNet, build_encoder
 
@@ -54,6 +53,9 @@ class PretrainedEncoder:
     model_config: dict[str, Any]  # config.model of the pre-training run (JSON form)
     origin: dict[str, Any]  # {"kind": "export" | "pretraining" | "random", "path", "step", ...}
     pretrain_config: dict[str, Any] | None = None  # the whole pre-training config, if known
+    # The online classifier (a linear layer on the representation) of a training state, when
+    # the subject is the live state of a run (training monitors); exports do not keep it.
+    classifier: nnx.Module | None = None
 
 
 def _absolute(path: epath.PathLike) -> epath.Path:
@@ -121,47 +123,18 @@ def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
 def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
                              ) -> PretrainedEncoder:
     """The online encoder of a pre-training workdir's checkpoint (the newest valid one by
-    default), read the way training reads it: committed steps only, every array checked against
-    its checksum, and a damaged newest step skipped with a warning.
-
-    Only the encoder's arrays are read (Orbax partial restore): the optimizer state, target,
-    projector and predictor stay on disk. The pre-training config is the one saved with that
-    step (what it was trained with), plus the workdir's recorded config changes up to it.
-    """
+    default), read and verified by :func:`byol_flax.checkpointing.encoder.read_encoder`, with the
+    config that step was trained with."""
     workdir = _absolute(workdir)
-    directory = workdir / "checkpoints"
-    steps = committed_steps(directory)
-    if not steps:
-        raise SourceError(f"no checkpoint in {directory}: pass a pre-training workdir, an "
-                          "export directory or random:PATH")
     try:
-        chosen = step if step is not None else steps[-1]
-        # {"model": config.model, "target": {...}} (byol_flax.checkpointing); the encoder needs
-        # only the model section, and every step of one workdir has the same one.
-        model_config = json.loads((directory / str(chosen) / "model_config" / "metadata")
-                                  .read_text())["model"]
-    except (OSError, ValueError, KeyError) as error:
-        raise SourceError(f"step {chosen} of {directory}: its model config cannot be read: "
-                          f"{error}") from error
-    encoder = encoder_from_model_config(model_config)
-    target = nnx.to_pure_dict(nnx.state(encoder))
-    try:
-        step, arrays, run = read_verified(directory, target, prefix=("online", "encoder"),
-                                          step=step)
+        saved = read_encoder(workdir, step)
     except DamagedCheckpointError as error:
         raise SourceError(str(error)) from error
-    _set_arrays(encoder, arrays)
-    if run is not None:
-        pretrain_config = run["config"]
-    else:  # checkpoints written before run records: the workdir's config file
-        config_file = workdir / config_changes.CONFIG_NAME
-        pretrain_config = json.loads(config_file.read_text()) if config_file.exists() else None
-    if pretrain_config is not None:
-        pretrain_config = {**pretrain_config,
-                           "config_history": config_changes.read_history(workdir, step)}
-    return PretrainedEncoder(encoder, model_config,
-                             {"kind": "pretraining", "path": str(workdir), "step": step,
-                              "fingerprint": fingerprint(encoder)}, pretrain_config)
+    encoder = encoder_from_model_config(saved.model_config)
+    _set_arrays(encoder, saved.arrays)
+    return PretrainedEncoder(encoder, saved.model_config,
+                             {"kind": "pretraining", "path": str(workdir), "step": saved.step,
+                              "fingerprint": fingerprint(encoder)}, saved.pretrain_config)
 
 
 class PixelEncoder(nnx.Module):

@@ -1,5 +1,5 @@
-"""The demo's report: ``report.json``, ``report.md`` and PNG plots from the runs' results and
-TensorBoard logs.
+"""The demo's report: ``report.json``, ``report.md`` and PNG plots from the runner's run records
+(:func:`byol_flax.studies.runner.run`) and the runs' TensorBoard logs.
 
 Every accuracy is kept with its split and seed; summaries are mean, standard deviation and range
 over seeds, and the report states plainly, per augmentation recipe, whether BYOL beat each
@@ -22,12 +22,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 HEADLINE_KEYS = ("byol_linear_top1", "random_init_linear_top1", "raw_pixels_linear_top1",
                  "byol_knn_top1", "random_init_knn_top1", "byol_online_classifier_top1",
                  "train_seconds", "seeds")
-METHODS = {  # report name -> (run key, metric in its test results)
-    "byol_linear_top1": ("byol_linear", "top1"),
-    "random_init_linear_top1": ("random_init_linear", "top1"),
-    "raw_pixels_linear_top1": ("raw_pixels_linear", "top1"),
-    "byol_knn_top1": ("byol_knn", "top1_k20"),
-    "random_init_knn_top1": ("random_init_knn", "top1_k20"),
+METHODS = {  # report name -> (evaluation of the run, metric in its test results)
+    "byol_linear_top1": ("eval_linear", "top1"),
+    "random_init_linear_top1": ("random_init_eval_linear", "top1"),
+    "raw_pixels_linear_top1": ("pixels_eval_linear", "top1"),
+    "byol_knn_top1": ("eval_knn", "top1_k20"),
+    "random_init_knn_top1": ("random_init_eval_knn", "top1_k20"),
 }
 # The official online classifier, trained during pre-training: its last held-out top-1.
 ONLINE_CLASSIFIER = "byol_online_classifier_top1"
@@ -66,7 +66,8 @@ def summarise(values: dict[int, float]) -> dict[str, Any]:
 def recipe_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, (key, metric) in METHODS.items():
-        summary[name] = summarise({r["seed"]: r[key]["test"][metric] for r in runs})
+        summary[name] = summarise({r["seed"]: r["evaluations"][key]["test"][metric]
+                                   for r in runs})
     online = {r["seed"]: r["final_metrics"][ONLINE_CLASSIFIER_SCALAR] for r in runs
               if ONLINE_CLASSIFIER_SCALAR in r["final_metrics"]}
     if online:
@@ -94,7 +95,7 @@ def _plot_scalars(path: epath.Path, runs: Sequence[dict[str, Any]], panels: Sequ
         scalars = run["scalars"]
         for axis, (tag, label) in zip(axes[0], panels):
             if tag in scalars:
-                axis.plot(*scalars[tag], label=f"{run['recipe']} seed {run['seed']}",
+                axis.plot(*scalars[tag], label=f"{run['row']} seed {run['seed']}",
                           linewidth=1)
             axis.set_xlabel("step")
             axis.set_title(label)
@@ -174,18 +175,19 @@ def write_report(workdir: epath.Path, runs: Sequence[dict[str, Any]], *,
                  export_dir: epath.Path, total_seconds: float, device: str,
                  configs: dict[str, Any], recipe_notes: dict[str, str] | None = None
                  ) -> dict[str, Any]:
-    """Writes report.json, report.md and the plots; returns report.json's content.
+    """Writes report.json, report.md and the plots; returns report.json's content. ``runs``: the
+    runner's records, one row per recipe.
 
     ``recipe_notes``: per recipe, the sentence that says why it scores below the headline recipe
     (shown only when it does).
     """
     for run in runs:
-        run["scalars"] = read_scalars(run["pretrain_dir"])
+        run["scalars"] = read_scalars(run["dir"])
     recipes = {}
     for run in runs:
-        recipes.setdefault(run["recipe"], []).append(run)
+        recipes.setdefault(run["row"], []).append(run)
     summaries = {recipe: recipe_summary(rs) for recipe, rs in recipes.items()}
-    headline_recipe = runs[0]["recipe"]
+    headline_recipe = runs[0]["row"]
     headline = summaries[headline_recipe]
     plots = {
         "training_curves": ("training_curves.png", lambda p: _plot_scalars(
@@ -209,10 +211,10 @@ def write_report(workdir: epath.Path, runs: Sequence[dict[str, Any]], *,
     def accuracy_rows(run):
         rows = []
         for name, (key, metric) in METHODS.items():
-            result = run[key]
+            result = run["evaluations"][key]
             rows.append({"method": name, "value": result["test"][metric],
                          "split": result["test_split"], "seed": run["seed"],
-                         "recipe": run["recipe"], "selected": result["selected"],
+                         "recipe": run["row"], "selected": result["selected"],
                          "selection_split": result["selection_split"]})
         return rows
 
@@ -233,8 +235,8 @@ def write_report(workdir: epath.Path, runs: Sequence[dict[str, Any]], *,
         "device": device,
         "recipes": summaries,
         "accuracies": [row for run in runs for row in accuracy_rows(run)],
-        "runs": [{"recipe": r["recipe"], "seed": r["seed"], "steps": r["steps"],
-                  "train_seconds": r["train_seconds"], "pretrain_dir": r["pretrain_dir"],
+        "runs": [{"recipe": r["row"], "seed": r["seed"], "steps": r["steps"],
+                  "train_seconds": r["train_seconds"], "pretrain_dir": r["dir"],
                   "final_metrics": r["final_metrics"]} for r in runs],
         "export_dir": str(export_dir),
         "plots": {name: filename for name, (filename, _) in plots.items()},
@@ -281,9 +283,10 @@ def render_markdown(content: dict[str, Any]) -> str:
     lines += [f"![{name}]({filename})" for name, filename in content["plots"].items()]
     lines += ["", "## Files", "",
               f"- Exported encoder and model card: `{content['export_dir']}`",
-              "- Per run (`<recipe>/seed_<n>/`): `pretrain/` (TensorBoard logs, checkpoints, "
-              "config.json, log of the run in the demo's `log.txt`), `linear_*` and `knn_*` "
-              "(results.json of each evaluation)",
+              "- Per run (`<recipe>/seed_<n>/`): the pre-training (TensorBoard logs, "
+              "checkpoints, config.json; its log in the demo's `log.txt`) and one directory per "
+              "evaluation with its results.json (`eval_linear`, `eval_knn`, "
+              "`random_init_eval_*`, `pixels_eval_linear`)",
               "- `report.json`: every number above, with split, seed and chosen hyper-parameter, "
               "and the configs", ""]
     return "\n".join(lines)

@@ -1,20 +1,23 @@
-"""Ablation studies as data: one :class:`Study` per paper table, rows = config overrides.
+"""Studies as data: one :class:`Study` per paper table (and the demo), rows = config overrides.
 
 A study module (``byol_flax/configs/studies/table21.py`` etc.) defines ``STUDY``: the config every
-row starts from, the evaluation that scores it, the seeds, and one :class:`Row` per line of the
-paper's table with the overrides that make it and the value the paper reports. The launcher
-(``python -m byol_flax.studies``) prints the commands of a study for a cluster or runs it here.
+row starts from, the evaluations that score it, the seeds, and one :class:`Row` per line of the
+paper's table with the overrides that make it and the value the paper reports. The runner
+(``python -m byol_flax.studies``, :mod:`byol_flax.studies.runner`) prints the commands of a study
+for a cluster or runs it here. Config specs are what ``--config=`` takes: a shipped config's
+name (``byol_imagenet_300ep:r50x1``, resolved by :func:`byol_flax.configs.resolve`) or a path.
 """
 
 import dataclasses
 import importlib.util
-import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
 from etils import epath
+
+from byol_flax import configs
 
 # Section 5's SimCLR baseline (Appendix G.5): no predictor, the online network as its own target
 # (gradient flowing), beta = 1 in Eq. 5 (the InfoNCE loss x 2 alpha) at SimCLR's best alpha 0.1.
@@ -25,7 +28,10 @@ NO_EMA = {"target.base_ema": 0.0, "target.schedule": "constant"}
 
 
 # The setup of Section 5 and Appendix G (300 epochs, LR 0.3, WD 1e-6, tau 0.99, batch 4096).
-SECTION5_CONFIG = "byol_flax/configs/byol_imagenet_300ep.py:r50x1"
+SECTION5_CONFIG = "byol_imagenet_300ep:r50x1"
+# Reference encoders a study may score with its evaluations, beside each run's BYOL encoder:
+# the run's architecture at random initialisation (seeded like the run) and raw pixels.
+REFERENCES = ("random_init", "pixels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Row:
     paper_top5: float | None = None
     paper_spread: float | None = None  # the paper's "±": half the max-min range over seeds
     note: str = ""
+    config: str = ""  # this row's config spec instead of the study's (the demo's recipes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +52,20 @@ class Study:
     table: str
     description: str
     rows: tuple[Row, ...]
-    config: str = SECTION5_CONFIG  # "path/to/config.py[:arg]", as --config takes it
-    # Evaluation configs scoring every run ("path.py[:arg]"); the first is the table's metric.
-    evaluations: tuple[str, ...] = ("byol_flax/configs/eval_imagenet.py:linear",)
+    config: str = SECTION5_CONFIG  # "NAME[:ARG]" or "path.py[:ARG]", as --config takes it
+    # Evaluation configs scoring every run (same form); the first is the table's metric.
+    evaluations: tuple[str, ...] = ("eval_imagenet:linear",)
     seeds: tuple[int, ...] = (0, 1, 2)  # Appendix G: "averaged over 3 seeds"
     # Study-level overrides applied before every row's (e.g. a shared data directory).
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    # "digits": the launcher writes the bundled digits to WORKDIR/data and puts that directory
-    # wherever "{data}" appears in ``config`` and ``evaluations``.
+    # "digits": the runner writes the bundled digits to WORKDIR/data and puts that directory
+    # wherever "{data}" appears in the config specs.
     data: str = ""
-    # Whether the launcher also scores the row's architecture at random initialisation.
-    random_init_reference: bool = False
+    # Reference (one of REFERENCES) -> the evaluations (by eval_dir_name) that score it.
+    references: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # False: only the first run gets the references (one line under the table); True: every
+    # run does (the demo: the references' spread over seeds, per recipe).
+    references_every_run: bool = False
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -76,7 +86,9 @@ def load_module(path: str, name: str):
     return module
 
 
-def load_study(path: str) -> Study:
+def load_study(spec: str) -> Study:
+    """A study module's ``STUDY``, by name (``table21``) or path."""
+    path = configs.resolve(spec, subdir="studies")
     module = load_module(path, f"byol_flax_study_{epath.Path(path).stem}")
     study = getattr(module, "STUDY", None)
     if not isinstance(study, Study):
@@ -85,8 +97,9 @@ def load_study(path: str) -> Study:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``"path.py[:arg]"`` -> ``get_config(arg)``, locked (what ``--config=`` does)."""
-    path, _, arg = spec.partition(":")
+    """``"NAME[:ARG]"`` or ``"path.py[:ARG]"`` -> ``get_config(ARG)``, locked (what
+    ``--config=`` does)."""
+    path, _, arg = configs.resolve(spec).partition(":")
     module = load_module(path, f"byol_flax_config_{epath.Path(path).stem}")
     config = module.get_config(arg or None)
     config.lock()
@@ -110,7 +123,7 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, *, origi
 def row_config(study: Study, row: Row, seed: int,
                extra: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
     """The pre-training config of one row and seed."""
-    config = load_config(study.config)
+    config = load_config(row.config or study.config)
     for source, overrides in ((study.table, study.overrides), (f"{study.table} row {row.name}",
                                                                 row.overrides),
                               ("--set", extra or {})):
@@ -120,45 +133,45 @@ def row_config(study: Study, row: Row, seed: int,
     return config
 
 
-def _flag_value(value: Any) -> str:
-    if isinstance(value, (tuple, list)):
-        return "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
-    return str(value)
+def eval_config(spec: str, pretrain: ml_collections.ConfigDict, seed: int,
+                extra: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The evaluation config ``spec`` for a run of ``pretrain``: at the pre-training's crop size
+    (an encoder is scored at the resolution it learned), then ``extra``, then the run's seed."""
+    config = load_config(spec)
+    config.data.image_size = pretrain.data.image_size
+    for key, value in (extra or {}).items():
+        set_dotted(config, key, value, origin="--eval_set")
+    config.seed = seed
+    return config
 
 
 def run_dir(workdir: str, row: Row, seed: int) -> str:
     return f"{workdir}/{row.name}/seed_{seed}"
 
 
-def commands(study: Study, workdir: str, *, seeds: Sequence[int] | None = None,
-             extra: Mapping[str, Any] | None = None,
-             eval_extra: Mapping[str, Any] | None = None) -> list[str]:
-    """Shell commands making the whole table: pre-training then evaluation per row and seed."""
-    out = []
-    for row in study.rows:
-        for seed in seeds or study.seeds:
-            directory = run_dir(workdir, row, seed)
-            overrides = {**study.overrides, **row.overrides, **(extra or {}), "seed": seed}
-            flags = [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]
-            out.append(shlex.join(["python", "-m", "byol_flax.main", f"--config={study.config}",
-                                   *flags, f"--workdir={directory}"]))
-            for evaluation in study.evaluations:
-                eval_flags = [f"--config.{k}={_flag_value(v)}" for k, v in
-                              {**(eval_extra or {}), "seed": seed}.items()]
-                out.append(shlex.join([
-                    "python", "-m", "byol_flax.evaluation", f"--config={evaluation}", *eval_flags,
-                    f"--source={directory}", f"--workdir={directory}/{eval_dir_name(evaluation)}"]))
-    return out
-
-
 def eval_dir_name(evaluation: str) -> str:
-    """``byol_flax/configs/eval_digits.py:knn,data=X`` -> ``eval_knn``: one directory per protocol."""
-    _, _, arg = evaluation.partition(":")
-    return "eval_" + (arg.split(",")[0] if arg else epath.Path(evaluation.partition(":")[0]).stem)
+    """``eval_digits:knn,data=X`` -> ``eval_knn``: one directory per protocol (the argument's
+    leading value; without one, the module: ``eval_imagenet:smoke=True`` -> ``eval_imagenet``)."""
+    path, _, arg = evaluation.partition(":")
+    first = arg.split(",")[0]
+    return "eval_" + (first if first and "=" not in first
+                      else epath.Path(path).stem.removeprefix("eval_"))
+
+
+def _specs(study: Study, change: Callable[[str], str]) -> Study:
+    """The study with ``change`` applied to every config spec (study, rows, evaluations)."""
+    return dataclasses.replace(
+        study, config=change(study.config),
+        rows=tuple(dataclasses.replace(r, config=change(r.config)) if r.config else r
+                   for r in study.rows),
+        evaluations=tuple(change(e) for e in study.evaluations))
 
 
 def with_data(study: Study, data_dir: str) -> Study:
-    """The study with "{data}" replaced by ``data_dir`` in its config and evaluation specs."""
-    return dataclasses.replace(
-        study, config=study.config.replace("{data}", data_dir),
-        evaluations=tuple(e.replace("{data}", data_dir) for e in study.evaluations))
+    """The study with "{data}" replaced by ``data_dir`` in its config specs."""
+    return _specs(study, lambda spec: spec.replace("{data}", data_dir))
+
+
+def with_smoke(study: Study) -> Study:
+    """The study at smoke size: ``smoke=True`` added to every config spec's argument."""
+    return _specs(study, lambda spec: spec + ("," if ":" in spec else ":") + "smoke=True")

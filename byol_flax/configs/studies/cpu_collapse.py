@@ -1,11 +1,11 @@
 """CPU-scale replication of Table 21 and Table 19's collapse findings on the bundled digits.
 
-``python -m byol_flax.studies --study=byol_flax/configs/studies/cpu_collapse.py --workdir=workdirs/cpu_collapse``
+``python -m byol_flax.studies --study=cpu_collapse --workdir=workdirs/cpu_collapse``
 
-The demo's setup (``byol_flax/configs/digits_cpu.py`` with the ``small_image`` augmentation recipe:
+The demo's setup (``digits_cpu`` with the ``small_image`` augmentation recipe:
 resnet_tiny, 12 px, batch 128, 40 epochs = 402 steps, LARS, paper hyper-parameters otherwise),
 scored by the collapse monitors and by linear and kNN evaluation on the held-out test split
-(``byol_flax/configs/eval_digits.py``). Rows:
+(``eval_digits``, at the pre-training's 12 px). Rows:
 
 * Table 21 (tau = 0, predictor learning-rate multiplier lambda): the paper finds collapse for
   lambda in {0, 1} and none for lambda >= 2;
@@ -18,17 +18,15 @@ no-collapse pattern is comparable, not the numbers.
 """
 
 from byol_flax.studies.study import NO_EMA, SIMCLR, Row, Study
-from byol_flax.configs.digits_cpu import SMALL_IMAGE_SIZE
 
 STUDY = Study(
     table="CPU replication of Tables 19 and 21",
     description="collapse with tau = 0 vs predictor LR multiplier; targets without predictor",
-    config="byol_flax/configs/digits_cpu.py:data={data},augment=small_image",
-    evaluations=tuple(f"byol_flax/configs/eval_digits.py:{protocol},data={{data}},"
-                      f"image_size={SMALL_IMAGE_SIZE}" for protocol in ("linear", "knn")),
+    config="digits_cpu:data={data},augment=small_image",
+    evaluations=("eval_digits:linear,data={data}", "eval_digits:knn,data={data}"),
     seeds=(0,),
     data="digits",
-    random_init_reference=True,
+    references={"random_init": ("eval_linear", "eval_knn")},
     overrides={"monitor.every_steps": 0, "logging.every_steps": 20},
     rows=(
         Row("byol", {}, 72.5, note="BYOL baseline"),
