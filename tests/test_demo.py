@@ -1,16 +1,17 @@
-"""The demo pipeline (byol_flax/studies/demo.py), shrunk to seconds: same steps, same report."""
+"""The demo pipeline (byol_flax/studies/demo.py) at smoke size: same steps, same report."""
 
 import json
 
 import numpy as np
 import pytest
 
-from byol_flax.studies import demo
-from byol_flax.studies import report
+from byol_flax.configs import common
+from byol_flax.studies import demo, report, runner
+from byol_flax.studies.study import with_data
 
 
-def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
-    summary = demo.run_demo(tmp_path, seeds=[0], recipes=["digits"], quick=True)
+def test_smoke_demo_writes_the_report_with_its_keys_and_files(tmp_path):
+    summary = demo.run_demo(tmp_path, seeds=[0], recipes=["digits"], smoke=True)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["seeds"] == [0] == summary["seeds"]
     for key in report.HEADLINE_KEYS + ("total_seconds", "device", "recipes", "accuracies"):
@@ -35,9 +36,10 @@ def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
     markdown = (tmp_path / "report.md").read_text()
     assert "## Verdict" in markdown and "digits" in markdown
     run = tmp_path / "digits" / "seed_0"
-    assert list((run / "pretrain").glob("events.out.tfevents.*"))
-    assert (run / "pretrain" / "checkpoints").is_dir()
-    assert (run / "linear_random_init" / "results.json").exists()
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints").is_dir()
+    for evaluation in ("random_init_eval_linear", "pixels_eval_linear", "random_init_eval_knn"):
+        assert (run / evaluation / "results.json").exists()
     assert (tmp_path / "export" / "MODEL_CARD.md").exists()
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
     assert {e["protocol"] for e in card["evaluations"]} == {"linear", "knn"}
@@ -46,11 +48,12 @@ def test_quick_demo_writes_the_report_with_its_keys_and_files(tmp_path):
 def test_report_verdicts_use_twice_the_seed_std_and_explain_a_losing_recipe():
     def run(recipe, seed, byol, random_init, pixels, knn, random_knn, online):
         test = lambda value, metric="top1": {"test": {metric: value}}  # noqa: E731
-        return {"recipe": recipe, "seed": seed, "steps": 10, "train_seconds": 1.0,
+        return {"row": recipe, "seed": seed, "steps": 10, "train_seconds": 1.0,
                 "final_metrics": {"online_classifier/top1": online, "images_per_second": 5.0},
-                "byol_linear": test(byol), "random_init_linear": test(random_init),
-                "raw_pixels_linear": test(pixels), "byol_knn": test(knn, "top1_k20"),
-                "random_init_knn": test(random_knn, "top1_k20")}
+                "evaluations": {
+                    "eval_linear": test(byol), "random_init_eval_linear": test(random_init),
+                    "pixels_eval_linear": test(pixels), "eval_knn": test(knn, "top1_k20"),
+                    "random_init_eval_knn": test(random_knn, "top1_k20")}}
 
     default = [run("small_image", s, 0.97 + 0.01 * s, 0.83, 0.96, 0.95, 0.90, 0.9)
                for s in range(3)]
@@ -69,4 +72,21 @@ def test_report_verdicts_use_twice_the_seed_std_and_explain_a_losing_recipe():
 
 def test_unknown_recipe_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match="unknown recipe.*'tiny'"):
-        demo.run_demo(tmp_path, seeds=[0], recipes=["tiny"], quick=True)
+        demo.run_demo(tmp_path, seeds=[0], recipes=["tiny"], smoke=True)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_smoke_demo_is_the_demo_with_the_smoke_switch_on_every_config():
+    """--smoke runs the same plan (runs, evaluations, references, seeds) as the demo, each
+    config being the full one with configs.common.smoke applied."""
+    rows = [demo.recipe_row(recipe, recipe) for recipe in ("digits", "small_image")]
+    full, smoke = (runner.plan(with_data(demo.demo_study(rows, seeds=(0, 1), smoke=s), "/d"),
+                               "/w") for s in (False, True))
+    assert [(r.workdir, [e.name for e in r.evaluations]) for r in full] == [
+        (r.workdir, [e.name for e in r.evaluations]) for r in smoke]
+    for big, small in zip(full, smoke):
+        assert common.smoke(big.config).to_dict() == small.config.to_dict()
+        for e_big, e_small in zip(big.evaluations, small.evaluations):
+            assert e_big.source == e_small.source and e_small.config.data.image_size == 8
+            e_big.config.data.image_size = small.config.data.image_size  # follows pre-training
+            assert common.smoke(e_big.config).to_dict() == e_small.config.to_dict()

@@ -466,35 +466,3 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     with pytest.raises(export.SourceError, match="no online classifier"):
         base.run_protocol(evaluation, dataclasses.replace(subject, classifier=None), mesh,
                           base.SweepStore(None))
-
-
-def test_a_registered_protocol_is_an_evaluator_for_the_cli_and_the_monitor(data_dir, tmp_path):
-    """CONTRIBUTING's "adding an evaluator" example: one function, one registration, one
-    config entry; the CLI config accepts the name and the monitor writes its metric."""
-    from byol_flax.evaluation.base import EVALUATORS, protocol  # noqa: PLC0415
-
-    @protocol("train_size_example")
-    def run_train_size_example(ctx: base.Context) -> dict:
-        """Counts the examples the protocol would fit on (a stand-in for a real metric)."""
-        return base.result(ctx, "train_size_example", [], {}, {"examples": float(ctx.num_train)})
-
-    try:
-        evaluation = tiny_eval_config(data_dir, "knn")
-        evaluation.protocol = "train_size_example"
-        validate_eval_config(evaluation, num_devices=jax.device_count())
-        encoder = export.PretrainedEncoder(
-            export.encoder_from_model_config(tiny_model_config()), tiny_model_config(),
-            {"kind": "random"})
-        result = base.run_protocol(evaluation, encoder, make_mesh(), base.SweepStore(tmp_path))
-        assert result["test"] == {"examples": open_split(evaluation.data, "train").num_records}
-
-        config = tiny_config()
-        config.data.dir, config.monitor.every_steps = data_dir, 1
-        config.monitor.evaluators = ("train_size_example",)
-        config.monitor.max_train_examples = 100
-        graphdef, state = nnx.split(create_train_state(config, build_schedules(config, total_steps=10, warmup_steps=1)[0],
-                                                       num_classes=10))
-        (monitor,) = base.build_evaluators(config, make_mesh(), graphdef)
-        assert monitor.run(state) == {"train_size_example/examples": 100.0}
-    finally:
-        EVALUATORS.unregister("train_size_example")

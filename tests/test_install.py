@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from byol_flax.studies import report
 
@@ -117,6 +118,7 @@ def test_byol_flax_is_imported_from_the_new_environment_not_the_checkout(install
     assert '"editable": true' not in direct_url
 
 
+@pytest.mark.slow  # ~20 s: three of the commands import TensorFlow (through CLU)
 def test_every_console_entry_point_answers_help_outside_the_checkout(installed):
     assert set(SCRIPTS) == set(HELP_FLAG)
 
@@ -143,6 +145,16 @@ def test_a_shipped_config_name_resolves_and_a_missing_data_dir_fails_naming_it(i
     assert "Traceback" not in output
 
 
+def test_a_shipped_study_is_named_and_prints_its_commands(installed):
+    """configs/studies ship: ``--study=NAME`` resolves in the installed package."""
+    done = installed.run("byol-study", "--study=table21", f"--workdir={installed.elsewhere / 's'}",
+                         "--print")
+    assert done.returncode == 0, done.stdout + done.stderr
+    commands = done.stdout.splitlines()
+    assert commands and all(c.startswith("python -m byol_flax.") for c in commands)
+
+
+@pytest.mark.slow  # ~45 s on 2 cores
 def test_the_demo_runs_from_the_entry_point_and_writes_its_report(installed):
     workdir = installed.elsewhere / "demo"
     done = installed.run("byol-demo", "--smoke", f"--workdir={workdir}", timeout=600)
@@ -165,12 +177,8 @@ def _pins(text: str) -> dict[str, str]:
             requirement = Requirement(line)
             (spec,) = requirement.specifier
             assert spec.operator == "==", f"constraints.txt: {line} is not an exact pin"
-            pins[_normalise(requirement.name)] = spec.version
+            pins[canonicalize_name(requirement.name)] = spec.version
     return pins
-
-
-def _normalise(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def test_constraints_pin_releases_inside_pyproject_ranges():
@@ -181,9 +189,10 @@ def test_constraints_pin_releases_inside_pyproject_ranges():
     direct = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]
               ["dev"]]
     for requirement in direct:
-        assert requirement.specifier.filter([pins[_normalise(requirement.name)]]), (
-            f"constraints.txt pins {requirement.name}=={pins[_normalise(requirement.name)]} "
-            f"outside pyproject.toml's {requirement}")
+        pinned = pins[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(pinned), (
+            f"constraints.txt pins {requirement.name}=={pinned} outside pyproject.toml's "
+            f"{requirement}")
         assert any(s.operator == "<" for s in requirement.specifier), (
             f"{requirement} has no upper bound")
     assert pins["jax"] == pins["jaxlib"]

@@ -165,8 +165,8 @@ def build_encoder(name: str, *, width_multiplier: int = 1, stem: Stem = "imagene
 
     ``conv_implementation``: see :mod:`byol_flax.models.conv` (numerics equal, speed differs).
     ``zero_init_residual``: see :class:`ResidualBlock`. Encoders registered by users receive
-    either option only if their constructor takes it (a non-default value they cannot take is
-    an error).
+    either option only if their constructor takes it, by name or as ``**options`` (a non-default
+    value they cannot take is an error).
     """
     if width_multiplier not in (1, 2, 3, 4):
         raise ValueError(f"encoder width_multiplier must be 1, 2, 3 or 4, got {width_multiplier!r}")
@@ -174,9 +174,10 @@ def build_encoder(name: str, *, width_multiplier: int = 1, stem: Stem = "imagene
     options = {}
     target = constructor.func if isinstance(constructor, functools.partial) else constructor
     accepted = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     for key, value, default in (("conv_implementation", conv_implementation, "auto"),
                                 ("zero_init_residual", zero_init_residual, False)):
-        if key in accepted:
+        if key in accepted or takes_any:
             options[key] = value
         elif value != default:  # an encoder registered by a user, without that option
             raise ValueError(f"encoder {name!r} does not take {key} (got {value!r}); leave it at "
