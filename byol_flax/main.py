@@ -16,7 +16,6 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from byol_flax import configs  # noqa: E402
 from byol_flax.checkpointing import (CheckpointWriteError, DamagedCheckpointError,  # noqa: E402
                                      IncompatibleCheckpointError)
 from byol_flax.config import ConfigError  # noqa: E402
@@ -86,18 +85,9 @@ def main(argv: list[str]) -> None:
         console.exit_with_error(f"error: {type(error).__name__}: {error}")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, after ``--config=NAME`` is resolved to a shipped config module."""
-    try:
-        argv = configs.resolve_flag(argv)
-    except configs.UnknownConfigError as error:
-        console.exit_with_error(f"error: --config: {error}")
-    return app.parse_flags_with_usage(argv)
-
-
 def run() -> None:
     """Console entry point."""
-    app.run(main, flags_parser=parse_flags)
+    console.run_command(main, __name__, config_flag="config")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and gradients), the runtime XLA flags, one compilation across steps and a resume with no implicit
 host <-> device transfers, bfloat16 compute against float32. Speeds are in benchmarks/."""
 
+import json
 import os
 
 import jax
@@ -160,10 +161,22 @@ def one_device(monkeypatch):
     monkeypatch.setattr(train, "make_mesh", lambda: sharding.make_mesh(jax.devices()[:1]))
 
 
+def read_metrics(workdir) -> dict[int, dict[str, float]]:
+    """<workdir>/metrics.jsonl by step; every step appears once."""
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line["step"] for line in lines]
+    assert len(set(steps)) == len(steps), steps
+    return {line["step"]: line for line in lines}
+
+
 def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_device):
+    """Also the logging windows, from the same two runs: logged every 4 steps, then resumed
+    from step 8 logging every step, so the windows of steps 12 and 16 are compared with the
+    per-step values of the same (bitwise resumed) steps."""
     from byol_flax import train
 
     config = shrunk_digits_config(data_dir)
+    config.logging.every_steps = 4
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, seconds, **_: compiles.append(event)
@@ -172,11 +185,14 @@ def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_de
     train.train_and_evaluate(config, tmp_path)  # 16 steps, checkpoints at 8, 12, 16
     (step_fn,) = train._STEP_CACHE.values()
     assert step_fn._cache_size() == 1
+    windows = read_metrics(tmp_path)
+    assert list(windows) == [4, 8, 12, 16]
     for newer in ("12", "16"):  # as if preempted after the save of step 8
         for path in sorted((tmp_path / "checkpoints" / newer).rglob("*"), reverse=True):
             path.unlink() if path.is_file() else path.rmdir()
         (tmp_path / "checkpoints" / newer).rmdir()
     compiles.clear()
+    config.logging.every_steps = 1  # a runtime key
     scalars = train.train_and_evaluate(config, tmp_path)  # restores step 8, trains 9..16
     assert scalars and np.isfinite(scalars["loss"])
     assert train._STEP_CACHE[next(iter(train._STEP_CACHE))] is step_fn
@@ -184,6 +200,17 @@ def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_de
     # Set-up programs (initialisers, the evaluation) may compile; the step does not again, and
     # nothing compiles per step: fewer compilations than the 8 steps trained.
     assert len(compiles) < 8, compiles
+
+    # metrics.jsonl: the lines of steps 12 and 16 were dropped on resume and written again.
+    per_step = read_metrics(tmp_path)
+    assert list(per_step) == [4, 8, *range(9, 17)]
+    assert per_step[4] == windows[4] and per_step[8] == windows[8]
+    for end in (12, 16):
+        for key in ("loss", "grad_norm", "collapse/projection_std_ratio"):
+            mean = np.mean([per_step[step][key] for step in range(end - 3, end + 1)])
+            np.testing.assert_allclose(windows[end][key], mean, rtol=1e-5, err_msg=key)
+        for key in ("learning_rate", "tau"):  # the value at the logging step
+            assert windows[end][key] == per_step[end][key] != per_step[end - 1][key], key
 
 
 def test_the_loop_refuses_implicit_transfers_into_the_step(data_dir, tmp_path, monkeypatch,

@@ -100,6 +100,17 @@ def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
     state = final_state(reference_run)[0]
     assert any(name.startswith("/classifier/") for name in state), sorted(state)[:5]
     assert metrics["collapse/projection_effective_rank"] >= 1.0
+    # metrics.jsonl: a line per logging step; the last holds the monitors' results too and is
+    # what final_metrics.json records.
+    lines = read_metrics(reference_run)
+    assert [line["step"] for line in lines] == list(range(4, TOTAL_STEPS + 1, 4))
+    assert all(np.isfinite(line["loss"]) and "learning_rate" in line for line in lines)
+    assert "knn/top1_k20" in lines[-1] and "knn/top1_k20" not in lines[0]
+    assert {k: v for k, v in lines[-1].items() if k != "step"} == metrics
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_typo_in_a_config_key_is_rejected_by_name(data_dir, tmp_path):
@@ -199,6 +210,12 @@ def test_resumes_with_other_worker_counts_are_bitwise_equal(reference_run, data_
                 .splitlines())]
     assert ("data.worker_count", 0, 2, "runtime") in history
     assert ("data.worker_count", 2, 1, "runtime") in history
+    # metrics.jsonl across the kills: each logging step once, the windows' averages those of
+    # the uninterrupted run (resumes start at checkpoints, which are logging steps here).
+    got, expected = read_metrics(workdir), read_metrics(reference_run)
+    assert [line["step"] for line in got] == [line["step"] for line in expected]
+    for mine, theirs in zip(got, expected):
+        assert (mine["loss"], mine["grad_norm"]) == (theirs["loss"], theirs["grad_norm"]), mine
 
 
 def test_a_changed_recipe_is_refused_unless_allowed_and_then_recorded(reference_run, data_dir,

@@ -19,7 +19,12 @@ def names(subdir: str = "") -> list[str]:
     """Shipped config names (``subdir="studies"``: the study modules)."""
     root = CONFIG_DIR / subdir
     return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in root.glob("*.py")
-                  if not p.name.startswith("_"))
+                  if not p.name.startswith("_") and _is_config_module(p, subdir))
+
+
+def _is_config_module(path: pathlib.Path, subdir: str) -> bool:
+    """An experiment config (``get_config``) or, under ``studies``, a study (``STUDY``)."""
+    return ("STUDY = " if subdir == "studies" else "def get_config(") in path.read_text()
 
 
 def resolve(spec: str, *, subdir: str = "") -> str:
@@ -30,7 +35,8 @@ def resolve(spec: str, *, subdir: str = "") -> str:
         return spec
     for candidate in ([f"{subdir}/{path}"] if subdir else []) + [path]:
         file = CONFIG_DIR / f"{candidate}.py"
-        if file.is_file() and not file.name.startswith("_"):
+        if file.is_file() and not file.name.startswith("_") and \
+                _is_config_module(file, candidate.rpartition("/")[0]):
             return f"{file}{sep}{arg}"
     raise UnknownConfigError(f"{spec!r} is neither a .py file nor a shipped config; names: "
                              f"{', '.join(names(subdir) or names())}")

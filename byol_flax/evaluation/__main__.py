@@ -16,11 +16,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from byol_flax import configs
 from byol_flax.config import ConfigError
 from byol_flax.data.records import DataError
 from byol_flax.export.encoder import SourceError
 from byol_flax.evaluation.runner import evaluate
+from byol_flax.runtime import console
 from byol_flax.runtime.xla import configure_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config module.",
@@ -42,18 +42,9 @@ def main(argv: list[str]) -> None:
                       "selected": result["selected"]}))
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, after ``--config=NAME`` is resolved to a shipped config module."""
-    try:
-        argv = configs.resolve_flag(argv)
-    except configs.UnknownConfigError as error:
-        sys.exit(f"error: --config: {error}")
-    return app.parse_flags_with_usage(argv)
-
-
 def run() -> None:
     """Console entry point."""
-    app.run(main, flags_parser=parse_flags)
+    console.run_command(main, __name__, config_flag="config")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from absl import app, flags
 
 from byol_flax.export import model_card
 from byol_flax.export.encoder import SourceError
+from byol_flax.runtime import console
 from byol_flax.runtime.xla import configure_xla_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pre-training workdir (holds checkpoints/).")
@@ -39,12 +40,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console entry point (``byol-export``). absl's ``--help`` shows the docstring and flags of
-    ``__main__``, for an installed command pip's wrapper: it is given this module's."""
-    sys.modules["__main__"].__doc__ = __doc__
-    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    """Console entry point."""
+    console.run_command(main, __name__)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import tqdm
@@ -145,3 +146,32 @@ def progress(total: int, initial: int, description: str) -> "tqdm.tqdm":
     return tqdm.tqdm(total=total, initial=initial, desc=description, unit="step",
                      disable=not _Settings.enabled, dynamic_ncols=True, leave=True,
                      mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+
+
+def run_command(main: Callable[[list[str]], None], module_name: str, *,
+                config_flag: str | None = None) -> None:
+    """Runs an absl command (``python -m MODULE`` or its console script).
+
+    ``--help`` shows ``module_name``'s docstring and flags also when the command starts through
+    an installed console script (absl shows those of ``__main__``, pip's wrapper there).
+    ``config_flag``: the flag naming a config module, resolved from a shipped config's name
+    (``--config=digits_cpu:...``, :func:`byol_flax.configs.resolve_flag`) before absl parses it;
+    an unknown name is one error line.
+    """
+    from absl import app, flags  # noqa: PLC0415 - absl is only needed by commands
+
+    from byol_flax import configs  # noqa: PLC0415
+
+    sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+    def parse(argv: list[str]) -> list[str]:
+        if config_flag:
+            try:
+                argv = configs.resolve_flag(argv, config_flag)
+            except configs.UnknownConfigError as error:
+                sys.exit(f"error: --{config_flag}: {error}")
+        return app.parse_flags_with_usage(argv)
+
+    app.run(main, flags_parser=parse)

@@ -131,14 +131,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Console entry point (``byol-demo``). absl's ``--help`` shows the docstring and flags of
-    ``__main__``, for an installed command pip's wrapper: it is given this module's."""
-    import sys
-
-    sys.modules["__main__"].__doc__ = __doc__
-    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    """Console entry point."""
+    console.run_command(main, __name__)
 
 
 if __name__ == "__main__":
