@@ -22,7 +22,7 @@ def test_a_path_is_used_as_it_is():
 
 
 def test_an_unknown_name_is_one_error_listing_the_names():
-    with pytest.raises(configs.UnknownConfigError, match="'nosuch' is neither.*digits_cpu"):
+    with pytest.raises(configs.UnknownConfigError, match="'nosuch:arg' is neither.*digits_cpu"):
         configs.resolve("nosuch:arg")
     with pytest.raises(configs.UnknownConfigError, match="common"):  # a helper, not a config
         configs.resolve("common")
