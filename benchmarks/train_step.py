@@ -100,7 +100,7 @@ def build_step(encoder: str, stem: str, batch: int, *, dtype: str = "float32",
     from byol_flax.schedules import build_schedules
     from byol_flax.sharding import make_mesh, replicate
     from byol_flax.train_state import create_train_state
-    from byol_flax.train_step import make_train_step
+    from byol_flax.train_step import StepOptions, make_train_step
 
     config = base_config()
     config.model.encoder.name = encoder
@@ -111,7 +111,7 @@ def build_step(encoder: str, stem: str, batch: int, *, dtype: str = "float32",
     mesh = make_mesh()
     lr, tau = build_schedules(config, total_steps=total_steps, warmup_steps=warmup_steps)
     graphdef, state = nnx.split(create_train_state(config, lr))
-    step = make_train_step(graphdef, mesh, learning_rate=lr, target_ema=tau)
+    step = make_train_step(graphdef, mesh, StepOptions(lr, tau))
     return graphdef, replicate(state, mesh), step, mesh
 
 

@@ -243,7 +243,7 @@ def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
 
 
 def _run_monitors(step: int, evaluators: Sequence[tuple[str, Any]], state: nnx.State,
-                  config: ml_collections.ConfigDict, guard: "TerminationGuard"
+                  config: ml_collections.ConfigDict, guard: TerminationGuard
                   ) -> dict[str, float]:
     """Runs the monitors after the step's save. A failing monitor is logged with its traceback
     and counted (``monitor_errors/<name>``), and training goes on unless
@@ -269,8 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     """Pre-trains BYOL as ``config`` says, in (or resuming from) ``workdir``.
 
     ``allow_config_change``: dotted config keys (or sections) a resume may change although they
-    change what is trained (see :mod:`byol_flax.checkpointing.config_changes`). Returns the last logged
-    scalars.
+    change what is trained (see :mod:`byol_flax.checkpointing.config_changes`). Returns the last
+    logged scalars.
     """
     # --- Set-up ------------------------------------------------------------------------------
     # First, so a SIGTERM during start-up still ends in a clean save. Only on one process: under

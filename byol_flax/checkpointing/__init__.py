@@ -9,8 +9,8 @@ One checkpoint = one step directory holding
   * ``model_config``: ``config.model`` and ``config.target.kind`` (whether the state holds a
     target network) as JSON, checked on restore so that a checkpoint of another architecture is
     refused as *incompatible*, naming what differs;
-  * ``config``: the run's full config and data identity (:mod:`byol_flax.checkpointing.config_changes` decides
-    what a resume may change).
+  * ``config``: the run's full config and data identity
+    (:mod:`byol_flax.checkpointing.config_changes` decides what a resume may change).
 Saves are asynchronous; Orbax writes to a temporary directory and renames it when complete, so
 a killed save never looks like a checkpoint, and stale temporary directories are removed.
 
@@ -162,10 +162,10 @@ class Restored:
 class Checkpointer:
     """Saves and restores BYOL runs in ``directory`` (local or ``gs://``).
 
-    ``run`` is what every save records about the run (:func:`byol_flax.checkpointing.config_changes.run_record`).
-    ``total_steps`` (the run's last step, always saved) and ``termination`` (the SIGTERM flag of
-    a single-host run) are what :meth:`maybe_save` decides with, besides
-    ``config.checkpoint.every_steps``.
+    ``run`` is what every save records about the run
+    (:func:`byol_flax.checkpointing.config_changes.run_record`). ``total_steps`` (the run's last
+    step, always saved) and ``termination`` (the SIGTERM flag of a single-host run) are what
+    :meth:`maybe_save` decides with, besides ``config.checkpoint.every_steps``.
     """
 
     def __init__(self, directory: epath.PathLike, config: ml_collections.ConfigDict,

@@ -9,6 +9,7 @@ after the other, in-process, with one ETA line per run, a persistent compilation
 by all of them (the train step compiles once) and the bundled digits written once; finished
 pre-trainings are read back from their ``final_metrics.json``. Afterwards ``summary.json``,
 ``summary.md`` and ``summary.png`` (:mod:`byol_flax.studies.summary`) land in the workdir.
+``--smoke`` puts ``smoke=True`` in every config spec (seconds-long runs, same code paths).
 
 Examples::
 
