@@ -112,3 +112,22 @@ def test_the_evaluator_example_runs_in_the_cli_and_as_a_monitor(tmp_path):
         assert 0.3 < result["test"]["top1"] <= 1.0
     finally:
         EVALUATORS.unregister("nearest_class_mean")
+
+
+def test_the_study_example_prints_its_commands_by_name(capsys):
+    from byol_flax.studies import runner, study  # noqa: PLC0415
+
+    example("study")
+    try:
+        assert runner.main(["--study=predictor_depth_100ep", "--workdir=gs://B/depth",
+                            "--set=data.dir=gs://B/imagenet",
+                            "--eval_set=data.dir=gs://B/imagenet", "--print"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        pretrain = [line for line in lines if " byol_flax.main " in line]
+        evaluate = [line for line in lines if " byol_flax.evaluation " in line]
+        assert len(pretrain) == len(evaluate) == 3 * 3  # 3 rows x the study's 3 seeds
+        assert all("--config.training.epochs=100.0" in line for line in pretrain)
+        assert sum("--config.model.predictor.depth=2" in line for line in pretrain) == 3
+        assert all("--config=byol_imagenet_300ep:r50x1" in line for line in pretrain)
+    finally:
+        study.STUDIES.unregister("predictor_depth_100ep")

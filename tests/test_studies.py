@@ -148,15 +148,18 @@ def test_a_reference_must_be_scored_by_one_of_the_evaluations():
 
 
 QUICK_STUDY = '''
-from byol_flax.studies.study import Row, Study
+from byol_flax.studies.study import STUDIES, Row, Study
 
-STUDY = Study(table="Quick", description="two rows", config="digits_cpu:data={data}",
-              evaluations=("eval_digits:knn,data={data}",), seeds=(0,), data="digits",
-              references={"random_init": ("eval_knn",)}, overrides={"monitor.every_steps": 0},
-              rows=(Row("byol", {}, 72.5),
-                    Row("no_predictor_theta", {"model.predictor.kind": "identity",
-                                               "target.kind": "online"}, 0.1,
-                        note="collapse")))
+
+@STUDIES.register("quick_test_study")
+def quick_test_study() -> Study:
+    return Study(table="Quick", description="two rows", config="digits_cpu:data={data}",
+                 evaluations=("eval_digits:knn,data={data}",), seeds=(0,), data="digits",
+                 references={"random_init": ("eval_knn",)}, overrides={"monitor.every_steps": 0},
+                 rows=(Row("byol", {}, 72.5),
+                       Row("no_predictor_theta", {"model.predictor.kind": "identity",
+                                                  "target.kind": "online"}, 0.1,
+                           note="collapse")))
 '''
 
 
@@ -164,6 +167,7 @@ STUDY = Study(table="Quick", description="two rows", config="digits_cpu:data={da
 def test_runner_runs_a_study_and_writes_table_and_plot(tmp_path):
     (tmp_path / "quick_study.py").write_text(QUICK_STUDY)
     study = studies.with_smoke(studies.load_study(str(tmp_path / "quick_study.py")))
+    studies.STUDIES.unregister("quick_test_study")
     summary = runner.run_study(study, tmp_path / "runs")
     rows = {r["row"]: r for r in summary["rows"]}
     assert set(rows) == {"byol", "no_predictor_theta"}

@@ -23,8 +23,9 @@ def names(subdir: str = "") -> list[str]:
 
 
 def _is_config_module(path: pathlib.Path, subdir: str) -> bool:
-    """An experiment config (``get_config``) or, under ``studies``, a study (``STUDY``)."""
-    return ("STUDY = " if subdir == "studies" else "def get_config(") in path.read_text()
+    """An experiment config (``get_config``) or, under ``studies``, a study module (one that
+    registers a study)."""
+    return ("@STUDIES.register(" if subdir == "studies" else "def get_config(") in path.read_text()
 
 
 def resolve(spec: str, *, subdir: str = "") -> str:

@@ -18,6 +18,7 @@ import ml_collections
 from etils import epath
 
 from byol_flax import configs
+from byol_flax.runtime.registry import Registry
 
 # Section 5's SimCLR baseline (Appendix G.5): no predictor, the online network as its own target
 # (gradient flowing), beta = 1 in Eq. 5 (the InfoNCE loss x 2 alpha) at SimCLR's best alpha 0.1.
@@ -79,6 +80,9 @@ def load_module(path: str, name: str):
     file = epath.Path(path)
     if not file.exists():
         raise FileNotFoundError(f"no such module file: {path}")
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(file):
+        return loaded  # its registrations are in place; executing it again would repeat them
     spec = importlib.util.spec_from_file_location(name, str(file))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -86,13 +90,27 @@ def load_module(path: str, name: str):
     return module
 
 
+# Name -> function returning the Study; a study module registers its function on import.
+STUDIES: Registry[Callable[[], Study]] = Registry("study")
+
+
 def load_study(spec: str) -> Study:
-    """A study module's ``STUDY``, by name (``table21``) or path."""
-    path = configs.resolve(spec, subdir="studies")
-    module = load_module(path, f"byol_flax_study_{epath.Path(path).stem}")
-    study = getattr(module, "STUDY", None)
+    """A registered study by name (``table21``: a shipped study module of that name is imported
+    first) or the one study a module file registers (``path/to/my_study.py``)."""
+    if spec not in STUDIES:
+        path = configs.resolve(spec, subdir="studies")
+        before = set(STUDIES)
+        module = load_module(path, f"byol_flax_study_{epath.Path(path).stem}")
+        registered = [name for name in STUDIES
+                      if name not in before or STUDIES.get(name).__module__ == module.__name__]
+        if spec not in STUDIES:
+            if len(registered) != 1:
+                raise ValueError(f"{path} registers {len(registered)} studies {registered}; "
+                                 "name one with --study=NAME")
+            spec = registered[0]
+    study = STUDIES.get(spec)()
     if not isinstance(study, Study):
-        raise ValueError(f"{path} defines no STUDY = byol_flax.studies.study.Study(...)")
+        raise ValueError(f"study {spec!r} returned {type(study).__name__}, not a Study")
     return study
 
 

@@ -10,19 +10,15 @@ import matplotlib
 import numpy as np
 from etils import epath
 
+from byol_flax.evaluation.collapse import (COMPLETE_COLLAPSE_STD_RATIO,
+                                           DIMENSIONAL_COLLAPSE_RANK_FRACTION, MONITORS,
+                                           collapse_verdict)
 from byol_flax.studies.report import read_scalars
 from byol_flax.studies.study import REFERENCES, Study
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Collapse verdicts. "complete": the monitor's warning threshold, batch std of l2-normalised
-# projections below 0.2 x 1/sqrt(d); "dimensional": the projections span few directions,
-# effective rank below 10% of d.
-COLLAPSE_STD_RATIO = 0.2
-DIMENSIONAL_COLLAPSE_RANK_FRACTION = 0.1
-MONITORS = ("collapse/projection_std_ratio", "collapse/projection_effective_rank",
-            "collapse/representation_std_ratio")
 REFERENCE_PREFIXES = tuple(f"{reference}_" for reference in REFERENCES)
 REFERENCE_LABELS = {
     "random_init": "Random-initialisation reference (same architecture, seed of the first run)",
@@ -62,20 +58,6 @@ def summarise_rows(study: Study, runs: Sequence[dict[str, Any]]) -> list[dict[st
     return rows
 
 
-def collapse_verdict(stats: Mapping[str, Any], projection_size: int | None) -> str | None:
-    """"complete", "dimensional" or "no" from the seed-averaged final monitors."""
-    std_ratio = stats.get("collapse/projection_std_ratio", {}).get("mean")
-    rank = stats.get("collapse/projection_effective_rank", {}).get("mean")
-    if std_ratio is None:
-        return None
-    if std_ratio < COLLAPSE_STD_RATIO:
-        return "complete"
-    if rank is not None and projection_size and \
-            rank < DIMENSIONAL_COLLAPSE_RANK_FRACTION * projection_size:
-        return "dimensional"
-    return "no"
-
-
 def _cell(stat: Mapping[str, Any] | None, digits: int = 1) -> str:
     if not stat:
         return "-"
@@ -104,7 +86,7 @@ def markdown_table(study: Study, rows: Sequence[dict[str, Any]],
         if mine:
             lines += ["", f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in mine.items())]
     lines += ["", f"Collapsed (ours), from the final training monitors: `complete` when the batch "
-              f"std of l2-normalised projections is below {COLLAPSE_STD_RATIO} x 1/sqrt(d) (the "
+              f"std of l2-normalised projections is below {COMPLETE_COLLAPSE_STD_RATIO} x 1/sqrt(d) (the "
               "monitor's warning threshold), `dimensional` when their effective rank is below "
               f"{DIMENSIONAL_COLLAPSE_RANK_FRACTION:.0%} of d. Scores are test top-1 in %, mean ± "
               "half the range over seeds (the paper's ±)."]
@@ -123,7 +105,7 @@ def plot_summary(study: Study, runs: Sequence[dict[str, Any]],
                 steps, values = scalars["collapse/projection_std_ratio"]
                 curves.plot(steps, values, color=color,
                             label=row["row"] if run["seed"] == row["seeds"][0] else None)
-    curves.axhline(COLLAPSE_STD_RATIO, color="k", linestyle=":", label="collapse threshold")
+    curves.axhline(COMPLETE_COLLAPSE_STD_RATIO, color="k", linestyle=":", label="collapse threshold")
     curves.set(xlabel="step", ylabel="batch std of normalised projections x sqrt(d)",
                title="collapse monitor", yscale="log")
     curves.legend(fontsize=7)

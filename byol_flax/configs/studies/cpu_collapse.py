@@ -17,27 +17,31 @@ The paper's values are ImageNet top-1 after 300 epochs with a ResNet-50: only th
 no-collapse pattern is comparable, not the numbers.
 """
 
-from byol_flax.studies.study import NO_EMA, SIMCLR, Row, Study
+from byol_flax.studies.study import NO_EMA, SIMCLR, STUDIES, Row, Study
 
-STUDY = Study(
-    table="CPU replication of Tables 19 and 21",
-    description="collapse with tau = 0 vs predictor LR multiplier; targets without predictor",
-    config="digits_cpu:data={data},augment=small_image",
-    evaluations=("eval_digits:linear,data={data}", "eval_digits:knn,data={data}"),
-    seeds=(0,),
-    data="digits",
-    references={"random_init": ("eval_linear", "eval_knn")},
-    overrides={"monitor.every_steps": 0, "logging.every_steps": 20},
-    rows=(
-        Row("byol", {}, 72.5, note="BYOL baseline"),
-        *(Row(f"tau0_lambda{lam:g}", {**NO_EMA, "optimizer.predictor_lr_multiplier": lam}, top1,
-              note="collapse" if top1 < 10 else "no collapse")
-          for lam, top1 in ((0.0, 0.01), (1.0, 5.5), (2.0, 62.8), (10.0, 66.6))),
-        Row("no_predictor_theta", {"model.predictor.kind": "identity", "target.kind": "online"},
-            0.1, note="collapse"),
-        Row("no_predictor_sg_theta", {"model.predictor.kind": "identity",
-                                      "target.kind": "stop_gradient"}, 0.1, note="collapse"),
-        Row("no_predictor_xi", {"model.predictor.kind": "identity"}, 0.2, note="collapse"),
-        Row("simclr", dict(SIMCLR), 69.4, note="no collapse"),
-    ),
-)
+
+@STUDIES.register("cpu_collapse")
+def cpu_collapse() -> Study:
+    """The rows of this module's table, with the values the paper reports."""
+    return Study(
+        table="CPU replication of Tables 19 and 21",
+        description="collapse with tau = 0 vs predictor LR multiplier; targets without predictor",
+        config="digits_cpu:data={data},augment=small_image",
+        evaluations=("eval_digits:linear,data={data}", "eval_digits:knn,data={data}"),
+        seeds=(0,),
+        data="digits",
+        references={"random_init": ("eval_linear", "eval_knn")},
+        overrides={"monitor.every_steps": 0, "logging.every_steps": 20},
+        rows=(
+            Row("byol", {}, 72.5, note="BYOL baseline"),
+            *(Row(f"tau0_lambda{lam:g}", {**NO_EMA, "optimizer.predictor_lr_multiplier": lam}, top1,
+                  note="collapse" if top1 < 10 else "no collapse")
+              for lam, top1 in ((0.0, 0.01), (1.0, 5.5), (2.0, 62.8), (10.0, 66.6))),
+            Row("no_predictor_theta", {"model.predictor.kind": "identity", "target.kind": "online"},
+                0.1, note="collapse"),
+            Row("no_predictor_sg_theta", {"model.predictor.kind": "identity",
+                                          "target.kind": "stop_gradient"}, 0.1, note="collapse"),
+            Row("no_predictor_xi", {"model.predictor.kind": "identity"}, 0.2, note="collapse"),
+            Row("simclr", dict(SIMCLR), 69.4, note="no collapse"),
+        ),
+    )

@@ -7,7 +7,7 @@ makes BatchNorm see micro-batches of 4096 / N. Do not combine with the ``slice=`
 ``byol_imagenet.py``, which sets accumulation for memory instead.
 """
 
-from byol_flax.studies.study import SIMCLR, Row, Study
+from byol_flax.studies.study import SIMCLR, STUDIES, Row, Study
 
 PAPER_BATCH = 4096
 RESULTS = {  # batch -> (BYOL top-1, SimCLR top-1, BYOL top-5, SimCLR top-5, BYOL spread, SimCLR spread)
@@ -20,15 +20,19 @@ RESULTS = {  # batch -> (BYOL top-1, SimCLR top-1, BYOL top-5, SimCLR top-5, BYO
     64: (59.7, 59.2, 83.2, 83.0, 1.5, 2.9),
 }
 
-STUDY = Study(
-    table="Table 16",
-    description="Batch size via gradient accumulation, BYOL and SimCLR (repro)",
-    rows=tuple(
-        Row(f"{method}_batch{batch}",
-            {"training.accumulation_steps": PAPER_BATCH // batch, **extra},
-            values[0 if method == "byol" else 1], values[2 if method == "byol" else 3],
-            values[4 if method == "byol" else 5])
-        for batch, values in RESULTS.items()
-        for method, extra in (("byol", {}), ("simclr", SIMCLR))
-    ),
-)
+
+@STUDIES.register("table16")
+def table16() -> Study:
+    """The rows of this module's table, with the values the paper reports."""
+    return Study(
+        table="Table 16",
+        description="Batch size via gradient accumulation, BYOL and SimCLR (repro)",
+        rows=tuple(
+            Row(f"{method}_batch{batch}",
+                {"training.accumulation_steps": PAPER_BATCH // batch, **extra},
+                values[0 if method == "byol" else 1], values[2 if method == "byol" else 3],
+                values[4 if method == "byol" else 5])
+            for batch, values in RESULTS.items()
+            for method, extra in (("byol", {}), ("simclr", SIMCLR))
+        ),
+    )

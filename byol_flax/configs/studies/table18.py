@@ -1,7 +1,7 @@
 """Table 18 (Appendix G.4): Eq. 5's temperature alpha and dispersion weight beta, with a
 predictor and a target network (beta = 0 is BYOL)."""
 
-from byol_flax.studies.study import Row, Study
+from byol_flax.studies.study import STUDIES, Row, Study
 
 RESULTS = {  # (beta, alpha) -> (top-1, top-5, spread of top-1)
     (0.0, 0.1): (72.5, 90.8, None),
@@ -16,12 +16,16 @@ RESULTS = {  # (beta, alpha) -> (top-1, top-5, spread of top-1)
     (1.0, 3.0): (72.6, 91.0, None), (1.0, 10.0): (72.6, 91.1, None),
 }
 
-STUDY = Study(
-    table="Table 18",
-    description="InfoNCE interpolation (Eq. 5): weight beta x temperature alpha",
-    rows=tuple(
-        Row(f"beta{beta:g}_alpha{alpha:g}", {"loss.beta": beta, "loss.temperature": alpha},
-            top1, top5, spread)
-        for (beta, alpha), (top1, top5, spread) in RESULTS.items()
-    ),
-)
+
+@STUDIES.register("table18")
+def table18() -> Study:
+    """The rows of this module's table, with the values the paper reports."""
+    return Study(
+        table="Table 18",
+        description="InfoNCE interpolation (Eq. 5): weight beta x temperature alpha",
+        rows=tuple(
+            Row(f"beta{beta:g}_alpha{alpha:g}", {"loss.beta": beta, "loss.temperature": alpha},
+                top1, top5, spread)
+            for (beta, alpha), (top1, top5, spread) in RESULTS.items()
+        ),
+    )

@@ -1,6 +1,6 @@
 """Table 22 (Appendix J.1): tau = 0 with multipliers lambda (predictor) and mu (projector)."""
 
-from byol_flax.studies.study import NO_EMA, Row, Study
+from byol_flax.studies.study import NO_EMA, STUDIES, Row, Study
 
 LAMBDAS = (1.0, 1.5, 2.0, 5.0, 10.0)
 RESULTS = {  # mu -> top-1 (spread) per lambda in LAMBDAS
@@ -11,14 +11,18 @@ RESULTS = {  # mu -> top-1 (spread) per lambda in LAMBDAS
     10.0: ((0.1, None), (2.1, 0.3), (1.9, 0.8), (2.8, 0.4), (8.3, 6.8)),
 }
 
-STUDY = Study(
-    table="Table 22",
-    description="tau = 0 with predictor (lambda) and projector (mu) learning-rate multipliers",
-    rows=tuple(
-        Row(f"lambda{lam:g}_mu{mu:g}",
-            {**NO_EMA, "optimizer.predictor_lr_multiplier": lam,
-             "optimizer.projector_lr_multiplier": mu}, top1, paper_spread=spread)
-        for mu, values in RESULTS.items()
-        for lam, (top1, spread) in zip(LAMBDAS, values)
-    ),
-)
+
+@STUDIES.register("table22")
+def table22() -> Study:
+    """The rows of this module's table, with the values the paper reports."""
+    return Study(
+        table="Table 22",
+        description="tau = 0 with predictor (lambda) and projector (mu) learning-rate multipliers",
+        rows=tuple(
+            Row(f"lambda{lam:g}_mu{mu:g}",
+                {**NO_EMA, "optimizer.predictor_lr_multiplier": lam,
+                 "optimizer.projector_lr_multiplier": mu}, top1, paper_spread=spread)
+            for mu, values in RESULTS.items()
+            for lam, (top1, spread) in zip(LAMBDAS, values)
+        ),
+    )
