@@ -7,7 +7,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from byol_flax.config import validate_config
