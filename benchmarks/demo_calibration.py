@@ -41,7 +41,7 @@ def _epochs(epochs: float, size: dict = _R16_W2, **changes) -> dict:
     return {**size, "training.epochs": epochs, **changes}
 
 
-# name -> (augmentation recipe of byol_flax/configs/digits_cpu.py, pre-training overrides). The recipe
+# name -> (augmentation recipe of digits_cpu, pre-training overrides). The recipe
 # small_image is the first demo's setup (12 px, 1x, 40 epochs, LR 1.0, tau 0.99); every point
 # is that setup plus its overrides (the paper point names the LR and tau it shares with the
 # chosen one).

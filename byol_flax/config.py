@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.training.accumulation_steps = 1
 
     config.data = ml_collections.ConfigDict()
-    config.data.dir = ""  # a directory written by byol_flax/data/convert/ (holds manifest.json); or gs://
+    config.data.dir = ""  # written by byol_flax.data.convert (holds manifest.json); or gs://
     # gs:// datasets are copied here at start-up (ArrayRecord reads local files).
     config.data.local_cache_dir = "/tmp/byol_flax_data"
     config.data.train_split = "train"
@@ -127,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Names in byol_flax.evaluation.EVALUATORS; those that need labels are dropped, with a log
     # line, when the monitor splits have none (and online_classifier when it is not trained).
     config.monitor.evaluators = ("knn", "online_classifier")
-    # A labelled dataset (a data_prep directory) the kNN monitor reads instead of the training
+    # A labelled dataset (a byol_flax.data.convert output) the kNN monitor reads instead of the training
     # data: training on unlabeled images can still be watched on labelled ones. "": the
     # training data. The online classifier always uses the training data's labels.
     config.monitor.data_dir = ""
@@ -206,7 +206,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "must be float32, bfloat16 or float16"),
         (config.model.conv_implementation in CONV_IMPLEMENTATIONS, "model.conv_implementation",
          f"must be one of {list(CONV_IMPLEMENTATIONS)}"),
-        (bool(config.data.dir), "data.dir", "is empty: point it at a byol_flax/data/convert/ output directory"),
+        (bool(config.data.dir), "data.dir",
+         "is empty: point it at a byol_flax.data.convert output directory"),
         (config.data.image_size > 0, "data.image_size", "must be positive"),
         (config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive"),
         (config.checkpoint.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1"),

@@ -26,6 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from byol_flax.studies import report
+from tests.test_demo import assert_smoke_demo_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -154,7 +155,7 @@ def test_a_shipped_study_is_named_and_prints_its_commands(installed):
     assert commands and all(c.startswith("python -m byol_flax.") for c in commands)
 
 
-@pytest.mark.slow  # ~45 s on 2 cores
+@pytest.mark.slow  # ~60 s on 2 cores: the suite's one smoke demo
 def test_the_demo_runs_from_the_entry_point_and_writes_its_report(installed):
     workdir = installed.elsewhere / "demo"
     done = installed.run("byol-demo", "--smoke", f"--workdir={workdir}", timeout=600)
@@ -163,10 +164,7 @@ def test_the_demo_runs_from_the_entry_point_and_writes_its_report(installed):
     saved = json.loads((workdir / "report.json").read_text())
     for key in report.HEADLINE_KEYS:
         assert key in saved and saved[key] == printed[key], key
-    for key in report.HEADLINE_KEYS:
-        if key.endswith("_top1"):
-            assert 0.0 <= saved[key] <= 1.0, key
-    assert (workdir / "report.md").is_file()
+    assert_smoke_demo_outputs(workdir)
 
 
 def _pins(text: str) -> dict[str, str]:

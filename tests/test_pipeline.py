@@ -125,12 +125,12 @@ def test_a_resumed_stream_continues_exactly_with_other_workers_and_processes(con
 def test_a_grain_worker_exits_when_its_trainer_is_killed(tmp_path):
     """kill -9 of the trainer runs no clean-up: the workers notice the parent is gone."""
     program = (
-        "import sys, time, numpy as np, grain\n"
+        "import functools, os, sys, time, numpy as np, grain\n"
         "from absl import flags; flags.FLAGS.mark_as_parsed()\n"
         "from byol_flax.data.pipeline import exit_with_parent\n"
         "ds = grain.MapDataset.range(10**6).map(lambda i: np.full(4, i)).to_iter_dataset()\n"
         "it = iter(ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=2),\n"
-        "                         worker_init_fn=exit_with_parent))\n"
+        "    worker_init_fn=functools.partial(exit_with_parent, trainer_pid=os.getpid())))\n"
         "next(it); print('ready', flush=True); time.sleep(600)\n")
     trainer = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
                                text=True, cwd=REPO)

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zone", required=True, help="e.g. us-central2-b")
     parser.add_argument("--accelerator-type", required=True, help="e.g. v4-8, v4-64, v3-512")
     parser.add_argument("--config", required=True,
-                        help="config module and argument, e.g. byol_flax/configs/byol_imagenet.py:r50x1")
+                        help="config name or module and argument, e.g. byol_imagenet:r50x1")
     parser.add_argument("--workdir", required=True, help="gs://BUCKET/PATH (shared by workers)")
     parser.add_argument("--project", default=None)
     parser.add_argument("--runtime-version", default=None,

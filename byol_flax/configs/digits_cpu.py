@@ -36,7 +36,7 @@ RECIPE_NOTES = {
              "of the digit to agree on.",
     "small_image": "it is the first demo's smaller setup (12 px, 1x width, 40 epochs).",
 }
-# Crop size of the default recipe (and of byol_flax/configs/eval_digits.py): the 8-px digits upsampled
+# Crop size of the default recipe (and of eval_digits): the 8-px digits upsampled
 # to 16 px; 12 px (the small_image setup) trains 1.8x faster and scores lower (the sweep).
 IMAGE_SIZE = 16
 SMALL_IMAGE_SIZE = 12

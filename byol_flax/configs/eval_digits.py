@@ -1,6 +1,7 @@
 """python -m byol_flax.evaluation --config=eval_digits:linear --source=workdirs/digits --workdir=workdirs/digits_eval/linear
 
-The evaluation protocols on the bundled digits (``byol_flax.data.convert.digits --holdout-count 150``): fit on
+The evaluation protocols on the bundled digits
+(``byol_flax.data.convert.digits --holdout-count 150``): fit on
 ``train`` (1287 images), choose on ``holdout`` (150), report on ``test`` (360), at the demo's
 16 px. The paper's hyper-parameter grids are kept; the batch is the CPU demo's 256 and the linear
 classifier is trained on precomputed features (no augmentation) unless overridden with

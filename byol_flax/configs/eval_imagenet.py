@@ -1,6 +1,7 @@
 """python -m byol_flax.evaluation --config=eval_imagenet:linear --source=gs://BUCKET/byol_r50x1 --workdir=gs://BUCKET/eval/r50x1_linear --config.data.dir=gs://BUCKET/imagenet_arrayrecord
 
-The ImageNet protocols of Appendix D.1 on the shards of ``byol_flax.data.convert.image_folder --layout imagenet
+The ImageNet protocols of Appendix D.1 on the shards of
+``byol_flax.data.convert.image_folder --layout imagenet
 --imagenet-holdout`` (a seeded choice of 10009; ``tfds_to_arrayrecord --imagenet-holdout`` gives the
 paper's exact split): fit on ``train`` (1271158 images), choose on ``holdout`` (10009), report on
 ``validation`` (the public ILSVRC2012 validation set, the paper's test set). The argument:

@@ -4,7 +4,8 @@ Transfer to the datasets of Table 10 (Appendix E): ``linear`` is E.2 (frozen fea
 augmentation, shorter side resized to 224, L-BFGS logistic regression over 45 l2 values in
 [1e-6, 1e5], refit on train + validation); ``finetune`` is E.3 (20000 steps at batch 256, 7 LRs x
 8 weight decays, BatchNorm decay max(1 - 10/s, 0.9), refit on train + validation). The dataset
-sets the number of classes and the metric of Table 10. Convert a dataset with ``data_prep`` so it
+sets the number of classes and the metric of Table 10. Convert a dataset with
+``byol_flax.data.convert`` so it
 has ``train``, ``holdout`` (the validation examples of Table 10) and ``test`` splits. Argument:
 ``MODE[,dataset=NAME][,smoke=True]``, mode ``linear`` (default) or ``finetune``, dataset
 (default ``cifar10``) one of Table 10's.

@@ -15,7 +15,8 @@ epochs, 4096-256 projector and predictor, seed 1337).
   paper's.
 * ``batch`` (default 256) and ``epochs`` (default 100): a folder of a few thousand images gets
   a few thousand steps, a few million images a few hundred thousand.
-* ``monitor``: a labelled dataset (a data_prep directory with ``train`` and ``holdout`` splits)
+* ``monitor``: a labelled dataset (a byol_flax.data.convert output directory with ``train``
+  and ``holdout`` splits)
   for the kNN monitor while training on unlabeled images; without it, the monitors that need
   labels are switched off at start-up with one log line (the collapse monitors always run).
 

@@ -14,6 +14,7 @@ an uninterrupted run would have read.
 
 import bisect
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -175,11 +176,14 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)  # noqa: SLF001 - the trainer died (e.g. kill -9): free the worker's memory now
 
 
-def exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """Grain worker initialiser: the worker exits when the trainer that started it dies, even by
-    kill -9 (no clean-up runs then, and each worker holds hundreds of MB of decoded images)."""
+def exit_with_parent(worker_index: int, worker_count: int, *, trainer_pid: int) -> None:
+    """Grain worker initialiser (bind ``trainer_pid=os.getpid()`` in the trainer with
+    ``functools.partial``): the worker exits when the trainer that started it dies, even by
+    kill -9 (no clean-up runs then, and each worker holds hundreds of MB of decoded images).
+    The trainer's pid is bound, not read here: a worker still starting when the trainer dies
+    already has another parent and must exit too."""
     del worker_index, worker_count
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True,
+    threading.Thread(target=_watch_parent, args=(trainer_pid,), daemon=True,
                      name="exit-with-parent").start()
 
 
@@ -188,7 +192,8 @@ def _prefetch(ds: grain.MapDataset, data_config: ml_collections.ConfigDict) -> g
                                               prefetch_buffer_size=data_config.prefetch_buffer_size))
     if data_config.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.worker_count),
-                            worker_init_fn=exit_with_parent)
+                            worker_init_fn=functools.partial(exit_with_parent,
+                                                             trainer_pid=os.getpid()))
     return it
 
 

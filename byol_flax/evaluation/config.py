@@ -118,7 +118,8 @@ def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int)
     checks = [
         (config.protocol in EVALUATORS, "protocol",
          f"must be a registered evaluator, one of {list(EVALUATORS)}"),
-        (bool(config.data.dir), "data.dir", "is empty: point it at a byol_flax/data/convert/ output directory"),
+        (bool(config.data.dir), "data.dir",
+         "is empty: point it at a byol_flax.data.convert output directory"),
         (config.data.selection_split != config.data.test_split, "data.selection_split",
          "must differ from data.test_split: hyper-parameters are never chosen on test"),
         (config.data.train_split not in (config.data.test_split, config.data.selection_split),
