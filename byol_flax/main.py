@@ -1,4 +1,7 @@
-"""Entry point: ``python -m byol_flax.main --config=byol_flax/configs/<module>.py[:arg] --workdir=DIR``.
+"""Training command: ``python -m byol_flax.main --config=NAME[:ARG] --workdir=DIR`` (``byol-train``).
+
+NAME is a shipped config module (``digits_cpu``, ``byol_imagenet:r50x1``; byol_flax/configs/) or a
+path to a ``.py`` file with ``get_config(arg)``.
 
 Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VMs
 ``jax.distributed.initialize()`` finds its peers by itself; elsewhere pass

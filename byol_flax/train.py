@@ -40,7 +40,8 @@ from byol_flax.config import training_steps, validate_config
 from byol_flax.data.pipeline import OpenedSplit, open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
 from byol_flax.evaluation import EVALUATORS, build_evaluators, monitor_data
-from byol_flax.evaluation.collapse import warn_on_collapse
+from byol_flax.evaluation.base import needs_labels, reads_monitor_data
+from byol_flax.collapse import warn_on_collapse
 from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
 from byol_flax.train_state import create_train_state
 from byol_flax.train_step import Metrics, StepFn, StepOptions, make_train_step
@@ -96,12 +97,14 @@ def _logged_step(line: str) -> float:
 
 
 class MetricsFile:
-    """``<workdir>/metrics.jsonl``: one JSON object per logged step (``step``, every scalar
-    written to TensorBoard for it, monitor results included), for analysis without TensorBoard:
-    ``pandas.read_json(path, lines=True)``. Written by process 0, appended to across resumes.
+    """``<workdir>/metrics.jsonl``: one JSON object per logging step (``step`` and every scalar
+    written to TensorBoard for it) and one per monitoring step (``step`` and the monitors'
+    results), for analysis without TensorBoard: ``pandas.read_json(path, lines=True)``. Written
+    by process 0 and appended to across resumes; for a ``gs://`` workdir it lies beside the log
+    file in the local directory ``console.local_log_dir`` names (an object store cannot append).
 
     A resume from step k first drops the lines of later steps (written before a kill and about
-    to be written again) and any line a kill cut short, so every step appears once.
+    to be written again) and any line a kill cut short, so no step is written twice.
     """
 
     def __init__(self, workdir: epath.Path, resumed_step: int):
@@ -166,13 +169,13 @@ def plan_label_users(config: ml_collections.ConfigDict, num_classes: int,
     kept = []
     for name in config.monitor.evaluators:
         evaluator = EVALUATORS.get(name)
-        own_data = getattr(evaluator, "reads_monitor_data", False) and config.monitor.data_dir
+        own_data = reads_monitor_data(evaluator) and config.monitor.data_dir
         classes = monitor_classes if own_data else num_classes
-        if getattr(evaluator, "needs_labels", False) and classes == 0:
+        if needs_labels(evaluator) and classes == 0:
             reasons[f"{name} monitor"] = (
                 f"the data in {config.monitor.data_dir} has no labels" if own_data else
                 no_labels + ("; config.monitor.data_dir can name a labelled dataset for it"
-                             if getattr(evaluator, "reads_monitor_data", False) else ""))
+                             if reads_monitor_data(evaluator) else ""))
         elif name == "online_classifier" and not config.model.online_classifier:
             reasons[f"{name} monitor"] = "config.model.online_classifier is False"
         else:
@@ -358,8 +361,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
     scalars: dict[str, float] = {}
     timer = (time.perf_counter(), start_step)
     bar = console.progress(total_steps, start_step, "pre-training") if is_chief else None
-    metrics_file = MetricsFile(workdir, start_step) if is_chief else None
+    metrics_file = None
     try:
+        if is_chief:
+            metrics_file = MetricsFile(console.local_log_dir(str(workdir)), start_step)
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(data_iterator)
@@ -385,7 +390,6 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
             if bar is not None:
                 bar.update(1)
 
-            logged: dict[str, float] = {}  # this step's line of metrics.jsonl
             if step % config.logging.every_steps == 0 or step == total_steps:
                 _check_finite(step, metrics, checkpointer.last_saved)
                 scalars, window = _logged_scalars(window, metrics), None
@@ -395,7 +399,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
                 scalars["skipped_records"] = skipped
                 timer = (now, step)
                 writer.write_scalars(step, scalars)
-                logged.update(scalars)
+                if metrics_file is not None:  # before the save: a kill from here on loses
+                    metrics_file.write(step, scalars)  # at most the monitors' line
                 warn_on_collapse(step, scalars)
                 if bar is not None:
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}",
@@ -411,9 +416,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
                 results = _run_monitors(step, evaluators, state, config, guard)
                 writer.write_scalars(step, results)
                 scalars.update(results)
-                logged.update(results)
-            if metrics_file is not None and logged:
-                metrics_file.write(step, logged)
+                if metrics_file is not None:
+                    metrics_file.write(step, results)
             if stop:
                 break
     finally:

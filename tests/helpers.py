@@ -2,6 +2,7 @@
 reliability suite's module (its process helpers and checkpoint readers)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,15 @@ def load_reliability():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def metrics_by_step(workdir) -> dict[int, dict[str, float]]:
+    """<workdir>/metrics.jsonl by step (a step's scalars and monitor lines merged); no value of
+    a step is written twice."""
+    merged: dict[int, dict[str, float]] = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        values = json.loads(line)
+        row = merged.setdefault(values["step"], {})
+        assert not (set(row) & set(values)) - {"step"}, values
+        row.update(values)
+    return merged

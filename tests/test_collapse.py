@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_flax.evaluation import collapse
+from byol_flax import collapse
 
 
 def test_monitors_are_1_for_spread_vectors_and_0_for_a_collapsed_batch():

@@ -2,7 +2,6 @@
 and gradients), the runtime XLA flags, one compilation across steps and a resume with no implicit
 host <-> device transfers, bfloat16 compute against float32. Speeds are in benchmarks/."""
 
-import json
 import os
 
 import jax
@@ -16,6 +15,7 @@ from byol_flax.runtime import xla as runtime
 from byol_flax.models.conv import PATCHES_BELOW, conv_auto, conv_function, conv_via_patches
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import build_encoder
+from tests.helpers import metrics_by_step
 from tests.test_train_driver import SHRINK, data_dir  # noqa: F401 (a fixture)
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -161,14 +161,6 @@ def one_device(monkeypatch):
     monkeypatch.setattr(train, "make_mesh", lambda: sharding.make_mesh(jax.devices()[:1]))
 
 
-def read_metrics(workdir) -> dict[int, dict[str, float]]:
-    """<workdir>/metrics.jsonl by step; every step appears once."""
-    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    steps = [line["step"] for line in lines]
-    assert len(set(steps)) == len(steps), steps
-    return {line["step"]: line for line in lines}
-
-
 def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_device):
     """Also the logging windows, from the same two runs: logged every 4 steps, then resumed
     from step 8 logging every step, so the windows of steps 12 and 16 are compared with the
@@ -185,7 +177,7 @@ def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_de
     train.train_and_evaluate(config, tmp_path)  # 16 steps, checkpoints at 8, 12, 16
     (step_fn,) = train._STEP_CACHE.values()
     assert step_fn._cache_size() == 1
-    windows = read_metrics(tmp_path)
+    windows = metrics_by_step(tmp_path)
     assert list(windows) == [4, 8, 12, 16]
     for newer in ("12", "16"):  # as if preempted after the save of step 8
         for path in sorted((tmp_path / "checkpoints" / newer).rglob("*"), reverse=True):
@@ -202,7 +194,7 @@ def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_de
     assert len(compiles) < 8, compiles
 
     # metrics.jsonl: the lines of steps 12 and 16 were dropped on resume and written again.
-    per_step = read_metrics(tmp_path)
+    per_step = metrics_by_step(tmp_path)
     assert list(per_step) == [4, 8, *range(9, 17)]
     assert per_step[4] == windows[4] and per_step[8] == windows[8]
     for end in (12, 16):

@@ -19,7 +19,7 @@ import pytest
 from byol_flax.config import ConfigError, validate_config
 from byol_flax.data.convert import digits
 from byol_flax.configs import digits_cpu
-from tests.helpers import load_reliability
+from tests.helpers import load_reliability, metrics_by_step
 
 REPO = Path(__file__).resolve().parents[1]
 # Exact-resume checks (kill -9 at random moments, SIGTERM, damaged checkpoints and data, NaN)
@@ -100,8 +100,8 @@ def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
     state = final_state(reference_run)[0]
     assert any(name.startswith("/classifier/") for name in state), sorted(state)[:5]
     assert metrics["collapse/projection_effective_rank"] >= 1.0
-    # metrics.jsonl: a line per logging step; the last holds the monitors' results too and is
-    # what final_metrics.json records.
+    # metrics.jsonl: a line per logging step and one for the monitors; the last step's lines
+    # merged are what final_metrics.json records.
     lines = read_metrics(reference_run)
     assert [line["step"] for line in lines] == list(range(4, TOTAL_STEPS + 1, 4))
     assert all(np.isfinite(line["loss"]) and "learning_rate" in line for line in lines)
@@ -110,7 +110,9 @@ def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's lines merged by step (scalars, then the monitors' line), in step order."""
+    by_step = metrics_by_step(workdir)
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def test_typo_in_a_config_key_is_rejected_by_name(data_dir, tmp_path):
@@ -266,7 +268,7 @@ def test_a_second_run_on_a_live_workdir_stops_at_once(data_dir, tmp_path):
         first.finish()
 
 
-@pytest.mark.slow
+@pytest.mark.scenario  # ~3 min; benchmarks/reliability.py runs it in its resume-under-change part
 def test_two_processes_agree_on_a_damaged_step_and_resume_on_one_process(data_dir, tmp_path):
     """Multi-host on one machine: jax.distributed on localhost, CPU collectives over gloo, each
     process reading its own rows. Killed after two checkpoints; the newest is damaged; both

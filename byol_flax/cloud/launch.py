@@ -1,7 +1,7 @@
 """Cloud TPU VM launcher: prints (default) or runs the ``gcloud`` commands of a BYOL run.
 
     python -m byol_flax.cloud.launch ACTION --tpu NAME --zone ZONE --accelerator-type v4-64 \\
-        --config byol_flax/configs/byol_imagenet.py:r50x1 --workdir gs://BUCKET/run [--spot] [--run]
+        --config byol_imagenet:r50x1 --workdir gs://BUCKET/run [--spot] [--run]
 
 Actions: ``create`` (the TPU VM slice, optionally spot/preemptible), ``install`` (Python 3.11 in
 a virtual environment, clone this repository and install it with JAX for TPU on every worker, at

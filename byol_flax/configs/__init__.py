@@ -34,7 +34,9 @@ def resolve(spec: str, *, subdir: str = "") -> str:
     path, sep, arg = spec.partition(":")
     if path.endswith(".py"):
         return spec
-    for candidate in ([f"{subdir}/{path}"] if subdir else []) + [path]:
+    # Under ``subdir`` only: --study=digits_cpu must not find the training config.
+    candidates = [f"{subdir}/{path}", path] if subdir else [path]
+    for candidate in (c for c in candidates if not subdir or c.startswith(f"{subdir}/")):
         file = CONFIG_DIR / f"{candidate}.py"
         if file.is_file() and not file.name.startswith("_") and \
                 _is_config_module(file, candidate.rpartition("/")[0]):

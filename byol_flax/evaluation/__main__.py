@@ -1,5 +1,5 @@
-"""Evaluation CLI: ``python -m byol_flax.evaluation --config=byol_flax/configs/eval_<x>.py[:arg]
---source=SOURCE --workdir=DIR``.
+"""Evaluation command: ``python -m byol_flax.evaluation --config=eval_<x>[:ARG]
+--source=SOURCE --workdir=DIR`` (``byol-evaluate``).
 
 SOURCE is a pre-training workdir (its latest checkpoint), an export directory
 (``python -m byol_flax.export``), ``random:PATH`` (PATH's architecture at random

@@ -227,10 +227,20 @@ class ProtocolEvaluator:
         self._config = config
         self._mesh = mesh
         self._store = store or SweepStore(None)
+        self._splits: dict[str, OpenedSplit] = {}
+
+    def open_splits(self) -> None:
+        """Opens (and verifies) the three splits now, not at the first run: a training monitor
+        fails at start-up on a bad split instead of at every monitoring step, and reads each
+        manifest once."""
+        for name, key in (("train", "train_split"), ("selection", "selection_split"),
+                          ("test", "test_split")):
+            self._splits[name] = labelled_split(self._config, key)
 
     def run(self, subject: PretrainedEncoder) -> dict[str, Any]:
         identity = json.dumps(subject.origin, sort_keys=True)
         ctx = Context(self._config, subject, self._mesh, self._store, identity)
+        ctx.__dict__.update(self._splits)  # the cached properties of the opened splits
         return type(self).run_protocol(ctx)
 
 
@@ -257,6 +267,17 @@ def run_protocol(config: ml_collections.ConfigDict, pretrained: PretrainedEncode
 
 # ----------------------------------------------------------------------------------------------
 # Evaluators as training monitors.
+
+
+def needs_labels(factory: EvaluatorFactory) -> bool:
+    """Whether a registered evaluator reads labels (one default for evaluators registered
+    without the attribute: they do not)."""
+    return getattr(factory, "needs_labels", False)
+
+
+def reads_monitor_data(factory: EvaluatorFactory) -> bool:
+    """Whether a registered evaluator reads ``config.monitor.data_dir`` as a monitor."""
+    return getattr(factory, "reads_monitor_data", False)
 
 
 def monitor_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -304,6 +325,9 @@ def build_evaluators(config: ml_collections.ConfigDict, mesh: Mesh,
     monitors = []
     for name in config.monitor.evaluators:
         factory = EVALUATORS.get(name)
-        evaluation = monitor_eval_config(config, name, own_data=factory.reads_monitor_data)
-        monitors.append(Monitor(name, factory(evaluation, mesh), graphdef, model_config))
+        evaluation = monitor_eval_config(config, name, own_data=reads_monitor_data(factory))
+        evaluator = factory(evaluation, mesh)
+        if isinstance(evaluator, ProtocolEvaluator):
+            evaluator.open_splits()
+        monitors.append(Monitor(name, evaluator, graphdef, model_config))
     return monitors

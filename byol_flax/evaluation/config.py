@@ -6,6 +6,8 @@ plus the weighted kNN monitor. Experiment modules (``byol_flax/configs/eval_*.py
 :func:`eval_base_config`; the dict is locked, so a typo'd key is an error.
 """
 
+import copy
+
 import ml_collections
 
 from byol_flax.config import ConfigError, base_config
@@ -179,7 +181,7 @@ def monitor_eval_config(config: ml_collections.ConfigDict, protocol: str, *, own
     monitor = config.monitor
     evaluation.protocol = protocol
     evaluation.seed = config.seed
-    data = monitor_data(config) if own_data else config.data
+    data = monitor_data(config) if own_data else copy.deepcopy(config.data)
     for key, value in data.items():
         evaluation.data[key] = value
     evaluation.data.train_split = monitor.train_split
@@ -189,5 +191,5 @@ def monitor_eval_config(config: ml_collections.ConfigDict, protocol: str, *, own
     evaluation.feature_batch_size = monitor.batch_size
     evaluation.knn.k = tuple(monitor.knn_k)
     evaluation.knn.temperature = monitor.knn_temperature
-    evaluation.augment = config.augment
+    evaluation.augment = copy.deepcopy(config.augment)
     return evaluation

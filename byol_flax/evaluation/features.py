@@ -1,6 +1,6 @@
 """Frozen features of a labelled split: one ordered pass, every process, every device.
 
-Shared by every protocol (as a training monitor or offline) (linear on precomputed features, kNN,
+Shared by every protocol, as a training monitor or offline (linear on precomputed features, kNN,
 transfer via L-BFGS). Batches are padded to a fixed size so the embedding function compiles once,
 and every process runs the same number of batches because the gathers are collectives.
 """

@@ -122,7 +122,8 @@ def _evaluation_rows(card: dict[str, Any]) -> list[str]:
                         f"{e.get('test_split', '')} | {value:.4f} | "
                         f"{e.get('selection_split', '-')} | {json.dumps(e.get('selected', {}))} |")
     return rows if len(rows) > 2 else ["No evaluation recorded yet: run `python -m "
-                                       "byol_flax.evaluate --source=<this directory> ...`."]
+                                       "byol_flax.evaluation --config=eval_<x>:<protocol> "
+                                       "--source=<this directory> --workdir=DIR`."]
 
 
 def _history_rows(history: list[dict[str, Any]]) -> list[str]:

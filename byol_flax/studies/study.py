@@ -1,7 +1,7 @@
 """Studies as data: one :class:`Study` per paper table (and the demo), rows = config overrides.
 
-A study module (``byol_flax/configs/studies/table21.py`` etc.) defines ``STUDY``: the config every
-row starts from, the evaluations that score it, the seeds, and one :class:`Row` per line of the
+A study module (``byol_flax/configs/studies/table21.py`` etc.) registers in :data:`STUDIES` a
+function returning its :class:`Study`: the config every row starts from, the evaluations that score it, the seeds, and one :class:`Row` per line of the
 paper's table with the overrides that make it and the value the paper reports. The runner
 (``python -m byol_flax.studies``, :mod:`byol_flax.studies.runner`) prints the commands of a study
 for a cluster or runs it here. Config specs are what ``--config=`` takes: a shipped config's
@@ -11,6 +11,7 @@ name (``byol_imagenet_300ep:r50x1``, resolved by :func:`byol_flax.configs.resolv
 import dataclasses
 import importlib.util
 import sys
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,7 +76,7 @@ class Study:
         raise KeyError(f"{self.table} has no row {name!r}; rows: {[r.name for r in self.rows]}")
 
 
-def load_module(path: str, name: str):
+def load_module(path: str, name: str) -> types.ModuleType:
     """Imports a Python file by path (study and config modules are files, like --config's)."""
     file = epath.Path(path)
     if not file.exists():
@@ -95,19 +96,17 @@ STUDIES: Registry[Callable[[], Study]] = Registry("study")
 
 
 def load_study(spec: str) -> Study:
-    """A registered study by name (``table21``: a shipped study module of that name is imported
-    first) or the one study a module file registers (``path/to/my_study.py``)."""
+    """A registered study: ``NAME`` (a shipped study module of that name is imported first),
+    ``path/to/module.py`` (the one study it registers) or ``path/to/module.py:NAME``."""
     if spec not in STUDIES:
-        path = configs.resolve(spec, subdir="studies")
-        before = set(STUDIES)
+        path, _, name = configs.resolve(spec, subdir="studies").partition(":")
         module = load_module(path, f"byol_flax_study_{epath.Path(path).stem}")
-        registered = [name for name in STUDIES
-                      if name not in before or STUDIES.get(name).__module__ == module.__name__]
-        if spec not in STUDIES:
-            if len(registered) != 1:
+        registered = [n for n in STUDIES if STUDIES.get(n).__module__ == module.__name__]
+        if name or spec not in STUDIES:
+            if not name and len(registered) != 1:
                 raise ValueError(f"{path} registers {len(registered)} studies {registered}; "
-                                 "name one with --study=NAME")
-            spec = registered[0]
+                                 f"name one with --study={path}:NAME")
+            spec = name or registered[0]
     study = STUDIES.get(spec)()
     if not isinstance(study, Study):
         raise ValueError(f"study {spec!r} returned {type(study).__name__}, not a Study")

@@ -10,7 +10,7 @@ import matplotlib
 import numpy as np
 from etils import epath
 
-from byol_flax.evaluation.collapse import (COMPLETE_COLLAPSE_STD_RATIO,
+from byol_flax.collapse import (COMPLETE_COLLAPSE_STD_RATIO,
                                            DIMENSIONAL_COLLAPSE_RANK_FRACTION, MONITORS,
                                            collapse_verdict)
 from byol_flax.studies.report import read_scalars

@@ -22,7 +22,7 @@ from byol_flax.studies.study import NO_EMA, SIMCLR, STUDIES, Row, Study
 
 @STUDIES.register("cpu_collapse")
 def cpu_collapse() -> Study:
-    """The rows of this module's table, with the values the paper reports."""
+    """The CPU replication's rows, with the paper's values of the rows they replicate."""
     return Study(
         table="CPU replication of Tables 19 and 21",
         description="collapse with tau = 0 vs predictor LR multiplier; targets without predictor",

@@ -10,7 +10,7 @@ from byol_flax.studies.study import NO_EMA, STUDIES, Row, Study
 
 @STUDIES.register("j2_closed_form")
 def j2_closed_form() -> Study:
-    """The rows of this module's table, with the values the paper reports."""
+    """Appendix J.2's rows, with the values the paper reports."""
     return Study(
         table="Appendix J.2",
         description="Closed-form optimal linear predictor, tau = 0, projection size 16",

@@ -1,4 +1,4 @@
-"""Collapse monitoring (the failure BYOL's predictor and target exist to prevent).
+"""Collapse monitoring: the failure BYOL's predictor and slow-moving target exist to prevent.
 
 Computed inside the train step on every batch (:func:`collapse_metrics`), warned about by the
 training loop at logging steps (:func:`warn_on_collapse`), and turned into a verdict by the
