@@ -74,10 +74,20 @@ def _check_finite(step: int, metrics: dict[str, Any], last_checkpoint: int | Non
 
 @jax.jit
 def _accumulate(window: dict[str, Average] | None, metrics: Metrics) -> dict[str, Average]:
-    """The logging window's running sums with one more step, on the devices (no host sync)."""
-    step = {k: Average.from_model_output(v) for k, v in metrics.items()
-            if k not in SNAPSHOT_KEYS}
-    return step if window is None else {k: window[k].merge(step[k]) for k in step}
+    """The logging window's running sums with one more step, on the devices (no host sync; one
+    compiled call per step, not an eager op per scalar)."""
+    return _start_window(metrics) if window is None else _add_to_window(window, metrics)
+
+
+@jax.jit
+def _start_window(metrics: Metrics) -> dict[str, Average]:
+    return {k: Average.from_model_output(v) for k, v in metrics.items() if k not in SNAPSHOT_KEYS}
+
+
+@jax.jit
+def _add_to_window(window: dict[str, Average], metrics: Metrics) -> dict[str, Average]:
+    step = _start_window.__wrapped__(metrics)
+    return {k: window[k].merge(step[k]) for k in step}
 
 
 def _logged_scalars(window: dict[str, Average], metrics: Metrics) -> dict[str, float]:
