@@ -79,14 +79,16 @@ def _accumulate(window: dict[str, Average] | None, metrics: Metrics) -> dict[str
     return _start_window(metrics) if window is None else _add_to_window(window, metrics)
 
 
-@jax.jit
-def _start_window(metrics: Metrics) -> dict[str, Average]:
+def _step_averages(metrics: Metrics) -> dict[str, Average]:
     return {k: Average.from_model_output(v) for k, v in metrics.items() if k not in SNAPSHOT_KEYS}
+
+
+_start_window = jax.jit(_step_averages)
 
 
 @jax.jit
 def _add_to_window(window: dict[str, Average], metrics: Metrics) -> dict[str, Average]:
-    step = _start_window.__wrapped__(metrics)
+    step = _step_averages(metrics)
     return {k: window[k].merge(step[k]) for k in step}
 
 

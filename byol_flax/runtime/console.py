@@ -18,7 +18,10 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import tqdm
+from absl import app, flags
 from etils import epath
+
+from byol_flax import configs
 
 LOG_FILE = "log.txt"
 _STAGE_LOGGER = logging.getLogger("byol_flax.stage")
@@ -158,10 +161,6 @@ def run_command(main: Callable[[list[str]], None], module_name: str, *,
     (``--config=digits_cpu:...``, :func:`byol_flax.configs.resolve_flag`) before absl parses it;
     an unknown name is one error line.
     """
-    from absl import app, flags  # noqa: PLC0415 - absl is only needed by commands
-
-    from byol_flax import configs  # noqa: PLC0415
-
     sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)

@@ -83,7 +83,7 @@ def run_demo(workdir: epath.PathLike, *, seeds: Sequence[int], recipes: Sequence
              smoke: bool = False) -> dict[str, Any]:
     """The whole demo; returns report.json's content."""
     started = time.perf_counter()
-    workdir = epath.Path(workdir).absolute() if "://" not in str(workdir) else epath.Path(workdir)
+    workdir = runner.absolute_workdir(workdir)
     study = demo_study([recipe_row(recipe, recipe) for recipe in recipes], seeds=seeds,
                        smoke=smoke)
     runs = runner.run(study, workdir)

@@ -166,7 +166,7 @@ def run(study: Study, workdir: epath.PathLike, *, seeds: Sequence[int] | None = 
     ``seed``, ``dir``, ``steps``, ``train_seconds``, ``final_metrics``, ``config``,
     ``eval_configs`` (by evaluation) and ``evaluations`` (every result, by name)."""
     started = time.perf_counter()
-    workdir = _path(workdir)
+    workdir = absolute_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if study.data == "digits":
         study = with_data(study, prepare_data(workdir))
@@ -187,7 +187,8 @@ def run(study: Study, workdir: epath.PathLike, *, seeds: Sequence[int] | None = 
     return records
 
 
-def _path(workdir: epath.PathLike) -> epath.Path:
+def absolute_workdir(workdir: epath.PathLike) -> epath.Path:
+    """A local workdir made absolute (Orbax wants absolute paths); ``gs://`` left as it is."""
     return epath.Path(workdir).absolute() if "://" not in str(workdir) else epath.Path(workdir)
 
 
@@ -222,7 +223,7 @@ def run_study(study: Study, workdir: epath.PathLike, **kwargs: Any) -> dict[str,
     """:func:`run`, then the summary (``summary.json/md/png`` in ``workdir``); returns it."""
     started = time.perf_counter()
     records = run(study, workdir, **kwargs)
-    return summaries.write_summary(study, _path(workdir), records,
+    return summaries.write_summary(study, absolute_workdir(workdir), records,
                                    total_seconds=time.perf_counter() - started)
 
 
