@@ -6,6 +6,10 @@ An export directory holds
     projector or predictor;
   * ``encoder_config.json``: what :func:`load_encoder` needs to rebuild the module (the
     pre-training run's ``config.model`` plus a format version);
+  * ``heads/`` (optional, listed under ``"heads"`` in ``encoder_config.json``): the projector,
+    predictor and online classifier, when the source had them (an imported official
+    checkpoint): what continuing pre-training from an export, or the online-classifier
+    evaluation, needs;
   * ``MODEL_CARD.md`` / ``model_card.json`` (see :mod:`byol_flax.export.model_card`).
 
 Reuse it with two lines and no training code::
@@ -24,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -31,12 +36,15 @@ from flax import nnx
 
 from byol_flax.checkpointing import DamagedCheckpointError, read_pytree
 from byol_flax.checkpointing.encoder import read_encoder
+from byol_flax.models.heads import MLP
 from byol_flax.models.init import init_module
-from byol_flax.models.resnet import BatchNormConfig, ResNet, build_encoder
+from byol_flax.models.predictors import build_predictor
+from byol_flax.models.resnet import CONV_INIT, BatchNormConfig, ResNet, build_encoder
 
 EXPORT_FORMAT_VERSION = 1
 ENCODER_CONFIG_NAME = "encoder_config.json"
 WEIGHTS_DIR = "encoder"
+HEADS_DIR = "heads"
 RANDOM_PREFIX = "random:"
 PIXELS_SOURCE = "pixels"
 
@@ -53,9 +61,18 @@ class PretrainedEncoder:
     model_config: dict[str, Any]  # config.model of the pre-training run (JSON form)
     origin: dict[str, Any]  # {"kind": "export" | "pretraining" | "random", "path", "step", ...}
     pretrain_config: dict[str, Any] | None = None  # the whole pre-training config, if known
-    # The online classifier (a linear layer on the representation) of a training state, when
-    # the subject is the live state of a run (training monitors); exports do not keep it.
+    # The online classifier (a linear layer on the representation): of the live state of a run
+    # (training monitors), or of an export that kept its heads.
     classifier: nnx.Module | None = None
+    projector: nnx.Module | None = None  # g, when the export kept its heads
+    predictor: nnx.Module | None = None  # q, likewise
+
+    def heads(self) -> dict[str, nnx.Module]:
+        """The heads present, by name (``projector``, ``predictor``, ``classifier``)."""
+        return {name: module for name, module in (("projector", self.projector),
+                                                  ("predictor", self.predictor),
+                                                  ("classifier", self.classifier))
+                if module is not None}
 
 
 def _absolute(path: epath.PathLike) -> epath.Path:
@@ -74,11 +91,37 @@ def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0) ->
         dtype=jax.numpy.dtype(model_config.get("compute_dtype", "float32")), rngs=nnx.Rngs(seed)))
 
 
-def _set_arrays(encoder: ResNet, arrays: dict[str, Any]) -> None:
-    """Puts ``arrays`` (a pure dict shaped like the encoder's state) into ``encoder``."""
-    state = nnx.state(encoder)
+def heads_from_model_config(model_config: dict[str, Any], num_features: int, *,
+                            num_classes: int = 0, seed: int = 0) -> dict[str, nnx.Module]:
+    """Builds (randomly initialised) the projector and predictor a ``config.model`` describes,
+    and, with ``num_classes``, the online classifier: the modules of :func:`build_online_network`
+    and :func:`byol_flax.train_state.create_train_state`."""
+    config = ml_collections.ConfigDict(model_config)
+    bn = BatchNormConfig(**model_config.get("batchnorm", {}))
+    dtype = jax.numpy.dtype(model_config.get("compute_dtype", "float32"))
+
+    def build() -> dict[str, nnx.Module]:
+        rngs = nnx.Rngs(seed)
+        heads = {
+            "projector": MLP(num_features, hidden_size=config.projector.hidden_size,
+                             output_size=config.projector.output_size,
+                             depth=config.projector.depth, bn=bn, dtype=dtype, rngs=rngs),
+            "predictor": build_predictor(config.predictor,
+                                         features=config.projector.output_size, bn=bn,
+                                         dtype=dtype, rngs=rngs)}
+        if num_classes:
+            heads["classifier"] = nnx.Linear(num_features, num_classes, kernel_init=CONV_INIT,
+                                             rngs=rngs)
+        return heads
+
+    return init_module(build)
+
+
+def _set_arrays(module: nnx.Module, arrays: dict[str, Any]) -> None:
+    """Puts ``arrays`` (a pure dict shaped like the module's state) into ``module``."""
+    state = nnx.state(module)
     nnx.replace_by_pure_dict(state, arrays)
-    nnx.update(encoder, state)
+    nnx.update(module, state)
 
 
 def fingerprint(module: nnx.Module) -> str:
@@ -99,8 +142,9 @@ def load_encoder(export_dir: epath.PathLike) -> ResNet:
     return load_export(export_dir).encoder
 
 
-def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
-    """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance)."""
+def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> PretrainedEncoder:
+    """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance);
+    ``with_heads``: also the projector, predictor and classifier the export kept (if any)."""
     export_dir = _absolute(export_dir)
     config_path = export_dir / ENCODER_CONFIG_NAME
     if not config_path.exists():
@@ -114,10 +158,20 @@ def load_export(export_dir: epath.PathLike) -> PretrainedEncoder:
     encoder = encoder_from_model_config(meta["model"])
     _set_arrays(encoder, read_pytree(export_dir / WEIGHTS_DIR,
                                      nnx.to_pure_dict(nnx.state(encoder))))
+    heads: dict[str, nnx.Module] = {}
+    kept = meta.get("heads", {})
+    if with_heads and kept:
+        built = heads_from_model_config(meta["model"], encoder.num_features,
+                                        num_classes=kept.get("classifier", {}).get("num_classes", 0))
+        heads = {name: built[name] for name in kept}
+        arrays = read_pytree(export_dir / HEADS_DIR, {name: nnx.to_pure_dict(nnx.state(module))
+                                                      for name, module in heads.items()})
+        for name, module in heads.items():
+            _set_arrays(module, arrays[name])
     return PretrainedEncoder(encoder, meta["model"],
                              {"kind": "export", "path": str(export_dir), **meta["origin"],
                               "fingerprint": fingerprint(encoder)},
-                             meta.get("pretrain_config"))
+                             meta.get("pretrain_config"), **heads)
 
 
 def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
@@ -191,6 +245,10 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
         checkpointer.save(staging / WEIGHTS_DIR, args=ocp.args.PyTreeSave(
             nnx.to_pure_dict(nnx.state(pretrained.encoder))))
+        heads = pretrained.heads()
+        if heads:
+            checkpointer.save(staging / HEADS_DIR, args=ocp.args.PyTreeSave(
+                {name: nnx.to_pure_dict(nnx.state(module)) for name, module in heads.items()}))
         checkpointer.close()
         origin = {("source_" + k if k in ("kind", "path") else k): v
                   for k, v in pretrained.origin.items() if k != "fingerprint"}
@@ -199,6 +257,8 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
             "model": pretrained.model_config,
             "origin": origin,
             "pretrain_config": pretrained.pretrain_config,
+            "heads": {name: ({"num_classes": module.out_features} if name == "classifier" else {})
+                      for name, module in heads.items()},
         }, indent=2, sort_keys=True))
         if write_extra is not None:
             write_extra(staging)
