@@ -81,21 +81,32 @@ def _absolute(path: epath.PathLike) -> epath.Path:
     return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
-def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0) -> ResNet:
-    """Builds (randomly initialised) the encoder a pre-training ``config.model`` describes."""
+def _build(build: Callable[[], Any], abstract: bool) -> Any:
+    """``build()`` initialised in one compiled program, or only its shapes (``abstract``: the
+    structure with ``jax.ShapeDtypeStruct`` leaves, nothing allocated)."""
+    return nnx.eval_shape(build) if abstract else init_module(build)
+
+
+def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0,
+                              abstract: bool = False) -> ResNet:
+    """Builds (randomly initialised, or shape-only with ``abstract``) the encoder a
+    pre-training ``config.model`` describes."""
     encoder = model_config["encoder"]
     batchnorm = model_config.get("batchnorm", {})
-    return init_module(lambda: build_encoder(
+    return _build(lambda: build_encoder(
         encoder["name"], width_multiplier=encoder["width_multiplier"], stem=encoder["stem"],
         bn=BatchNormConfig(**batchnorm),
-        dtype=jax.numpy.dtype(model_config.get("compute_dtype", "float32")), rngs=nnx.Rngs(seed)))
+        dtype=jax.numpy.dtype(model_config.get("compute_dtype", "float32")),
+        rngs=nnx.Rngs(seed)), abstract)
 
 
 def heads_from_model_config(model_config: dict[str, Any], num_features: int, *,
-                            num_classes: int = 0, seed: int = 0) -> dict[str, nnx.Module]:
-    """Builds (randomly initialised) the projector and predictor a ``config.model`` describes,
-    and, with ``num_classes``, the online classifier: the modules of :func:`build_online_network`
-    and :func:`byol_flax.train_state.create_train_state`."""
+                            num_classes: int = 0, seed: int = 0, abstract: bool = False
+                            ) -> dict[str, nnx.Module]:
+    """Builds (randomly initialised, or shape-only with ``abstract``) the projector and
+    predictor a ``config.model`` describes, and, with ``num_classes``, the online classifier:
+    the modules of :func:`build_online_network` and
+    :func:`byol_flax.train_state.create_train_state`."""
     config = ml_collections.ConfigDict(model_config)
     bn = BatchNormConfig(**model_config.get("batchnorm", {}))
     dtype = jax.numpy.dtype(model_config.get("compute_dtype", "float32"))
@@ -114,7 +125,7 @@ def heads_from_model_config(model_config: dict[str, Any], num_features: int, *,
                                              rngs=rngs)
         return heads
 
-    return init_module(build)
+    return _build(build, abstract)
 
 
 def _set_arrays(module: nnx.Module, arrays: dict[str, Any]) -> None:
@@ -142,9 +153,9 @@ def load_encoder(export_dir: epath.PathLike) -> ResNet:
     return load_export(export_dir).encoder
 
 
-def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> PretrainedEncoder:
-    """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance);
-    ``with_heads``: also the projector, predictor and classifier the export kept (if any)."""
+def read_export_config(export_dir: epath.PathLike) -> dict[str, Any]:
+    """The ``encoder_config.json`` of an export (model config, origin, heads kept), checked to
+    be one this code reads; raises :class:`SourceError` naming the file otherwise."""
     export_dir = _absolute(export_dir)
     config_path = export_dir / ENCODER_CONFIG_NAME
     if not config_path.exists():
@@ -155,6 +166,14 @@ def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> Pret
                           f"code reads {EXPORT_FORMAT_VERSION}")
     if "model" not in meta or "origin" not in meta:
         raise SourceError(f"{config_path} lacks 'model' or 'origin': not written by this code")
+    return meta
+
+
+def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> PretrainedEncoder:
+    """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance);
+    ``with_heads``: also the projector, predictor and classifier the export kept (if any)."""
+    export_dir = _absolute(export_dir)
+    meta = read_export_config(export_dir)
     encoder = encoder_from_model_config(meta["model"])
     _set_arrays(encoder, read_pytree(export_dir / WEIGHTS_DIR,
                                      nnx.to_pure_dict(nnx.state(encoder))))
@@ -235,13 +254,7 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
     adds, e.g. the model card: :func:`byol_flax.export.model_card.write_model_card`) to
     ``out_dir``, atomically: everything is written to a temporary directory beside it that then
     replaces ``out_dir``, so a failed export leaves the previous one intact."""
-    out_dir = _absolute(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
-    if staging.exists():
-        staging.rmtree()
-    staging.mkdir()
-    try:
+    def write(staging: epath.Path) -> None:
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
         checkpointer.save(staging / WEIGHTS_DIR, args=ocp.args.PyTreeSave(
             nnx.to_pure_dict(nnx.state(pretrained.encoder))))
@@ -262,12 +275,29 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
         }, indent=2, sort_keys=True))
         if write_extra is not None:
             write_extra(staging)
+
+    out_dir = write_atomically(out_dir, write)
+    logging.info("exported the encoder of %s to %s", pretrained.origin, out_dir)
+    return out_dir
+
+
+def write_atomically(out_dir: epath.PathLike, write: Callable[[epath.Path], None]
+                     ) -> epath.Path:
+    """Runs ``write(staging)`` on a temporary directory beside ``out_dir`` that then replaces
+    ``out_dir``: a failed export leaves the previous one intact (every export format)."""
+    out_dir = _absolute(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
+    if staging.exists():
+        staging.rmtree()
+    staging.mkdir()
+    try:
+        write(staging)
         _swap_in(staging, out_dir)
     except BaseException:
         if staging.exists():
             staging.rmtree()
         raise
-    logging.info("exported the encoder of %s to %s", pretrained.origin, out_dir)
     return out_dir
 
 
