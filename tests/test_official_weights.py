@@ -30,6 +30,7 @@ from haiku._src import data_structures  # noqa: E402  (the release's frozendict)
 
 from byol_flax.export import official  # noqa: E402
 from byol_flax.export.encoder import load_export, load_source  # noqa: E402
+from byol_flax.models.byol import count_params  # noqa: E402
 
 BN_CONFIG = {"decay_rate": 0.9, "eps": 1e-5, "create_scale": True, "create_offset": True}
 # (blocks per group, bottleneck, channels per group) of the official ResNet18/50/200.
@@ -205,6 +206,8 @@ def test_imported_official_resnet50_computes_what_haiku_computes(tmp_path, relea
                                                 "stem": "imagenet", "zero_init_residual": False}
     assert imported.origin["step"] == 300_000
     assert len(imported.origin["sha256"]) == 64
+    # Appendix D.2, Table 9: ResNet-50 1x has 24M weights.
+    assert round(count_params(imported.encoder) / 1e6) == 24
     assert_equal_outputs(ours(imported, images), reference)
 
 
@@ -245,10 +248,10 @@ def test_resnet200x2_names_and_shapes_map_without_allocating(release_classes):
             model["predictor"]["hidden_size"]) == (4096, 256, 4096)
     leaves = jax.tree.leaves(nnx.state(modules["encoder"]))
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
-    # ResNet-200 2x: about 250 M encoder parameters (BN statistics excluded).
+    # Appendix D.2, Table 9: ResNet-200 2x has 250M weights (BatchNorm statistics excluded).
     params_count = sum(int(np.prod(leaf.shape)) for leaf in
                        jax.tree.leaves(nnx.state(modules["encoder"], nnx.Param)))
-    assert 240e6 < params_count < 260e6, params_count
+    assert round(params_count / 1e7) == 25, params_count
 
 
 def test_mismatches_are_listed(release_classes):
