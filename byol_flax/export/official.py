@@ -147,34 +147,15 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_official_checkpoint(path: epath.PathLike) -> tuple[dict[str, Any], str]:
-    """The file's content as plain containers, and its sha256 (hashed while it is read)."""
+    """The file's content as plain containers, and its sha256."""
     path = epath.Path(path)
     digest = hashlib.sha256()
-
-    class _Hashing:
-        def __init__(self, raw: BinaryIO):
-            self._raw = raw
-
-        def read(self, size: int = -1) -> bytes:
-            data = self._raw.read(size)
-            digest.update(data)
-            return data
-
-        def readline(self) -> bytes:
-            data = self._raw.readline()
-            digest.update(data)
-            return data
-
-        def readinto(self, buffer: Any) -> int:
-            count = self._raw.readinto(buffer)
-            digest.update(memoryview(buffer)[:count])
-            return count
-
     try:
-        with path.open("rb") as raw:
-            content = RestrictedUnpickler(_Hashing(raw), source=str(path)).load()
-            while chunk := raw.read(1 << 20):  # anything after the pickle's STOP
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 24):
                 digest.update(chunk)
+        with path.open("rb") as file:
+            content = RestrictedUnpickler(file, source=str(path)).load()
     except UnsafePickleError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
