@@ -4,6 +4,12 @@ Writes the online encoder alone (Orbax), ``encoder_config.json`` and the model c
 (``MODEL_CARD.md``, ``model_card.json``). Evaluation results are added to the card by
 ``python -m byol_flax.evaluation --source=DIR`` or here with ``--results=EVAL_WORKDIR,...``.
 Reload with ``byol_flax.export.encoder.load_encoder(DIR)``.
+
+``--source=`` instead of ``--workdir=`` exports anything the evaluation's ``--source`` names
+(an export directory, e.g. an imported official checkpoint, or a pre-training workdir).
+``--format=torch`` writes ``encoder.safetensors`` (torchvision's ResNet keys, see
+:mod:`byol_flax.export.torch_format`) and the model card instead; reload with
+``byol_flax.export.torch_resnet.load_torch_encoder(DIR)``.
 """
 
 import sys
@@ -12,17 +18,25 @@ from absl import app, flags
 
 from byol_flax.export import model_card
 from byol_flax.export.encoder import SourceError
+from byol_flax.export.torch_format import TorchExportError
 from byol_flax.runtime import console
 from byol_flax.runtime.xla import configure_xla_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pre-training workdir (holds checkpoints/).")
+_SOURCE = flags.DEFINE_string("source", None, "Instead of --workdir: an export directory or "
+                              "anything else byol_flax.evaluation's --source accepts.")
+_FORMAT = flags.DEFINE_enum("format", "byol_flax", ["byol_flax", "torch"],
+                            "byol_flax: Orbax arrays + encoder_config.json (load_encoder); torch: "
+                            "encoder.safetensors with torchvision's ResNet keys "
+                            "(torch_resnet.load_torch_encoder).")
 _OUT = flags.DEFINE_string("out", None, "Export directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _RESULTS = flags.DEFINE_list("results", [], "Evaluation workdirs whose results.json to record.")
 _INTENDED = flags.DEFINE_string("intended_use", "", "Model card: intended uses.")
 _OUT_OF_SCOPE = flags.DEFINE_string("out_of_scope_use", "", "Model card: disallowed uses.")
 _FAILURES = flags.DEFINE_string("known_failures", "", "Model card: known failure domains.")
-flags.mark_flags_as_required(["workdir", "out"])
+flags.mark_flags_as_required(["out"])
+flags.mark_flags_as_mutual_exclusive(["workdir", "source"], required=True)
 
 
 def main(argv: list[str]) -> None:
@@ -31,12 +45,14 @@ def main(argv: list[str]) -> None:
     configure_xla_flags()  # before the first computation
     try:
         out = model_card.export_with_model_card(
-            _WORKDIR.value, _OUT.value, step=_STEP.value, results=_RESULTS.value,
-            intended_use=_INTENDED.value, out_of_scope_use=_OUT_OF_SCOPE.value,
-            known_failures=_FAILURES.value)
-    except (SourceError, OSError) as error:  # a failed export leaves the previous one intact
+            _WORKDIR.value, _OUT.value, source=_SOURCE.value, step=_STEP.value,
+            export_format=_FORMAT.value, results=_RESULTS.value, intended_use=_INTENDED.value,
+            out_of_scope_use=_OUT_OF_SCOPE.value, known_failures=_FAILURES.value)
+    except (SourceError, TorchExportError, OSError) as error:  # a failed export leaves the
+        # previous one intact
         sys.exit(f"error: {type(error).__name__}: {error}")
-    print(f"exported to {out}: {model_card.CARD_MARKDOWN}, {model_card.CARD_JSON}")
+    written = sorted(p.name for p in out.iterdir())
+    print(f"exported to {out}: {', '.join(written)}")
 
 
 def run() -> None:

@@ -16,8 +16,8 @@ from typing import Any
 from etils import epath
 
 from byol_flax.data.records import MANIFEST_NAME
-from byol_flax.export.encoder import (PretrainedEncoder, export_encoder,
-                                         load_pretraining_encoder)
+from byol_flax.export.encoder import (PretrainedEncoder, SourceError, export_encoder,
+                                      load_pretraining_encoder, load_source)
 from byol_flax.models.byol import count_params
 
 CARD_JSON = "model_card.json"
@@ -135,6 +135,14 @@ def _history_rows(history: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def _loader(card: dict[str, Any]) -> str:
+    if card.get("export", {}).get("format") == "torch":
+        from byol_flax.export.torch_format import LOADER
+        return LOADER
+    return ("`from byol_flax.export.encoder import load_encoder; encoder = load_encoder(DIR); "
+            "encoder.eval()`")
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     arch, data, training = card["architecture"], card["pretraining_data"], card["training"]
     lines = [
@@ -155,8 +163,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- Encoder: `{json.dumps(arch['encoder'])}`, representation size "
         f"{arch['representation_size']}, {arch['encoder_parameters']:,} parameters "
         f"(BatchNorm statistics excluded), compute dtype {arch['compute_dtype']}.",
-        "- Load it: `from byol_flax.export.encoder import load_encoder; "
-        "encoder = load_encoder(DIR); encoder.eval()`.",
+        f"- Load it: {_loader(card)}.",
         "",
         "## Objective",
         f"- {card['objective']['method']}; loss {card['objective']['loss']}.",
@@ -192,16 +199,29 @@ def read_model_card(directory: epath.PathLike) -> dict[str, Any]:
     return json.loads((epath.Path(directory) / CARD_JSON).read_text())
 
 
-def export_with_model_card(workdir: str, out: str, *, step: int | None = None,
-                           results: Sequence[str] = (), intended_use: str = "",
+def export_with_model_card(workdir: str | None, out: str, *, source: str | None = None,
+                           step: int | None = None, results: Sequence[str] = (),
+                           export_format: str = "byol_flax", intended_use: str = "",
                            out_of_scope_use: str = "", known_failures: str = "") -> epath.Path:
-    """Exports the encoder of pre-training ``workdir`` to ``out`` with its model card, adding
-    the ``results.json`` of the evaluation workdirs ``results``."""
-    pretrained = load_pretraining_encoder(workdir, step)
+    """Exports the encoder of pre-training ``workdir`` (at ``step``), or of ``source`` (anything
+    the evaluation's ``--source`` names: an export directory, e.g. an imported official
+    checkpoint), to ``out`` with its model card, adding the ``results.json`` of the evaluation
+    workdirs ``results``. ``export_format``: ``byol_flax`` (Orbax arrays, ``load_encoder``) or
+    ``torch`` (``encoder.safetensors`` with torchvision's keys, written without torch)."""
+    if (workdir is None) == (source is None):
+        raise SourceError("export: name exactly one of a pre-training workdir or a source")
+    if step is not None and workdir is None:
+        raise SourceError("--step picks a checkpoint of --workdir; it does not apply to --source")
+    pretrained = load_pretraining_encoder(workdir, step) if workdir else load_source(source)
     card = build_model_card(pretrained, intended_use=intended_use,
                             out_of_scope_use=out_of_scope_use, known_failures=known_failures)
     for directory in results:
         card = add_evaluation(
             card, json.loads((epath.Path(directory) / RESULTS_NAME).read_text()))
-    return export_encoder(pretrained, out, write_extra=lambda staging: write_model_card(
-        staging, card))
+    write_card = lambda staging: write_model_card(staging, card)  # noqa: E731
+    if export_format == "torch":
+        from byol_flax.export import torch_format  # imports safetensors, only when asked for
+        card["export"] = {"format": "torch", "file": torch_format.WEIGHTS_NAME,
+                          **torch_format.architecture(pretrained)}
+        return torch_format.export_torch(pretrained, out, write_extra=write_card)
+    return export_encoder(pretrained, out, write_extra=write_card)
