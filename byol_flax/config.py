@@ -49,6 +49,18 @@ def base_config() -> ml_collections.ConfigDict:
     # matmul for the small maps XLA:CPU handles slowly), "xla" or "patches". Numerics are equal;
     # not part of a checkpoint's compatibility check.
     config.model.conv_implementation = "auto"
+    # init_from: an export directory (byol_flax.export; an imported official checkpoint or an
+    # export of one of our runs) whose encoder a NEW run starts from instead of random init, to
+    # continue pre-training released or earlier weights on other data or with another recipe.
+    # The target starts as the copy of the loaded online network, the optimizer state fresh and
+    # the step at 0 (byol_flax.export.init_from). The export's encoder and BatchNorm settings
+    # must equal model.encoder / model.batchnorm. "" = random init.
+    # init_from_heads: also load the projector and predictor when the export kept them (they
+    # must then have this config's shapes); the online classifier always starts fresh.
+    # Initialisation only: a resumed run takes its weights from its checkpoint, so neither key
+    # is part of a checkpoint's compatibility check.
+    config.model.init_from = ""
+    config.model.init_from_heads = True
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.base_learning_rate = 0.2  # scaled by batch_size / 256

@@ -34,13 +34,14 @@ from jax.sharding import Mesh
 from byol_flax.checkpointing import config_changes
 from byol_flax.runtime import console
 from byol_flax.checkpointing import lease
-from byol_flax.checkpointing import Checkpointer, Restored
+from byol_flax.checkpointing import Checkpointer, Restored, committed_steps
 from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.config import training_steps, validate_config
 from byol_flax.data.pipeline import OpenedSplit, open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
 from byol_flax.evaluation import EVALUATORS, build_evaluators, monitor_data
 from byol_flax.evaluation.base import needs_labels, reads_monitor_data
+from byol_flax.export.init_from import InitSource, apply_init_from, check_init_from
 from byol_flax.collapse import warn_on_collapse
 from byol_flax.sharding import make_mesh, replicated_sharding, shard_batch
 from byol_flax.train_state import create_train_state
@@ -156,6 +157,8 @@ def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
                           if not k.startswith("crop_")}
     for view in ("view1", "view2"):
         program["augment"][view].pop("flip_prob")
+    for init_only in ("init_from", "init_from_heads"):  # the weights a run starts from
+        program["model"].pop(init_only, None)
     # The graph (and its optimizer) is a function of the model and optimizer configs.
     key = json.dumps([program, total_steps, warmup_steps, num_classes,
                       [d.id for d in mesh.devices.flat]], sort_keys=True)
@@ -257,6 +260,15 @@ def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     path.write_text(text)
 
 
+def _init_source(config: ml_collections.ConfigDict, workdir: epath.Path) -> InitSource | None:
+    """The export a new run starts from (``config.model.init_from``), checked before the data is
+    opened; None for random init or when the workdir holds checkpoints (a resume: they hold the
+    weights)."""
+    if not config.model.init_from or committed_steps(workdir / "checkpoints"):
+        return None
+    return check_init_from(config)
+
+
 def _run_monitors(step: int, evaluators: Sequence[tuple[str, Any]], state: nnx.State,
                   config: ml_collections.ConfigDict, guard: TerminationGuard
                   ) -> dict[str, float]:
@@ -298,10 +310,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     held = None
     try:
         validate_config(config, num_devices=jax.device_count())
+        init_source = _init_source(config, workdir)
         opened = open_split(config.data, config.data.train_split)
         config = plan_label_users(config, opened.manifest.num_classes, _monitor_classes(config))
         held = _lease(workdir, config)
-        return _train(config, workdir, opened, guard, allow_config_change)
+        return _train(config, workdir, opened, guard, allow_config_change, init_source)
     finally:
         guard.restore()
         if held is not None:
@@ -309,7 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 
 
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: OpenedSplit,
-           guard: TerminationGuard, allow_config_change: Sequence[str]) -> dict[str, float]:
+           guard: TerminationGuard, allow_config_change: Sequence[str],
+           init_source: InitSource | None) -> dict[str, float]:
     is_chief = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
     logging.info("config:\n%s", config)
@@ -323,8 +337,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
     total_steps, warmup_steps = training_steps(config, opened.num_records)
     options = StepOptions.from_config(config, total_steps, warmup_steps)
     num_classes = opened.manifest.num_classes if config.model.online_classifier else 0
-    graphdef, state = nnx.split(create_train_state(config, options.learning_rate,
-                                                   num_classes=num_classes))
+    train_state = create_train_state(config, options.learning_rate, num_classes=num_classes)
+    initialised_from = (apply_init_from(train_state, init_source)
+                        if init_source is not None else None)
+    graphdef, state = nnx.split(train_state)
+    del train_state  # the replicated copy below is the one kept
     state = jax.device_put(state, replicated_sharding(mesh))
     parameter_overview.log_parameter_overview(
         nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state).online, nnx.Param)))
@@ -339,6 +356,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
                                 termination=guard)
     restored = checkpointer.restore_latest(state, replicated_sharding(mesh))
     _record_config(workdir, config, restored, run, allow_config_change)
+    if restored.step and config.model.init_from:
+        logging.info("config.model.init_from=%r not applied: resumed at step %d, whose "
+                     "checkpoint holds the weights", config.model.init_from, restored.step)
+    elif initialised_from is not None and is_chief:
+        config_changes.record_init(workdir, "model.init_from", initialised_from)
     state, counters = restored.state, restored.counters
     start_step = restored.step or 0
     if start_step:

@@ -47,7 +47,8 @@ from byol_flax.checkpointing.preemption import TerminationGuard
 # Keys of config.model that change how the network is computed or initialised, not what a
 # checkpoint holds: it restores under any of their values, so they are left out of the saved
 # model config (dotted paths within config.model).
-RUNTIME_MODEL_KEYS = ("conv_implementation", "encoder.zero_init_residual")
+RUNTIME_MODEL_KEYS = ("conv_implementation", "encoder.zero_init_residual", "init_from",
+                      "init_from_heads")
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -412,6 +413,13 @@ def _metadata_tree(metadata: Any) -> dict[str, Any]:
     return tree if isinstance(tree, dict) else dict(tree)
 
 
+def stored_layout(path: epath.PathLike) -> dict[str, Any]:
+    """The shapes and dtypes a PyTree checkpoint at ``path`` recorded (nested dict of objects
+    with ``shape`` and ``dtype``), read without loading an array: what
+    :func:`layout_differences` compares."""
+    return _metadata_tree(ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)))
+
+
 def verify(pure_state: dict[str, Any], expected: dict[str, int] | None, where: str) -> None:
     """Raises :class:`DamagedCheckpointError` if an array of ``pure_state`` differs from its saved
     checksum. ``pure_state`` may be a part of the saved state: keys absent from it are skipped."""
@@ -497,7 +505,7 @@ def _read_part(step_dir: epath.Path, prefix: tuple[str, ...]
     where = f"checkpoint {step_dir}"
     try:
         # The shapes and dtypes Orbax recorded with the step, under ``prefix``.
-        target = _metadata_tree(ocp.PyTreeCheckpointHandler().metadata(step_dir / "state"))
+        target = stored_layout(step_dir / "state")
         for key in prefix:
             target = target[key]
         restored = read_pytree(step_dir / "state", target, prefix)

@@ -13,7 +13,8 @@ Every checkpoint holds the full config of the run that wrote it plus the identit
 
 Changes that are accepted are appended to ``<workdir>/config_history.jsonl`` (step, time, key,
 old, new, kind), which the model card shows; ``config.json`` is rewritten only together with
-such a record.
+such a record. A run started from an export (``model.init_from``) records there, at step 0 and
+of kind ``init``, the export and the fingerprint of the encoder it loaded.
 """
 
 import datetime
@@ -41,12 +42,15 @@ RUNTIME_KEYS = (
     "data.prefetch_buffer_size",
     "model.conv_implementation",
     "model.encoder.zero_init_residual",  # initialisation only: a resumed run initialises nothing
+    "model.init_from",  # likewise: the checkpoint, not the export, holds a resumed run's weights
+    "model.init_from_heads",
     "checkpoint",
     "logging",
     "monitor",
 )
 DATA_IDENTITY_KEY = "data.manifest_sha256"
 HISTORY_NAME = "config_history.jsonl"
+INIT_KIND = "init"  # the history entry of where a new run's weights came from
 CONFIG_NAME = "config.json"
 
 
@@ -120,6 +124,19 @@ def record_changes(workdir: epath.Path, step: int, changes: Sequence[dict[str, A
     for change in changes:
         logging.warning("config change at step %d (%s): %s: %r -> %r", step, change["kind"],
                         change["key"], change["old"], change["new"])
+
+
+def record_init(workdir: epath.Path, key: str, value: Any) -> None:
+    """Records what a new run was initialised from (``key``: the config key, ``value``: e.g. the
+    export's path and fingerprint) as the history's step-0 entry. An earlier entry of this kind,
+    left by a start that wrote no checkpoint, is replaced."""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    entry = {"step": 0, "time": now, "kind": INIT_KIND, "key": key, "old": None, "new": value}
+    path = workdir / HISTORY_NAME
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line).get("kind") != INIT_KIND]
+    kept.append(json.dumps(entry, sort_keys=True, default=str))
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_history(workdir: epath.PathLike, up_to_step: int | None = None) -> list[dict[str, Any]]:

@@ -75,7 +75,7 @@ class PretrainedEncoder:
                 if module is not None}
 
 
-def _absolute(path: epath.PathLike) -> epath.Path:
+def absolute_path(path: epath.PathLike) -> epath.Path:
     """Orbax wants absolute local paths; gs:// paths pass through."""
     text = os.fspath(path)
     return epath.Path(text if "://" in text else os.path.abspath(text))
@@ -128,7 +128,7 @@ def heads_from_model_config(model_config: dict[str, Any], num_features: int, *,
     return _build(build, abstract)
 
 
-def _set_arrays(module: nnx.Module, arrays: dict[str, Any]) -> None:
+def set_arrays(module: nnx.Module, arrays: dict[str, Any]) -> None:
     """Puts ``arrays`` (a pure dict shaped like the module's state) into ``module``."""
     state = nnx.state(module)
     nnx.replace_by_pure_dict(state, arrays)
@@ -156,7 +156,7 @@ def load_encoder(export_dir: epath.PathLike) -> ResNet:
 def read_export_config(export_dir: epath.PathLike) -> dict[str, Any]:
     """The ``encoder_config.json`` of an export (model config, origin, heads kept), checked to
     be one this code reads; raises :class:`SourceError` naming the file otherwise."""
-    export_dir = _absolute(export_dir)
+    export_dir = absolute_path(export_dir)
     config_path = export_dir / ENCODER_CONFIG_NAME
     if not config_path.exists():
         raise SourceError(f"{export_dir} is not an encoder export: {ENCODER_CONFIG_NAME} missing")
@@ -172,10 +172,10 @@ def read_export_config(export_dir: epath.PathLike) -> dict[str, Any]:
 def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> PretrainedEncoder:
     """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance);
     ``with_heads``: also the projector, predictor and classifier the export kept (if any)."""
-    export_dir = _absolute(export_dir)
+    export_dir = absolute_path(export_dir)
     meta = read_export_config(export_dir)
     encoder = encoder_from_model_config(meta["model"])
-    _set_arrays(encoder, read_pytree(export_dir / WEIGHTS_DIR,
+    set_arrays(encoder, read_pytree(export_dir / WEIGHTS_DIR,
                                      nnx.to_pure_dict(nnx.state(encoder))))
     heads: dict[str, nnx.Module] = {}
     kept = meta.get("heads", {})
@@ -186,7 +186,7 @@ def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> Pret
         arrays = read_pytree(export_dir / HEADS_DIR, {name: nnx.to_pure_dict(nnx.state(module))
                                                       for name, module in heads.items()})
         for name, module in heads.items():
-            _set_arrays(module, arrays[name])
+            set_arrays(module, arrays[name])
     return PretrainedEncoder(encoder, meta["model"],
                              {"kind": "export", "path": str(export_dir), **meta["origin"],
                               "fingerprint": fingerprint(encoder)},
@@ -198,13 +198,13 @@ def load_pretraining_encoder(workdir: epath.PathLike, step: int | None = None
     """The online encoder of a pre-training workdir's checkpoint (the newest valid one by
     default), read and verified by :func:`byol_flax.checkpointing.encoder.read_encoder`, with the
     config that step was trained with."""
-    workdir = _absolute(workdir)
+    workdir = absolute_path(workdir)
     try:
         saved = read_encoder(workdir, step)
     except DamagedCheckpointError as error:
         raise SourceError(str(error)) from error
     encoder = encoder_from_model_config(saved.model_config)
-    _set_arrays(encoder, saved.arrays)
+    set_arrays(encoder, saved.arrays)
     return PretrainedEncoder(encoder, saved.model_config,
                              {"kind": "pretraining", "path": str(workdir), "step": saved.step,
                               "fingerprint": fingerprint(encoder)}, saved.pretrain_config)
@@ -238,7 +238,7 @@ def load_source(source: str, *, seed: int = 0, image_size: int = 0) -> Pretraine
         return PretrainedEncoder(encoder, reference.model_config,
                                  {"kind": "random", "path": reference.origin["path"],
                                   "seed": seed}, reference.pretrain_config)
-    path = _absolute(source)
+    path = absolute_path(source)
     if (path / ENCODER_CONFIG_NAME).exists():
         return load_export(path)
     if (path / "checkpoints").exists():
@@ -285,7 +285,7 @@ def write_atomically(out_dir: epath.PathLike, write: Callable[[epath.Path], None
                      ) -> epath.Path:
     """Runs ``write(staging)`` on a temporary directory beside ``out_dir`` that then replaces
     ``out_dir``: a failed export leaves the previous one intact (every export format)."""
-    out_dir = _absolute(out_dir)
+    out_dir = absolute_path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     if staging.exists():
