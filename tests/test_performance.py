@@ -220,7 +220,19 @@ def test_the_loop_refuses_implicit_transfers_into_the_step(data_dir, tmp_path, m
 # --- Mixed precision --------------------------------------------------------------------------
 
 
+def test_accelerator_configs_compute_in_bfloat16_and_smoke_runs_in_float32():
+    """The TPU/GPU experiment configs use bfloat16 compute (the parity below is what makes that
+    safe); their CPU smoke versions keep float32."""
+    from byol_flax.studies.study import load_config
+
+    for name in ("byol_imagenet:r50x1", "byol_imagenet:r200x2", "byol_imagenet_300ep:r50x1",
+                 "byol_imagenet_bs512:r50x1", "simclr_imagenet_300ep:r50x1"):
+        assert load_config(name).model.compute_dtype == "bfloat16", name
+        assert load_config(f"{name},smoke=True").model.compute_dtype == "float32", name
+
+
 def test_bfloat16_compute_tracks_float32_losses_and_keeps_float32_parameters(config):
+    """bfloat16 activations; float32 parameters, BatchNorm statistics, loss and optimizer."""
     from byol_flax.sharding import shard_batch
     from tests.helpers import make_views
     from tests.test_train_step import setup
@@ -233,8 +245,11 @@ def test_bfloat16_compute_tracks_float32_losses_and_keeps_float32_parameters(con
         for seed in range(4):
             state, metrics = step(state, shard_batch(make_views(16, seed), mesh))
             losses[dtype].append(float(metrics["loss"]))
-        params = jax.tree.leaves(nnx.state(nnx.merge(graphdef, state).online, nnx.Param))
-        assert {p.dtype for p in params} == {jnp.dtype("float32")}
+        merged = nnx.merge(graphdef, state)
+        kept = [nnx.state(merged.online, nnx.Param), nnx.state(merged.online, nnx.BatchStat),
+                nnx.state(merged.target), nnx.state(merged.optimizer.opt_state)]
+        assert {x.dtype for x in jax.tree.leaves(kept) if jnp.issubdtype(x.dtype, jnp.floating)
+                } == {jnp.dtype("float32")}, dtype
     # bfloat16 keeps 8 bits of mantissa: losses (in [-4, 4]) agree to ~1e-2, step by step.
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=3e-2)
     assert losses["float32"][0] != losses["bfloat16"][0]  # bfloat16 really was used
@@ -288,3 +303,38 @@ def test_encoders_without_convolutions_build_with_auto_and_refuse_another_choice
     tiny = build_encoder("resnet_tiny", stem="small", conv_implementation="patches",
                          rngs=nnx.Rngs(0))
     assert tiny.stem_conv.conv_general_dilated is conv_via_patches
+
+
+# --- The accelerator benchmark ----------------------------------------------------------------
+
+
+def test_accelerator_benchmark_runs_every_part_at_tiny_size(tmp_path):
+    """benchmarks/accelerator.py --tiny on this CPU: the step (compile, images/s, model FLOPs
+    utilisation against the measured matmul peak) and the host pipeline (one core, one worker
+    per core) are measured and set against each other; the full size waits for an
+    accelerator."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "accelerator.json"
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one device, as a chip
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "accelerator.py"), "--tiny",
+                           f"--json-out={out}"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert (result["devices"], result["platform"], result["dtype"]) == (1, "cpu", "bfloat16")
+    assert result["peak_source"] == "measured float32 matmul" and result["peak_tflops_per_device"] > 0
+    (row,) = result["rows"]
+    assert row["per_device_batch"] == 2 and row["compile_seconds"] > 0 and row["step_tflop"] > 0
+    assert 0 < row["mfu"] < 1 and row["images_per_second_per_chip"] > 0
+    assert np.isfinite(row["loss"])
+    host = result["host"]
+    assert 0 < host["per_core_images_per_second"] and 0 < host["per_host_images_per_second"]
+    assert result["host_cores_per_chip"] == pytest.approx(
+        row["images_per_second_per_chip"] / host["per_core_images_per_second"], rel=0.05,
+        abs=2e-3)
+    assert "| 2 |" in done.stdout  # the table people read

@@ -24,6 +24,8 @@ SMOKE_MODEL = {"model.encoder.name": "resnet_tiny", "model.encoder.stem": "small
 # Pre-training: 8-px crops, batch 32, two "epochs" of 128 examples (8 steps, 4 of warm-up), every
 # cadence (checkpoint, log, monitors) inside those steps, monitors on 256 examples.
 SMOKE_PRETRAINING = {
+    # float32: smoke runs are CPU runs, where bfloat16 is emulated (slower, not smaller).
+    "model.compute_dtype": "float32",
     "data.image_size": 8, "data.worker_count": 0, "training.batch_size": 32,
     "training.num_train_examples": 128, "training.epochs": 2.0, "training.warmup_epochs": 1.0,
     "checkpoint.every_steps": 4, "logging.every_steps": 2, "monitor.every_steps": 4,

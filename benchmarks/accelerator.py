@@ -1,0 +1,223 @@
+"""The BYOL step on whatever accelerator is present, and whether one host can feed it.
+
+For the step (ResNet-50, 224 px, the paper's heads, LARS, EMA target, bfloat16 compute by
+default as the accelerator configs use), from ``--batch`` up by doubling until the device runs
+out of memory or ``--max-batch``: compile seconds, images/s per chip, model FLOPs utilisation
+(the compiled step's FLOPs x steps/s over the chip's peak, :data:`PEAK_TFLOPS`) and peak device
+memory. Then the host input pipeline at the same size (JPEG decode + two random resized crops +
+flips, Grain, on sample 500x375 images this script writes): images/s in one worker process and
+with one worker process per core, and the number of host cores one chip's step consumes.
+
+    python benchmarks/accelerator.py                       # ResNet-50, 224 px, per-device 32..
+    python benchmarks/accelerator.py --tiny                # seconds on a CPU (the test suite)
+
+Prints a markdown table and a final JSON line. On a CPU the "chip" is the host and its peak the
+measured float32 matmul rate (``train_step.matmul_peak_gflops``).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from byol_flax.runtime.xla import configure_xla_flags
+
+configure_xla_flags()  # before JAX starts, as the entry points do
+import jax  # noqa: E402
+
+# Dense bfloat16 peak TFLOP/s per JAX device, by ``device_kind`` prefix (vendor data sheets).
+# A TPU v2/v3 JAX device is one TensorCore (half a chip); v4 and later present one per chip.
+PEAK_TFLOPS = {
+    "TPU v2": 22.5, "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+    "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0, "NVIDIA V100": 125.0, "Tesla V100": 125.0,
+}
+# Devices per chip, where a JAX device is less than a chip.
+DEVICES_PER_CHIP = {"TPU v2": 2, "TPU v3": 2}
+# The paper's rate for reference: 1000 ImageNet epochs in ~8 h on 512 TPU v3 cores (Section 4).
+PAPER_IMAGES_PER_SECOND_PER_V3_CHIP = 1000 * 1281167 / (8 * 3600) / 256
+
+
+
+def _sibling(name: str):
+    """A module of benchmarks/ (not a package) by file name."""
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+train_step = _sibling("train_step")  # the step builder and the CPU matmul peak
+data_pipeline = _sibling("data_pipeline")  # sample JPEGs and the host pipeline's rate
+
+
+def peak_tflops(kind: str) -> tuple[float | None, str]:
+    """(peak per JAX device, where it comes from) for ``device_kind`` ``kind``."""
+    for prefix, value in sorted(PEAK_TFLOPS.items(), key=lambda item: -len(item[0])):
+        if kind.startswith(prefix):
+            return value, f"bfloat16 dense peak of {prefix}"
+    if jax.default_backend() == "cpu":
+        return train_step.matmul_peak_gflops() / 1e3, "measured float32 matmul"
+    return None, f"no peak known for {kind!r}: add it to PEAK_TFLOPS"
+
+
+def _out_of_memory(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "out of memory" in str(error).lower()
+
+
+def measure_step(args: argparse.Namespace, per_device_batch: int) -> dict:
+    """One batch size: compile, then ``args.steps`` timed steps on fixed random views."""
+    batch = per_device_batch * jax.device_count()
+    _, state, step, mesh = train_step.build_step(args.encoder, args.stem, batch,
+                                                 dtype=args.dtype)
+    (views,) = train_step.random_views(batch, args.image_size, mesh, count=1)
+    start = time.perf_counter()
+    compiled = step.lower(state, views).compile()
+    compile_seconds = time.perf_counter() - start
+    flops = (compiled.cost_analysis() or {}).get("flops")
+    state, metrics = compiled(state, views)  # first run: allocation, autotuning
+    jax.block_until_ready(metrics["loss"])
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, views)
+    loss = float(jax.device_get(metrics["loss"]))
+    seconds = (time.perf_counter() - start) / args.steps
+    memory = jax.devices()[0].memory_stats() or {}
+    return {"per_device_batch": per_device_batch, "global_batch": batch,
+            "compile_seconds": round(compile_seconds, 1), "step_seconds": seconds,
+            "step_tflop": flops / 1e12 if flops else None, "loss": loss,
+            "peak_device_memory_gib": round(memory["peak_bytes_in_use"] / 2**30, 2)
+            if "peak_bytes_in_use" in memory else None}
+
+
+def measure_host_pipeline(args: argparse.Namespace) -> dict:
+    """Decode + crop + flip at ``args.image_size`` in one worker process (one core) and in one
+    worker process per core (the host)."""
+    from absl import flags
+
+    from byol_flax.config import base_config
+    from byol_flax.data.pipeline import open_split
+
+    flags.FLAGS.mark_as_parsed()
+    cores = len(os.sched_getaffinity(0))
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_pipeline.write_sample_data(Path(tmp), args.host_images)
+        config = base_config()
+        config.data.dir = tmp
+        config.data.image_size = args.image_size
+        config.training.batch_size = args.host_batch
+        config.data.prefetch_buffer_size = 2
+        opened = open_split(config.data, "train")
+        for workers in sorted({1, cores}):
+            config.data.worker_count = workers
+            rates[workers] = data_pipeline.host_images_per_second(config, opened,
+                                                                 args.host_batches)
+    return {"host_cores": cores, "per_core_images_per_second": round(rates[1], 1),
+            "per_host_images_per_second": round(rates[cores], 1)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = jax.devices()[0]
+    kind = device.device_kind
+    peak, peak_source = peak_tflops(kind)
+    per_chip = DEVICES_PER_CHIP.get(next((p for p in DEVICES_PER_CHIP if kind.startswith(p)),
+                                         ""), 1)
+    chips = jax.device_count() / per_chip
+    rows, batch = [], args.batch
+    while batch <= args.max_batch:
+        try:
+            row = measure_step(args, batch)
+        except Exception as error:  # noqa: BLE001 - XLA raises its own runtime error type
+            if not _out_of_memory(error):
+                raise
+            print(f"per-device batch {batch}: out of device memory", flush=True)
+            break
+        row["images_per_second_per_chip"] = row["global_batch"] / row["step_seconds"] / chips
+        row["mfu"] = (row["step_tflop"] / row["step_seconds"] / (peak * jax.device_count())
+                      if row["step_tflop"] and peak else None)
+        rows.append(row)
+        print(f"per-device batch {batch}: {row['images_per_second_per_chip']:.1f} img/s per "
+              f"chip, MFU {row['mfu'] or float('nan'):.3f}", flush=True)
+        batch *= 2
+    best = max(rows, key=lambda r: r["images_per_second_per_chip"]) if rows else None
+    host = measure_host_pipeline(args) if not args.skip_host else None
+    result = {
+        "benchmark": "accelerator", "device_kind": kind, "devices": jax.device_count(),
+        "chips": chips, "platform": jax.default_backend(), "jax": jax.__version__,
+        "encoder": args.encoder, "stem": args.stem, "image_size": args.image_size,
+        "dtype": args.dtype, "peak_tflops_per_device": peak, "peak_source": peak_source,
+        "rows": rows, "best": best, "host": host,
+        "paper_images_per_second_per_v3_chip": round(PAPER_IMAGES_PER_SECOND_PER_V3_CHIP, 1)}
+    if best and host:
+        chip_rate = best["images_per_second_per_chip"]
+        result["host_cores_per_chip"] = round(chip_rate / host["per_core_images_per_second"], 3)
+        result["host_over_chip"] = round(host["per_host_images_per_second"] / chip_rate, 2)
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['devices']}x {result['device_kind']} ({result['platform']}, jax "
+          f"{result['jax']}); {result['encoder']} {result['image_size']} px {result['dtype']}; "
+          f"peak {result['peak_tflops_per_device'] or float('nan'):.4g} TFLOP/s per device "
+          f"({result['peak_source']})")
+    print("| per-device batch | images/s per chip | MFU | compile s | step TFLOP | peak device "
+          "memory GiB |")
+    print("|---|---|---|---|---|---|")
+    for row in result["rows"]:
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        tflop = f"{row['step_tflop']:.2f}" if row["step_tflop"] else "-"
+        print(f"| {row['per_device_batch']} | {row['images_per_second_per_chip']:.1f} | {mfu} | "
+              f"{row['compile_seconds']} | {tflop} | {row['peak_device_memory_gib'] or '-'} |")
+    host = result["host"]
+    if host:
+        print(f"\nHost pipeline at {result['image_size']} px: {host['per_core_images_per_second']}"
+              f" img/s in one worker process, {host['per_host_images_per_second']} with "
+              f"{host['host_cores']} (one per core); one chip's best step needs "
+              f"{result.get('host_cores_per_chip', '-')} cores; this host feeds "
+              f"{result.get('host_over_chip', '-')}x one chip's consumption.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default="resnet50")
+    parser.add_argument("--stem", default="imagenet")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--batch", type=int, default=32, help="first per-device batch")
+    parser.add_argument("--max-batch", type=int, default=1024, help="largest per-device batch")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
+    parser.add_argument("--host-images", type=int, default=256)
+    parser.add_argument("--host-batch", type=int, default=32)
+    parser.add_argument("--host-batches", type=int, default=16)
+    parser.add_argument("--skip-host", action="store_true")
+    parser.add_argument("--tiny", action="store_true",
+                        help="resnet_tiny at 32 px, one per-device batch of 2, 2 steps: a CPU "
+                        "smoke run of every part (the test suite's)")
+    parser.add_argument("--json-out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.tiny:
+        args.encoder, args.stem, args.image_size = "resnet_tiny", "small", 32
+        args.batch, args.max_batch, args.steps = 2, 2, 2
+        args.host_images, args.host_batch, args.host_batches = 64, 8, 6
+    result = run(args)
+    print_table(result)
+    print(json.dumps(result))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
