@@ -139,15 +139,14 @@ def test_the_test_process_runs_with_the_entry_points_flags():
 
 def shrunk_digits_config(data_dir: str):
     """byol_flax/configs/digits_cpu.py with the driver tests' shrink flags (16 steps, batch 16)."""
-    import ast
-
-    from byol_flax.studies.study import set_dotted
     from byol_flax.configs import digits_cpu
+    from byol_flax.studies.runner import parse_overrides
+    from byol_flax.studies.study import set_dotted
 
     config = digits_cpu.get_config(f"data={data_dir}")
-    for flag in SHRINK:
-        key, value = flag.removeprefix("--config.").split("=", 1)
-        set_dotted(config, key, ast.literal_eval(value), origin="SHRINK")
+    overrides = parse_overrides([flag.removeprefix("--config.") for flag in SHRINK])
+    for key, value in overrides.items():  # Python literals, else strings (as the flags parse)
+        set_dotted(config, key, value, origin="SHRINK")
     config.checkpoint.async_save = False
     return config
 
