@@ -78,10 +78,9 @@ def written(pretrained: export.PretrainedEncoder, tmp_path, padding: str = "same
 
 
 @pytest.mark.parametrize("name,stem,width,size", [
-    ("resnet18", "imagenet", 1, 32),  # every strided layer on an even size: asymmetric padding
-    ("resnet18", "imagenet", 1, 33),
+    ("resnet18", "imagenet", 1, 33),  # odd sizes; the even ones (asymmetric padding) below
     ("resnet50", "imagenet", 1, 32),  # bottleneck, stride on the 3x3
-    ("resnet_tiny", "imagenet", 2, 32),  # width multiplier
+    ("resnet_tiny", "imagenet", 2, 32),  # width multiplier; every strided layer on an even size
     ("resnet_tiny", "small", 1, 16),  # 3x3/1 stem, no max-pool
 ])
 def test_torch_module_equals_the_jax_encoder(name, stem, width, size, tmp_path):
@@ -168,8 +167,8 @@ def test_same_padding_is_xlas(size, kernel, stride, pads):
 
 
 @pytest.mark.parametrize("name,stem,size,differs", [
-    ("resnet18", "imagenet", 32, True),  # 32 -> 16 -> 8 -> ...: every strided layer even
-    ("resnet18", "imagenet", 33, False),  # 33 -> 17 -> 9 -> 5 -> 3: all odd, paddings coincide
+    ("resnet_tiny", "imagenet", 32, True),  # 32 -> 16 -> 8 -> ...: every strided layer even
+    ("resnet_tiny", "imagenet", 33, False),  # 33 -> 17 -> 9 -> 5 -> 3: all odd, paddings coincide
     ("resnet_tiny", "small", 8, True),  # stride-1 stem coincides, the stride-2 blocks do not
     ("resnet_tiny", "small", 9, False),
 ])
