@@ -16,10 +16,8 @@ measured float32 matmul rate (``train_step.matmul_peak_gflops``).
 """
 
 import argparse
-import importlib.util
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +26,10 @@ from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()  # before JAX starts, as the entry points do
 import jax  # noqa: E402
+
+from byol_flax.studies.study import load_module  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parent
 
 # Dense bfloat16 peak TFLOP/s per JAX device, by ``device_kind`` prefix (vendor data sheets).
 # A TPU v2/v3 JAX device is one TensorCore (half a chip); v4 and later present one per chip.
@@ -44,18 +46,9 @@ PAPER_IMAGES_PER_SECOND_PER_V3_CHIP = 1000 * 1281167 / (8 * 3600) / 256
 
 
 
-def _sibling(name: str):
-    """A module of benchmarks/ (not a package) by file name."""
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-train_step = _sibling("train_step")  # the step builder and the CPU matmul peak
-data_pipeline = _sibling("data_pipeline")  # sample JPEGs and the host pipeline's rate
+# Modules of benchmarks/ (not a package), by file.
+train_step = load_module(BENCHMARKS / "train_step.py", "train_step")  # step builder, CPU peak
+data_pipeline = load_module(BENCHMARKS / "data_pipeline.py", "data_pipeline")  # host pipeline
 
 
 def peak_tflops(kind: str) -> tuple[float | None, str]:

@@ -16,8 +16,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from byol_flax.models import ByolNetwork, build_online_network, target_from_online
+from byol_flax.models.byol import build_online_classifier
 from byol_flax.models.init import init_module
-from byol_flax.models.resnet import CONV_INIT
 from byol_flax.optim import build_optimizer
 
 
@@ -84,8 +84,8 @@ def create_train_state(config: ConfigDict, learning_rate: optax.Schedule, *,
         online = build_online_network(config.model, rngs=nnx.Rngs(config.seed))
         classifier, classifier_tx = None, None
         if config.model.online_classifier and num_classes > 0:
-            classifier = nnx.Linear(online.encoder.num_features, num_classes,
-                                    kernel_init=CONV_INIT, rngs=nnx.Rngs(config.seed + 2))
+            classifier = build_online_classifier(online.encoder.num_features, num_classes,
+                                                 rngs=nnx.Rngs(config.seed + 2))
             classifier_tx = build_optimizer(config.optimizer, classifier, learning_rate)
         return TrainState(online, build_optimizer(config.optimizer, online, learning_rate),
                           seed=config.seed + 1, with_target=config.target.kind == "ema",

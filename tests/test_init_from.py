@@ -19,13 +19,13 @@ from flax import nnx
 from byol_flax.checkpointing import config_changes, flatten_dotted
 from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.config import ConfigError
-from byol_flax.data.convert import digits
 from byol_flax.export.encoder import PretrainedEncoder, export_encoder, fingerprint, load_export
 from byol_flax.export.init_from import InitFromError, apply_init_from, check_init_from
 from byol_flax.models.byol import build_online_network
 from byol_flax.models.resnet import ENCODERS, ResNet
 from tests.helpers import load_reliability, tiny_config
 from tests.test_performance import shrunk_digits_config
+from tests.test_train_driver import data_dir  # noqa: F401 (a fixture: the digits, converted)
 
 reliability = load_reliability()
 committed_steps, final_state = reliability.committed_steps, reliability.final_state
@@ -115,13 +115,6 @@ def export_dir(exports, name: str) -> str:
 
 
 # --- A real run on the digits, and its state at step 0 --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("digits")
-    assert digits.main(["--out", str(out), "--holdout-count", "100", "--no-progress"]) == 0
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -36,10 +36,10 @@ from flax import nnx
 
 from byol_flax.checkpointing import DamagedCheckpointError, read_pytree
 from byol_flax.checkpointing.encoder import read_encoder
-from byol_flax.models.heads import MLP
+from byol_flax.models.byol import (build_encoder_from_config, build_heads,
+                                   build_online_classifier)
 from byol_flax.models.init import init_module
-from byol_flax.models.predictors import build_predictor
-from byol_flax.models.resnet import CONV_INIT, BatchNormConfig, ResNet, build_encoder
+from byol_flax.models.resnet import ResNet
 
 EXPORT_FORMAT_VERSION = 1
 ENCODER_CONFIG_NAME = "encoder_config.json"
@@ -91,13 +91,8 @@ def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0,
                               abstract: bool = False) -> ResNet:
     """Builds (randomly initialised, or shape-only with ``abstract``) the encoder a
     pre-training ``config.model`` describes."""
-    encoder = model_config["encoder"]
-    batchnorm = model_config.get("batchnorm", {})
-    return _build(lambda: build_encoder(
-        encoder["name"], width_multiplier=encoder["width_multiplier"], stem=encoder["stem"],
-        bn=BatchNormConfig(**batchnorm),
-        dtype=jax.numpy.dtype(model_config.get("compute_dtype", "float32")),
-        rngs=nnx.Rngs(seed)), abstract)
+    config = ml_collections.ConfigDict(model_config)
+    return _build(lambda: build_encoder_from_config(config, rngs=nnx.Rngs(seed)), abstract)
 
 
 def heads_from_model_config(model_config: dict[str, Any], num_features: int, *,
@@ -108,21 +103,13 @@ def heads_from_model_config(model_config: dict[str, Any], num_features: int, *,
     the modules of :func:`build_online_network` and
     :func:`byol_flax.train_state.create_train_state`."""
     config = ml_collections.ConfigDict(model_config)
-    bn = BatchNormConfig(**model_config.get("batchnorm", {}))
-    dtype = jax.numpy.dtype(model_config.get("compute_dtype", "float32"))
 
     def build() -> dict[str, nnx.Module]:
         rngs = nnx.Rngs(seed)
-        heads = {
-            "projector": MLP(num_features, hidden_size=config.projector.hidden_size,
-                             output_size=config.projector.output_size,
-                             depth=config.projector.depth, bn=bn, dtype=dtype, rngs=rngs),
-            "predictor": build_predictor(config.predictor,
-                                         features=config.projector.output_size, bn=bn,
-                                         dtype=dtype, rngs=rngs)}
+        heads = dict(zip(("projector", "predictor"),
+                         build_heads(config, num_features, rngs=rngs)))
         if num_classes:
-            heads["classifier"] = nnx.Linear(num_features, num_classes, kernel_init=CONV_INIT,
-                                             rngs=rngs)
+            heads["classifier"] = build_online_classifier(num_features, num_classes, rngs=rngs)
         return heads
 
     return _build(build, abstract)

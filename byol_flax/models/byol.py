@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 
 from byol_flax.models.heads import MLP
 from byol_flax.models.predictors import apply_predictor, build_predictor
-from byol_flax.models.resnet import BatchNormConfig, build_encoder
+from byol_flax.models.resnet import CONV_INIT, BatchNormConfig, build_encoder
 
 
 class ByolNetwork(nnx.Module):
@@ -36,21 +36,44 @@ class ByolNetwork(nnx.Module):
         return apply_predictor(self.predictor, projection, target_projection)
 
 
-def build_online_network(config: ConfigDict, *, rngs: nnx.Rngs) -> ByolNetwork:
-    """Builds the online network from the ``model`` section of a config."""
-    bn = BatchNormConfig(decay=config.batchnorm.decay, eps=config.batchnorm.eps)
-    dtype = jnp.dtype(config.compute_dtype)
-    encoder = build_encoder(config.encoder.name, width_multiplier=config.encoder.width_multiplier,
-                            stem=config.encoder.stem, bn=bn, dtype=dtype,
-                            conv_implementation=config.get("conv_implementation", "auto"),
-                            zero_init_residual=config.encoder.get("zero_init_residual", False),
-                            rngs=rngs)
-    projector = MLP(encoder.num_features, hidden_size=config.projector.hidden_size,
+def _batchnorm_and_dtype(config: ConfigDict) -> tuple[BatchNormConfig, Any]:
+    return (BatchNormConfig(decay=config.batchnorm.decay, eps=config.batchnorm.eps),
+            jnp.dtype(config.get("compute_dtype", "float32")))
+
+
+def build_encoder_from_config(config: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The encoder f of the ``model`` section of a config."""
+    bn, dtype = _batchnorm_and_dtype(config)
+    return build_encoder(config.encoder.name, width_multiplier=config.encoder.width_multiplier,
+                         stem=config.encoder.stem, bn=bn, dtype=dtype,
+                         conv_implementation=config.get("conv_implementation", "auto"),
+                         zero_init_residual=config.encoder.get("zero_init_residual", False),
+                         rngs=rngs)
+
+
+def build_heads(config: ConfigDict, num_features: int, *, rngs: nnx.Rngs
+                ) -> tuple[nnx.Module, nnx.Module]:
+    """The projector g and predictor q of the ``model`` section of a config, on an encoder of
+    ``num_features`` outputs."""
+    bn, dtype = _batchnorm_and_dtype(config)
+    projector = MLP(num_features, hidden_size=config.projector.hidden_size,
                     output_size=config.projector.output_size, depth=config.projector.depth,
                     bn=bn, dtype=dtype, rngs=rngs)
     predictor = build_predictor(config.predictor, features=config.projector.output_size, bn=bn,
                                 dtype=dtype, rngs=rngs)
-    return ByolNetwork(encoder, projector, predictor)
+    return projector, predictor
+
+
+def build_online_classifier(num_features: int, num_classes: int, *, rngs: nnx.Rngs
+                            ) -> nnx.Linear:
+    """The official implementation's online classifier: a linear layer on the representation."""
+    return nnx.Linear(num_features, num_classes, kernel_init=CONV_INIT, rngs=rngs)
+
+
+def build_online_network(config: ConfigDict, *, rngs: nnx.Rngs) -> ByolNetwork:
+    """Builds the online network from the ``model`` section of a config."""
+    encoder = build_encoder_from_config(config, rngs=rngs)
+    return ByolNetwork(encoder, *build_heads(config, encoder.num_features, rngs=rngs))
 
 
 def target_from_online(online: ByolNetwork) -> ByolNetwork:
