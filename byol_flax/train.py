@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from byol_flax.checkpointing import config_changes
 from byol_flax.runtime import console
+from byol_flax.runtime.memory import release_free_heap
 from byol_flax.checkpointing import lease
 from byol_flax.checkpointing import Checkpointer, Restored, committed_steps
 from byol_flax.checkpointing.preemption import TerminationGuard
@@ -410,6 +411,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
                                     f"{config.data.max_skipped_records}")
                 # The one explicit copy to the devices.
                 device_batch = shard_batch(views_only(batch, batch_keys), mesh)
+                if step == start_step + 1:  # compile ahead of the first step (the jit's cache
+                    step_fn.lower(state, device_batch).compile()  # keeps it), then hand the
+                    release_free_heap()  # compiler's freed heap back before the step's buffers
                 # Anything else crossing host <-> device inside the step (a NumPy array or Python
                 # scalar in the state, a retrace's constants) is an error, not a silent stall.
                 with jax.transfer_guard("disallow"):

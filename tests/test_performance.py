@@ -12,7 +12,8 @@ from flax import nnx
 from jax import lax
 
 from byol_flax.runtime import xla as runtime
-from byol_flax.models.conv import PATCHES_BELOW, conv_auto, conv_function, conv_via_patches
+from byol_flax.models.conv import (PATCHES_BELOW, conv_auto, conv_function, conv_via_patches,
+                                   materialise)
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import build_encoder
 from tests.helpers import metrics_by_step
@@ -78,6 +79,49 @@ def test_auto_picks_patches_only_for_small_maps_on_the_cpu(monkeypatch):
     assert used == ["patches", "xla", "xla", "patches", "patches", "xla"]
 
 
+@pytest.mark.parametrize("size,kernel,stride", [(8, 3, 1), (8, 3, 2), (7, 1, 2), (8, 1, 2),
+                                                (6, 1, 1), (9, 7, 2)])
+def test_auto_convolution_on_the_cpu_equals_lax_conv_in_values_and_gradients(size, kernel, stride):
+    """The CPU path of "auto" (a materialised input; 1x1 strided layers sliced first) computes
+    the same convolution as lax's, forward and both gradients."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, size, size, 4)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, 4, 5)).astype(np.float32)
+    numbers = lax.conv_dimension_numbers(x.shape, w.shape, DN)
+    reference = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, (stride, stride), "SAME", dimension_numbers=numbers)
+    auto = lambda x, w: conv_auto(x, w, (stride, stride), "SAME",  # noqa: E731
+                                  dimension_numbers=numbers)
+    cotangent = rng.normal(size=jax.eval_shape(reference, x, w).shape).astype(np.float32)
+
+    @jax.jit
+    def values_and_gradients(x, w):
+        (y_ref, vjp_ref), (y, vjp) = jax.vjp(reference, x, w), jax.vjp(auto, x, w)
+        return (y, *vjp(cotangent)), (y_ref, *vjp_ref(cotangent))
+
+    for got, expected in zip(*values_and_gradients(x, w)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_materialise_returns_its_input_exactly_and_passes_gradients_through():
+    """x / (a runtime 1) must be x bit for bit, whatever the reference element holds, and XLA
+    must keep the division (folded away, the input would be fused into transposes again)."""
+    # Subnormals aside: XLA:CPU flushes them to zero in every arithmetic op, the convolution's own.
+    special = np.array([0.0, -0.0, 1.2e-38, -3.5, np.inf, -np.inf, 3.4e38, 1.0], np.float32)
+    x = np.concatenate([special, np.random.default_rng(3).normal(size=8).astype(np.float32)])
+    for reference in (np.float32([1.5]), np.float32([np.nan]), np.float32([np.inf]),
+                      np.float32([-0.0])):
+        got = np.asarray(jax.jit(materialise)(x, reference))
+        np.testing.assert_array_equal(got.view(np.uint32), x.view(np.uint32))
+        np.testing.assert_array_equal(
+            jax.grad(lambda x: jnp.sum(materialise(x, reference) * jnp.arange(16.0)))(x),
+            np.arange(16.0))
+    nan_in = np.asarray(jax.jit(materialise)(np.float32([np.nan]), np.float32([0.0])))
+    assert np.isnan(nan_in).all()
+    compiled = jax.jit(materialise).lower(x, np.float32([1.0])).compile().as_text()
+    assert "divide(" in compiled
+
+
 def test_encoder_outputs_and_gradients_do_not_depend_on_the_conv_implementation():
     """Same parameters (same layout), same function: a checkpoint moves between them."""
     images = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
@@ -107,15 +151,15 @@ def test_xla_flags_are_added_once_and_never_override_the_users(monkeypatch):
     monkeypatch.setattr(runtime.xla_bridge, "backends_are_initialized", lambda: False)
     monkeypatch.setattr(runtime.jaxlib, "__version__", "0.10.2")
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert runtime.configure_xla_flags(environ) == [
-        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
-    assert environ["XLA_FLAGS"].split() == [
-        "--xla_force_host_platform_device_count=8",
-        "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    ours = ["--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+            "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"]
+    assert runtime.configure_xla_flags(environ) == ours
+    assert environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *ours]
     assert runtime.configure_xla_flags(environ) == []  # already there: nothing added twice
     users = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=default"}
-    assert runtime.configure_xla_flags(users) == []
-    assert users["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=default"
+    assert runtime.configure_xla_flags(users) == ours[1:]  # the user's value is kept
+    assert users["XLA_FLAGS"].split() == ["--xla_cpu_experimental_ynn_fusion_type=default",
+                                          *ours[1:]]
     assert runtime.configure_xla_flags({runtime.OPT_OUT: "0"}) == []
 
 
@@ -337,3 +381,29 @@ def test_accelerator_benchmark_runs_every_part_at_tiny_size(tmp_path):
         row["images_per_second_per_chip"] / host["per_core_images_per_second"], rel=0.05,
         abs=2e-3)
     assert "| 2 |" in done.stdout  # the table people read
+
+
+def test_release_free_heap_returns_freed_pages_to_the_os():
+    """A heap with freed blocks between live ones (what compiling leaves) keeps its pages
+    resident until trimmed; glibc-only, elsewhere the call reports that it did nothing."""
+    from byol_flax.runtime.memory import _malloc_trim, release_free_heap
+
+    if _malloc_trim() is None:
+        assert release_free_heap() is False
+        pytest.skip("no malloc_trim in this C library")
+
+    def resident_mib() -> float:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    blocks = [bytearray(100_000) for _ in range(3000)]  # under the mmap threshold: on the heap
+    for index in range(len(blocks)):
+        blocks[index][::4096] = b"\x01" * len(blocks[index][::4096])  # touch every page
+    kept = blocks[::10]  # every tenth block stays alive, so the heap cannot shrink from the top
+    del blocks
+    before = resident_mib()
+    assert release_free_heap() is True
+    assert before - resident_mib() > 100  # ~270 MB of the 300 MB freed were still resident
+    del kept

@@ -7,11 +7,23 @@ fallback at about 1 GFLOP/s, 50-100x slower than a matmul of the same size; meas
 matmul with the (k*k*C_in, C_out) kernel" gives XLA only slices, pads and dots, whose gradients
 are again slices, pads and dots, all of which it runs at matmul speed.
 
+Two more CPU-only measures of ``"auto"`` (``benchmarks/train_step.py``, docs/performance.md):
+
+* XLA:CPU computes a weight gradient as a convolution over the input transposed from NHWC to
+  CHWN. It fuses the cheap elementwise chain that produced the input (BatchNorm, shortcut add,
+  ReLU) into that transpose, so the transpose re-reads three or four arrays with a stride of one
+  image: 100-480 ms per layer of the ResNet-18 step, 3.5 s of its 9.8 s.
+  :func:`materialise` ends the chain with a division by a runtime 1, an operation XLA's fusion
+  will not duplicate, so the input is written once and transposed alone (~20 ms per layer).
+* A 1x1 convolution with stride s reads every s-th pixel: slicing first and convolving with
+  stride 1 gives the same sums, and its gradient is a strided pad instead of a dilated
+  convolution (forward + both gradients 3-4x faster on the projection shortcuts).
+
 ``model.conv_implementation`` picks: ``"xla"`` (``lax.conv_general_dilated`` everywhere: what
 TPUs and GPUs want), ``"patches"`` (everywhere), or ``"auto"``: patches on the CPU for layers
-whose output is smaller than ``PATCHES_BELOW`` pixels on a side, XLA otherwise and on every other
-backend. The kernel parameter has the same (kh, kw, C_in, C_out) layout in all three, so
-checkpoints move freely between them.
+whose output is smaller than ``PATCHES_BELOW`` pixels on a side, XLA with the two measures above
+for the other CPU layers, XLA alone on every other backend. The kernel parameter has the same
+(kh, kw, C_in, C_out) layout in all three, so checkpoints move freely between them.
 """
 
 from collections.abc import Sequence
@@ -85,9 +97,35 @@ def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     pads = _pairs(padding, lhs.shape[1:3], rhs.shape[:2], window_strides)
     output_size = [(size + low + high - kernel) // stride + 1 for size, (low, high), kernel, stride
                    in zip(lhs.shape[1:3], pads, rhs.shape[:2], window_strides)]
-    if jax.default_backend() == "cpu" and min(output_size) < PATCHES_BELOW:
+    if jax.default_backend() != "cpu":
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    if min(output_size) < PATCHES_BELOW:
         return conv_via_patches(lhs, rhs, window_strides, padding, **kwargs)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+    nhwc = kwargs.get("dimension_numbers") is None or lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, kwargs["dimension_numbers"]) == lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    unpadded = all(pad == (0, 0) for pad in pads)
+    if (nhwc and unpadded and rhs.shape[:2] == (1, 1) and tuple(window_strides) != (1, 1)
+            and not kwargs.get("lhs_dilation") and not kwargs.get("rhs_dilation")):
+        lhs = lhs[:, ::window_strides[0], ::window_strides[1], :]
+        window_strides = (1, 1)
+    return lax.conv_general_dilated(materialise(lhs, rhs), rhs, window_strides, padding,
+                                    **kwargs)
+
+
+def materialise(x: jax.Array, reference: jax.Array) -> jax.Array:
+    """``x`` divided by a 1 computed at run time from ``reference``: x / 1 == x exactly
+    (subnormals aside, which XLA:CPU flushes to zero in any arithmetic, the convolution's too).
+
+    XLA's fusion duplicates cheap elementwise producers into every consumer, including the
+    transposes of weight gradients, but never duplicates a division: ``x`` is then computed
+    once, in memory, and each consumer reads it. The 1 is ``1 + 0 * isnan(r)`` for one element
+    ``r`` of ``reference``, which is 1 for every value of ``r`` (NaN and infinities included)
+    and which XLA cannot fold away, not knowing the value. Gradients pass through unchanged.
+    """
+    element = lax.stop_gradient(reference.reshape(-1)[0])
+    one = 1 + 0 * jnp.isnan(element).astype(x.dtype)
+    return x / one
 
 
 def conv_function(implementation: str):
