@@ -11,7 +11,11 @@ image size: the target is a pipeline at least 2x faster than the step consumes. 
 a final JSON line. Usage:
 
     python benchmarks/data_pipeline.py [--images 512] [--workers 2] [--batch 64] \
-        [--sizes 224,64,32] [--step-json r18.json r50.json]
+        [--sizes 224,64,32] [--step-json r18.json r50.json] [--source-size 4032x3024] \
+        [--reduced-decode]
+
+``--source-size`` sets the generated JPEGs' size (a phone photo is 4032x3024);
+``--reduced-decode`` sets ``config.augment.crop_reduced_decode`` (DCT-scaled decoding).
 """
 
 import argparse
@@ -46,9 +50,11 @@ def sample_jpeg(rng: np.random.Generator, width=500, height=375) -> bytes:
     return buffer.getvalue()
 
 
-def write_sample_data(directory: Path, count: int, num_shards: int = 4) -> None:
+def write_sample_data(directory: Path, count: int, num_shards: int = 4,
+                      source_size: tuple[int, int] = (500, 375)) -> None:
     rng = np.random.default_rng(0)
-    examples = [records.Record(sample_jpeg(rng), i % 10, f"sample/{i}") for i in range(count)]
+    examples = [records.Record(sample_jpeg(rng, *source_size), i % 10, f"sample/{i}")
+                for i in range(count)]
     shards = [records.write_shard(directory / records.shard_name("train", i, num_shards), chunk)
               for i, chunk in enumerate(records.split_evenly(examples, num_shards))]
     records.write_manifest(directory, records.Manifest(
@@ -88,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train_step.py results whose consumption to compare against")
     parser.add_argument("--timed-batches", type=int, default=24,
                         help="batches timed per measurement (the data repeats)")
+    parser.add_argument("--source-size", default="500x375", help="generated JPEGs, WxH px")
+    parser.add_argument("--reduced-decode", action="store_true",
+                        help="config.augment.crop_reduced_decode = True")
     return parser
 
 
@@ -101,16 +110,19 @@ def main() -> None:
     sizes = sorted({int(s) for s in args.sizes.split(",")} | {s["image_size"] for s in steps},
                    reverse=True)
 
-    result = {"benchmark": "data_pipeline", "source_image": "JPEG 500x375",
+    source_size = tuple(int(v) for v in args.source_size.lower().split("x"))
+    result = {"benchmark": "data_pipeline", "source_image": f"JPEG {args.source_size}",
+              "reduced_decode": args.reduced_decode,
               "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
               "host_cpus": len(__import__("os").sched_getaffinity(0))}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_sample_data(Path(tmp), args.images)
+        write_sample_data(Path(tmp), args.images, source_size=source_size)
         for size in sizes:
             config = base_config()
             config.data.dir = tmp
             config.data.image_size = size
+            config.augment.crop_reduced_decode = args.reduced_decode
             config.training.batch_size = args.batch
             # A small prefetch buffer, so read-ahead cannot hide the per-image cost.
             config.data.prefetch_buffer_size = 2

@@ -1,5 +1,6 @@
 """Augmentations against Appendix C and Table 6, measured over many draws."""
 
+import io
 import itertools
 import math
 
@@ -74,6 +75,28 @@ def test_flip_rate_and_views_are_uint8_at_the_configured_size(config):
         assert view.dtype == np.uint8 and view.shape == (16, 16, 3)
         flips += bool(np.array_equal(view, pixels[:, ::-1])) and not np.array_equal(view, pixels)
     assert_rate(flips, N, 0.5)
+
+
+def test_decode_reduction_never_takes_a_crop_below_the_output_size():
+    assert aug.decode_reduction([(0, 0, 500, 600)], 224) == 2  # 500 / 2 >= 224 > 500 / 4
+    assert aug.decode_reduction([(0, 0, 500, 600), (9, 9, 223, 300)], 224) == 1
+    assert aug.decode_reduction([(0, 0, 300, 280)], 32) == 8  # libjpeg goes no further
+    assert aug.decode_reduction([(0, 0, 127, 4000)], 32) == 2
+
+
+def test_reduced_decoding_scales_jpegs_only_and_reports_the_scale():
+    pixels = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    encoded = {}
+    for fmt in ("JPEG", "PNG"):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=fmt)
+        encoded[fmt] = buffer.getvalue()
+    asked = []
+    image, scale = aug.decode_image_reduced(
+        encoded["JPEG"], lambda w, h: asked.append((w, h)) or 4)
+    assert asked == [(400, 300)] and image.size == (100, 75) and scale == (4.0, 4.0)
+    image, scale = aug.decode_image_reduced(encoded["PNG"], lambda w, h: 4)
+    assert image.size == (400, 300) and scale == (1.0, 1.0)
 
 
 def test_eval_view_resizes_shorter_side_then_center_crops():

@@ -71,6 +71,19 @@ def test_every_trained_key_is_refused(key, value):
         config_changes.check_resume(record(tiny_config()), record(changed), step=1, where="W")
 
 
+def test_a_key_added_later_compares_as_its_old_behaviour_when_a_checkpoint_lacks_it():
+    """A checkpoint written before augment.crop_reduced_decode existed resumes under the default
+    (full decoding, what it did); turning the key on is still a trained change."""
+    saved = record(tiny_config())
+    del saved["config"]["augment"]["crop_reduced_decode"]
+    assert config_changes.check_resume(saved, record(tiny_config()), step=1, where="W") == []
+    reduced = tiny_config()
+    reduced.augment.crop_reduced_decode = True
+    with pytest.raises(config_changes.ConfigChangeError,
+                       match=r"augment\.crop_reduced_decode: False -> True"):
+        config_changes.check_resume(saved, record(reduced), step=1, where="W")
+
+
 def test_other_data_is_refused_but_the_same_data_elsewhere_is_not():
     moved = tiny_config()
     moved.data.dir = "/elsewhere"  # same manifest: a copy of the same data

@@ -48,6 +48,12 @@ RUNTIME_KEYS = (
     "logging",
     "monitor",
 )
+# Trained keys added after checkpoints were written without them, each with the value that
+# reproduces what those runs did: a saved config that lacks the key compares as this value, so
+# a resume of an older checkpoint is not refused for a key it could not have had.
+KEYS_ADDED_LATER = {
+    "augment.crop_reduced_decode": False,  # full-resolution decoding, as before the key existed
+}
 DATA_IDENTITY_KEY = "data.manifest_sha256"
 HISTORY_NAME = "config_history.jsonl"
 INIT_KIND = "init"  # the history entry of where a new run's weights came from
@@ -86,6 +92,9 @@ def is_runtime_key(key: str) -> bool:
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str, Any]]:
     """Every key whose value differs between two run records, with its kind."""
     old, new = _record_keys(saved), _record_keys(current)
+    for key, value in KEYS_ADDED_LATER.items():
+        old.setdefault(key, value)
+        new.setdefault(key, value)
     out = []
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):

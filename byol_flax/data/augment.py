@@ -41,6 +41,11 @@ def default_augment_config() -> ml_collections.ConfigDict:
         "crop_aspect_min": 3 / 4,
         "crop_aspect_max": 4 / 3,
         "crop_attempts": 10,
+        # Decode a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling) when both views'
+        # crops still cover at least the output size: a faster decode for sources much larger
+        # than the crops (a phone photo at 224 px), pixels close to but not equal to a full
+        # decode. Off: the official pipeline decodes every crop at full resolution.
+        "crop_reduced_decode": False,
         # Kernel side = image_size / divider, made odd: 23 px at 224 px (Appendix C).
         "blur_kernel_divider": 10.0,
         "solarize_threshold": 0.5,
@@ -102,19 +107,63 @@ def sample_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
-                        config: ml_collections.ConfigDict) -> Image.Image:
-    left, top, w, h = sample_crop_box(image.width, image.height, rng, config)
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+CropBox = tuple[int, int, int, int]  # (left, top, width, height) in source pixels
+
+
+def sample_view(width: int, height: int, rng: np.random.Generator,
+                config: ml_collections.ConfigDict, view: ml_collections.ConfigDict
+                ) -> tuple[CropBox, bool]:
+    """A view's random draws, in the order ``train_view`` makes them: crop box, then flip."""
+    box = sample_crop_box(width, height, rng, config)
+    return box, bool(rng.uniform() < view.flip_prob)
+
+
+def render_view(image: Image.Image, box: CropBox, flip: bool, size: int,
+                scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Crops ``box`` (source pixels; ``image`` may be decoded smaller by ``scale`` = source /
+    decoded size per axis), resizes it bicubically to size x size, flips; uint8."""
+    left, top, w, h = box
+    sx, sy = scale
+    out = image.resize((size, size), Image.Resampling.BICUBIC,
+                       box=(left / sx, top / sy, (left + w) / sx, (top + h) / sy))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out, dtype=np.uint8)
 
 
 def train_view(image: Image.Image, size: int, rng: np.random.Generator,
                config: ml_collections.ConfigDict, view: ml_collections.ConfigDict) -> np.ndarray:
     """One host-side view: random resized crop + optional flip, uint8 (size, size, 3)."""
-    out = random_resized_crop(image, size, rng, config)
-    if rng.uniform() < view.flip_prob:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out, dtype=np.uint8)
+    return render_view(image, *sample_view(image.width, image.height, rng, config, view), size)
+
+
+DECODE_REDUCTIONS = (1, 2, 4, 8)  # the scales libjpeg decodes at directly
+
+
+def decode_reduction(boxes: list[CropBox], size: int) -> int:
+    """The largest of :data:`DECODE_REDUCTIONS` after which every crop box still has at least
+    ``size`` pixels on its shorter side, so no crop is upsampled that a full decode would
+    have downsampled (1 when a crop is already smaller than ``size``)."""
+    shortest = min(min(w, h) for _, _, w, h in boxes)
+    return max((r for r in DECODE_REDUCTIONS if shortest >= r * size), default=1)
+
+
+def decode_image_reduced(data: bytes, reduction: Callable[[int, int], int]
+                         ) -> tuple[Image.Image, tuple[float, float]]:
+    """Encoded bytes -> (RGB image, (source / decoded width, source / decoded height)).
+
+    ``reduction(width, height)`` is asked with the source size, read from the header, before
+    anything is decoded; a JPEG is then decoded at 1/reduction of its size by libjpeg's DCT
+    scaling (Pillow's draft mode), costing a fraction of a full decode. Other formats decode
+    in full.
+    """
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    factor = reduction(width, height)
+    if factor > 1 and image.format == "JPEG":
+        image.draft("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
+    image.load()
+    return image.convert("RGB"), (width / image.width, height / image.height)
 
 
 def eval_view(image: Image.Image, size: int, resize_ratio: float = EVAL_RESIZE_RATIO

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -107,12 +107,13 @@ class _ReadExample:
         self._source = grain.sources.ArrayRecordDataSource(list(opened.paths))
         self._allow_skips = allow_skips
 
-    def read(self, index: int):
+    def read(self, index: int, decode: Callable[[bytes], Any] = augment.decode_image):
+        """(record, ``decode(record.image)``, records skipped)."""
         for hop in range(MAX_REPLACEMENT_HOPS):
             candidate = (index + hop) % self._opened.num_records
             try:
                 record = decode_record(self._source[candidate])
-                return record, augment.decode_image(record.image), hop
+                return record, decode(record.image), hop
             except Exception as error:  # noqa: BLE001 - any decode failure is reported below
                 shard, local = self._opened.locate(candidate)
                 message = f"record {local} of shard {shard} cannot be decoded: {error!r}"
@@ -134,10 +135,26 @@ class TrainExample(grain.transforms.RandomMap):
         self._config = config
 
     def random_map(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        record, image, skipped = self._reader.read(int(index))
+        config = self._config
+        if config.get("crop_reduced_decode", False):
+            draws = []
+
+            def reduction(width: int, height: int) -> int:  # the draws need only the size
+                draws[:] = [augment.sample_view(width, height, rng, config, view)
+                            for view in (config.view1, config.view2)]
+                return augment.decode_reduction([box for box, _ in draws], self._size)
+
+            record, (image, scale), skipped = self._reader.read(
+                int(index), functools.partial(augment.decode_image_reduced, reduction=reduction))
+            view1, view2 = (augment.render_view(image, box, flip, self._size, scale)
+                            for box, flip in draws)
+        else:
+            record, image, skipped = self._reader.read(int(index))
+            view1, view2 = (augment.train_view(image, self._size, rng, config, view)
+                            for view in (config.view1, config.view2))
         return {
-            "view1": augment.train_view(image, self._size, rng, self._config, self._config.view1),
-            "view2": augment.train_view(image, self._size, rng, self._config, self._config.view2),
+            "view1": view1,
+            "view2": view2,
             "label": np.int32(record.label),
             "index": np.int64(index),
             "skipped": np.int32(skipped),
