@@ -411,9 +411,12 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: Opene
                                     f"{config.data.max_skipped_records}")
                 # The one explicit copy to the devices.
                 device_batch = shard_batch(views_only(batch, batch_keys), mesh)
-                if step == start_step + 1:  # compile ahead of the first step (the jit's cache
-                    step_fn.lower(state, device_batch).compile()  # keeps it), then hand the
-                    release_free_heap()  # compiler's freed heap back before the step's buffers
+                if step == start_step + 1:
+                    # Compile ahead of the first call (the jit's cache keeps the executable),
+                    # then hand the compiler's freed heap back to the OS before the step's own
+                    # buffers are allocated: ~0.9 GB less peak RSS for ResNet-50 on a CPU.
+                    step_fn.lower(state, device_batch).compile()
+                    release_free_heap()
                 # Anything else crossing host <-> device inside the step (a NumPy array or Python
                 # scalar in the state, a retrace's constants) is an error, not a silent stall.
                 with jax.transfer_guard("disallow"):

@@ -103,6 +103,19 @@ def test_auto_convolution_on_the_cpu_equals_lax_conv_in_values_and_gradients(siz
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_strided_1x1_convolution_reaches_xla_sliced_and_at_stride_1(monkeypatch):
+    """As nnx.Conv calls it (unit dilations spelled out): the input is sliced first."""
+    calls = []
+    monkeypatch.setattr(lax, "conv_general_dilated",
+                        lambda lhs, rhs, strides, *a, **k: calls.append((lhs.shape, strides)))
+    for stride in (2, 1):
+        conv_auto(jnp.ones((2, 9, 9, 3)), jnp.ones((1, 1, 3, 4)), (stride, stride), "SAME",
+                  lhs_dilation=(1, 1), rhs_dilation=(1, 1),
+                  dimension_numbers=lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1),
+                                                             (0, 3, 1, 2)))
+    assert calls == [((2, 5, 5, 3), (1, 1)), ((2, 9, 9, 3), (1, 1))]
+
+
 def test_materialise_returns_its_input_exactly_and_passes_gradients_through():
     """x / (a runtime 1) must be x bit for bit, whatever the reference element holds, and XLA
     must keep the division (folded away, the input would be fused into transposes again)."""

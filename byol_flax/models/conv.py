@@ -104,9 +104,11 @@ def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
     nhwc = kwargs.get("dimension_numbers") is None or lax.conv_dimension_numbers(
         lhs.shape, rhs.shape, kwargs["dimension_numbers"]) == lax.conv_dimension_numbers(
         lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    unpadded = all(pad == (0, 0) for pad in pads)
-    if (nhwc and unpadded and rhs.shape[:2] == (1, 1) and tuple(window_strides) != (1, 1)
-            and not kwargs.get("lhs_dilation") and not kwargs.get("rhs_dilation")):
+    unpadded = all(tuple(pad) == (0, 0) for pad in pads)
+    undilated = all(d in (None, 1) for d in (*(kwargs.get("lhs_dilation") or ()),
+                                             *(kwargs.get("rhs_dilation") or ())))
+    if (nhwc and unpadded and undilated and rhs.shape[:2] == (1, 1)
+            and tuple(window_strides) != (1, 1)):
         lhs = lhs[:, ::window_strides[0], ::window_strides[1], :]
         window_strides = (1, 1)
     return lax.conv_general_dilated(materialise(lhs, rhs), rhs, window_strides, padding,
