@@ -45,9 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.online_classifier = True
     # bfloat16 halves activation memory on TPU; parameters and BN statistics stay float32.
     config.model.compute_dtype = "float32"
-    # How convolutions are computed (byol_flax.models.conv): "auto" (XLA's own, except patches +
-    # matmul for the small maps XLA:CPU handles slowly), "xla" or "patches". Numerics are equal;
-    # not part of a checkpoint's compatibility check.
+    # How convolutions are computed (byol_flax.models.conv): "auto" (XLA's own; on the CPU also
+    # patches + matmul for the small maps XLA:CPU handles slowly, materialised inputs and sliced
+    # strided 1x1s), "xla" or "patches". Numerics are equal; not part of a checkpoint's
+    # compatibility check.
     config.model.conv_implementation = "auto"
     # init_from: an export directory (byol_flax.export; an imported official checkpoint or an
     # export of one of our runs) whose encoder a NEW run starts from instead of random init, to
