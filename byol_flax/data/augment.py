@@ -74,9 +74,7 @@ def blur_kernel_size(image_size: int, divider: float) -> int:
 
 def decode_image(data: bytes) -> Image.Image:
     """Encoded bytes -> RGB Pillow image (grayscale and palette images are converted)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+    return decode_image_reduced(data, lambda width, height: 1)[0]
 
 
 def sample_crop_box(width: int, height: int, rng: np.random.Generator,

@@ -49,6 +49,17 @@ def _pairs(padding: str | Sequence[tuple[int, int]], spatial: Sequence[int],
     return [tuple(p) for p in padding]
 
 
+def _undilated(lhs_dilation: Any, rhs_dilation: Any) -> bool:
+    return all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+
+
+def _is_nhwc(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bool:
+    """NHWC inputs and HWIO kernels (lax's default for ``None``), as nnx.Conv passes them."""
+    return dimension_numbers is None or lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers) == lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+
+
 def conv_via_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                      padding: str | Sequence[tuple[int, int]], lhs_dilation: Any = None,
                      rhs_dilation: Any = None, dimension_numbers: Any = None,
@@ -59,15 +70,13 @@ def conv_via_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
     Same signature as the lax function (what ``nnx.Conv(conv_general_dilated=...)`` calls);
     dilations and grouped convolutions are not supported and raise.
     """
-    if any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+    if not _undilated(lhs_dilation, rhs_dilation):
         raise NotImplementedError("conv_via_patches: dilated convolutions are not supported")
     if feature_group_count != 1:
         raise NotImplementedError("conv_via_patches: grouped convolutions are not supported")
-    if dimension_numbers is not None:
-        specs = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        if specs != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")):
-            raise NotImplementedError(
-                f"conv_via_patches: only NHWC / HWIO layouts, got {dimension_numbers}")
+    if not _is_nhwc(lhs, rhs, dimension_numbers):
+        raise NotImplementedError(
+            f"conv_via_patches: only NHWC / HWIO layouts, got {dimension_numbers}")
     kernel_h, kernel_w, channels_in, channels_out = rhs.shape
     stride_h, stride_w = window_strides
     (top, bottom), (left, right) = _pairs(padding, lhs.shape[1:3], rhs.shape[:2], window_strides)
@@ -89,7 +98,8 @@ def conv_via_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[in
 
 def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
               padding: Any, **kwargs: Any) -> jax.Array:
-    """Patches for small output maps on the CPU, ``lax.conv_general_dilated`` otherwise.
+    """On the CPU: patches for small output maps, otherwise ``lax.conv_general_dilated`` on a
+    materialised input (strided 1x1 layers sliced first); elsewhere ``lax``'s convolution.
 
     Decided at trace time from the shapes and the default backend, so one jitted step holds one
     implementation per layer.
@@ -101,14 +111,10 @@ def conv_auto(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
     if min(output_size) < PATCHES_BELOW:
         return conv_via_patches(lhs, rhs, window_strides, padding, **kwargs)
-    nhwc = kwargs.get("dimension_numbers") is None or lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, kwargs["dimension_numbers"]) == lax.conv_dimension_numbers(
-        lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    unpadded = all(tuple(pad) == (0, 0) for pad in pads)
-    undilated = all(d in (None, 1) for d in (*(kwargs.get("lhs_dilation") or ()),
-                                             *(kwargs.get("rhs_dilation") or ())))
-    if (nhwc and unpadded and undilated and rhs.shape[:2] == (1, 1)
-            and tuple(window_strides) != (1, 1)):
+    if (rhs.shape[:2] == (1, 1) and tuple(window_strides) != (1, 1)
+            and all(tuple(pad) == (0, 0) for pad in pads)
+            and _undilated(kwargs.get("lhs_dilation"), kwargs.get("rhs_dilation"))
+            and _is_nhwc(lhs, rhs, kwargs.get("dimension_numbers"))):
         lhs = lhs[:, ::window_strides[0], ::window_strides[1], :]
         window_strides = (1, 1)
     return lax.conv_general_dilated(materialise(lhs, rhs), rhs, window_strides, padding,
