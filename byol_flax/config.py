@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from byol_flax.errors import UserError
 from byol_flax.data.augment import default_augment_config
 from byol_flax.data.imagenet import IMAGENET_TRAIN_EXAMPLES  # noqa: F401 - re-exported for configs
 from byol_flax.models.conv import CONV_IMPLEMENTATIONS
@@ -161,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
 TARGET_KINDS = ("ema", "stop_gradient", "online")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is wrong or inconsistent; the message names the key."""
 
 

@@ -31,6 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from byol_flax.errors import UserError
 from byol_flax.checkpointing import config_changes
 from byol_flax.runtime import console
 from byol_flax.runtime.memory import release_free_heap
@@ -54,11 +55,11 @@ METRICS_FILE = "metrics.jsonl"
 SNAPSHOT_KEYS = ("learning_rate", "tau", "state_is_finite")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; the bad state is never checkpointed."""
 
 
-class WorkdirError(OSError):
+class WorkdirError(UserError, OSError):
     """The work directory cannot be created or written."""
 
 

@@ -42,6 +42,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from byol_flax.errors import UserError
 from byol_flax.checkpointing.preemption import TerminationGuard
 
 # Keys of config.model that change how the network is computed or initialised, not what a
@@ -51,15 +52,15 @@ RUNTIME_MODEL_KEYS = ("conv_implementation", "encoder.zero_init_residual", "init
                       "init_from_heads")
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(UserError, ValueError):
     """The checkpoint verifies but was written by a different model config or state layout."""
 
 
-class DamagedCheckpointError(IOError):
+class DamagedCheckpointError(UserError, IOError):
     """A checkpoint step cannot be read back exactly (missing, truncated or altered files)."""
 
 
-class CheckpointWriteError(IOError):
+class CheckpointWriteError(UserError, IOError):
     """A checkpoint could not be written (disk full, permissions); earlier steps are intact."""
 
 

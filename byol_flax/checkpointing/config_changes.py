@@ -26,6 +26,7 @@ from typing import Any
 
 from etils import epath
 
+from byol_flax.errors import UserError
 from byol_flax.checkpointing import flatten_dotted
 from byol_flax.data.records import manifest_path
 
@@ -60,7 +61,7 @@ INIT_KIND = "init"  # the history entry of where a new run's weights came from
 CONFIG_NAME = "config.json"
 
 
-class ConfigChangeError(ValueError):
+class ConfigChangeError(UserError, ValueError):
     """A resumed run's config changes what the checkpoint was trained with."""
 
 

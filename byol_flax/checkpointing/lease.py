@@ -20,10 +20,12 @@ from typing import Any
 
 from etils import epath
 
+from byol_flax.errors import UserError
+
 LEASE_NAME = "lease.json"
 
 
-class WorkdirBusyError(OSError):
+class WorkdirBusyError(UserError, OSError):
     """Another live run holds the work directory."""
 
 

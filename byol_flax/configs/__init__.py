@@ -8,10 +8,12 @@ A path to any other ``.py`` file is used as it is (``--config=my_configs/x.py:ar
 import pathlib
 from collections.abc import Sequence
 
+from byol_flax.errors import UserError
+
 CONFIG_DIR = pathlib.Path(__file__).parent
 
 
-class UnknownConfigError(ValueError):
+class UnknownConfigError(UserError, ValueError):
     """A ``--config`` value that is neither a ``.py`` file nor a shipped config name."""
 
 

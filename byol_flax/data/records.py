@@ -42,6 +42,8 @@ import msgpack
 from array_record.python import array_record_module
 from etils import epath
 
+from byol_flax.errors import UserError
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".array_record"
@@ -50,7 +52,7 @@ UNLABELED = -1
 WRITER_OPTIONS = "group_size:1"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset on disk is missing, damaged or does not match what the config expects."""
 
 

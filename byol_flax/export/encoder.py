@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from byol_flax.errors import UserError
 from byol_flax.checkpointing import DamagedCheckpointError, read_pytree
 from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.models.byol import (build_encoder_from_config, build_heads,
@@ -49,7 +50,7 @@ RANDOM_PREFIX = "random:"
 PIXELS_SOURCE = "pixels"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """An evaluation source is neither an export, a pre-training workdir, nor ``random:PATH``."""
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from byol_flax.errors import UserError
 from byol_flax.config import base_config
 from byol_flax.export.encoder import (PretrainedEncoder, encoder_from_model_config, fingerprint,
                                       heads_from_model_config)
@@ -50,7 +51,7 @@ _HAIKU_BN = {"scale": "scale", "offset": "bias"}  # hk.BatchNorm parameter -> nn
 _HAIKU_EMA = {"mean_ema": "mean", "var_ema": "var"}  # hk.BatchNorm state -> nnx.BatchNorm
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(UserError, ValueError):
     """The file is not an official BYOL checkpoint this importer can map (the message says
     exactly what does not match)."""
 

@@ -25,6 +25,7 @@ from etils import epath
 from flax import nnx
 from safetensors.numpy import save_file
 
+from byol_flax.errors import UserError
 from byol_flax.export.encoder import PretrainedEncoder, write_atomically
 from byol_flax.models.resnet import ResNet
 
@@ -43,7 +44,7 @@ TORCHVISION_BOTTLENECK = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101",
                           (3, 8, 36, 3): "resnet152"}
 
 
-class TorchExportError(ValueError):
+class TorchExportError(UserError, ValueError):
     """The encoder cannot be written as a torchvision-layout ResNet."""
 
 
