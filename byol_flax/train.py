@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from byol_flax.errors import UserError
 from byol_flax.checkpointing import config_changes
 from byol_flax.runtime import console
+from byol_flax.runtime.outputs import OutputDirError, claim_output_dir
 from byol_flax.runtime.memory import release_free_heap
 from byol_flax.checkpointing import lease
 from byol_flax.checkpointing import Checkpointer, Restored, committed_steps
@@ -216,15 +217,17 @@ def _monitor_classes(config: ml_collections.ConfigDict) -> int | None:
 
 
 def _lease(workdir: epath.Path, config: ml_collections.ConfigDict) -> lease.WorkdirLease | None:
-    """Process 0 creates the workdir and takes its lease; every process learns the outcome, so a
-    refused start stops all hosts instead of leaving them waiting for process 0."""
+    """Process 0 creates (or recognises) the workdir and takes its lease; every process learns
+    the outcome, so a refused start stops all hosts instead of leaving them waiting for process
+    0. A directory holding anything but an earlier run of this project is refused
+    (:func:`byol_flax.runtime.outputs.claim_output_dir`)."""
     held, error = None, None
     if jax.process_index() == 0:
         try:
-            workdir.mkdir(parents=True, exist_ok=True)
+            claim_output_dir(workdir, "pretraining")
             held = lease.WorkdirLease(
                 workdir, stale_after_seconds=config.checkpoint.lease_stale_after_seconds).acquire()
-        except lease.WorkdirBusyError as caught:
+        except (lease.WorkdirBusyError, OutputDirError) as caught:
             error = caught
         except OSError as caught:
             error = WorkdirError(f"cannot write to the workdir {workdir}: {caught}")

@@ -23,6 +23,7 @@ from byol_flax.evaluation import base, semi_supervised, transfer_finetune
 from byol_flax.evaluation.linear import linear_on_features
 from byol_flax.export import encoder as export
 from byol_flax.export import model_card
+from byol_flax.runtime import outputs
 from byol_flax.evaluation.config import eval_base_config, validate_eval_config
 from byol_flax.evaluation.transfer_linear import (fit_logistic_regression, l2_grid,
                                                   logistic_objective,
@@ -292,7 +293,8 @@ def test_exported_encoder_reloads_with_identical_features_and_a_model_card(
     images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
     np.testing.assert_array_equal(encoder(images), original(images))
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["encoder", "encoder_config.json", "model_card.json", "MODEL_CARD.md"])
+        ["encoder", "encoder_config.json", "model_card.json", "MODEL_CARD.md",
+         outputs.MARKER_NAME])
 
     card = model_card.read_model_card(out)
     assert card["checkpoint"]["step"] == 7
@@ -311,10 +313,24 @@ def test_cli_evaluates_an_export_and_a_random_init_baseline(pretraining_workdir,
                                                             data_dir):
     workdir, _ = pretraining_workdir
     out = export_cli(str(workdir), str(tmp_path / "export"))
+    # An export from someone else whose card is a link to a shell start-up file: evaluation
+    # must not write through it (nor into the export at all).
+    startup = tmp_path / "bashrc"
+    startup.write_text("# the user's own\n")
+    card_file = out / model_card.CARD_MARKDOWN
+    real_card = card_file.read_text()
+    card_file.unlink()
+    card_file.symlink_to(startup)
     config = tiny_eval_config(data_dir)
     config.linear.learning_rates = (0.4, 0.1)
     config.linear.epochs = 5.0
     trained = evaluate(config, str(out), str(tmp_path / "linear"))
+    assert startup.read_text() == "# the user's own\n"
+    with pytest.raises(export.SourceError, match="MODEL_CARD.md is a symbolic link"):
+        model_card.add_results_to_card(out, [str(tmp_path / "linear")])
+    assert startup.read_text() == "# the user's own\n"
+    card_file.unlink()
+    card_file.write_text(real_card)
     baseline = evaluate(config, f"random:{out}", str(tmp_path / "random"))
     for result in (trained, baseline):
         assert result["selection_split"] == "holdout" and result["test_split"] == "test"
@@ -323,7 +339,10 @@ def test_cli_evaluates_an_export_and_a_random_init_baseline(pretraining_workdir,
     assert baseline["source"]["kind"] == "random"
     saved = json.loads((tmp_path / "linear" / "results.json").read_text())
     assert saved["test"] == trained["test"]
-    card = model_card.read_model_card(out)  # the export's card got the (non-random) result
+    # Evaluation reads the export and writes nothing into it; the explicit command records it.
+    assert model_card.read_model_card(out)["evaluations"] == []
+    card = model_card.add_results_to_card(out, [str(tmp_path / "linear")])
+    assert card == model_card.read_model_card(out)
     assert [e["source"]["kind"] for e in card["evaluations"]] == ["export"]
     assert "| linear | linear | top1 |" in (out / "MODEL_CARD.md").read_text()
 

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch export's tests need tor
 
 from byol_flax.export import encoder as export  # noqa: E402
 from byol_flax.export import model_card, torch_format, torch_resnet  # noqa: E402
+from byol_flax.runtime import outputs  # noqa: E402
 from byol_flax.models.init import init_module  # noqa: E402
 from byol_flax.models.resnet import BatchNormConfig, build_encoder  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -211,7 +212,8 @@ def test_cli_writes_a_torch_export_of_an_export_directory(tmp_path):
                       "--intended_use=tests", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [torch_format.WEIGHTS_NAME, model_card.CARD_JSON, model_card.CARD_MARKDOWN])
+        [torch_format.WEIGHTS_NAME, model_card.CARD_JSON, model_card.CARD_MARKDOWN,
+         outputs.MARKER_NAME])
 
     model = torch_resnet.load_torch_encoder(out)  # the directory names its file
     source.encoder.eval()  # export -> load_source -> torch file: the features are the source's

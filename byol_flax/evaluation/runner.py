@@ -2,7 +2,6 @@
 
 import json
 import logging
-import os
 
 import jax
 import ml_collections
@@ -11,15 +10,18 @@ from etils import epath
 
 from byol_flax.export import model_card
 from byol_flax.evaluation.config import validate_eval_config
-from byol_flax.export.encoder import ENCODER_CONFIG_NAME, RANDOM_PREFIX, load_source
+from byol_flax.export.encoder import ENCODER_CONFIG_NAME, load_source
 from byol_flax.evaluation import SweepStore, run_protocol
+from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.sharding import make_mesh
 
+
 def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> dict:
-    """Runs one protocol on ``source``; returns and writes its result."""
+    """Runs one protocol on ``source``; returns and writes its result (in ``workdir`` only:
+    a new, empty or earlier evaluation directory, outside an export it reads)."""
     validate_eval_config(config, num_devices=jax.device_count())
-    workdir = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
-    workdir.mkdir(parents=True, exist_ok=True)
+    export_read = source if (epath.Path(source) / ENCODER_CONFIG_NAME).exists() else ""
+    workdir = claim_output_dir(workdir, "evaluation", inputs=[export_read])
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     pretrained = load_source(source, seed=config.seed, image_size=config.data.image_size)
     result = run_protocol(config, pretrained, make_mesh(), SweepStore(workdir / "sweep"))
@@ -33,12 +35,9 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     writer.write_scalars(0, {f"test/{k}": v for k, v in result["test"].items()})
     writer.flush()
 
-    export_dir = epath.Path(source.removeprefix(RANDOM_PREFIX))
-    if not source.startswith(RANDOM_PREFIX) and (export_dir / ENCODER_CONFIG_NAME).exists() \
-            and (export_dir / model_card.CARD_JSON).exists():
-        card = model_card.add_evaluation(model_card.read_model_card(export_dir), result)
-        model_card.write_model_card(export_dir, card)
-        logging.info("added the result to the model card in %s", export_dir)
+    if export_read:  # never written into: evaluation reads it
+        logging.info("record this result in the export's model card with: byol-add-results "
+                     "--export=%s --results=%s", source, workdir)
     logging.info("%s on %s: test %s (selected %s on %s)", result["protocol"], source,
                  result["test"], result["selected"], result["selection_split"])
     return result

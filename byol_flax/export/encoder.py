@@ -10,7 +10,12 @@ An export directory holds
     predictor and online classifier, when the source had them (an imported official
     checkpoint): what continuing pre-training from an export, or the online-classifier
     evaluation, needs;
-  * ``MODEL_CARD.md`` / ``model_card.json`` (see :mod:`byol_flax.export.model_card`).
+  * ``MODEL_CARD.md`` / ``model_card.json`` (see :mod:`byol_flax.export.model_card`);
+  * ``.byol_flax_output.json``: the marker that lets a later export replace this one
+    (:mod:`byol_flax.runtime.outputs`).
+
+``encoder_config.json`` records a sha256 per array (``checksums``), verified on every load: a
+damaged export is refused naming the array and the file, as a damaged checkpoint is.
 
 Reuse it with two lines and no training code::
 
@@ -24,7 +29,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -35,19 +40,31 @@ from etils import epath
 from flax import nnx
 
 from byol_flax.errors import UserError
-from byol_flax.checkpointing import DamagedCheckpointError, read_pytree
+from byol_flax.checkpointing import DamagedCheckpointError, flatten_dotted, read_pytree
 from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.models.byol import (build_encoder_from_config, build_heads,
                                    build_online_classifier)
 from byol_flax.models.init import init_module
-from byol_flax.models.resnet import ResNet
+from byol_flax.models.resnet import ENCODERS, ResNet
+from byol_flax.runtime.outputs import check_output_dir, write_marker
 
-EXPORT_FORMAT_VERSION = 1
+# 2: per-array sha256 checksums in encoder_config.json (1 had none; the package was never
+# released with it).
+EXPORT_FORMAT_VERSION = 2
 ENCODER_CONFIG_NAME = "encoder_config.json"
 WEIGHTS_DIR = "encoder"
 HEADS_DIR = "heads"
+CHECKSUMS_KEY = "checksums"  # encoder_config.json: {"encoder": {path: sha256}, "heads": {...}}
 RANDOM_PREFIX = "random:"
 PIXELS_SOURCE = "pixels"
+HEAD_NAMES = ("projector", "predictor", "classifier")
+# Limits on architectures read from files (exports, imports): the largest network of the paper
+# (ResNet-200 2x, Table 9: 250M encoder weights) with its heads fits well within them, and no
+# file can make a reader allocate more before its arrays are compared with the checksums.
+MAX_PARAMETERS = 2_000_000_000
+MAX_HEAD_WIDTH = 65_536
+MAX_HEAD_DEPTH = 16
+MAX_CLASSES = 1_000_000
 
 
 class SourceError(UserError, ValueError):
@@ -141,38 +158,170 @@ def load_encoder(export_dir: epath.PathLike) -> ResNet:
     return load_export(export_dir).encoder
 
 
+def _regular_file(path: epath.Path, what: str) -> epath.Path:
+    """``path`` if it is a regular file of its own (not a link, device or FIFO)."""
+    text = os.fspath(path)
+    if "://" not in text and os.path.islink(text):
+        raise SourceError(f"{path} is a symbolic link (to {os.readlink(text)}): an export's "
+                          f"{what} is a file of its own; not following it")
+    if not path.exists():
+        raise SourceError(f"{path.parent} is not an encoder export: {path.name} missing")
+    if "://" not in text and not os.path.isfile(text):
+        raise SourceError(f"{path} is not a regular file: not an encoder export's {what}")
+    return path
+
+
+def check_model_config(model: Any, where: str) -> dict[str, Any]:
+    """``model`` (a ``config.model`` read from a file) checked against the registry and the
+    limits above before any module is built; returns it. Raises :class:`SourceError` naming
+    ``where`` and the key."""
+    from byol_flax.config import base_config  # noqa: PLC0415 - config imports export modules
+    from byol_flax.models.predictors import PREDICTORS  # noqa: PLC0415
+
+    def fail(key: str, problem: str) -> SourceError:
+        return SourceError(f"{where}: model.{key} {problem}")
+
+    if not isinstance(model, dict):
+        raise SourceError(f"{where}: 'model' is a {type(model).__name__}, not a mapping")
+    config = base_config().model
+    config.lock()
+    try:
+        config.update(model)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        reason = str(error).strip("'\"").split(" Other fields present")[0].splitlines()
+        raise SourceError(f"{where}: 'model' does not fit this code's config.model: "
+                          f"{reason[0] if reason else type(error).__name__}") from None
+    encoder, projector, predictor = config.encoder, config.projector, config.predictor
+    if encoder.name not in ENCODERS:
+        raise fail("encoder.name", f"{encoder.name!r} is not a registered encoder "
+                   f"({', '.join(ENCODERS)})")
+    checks = [
+        (encoder.width_multiplier in (1, 2, 3, 4), "encoder.width_multiplier", "1, 2, 3 or 4"),
+        (encoder.stem in ("imagenet", "small"), "encoder.stem", "'imagenet' or 'small'"),
+        (predictor.kind in PREDICTORS, "predictor.kind", f"one of {list(PREDICTORS)}"),
+        (0 < config.batchnorm.eps < 1, "batchnorm.eps", "in (0, 1)"),
+        (0 <= config.batchnorm.decay <= 1, "batchnorm.decay", "in [0, 1]"),
+    ]
+    for head, name in ((projector, "projector"), (predictor, "predictor")):
+        checks.append((1 <= head.depth <= MAX_HEAD_DEPTH, f"{name}.depth",
+                       f"between 1 and {MAX_HEAD_DEPTH}"))
+        checks += [(1 <= head[key] <= MAX_HEAD_WIDTH, f"{name}.{key}",
+                    f"between 1 and {MAX_HEAD_WIDTH}")
+                   for key in ("hidden_size", "output_size") if key in head]
+    for ok, key, expected in checks:
+        if not ok:
+            raise fail(key, f"is {_value_at(config, key)!r}, must be {expected}")
+    checked = config.to_dict()
+    parameters = _parameter_count(checked)
+    if parameters > MAX_PARAMETERS:
+        raise SourceError(f"{where}: the model has {parameters:,} parameters, more than the "
+                          f"{MAX_PARAMETERS:,} this reader accepts")
+    return checked
+
+
+def _value_at(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _parameter_count(model_config: dict[str, Any]) -> int:
+    """Parameters (and BatchNorm statistics) of the encoder and heads ``model_config`` builds,
+    from shapes alone (nothing allocated)."""
+    encoder = encoder_from_model_config(model_config, abstract=True)
+    heads = heads_from_model_config(model_config, encoder.num_features, abstract=True)
+    return sum(int(np.prod(leaf.shape)) for module in (encoder, *heads.values())
+               for leaf in jax.tree.leaves(nnx.state(module)))
+
+
 def read_export_config(export_dir: epath.PathLike) -> dict[str, Any]:
-    """The ``encoder_config.json`` of an export (model config, origin, heads kept), checked to
-    be one this code reads; raises :class:`SourceError` naming the file otherwise."""
+    """The ``encoder_config.json`` of an export (model config, origin, heads kept, checksums),
+    checked to be one this code reads and builds within its limits; raises
+    :class:`SourceError` naming the file otherwise."""
     export_dir = absolute_path(export_dir)
     config_path = export_dir / ENCODER_CONFIG_NAME
-    if not config_path.exists():
-        raise SourceError(f"{export_dir} is not an encoder export: {ENCODER_CONFIG_NAME} missing")
-    meta = json.loads(config_path.read_text())
+    if not export_dir.is_dir():
+        raise SourceError(f"{export_dir} is not an encoder export: not a directory")
+    _regular_file(config_path, ENCODER_CONFIG_NAME)
+    try:
+        meta = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SourceError(f"{config_path} cannot be read as JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise SourceError(f"{config_path} holds a {type(meta).__name__}, not an export's "
+                          "JSON object")
     if meta.get("format_version") != EXPORT_FORMAT_VERSION:
         raise SourceError(f"{config_path}: format_version {meta.get('format_version')!r}, this "
                           f"code reads {EXPORT_FORMAT_VERSION}")
-    if "model" not in meta or "origin" not in meta:
-        raise SourceError(f"{config_path} lacks 'model' or 'origin': not written by this code")
+    if not isinstance(meta.get("origin"), dict) or not isinstance(meta.get(CHECKSUMS_KEY), dict):
+        raise SourceError(f"{config_path} lacks 'origin' or '{CHECKSUMS_KEY}': not written by "
+                          "this code")
+    meta["model"] = check_model_config(meta.get("model"), str(config_path))
+    heads = meta.get("heads") or {}
+    if not isinstance(heads, dict) or set(heads) - set(HEAD_NAMES):
+        raise SourceError(f"{config_path}: 'heads' must map some of {list(HEAD_NAMES)}, got "
+                          f"{heads!r:.80}")
+    if "classifier" in heads:
+        classes = heads["classifier"].get("num_classes") if isinstance(
+            heads["classifier"], dict) else None
+        if not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES:
+            raise SourceError(f"{config_path}: heads.classifier.num_classes is {classes!r:.40}, "
+                              f"must be an integer between 1 and {MAX_CLASSES:,}")
+    meta["heads"] = heads
     return meta
+
+
+def array_checksums(tree: dict[str, Any]) -> dict[str, str]:
+    """{dotted path: sha256 of the array's bytes} of a pure dict of arrays: what an export
+    records and its loaders verify."""
+    return {key: hashlib.sha256(np.ascontiguousarray(np.asarray(value)).tobytes()).hexdigest()
+            for key, value in flatten_dotted(tree).items()}
+
+
+def verify_arrays(tree: dict[str, Any], expected: dict[str, Any], where: epath.Path) -> None:
+    """Raises :class:`SourceError` naming the first array of ``tree`` whose sha256 differs from
+    (or is missing in) ``expected``, and the directory it was read from."""
+    if not isinstance(expected, dict):
+        raise SourceError(f"{where}: no checksums recorded for its arrays")
+    for key, digest in array_checksums(tree).items():
+        if expected.get(key) != digest:
+            problem = "has no recorded checksum" if key not in expected else (
+                "differs from the checksum recorded at export time")
+            raise SourceError(f"{where} is damaged: array {key} {problem}")
+
+
+def _read_arrays(directory: epath.Path, target: dict[str, Any], expected: Any) -> dict[str, Any]:
+    """The arrays of the Orbax tree ``directory`` shaped like ``target``, verified."""
+    try:
+        arrays = read_pytree(directory, target)
+    except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many types
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SourceError(f"{directory} cannot be read (damaged or incomplete export): "
+                          f"{first[:300]}") from error
+    verify_arrays(arrays, expected, directory)
+    return arrays
 
 
 def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> PretrainedEncoder:
     """An export directory -> :class:`PretrainedEncoder` (encoder, model config, provenance);
-    ``with_heads``: also the projector, predictor and classifier the export kept (if any)."""
+    ``with_heads``: also the projector, predictor and classifier the export kept (if any).
+    Every array is checked against the sha256 recorded at export time."""
     export_dir = absolute_path(export_dir)
     meta = read_export_config(export_dir)
+    checksums = meta[CHECKSUMS_KEY]
     encoder = encoder_from_model_config(meta["model"])
-    set_arrays(encoder, read_pytree(export_dir / WEIGHTS_DIR,
-                                     nnx.to_pure_dict(nnx.state(encoder))))
+    set_arrays(encoder, _read_arrays(export_dir / WEIGHTS_DIR,
+                                     nnx.to_pure_dict(nnx.state(encoder)),
+                                     checksums.get(WEIGHTS_DIR)))
     heads: dict[str, nnx.Module] = {}
-    kept = meta.get("heads", {})
+    kept = meta["heads"]
     if with_heads and kept:
         built = heads_from_model_config(meta["model"], encoder.num_features,
                                         num_classes=kept.get("classifier", {}).get("num_classes", 0))
         heads = {name: built[name] for name in kept}
-        arrays = read_pytree(export_dir / HEADS_DIR, {name: nnx.to_pure_dict(nnx.state(module))
-                                                      for name, module in heads.items()})
+        arrays = _read_arrays(export_dir / HEADS_DIR,
+                              {name: nnx.to_pure_dict(nnx.state(module))
+                               for name, module in heads.items()}, checksums.get(HEADS_DIR))
         for name, module in heads.items():
             set_arrays(module, arrays[name])
     return PretrainedEncoder(encoder, meta["model"],
@@ -237,19 +386,25 @@ def load_source(source: str, *, seed: int = 0, image_size: int = 0) -> Pretraine
 
 
 def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
-                   write_extra: Callable[[epath.Path], None] | None = None) -> epath.Path:
+                   write_extra: Callable[[epath.Path], None] | None = None, *,
+                   inputs: Sequence[str] = ()) -> epath.Path:
     """Writes ``encoder/`` and ``encoder_config.json`` (and whatever ``write_extra(directory)``
     adds, e.g. the model card: :func:`byol_flax.export.model_card.write_model_card`) to
     ``out_dir``, atomically: everything is written to a temporary directory beside it that then
-    replaces ``out_dir``, so a failed export leaves the previous one intact."""
+    replaces ``out_dir``, so a failed export leaves the previous one intact. ``out_dir`` must
+    be new, empty or a previous export, and outside ``inputs`` (the paths read):
+    :func:`byol_flax.runtime.outputs.check_output_dir`."""
     def write(staging: epath.Path) -> None:
         checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-        checkpointer.save(staging / WEIGHTS_DIR, args=ocp.args.PyTreeSave(
-            nnx.to_pure_dict(nnx.state(pretrained.encoder))))
+        encoder_arrays = nnx.to_pure_dict(nnx.state(pretrained.encoder))
+        checkpointer.save(staging / WEIGHTS_DIR, args=ocp.args.PyTreeSave(encoder_arrays))
+        checksums = {WEIGHTS_DIR: array_checksums(encoder_arrays)}
         heads = pretrained.heads()
         if heads:
-            checkpointer.save(staging / HEADS_DIR, args=ocp.args.PyTreeSave(
-                {name: nnx.to_pure_dict(nnx.state(module)) for name, module in heads.items()}))
+            head_arrays = {name: nnx.to_pure_dict(nnx.state(module))
+                           for name, module in heads.items()}
+            checkpointer.save(staging / HEADS_DIR, args=ocp.args.PyTreeSave(head_arrays))
+            checksums[HEADS_DIR] = array_checksums(head_arrays)
         checkpointer.close()
         origin = {("source_" + k if k in ("kind", "path") else k): v
                   for k, v in pretrained.origin.items() if k != "fingerprint"}
@@ -260,20 +415,23 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
             "pretrain_config": pretrained.pretrain_config,
             "heads": {name: ({"num_classes": module.out_features} if name == "classifier" else {})
                       for name, module in heads.items()},
+            CHECKSUMS_KEY: checksums,
         }, indent=2, sort_keys=True))
         if write_extra is not None:
             write_extra(staging)
 
-    out_dir = write_atomically(out_dir, write)
+    out_dir = write_atomically(out_dir, write, inputs=inputs)
     logging.info("exported the encoder of %s to %s", pretrained.origin, out_dir)
     return out_dir
 
 
-def write_atomically(out_dir: epath.PathLike, write: Callable[[epath.Path], None]
-                     ) -> epath.Path:
+def write_atomically(out_dir: epath.PathLike, write: Callable[[epath.Path], None], *,
+                     inputs: Sequence[str] = ()) -> epath.Path:
     """Runs ``write(staging)`` on a temporary directory beside ``out_dir`` that then replaces
-    ``out_dir``: a failed export leaves the previous one intact (every export format)."""
-    out_dir = absolute_path(out_dir)
+    ``out_dir``: a failed export leaves the previous one intact (every export format). Only a
+    new or empty ``out_dir`` or a previous export is replaced
+    (:func:`byol_flax.runtime.outputs.check_output_dir`, with ``inputs`` the paths read)."""
+    out_dir = check_output_dir(out_dir, "export", inputs=inputs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.export-tmp-{os.getpid()}"
     if staging.exists():
@@ -281,6 +439,7 @@ def write_atomically(out_dir: epath.PathLike, write: Callable[[epath.Path], None
     staging.mkdir()
     try:
         write(staging)
+        write_marker(staging, "export")
         _swap_in(staging, out_dir)
     except BaseException:
         if staging.exists():

@@ -5,25 +5,51 @@ It records what a release of a self-supervised encoder must say (the documentati
 architecture and parameter count, checkpoint, objective and predictor variant, steps and epochs,
 the whole pre-training config, every evaluation result with its splits, and the intended uses,
 out-of-scope uses and known failure domains that only the person releasing it can state.
+
+Text that comes from files or flags (the uses, names of evaluations, any config value) is
+rendered inert: control characters and line breaks are shown escaped and Markdown/HTML markup
+is escaped, so no field can start a line of its own or inject markup. The card is written with
+the export; results are added later only by the explicit command :mod:`byol_flax.export.
+add_results`, which refuses symbolic links and replaces the card files without following one.
 """
 
 import datetime
 import hashlib
+import html
 import json
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from etils import epath
 
 from byol_flax.data.records import MANIFEST_NAME
-from byol_flax.export.encoder import (PretrainedEncoder, SourceError, export_encoder,
-                                      load_pretraining_encoder, load_source)
+from byol_flax.export.encoder import (RANDOM_PREFIX, PretrainedEncoder, SourceError,
+                                      export_encoder, load_pretraining_encoder, load_source)
 from byol_flax.models.byol import count_params
+from byol_flax.runtime.outputs import check_output_dir
 
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "MODEL_CARD.md"
 RESULTS_NAME = "results.json"  # what an evaluation workdir holds
 NOT_STATED = "not stated by the exporter: fill in before any release (byol_flax.export flags)"
+_MARKUP = re.compile(r"([\\`*_\[\]|#~!])")
+
+
+def inert_text(value: Any) -> str:
+    """``value`` as one line of Markdown that renders as its text: non-printable characters
+    (line breaks, terminal escapes) shown as Python escapes, HTML and Markdown markup escaped."""
+    text = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                   for char in str(value))
+    return _MARKUP.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def inert_code(value: Any) -> str:
+    """``value`` as JSON inside a Markdown code span: ASCII only (control characters escaped by
+    JSON), with the backtick and the table bar escaped so the span and a table row stay whole."""
+    text = json.dumps(value, sort_keys=True).replace("`", "\\u0060").replace("|", "\\u007c")
+    return f"`{text}`"
 
 
 def _data_source(pretrain_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -118,20 +144,27 @@ def _evaluation_rows(card: dict[str, Any]) -> list[str]:
     for e in card["evaluations"]:
         test = e.get("test", {})
         for metric, value in sorted(test.items()):
-            rows.append(f"| {e['protocol']} | {e.get('name', '')} | {metric} | "
-                        f"{e.get('test_split', '')} | {value:.4f} | "
-                        f"{e.get('selection_split', '-')} | {json.dumps(e.get('selected', {}))} |")
-    return rows if len(rows) > 2 else ["No evaluation recorded yet: run `python -m "
-                                       "byol_flax.evaluation --config=eval_<x>:<protocol> "
-                                       "--source=<this directory> --workdir=DIR`."]
+            rows.append(f"| {inert_text(e['protocol'])} | {inert_text(e.get('name', ''))} | "
+                        f"{inert_text(metric)} | {inert_text(e.get('test_split', ''))} | "
+                        f"{_number(value)} | {inert_text(e.get('selection_split', '-'))} | "
+                        f"{inert_code(e.get('selected', {}))} |")
+    return rows if len(rows) > 2 else ["No evaluation recorded yet: run `byol-evaluate "
+                                       "--config=eval_<x>:<protocol> --source=<this directory> "
+                                       "--workdir=DIR`, then `byol-add-results "
+                                       "--export=<this directory> --results=DIR`."]
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else inert_text(value)
 
 
 def _history_rows(history: list[dict[str, Any]]) -> list[str]:
     if not history:
         return ["None: trained start to end with the config above."]
     rows = ["| step | kind | key | old | new |", "|---|---|---|---|---|"]
-    rows += [f"| {h['step']} | {h['kind']} | {h['key']} | {json.dumps(h['old'])} | "
-             f"{json.dumps(h['new'])} |" for h in history]
+    rows += [f"| {inert_text(h.get('step'))} | {inert_text(h.get('kind'))} | "
+             f"{inert_text(h.get('key'))} | {inert_code(h.get('old'))} | "
+             f"{inert_code(h.get('new'))} |" for h in history]
     return rows
 
 
@@ -148,34 +181,35 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines = [
         "# Model card: BYOL encoder",
         "",
-        f"Created {card['created']} from `{json.dumps(card['checkpoint'])}`.",
+        f"Created {inert_text(card['created'])} from {inert_code(card['checkpoint'])}.",
         "",
         "## Intended use",
-        card["intended_use"],
+        inert_text(card["intended_use"]),
         "",
         "## Out-of-scope use",
-        card["out_of_scope_use"],
+        inert_text(card["out_of_scope_use"]),
         "",
         "## Known failure domains",
-        card["known_failure_domains"],
+        inert_text(card["known_failure_domains"]),
         "",
         "## Architecture",
-        f"- Encoder: `{json.dumps(arch['encoder'])}`, representation size "
-        f"{arch['representation_size']}, {arch['encoder_parameters']:,} parameters "
-        f"(BatchNorm statistics excluded), compute dtype {arch['compute_dtype']}.",
+        f"- Encoder: {inert_code(arch['encoder'])}, representation size "
+        f"{inert_text(arch['representation_size'])}, {arch['encoder_parameters']:,} parameters "
+        f"(BatchNorm statistics excluded), compute dtype {inert_text(arch['compute_dtype'])}.",
         f"- Load it: {_loader(card)}.",
         "",
         "## Objective",
-        f"- {card['objective']['method']}; loss {card['objective']['loss']}.",
-        f"- Projector `{json.dumps(card['objective']['projector'])}`, predictor "
-        f"`{json.dumps(card['objective']['predictor'])}`, target "
-        f"`{json.dumps(card['objective']['target'])}`.",
+        f"- {inert_text(card['objective']['method'])}; loss "
+        f"{inert_text(card['objective']['loss'])}.",
+        f"- Projector {inert_code(card['objective']['projector'])}, predictor "
+        f"{inert_code(card['objective']['predictor'])}, target "
+        f"{inert_code(card['objective']['target'])}.",
         "",
         "## Pre-training",
-        f"- Steps {training['steps']}, epochs {training['epochs']}, batch "
-        f"{training['batch_size']}, seed {training['seed']}.",
-        f"- Data: `{json.dumps({k: v for k, v in data.items() if k != 'converter'})}`.",
-        f"- Augmentations: `{json.dumps(card['augmentations'])}`.",
+        f"- Steps {inert_text(training['steps'])}, epochs {inert_text(training['epochs'])}, "
+        f"batch {inert_text(training['batch_size'])}, seed {inert_text(training['seed'])}.",
+        f"- Data: {inert_code({k: v for k, v in data.items() if k != 'converter'})}.",
+        f"- Augmentations: {inert_code(card['augmentations'])}.",
         "",
         "## Config changes during pre-training",
         *_history_rows(card.get("config_history", [])),
@@ -190,6 +224,7 @@ def render_markdown(card: dict[str, Any]) -> str:
 
 
 def write_model_card(directory: epath.PathLike, card: dict[str, Any]) -> None:
+    """Writes both card files into ``directory``: a new export's staging directory."""
     directory = epath.Path(directory)
     (directory / CARD_JSON).write_text(json.dumps(card, indent=2, sort_keys=True))
     (directory / CARD_MARKDOWN).write_text(render_markdown(card))
@@ -197,6 +232,71 @@ def write_model_card(directory: epath.PathLike, card: dict[str, Any]) -> None:
 
 def read_model_card(directory: epath.PathLike) -> dict[str, Any]:
     return json.loads((epath.Path(directory) / CARD_JSON).read_text())
+
+
+def read_results(directory: epath.PathLike) -> dict[str, Any]:
+    """The ``results.json`` of an evaluation workdir; :class:`SourceError` naming the file when
+    it is missing or not a result."""
+    path = epath.Path(directory) / RESULTS_NAME
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SourceError(f"{path} cannot be read as an evaluation result: {error}") from None
+    if not isinstance(result, dict) or not isinstance(result.get("protocol"), str) \
+            or not isinstance(result.get("test"), dict):
+        raise SourceError(f"{path} is not an evaluation result (no 'protocol' and 'test')")
+    return result
+
+
+def _replace_without_following(path: str, text: str) -> None:
+    """Replaces the regular file ``path`` by ``text``: refused if ``path`` is a symbolic link;
+    written to a new file beside it (created exclusively, never through a link) that is then
+    renamed over it, so neither a link nor a half-written card can result."""
+    if os.path.islink(path):
+        raise SourceError(f"{path} is a symbolic link: not writing through it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise SourceError(f"{path} is not a regular file: not replacing it")
+    temporary = f"{path}.tmp-{os.getpid()}"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def add_results_to_card(export_dir: epath.PathLike, results: Sequence[str]) -> dict[str, Any]:
+    """Adds the ``results.json`` of the evaluation workdirs ``results`` to the model card of the
+    local export ``export_dir`` (the explicit command ``byol-add-results``); returns the card.
+
+    Evaluation never writes into what it reads: recording a result in an export is this
+    separate step. The export directory and both card files must be real (no symbolic links)."""
+    directory = os.path.abspath(os.fspath(export_dir))
+    if os.path.islink(directory) or not os.path.isdir(directory):
+        raise SourceError(f"{directory} is not an export directory"
+                          + (" (a symbolic link: name the directory itself)"
+                             if os.path.islink(directory) else ""))
+    for name in (CARD_JSON, CARD_MARKDOWN):
+        if os.path.islink(os.path.join(directory, name)):
+            raise SourceError(f"{os.path.join(directory, name)} is a symbolic link: not "
+                              "writing through it")
+    try:
+        card = read_model_card(directory)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SourceError(f"{os.path.join(directory, CARD_JSON)} cannot be read as a model "
+                          f"card: {error}") from None
+    if not isinstance(card, dict) or not isinstance(card.get("evaluations"), list):
+        raise SourceError(f"{os.path.join(directory, CARD_JSON)} is not a model card")
+    for workdir in results:
+        card = add_evaluation(card, read_results(workdir))
+    markdown = render_markdown(card)  # fails (KeyError) on a card missing a section: first
+    _replace_without_following(os.path.join(directory, CARD_JSON),
+                               json.dumps(card, indent=2, sort_keys=True))
+    _replace_without_following(os.path.join(directory, CARD_MARKDOWN), markdown)
+    return card
 
 
 def export_with_model_card(workdir: str | None, out: str, *, source: str | None = None,
@@ -212,16 +312,17 @@ def export_with_model_card(workdir: str | None, out: str, *, source: str | None 
         raise SourceError("export: name exactly one of a pre-training workdir or a source")
     if step is not None and workdir is None:
         raise SourceError("--step picks a checkpoint of --workdir; it does not apply to --source")
+    inputs = [workdir or source.removeprefix(RANDOM_PREFIX)]
+    check_output_dir(out, "export", inputs=inputs)  # before anything is read
     pretrained = load_pretraining_encoder(workdir, step) if workdir else load_source(source)
     card = build_model_card(pretrained, intended_use=intended_use,
                             out_of_scope_use=out_of_scope_use, known_failures=known_failures)
     for directory in results:
-        card = add_evaluation(
-            card, json.loads((epath.Path(directory) / RESULTS_NAME).read_text()))
+        card = add_evaluation(card, read_results(directory))
     write_card = lambda staging: write_model_card(staging, card)  # noqa: E731
     if export_format == "torch":
         from byol_flax.export import torch_format  # imports safetensors, only when asked for
         card["export"] = {"format": "torch", "file": torch_format.WEIGHTS_NAME,
                           **torch_format.architecture(pretrained)}
-        return torch_format.export_torch(pretrained, out, write_extra=write_card)
-    return export_encoder(pretrained, out, write_extra=write_card)
+        return torch_format.export_torch(pretrained, out, write_extra=write_card, inputs=inputs)
+    return export_encoder(pretrained, out, write_extra=write_card, inputs=inputs)

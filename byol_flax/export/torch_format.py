@@ -15,9 +15,10 @@ differently from ours (see :mod:`byol_flax.export.torch_resnet`); ``docs/pretrai
 measures how much that changes the features.
 """
 
+import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from byol_flax.models.resnet import ResNet
 
 WEIGHTS_NAME = "encoder.safetensors"
 METADATA_KEY = "byol_flax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 per tensor under "checksums" (torch_resnet verifies them)
 PADDING_NOTE = ("XLA SAME: per side of n pixels, total = max((ceil(n/s)-1)*s + k - n, 0), "
                 "total//2 before and the rest after (max-pool pads with -inf); torchvision pads "
                 "k//2 (max-pool 1) on both sides, which differs for strided layers on even "
@@ -134,6 +135,8 @@ def torch_arrays(pretrained: PretrainedEncoder) -> tuple[dict[str, np.ndarray], 
 def save_torch_weights(pretrained: PretrainedEncoder, path: epath.PathLike) -> dict[str, Any]:
     """Writes the encoder to the safetensors file ``path``; returns the architecture recorded."""
     arrays, arch = torch_arrays(pretrained)
+    arch["checksums"] = {key: hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
+                         for key, value in arrays.items()}
     save_file(arrays, str(path), metadata={METADATA_KEY: json.dumps(arch, sort_keys=True),
                                            "format": "pt"})
     return arch
@@ -145,7 +148,8 @@ LOADER = ("`from byol_flax.export.torch_resnet import load_torch_encoder; "
 
 
 def export_torch(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
-                 write_extra: Callable[[epath.Path], None] | None = None) -> epath.Path:
+                 write_extra: Callable[[epath.Path], None] | None = None, *,
+                 inputs: Sequence[str] = ()) -> epath.Path:
     """Writes ``encoder.safetensors`` (and whatever ``write_extra(directory)`` adds: the model
     card) to ``out_dir``, atomically (a failed export leaves the previous one intact)."""
     architecture(pretrained)  # fails before anything is written
@@ -155,4 +159,4 @@ def export_torch(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
         if write_extra is not None:
             write_extra(staging)
 
-    return write_atomically(out_dir, write)
+    return write_atomically(out_dir, write, inputs=inputs)

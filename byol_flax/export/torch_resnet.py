@@ -19,8 +19,15 @@ with the same weights), kept for measuring the difference (``docs/pretrained_wei
 
 This module imports only torch and safetensors (``byol_flax`` and the export command import it
 only for the torch format), so it can also be copied into a project without JAX.
+
+Loading checks the file before it spends memory: the architecture in the metadata must lie
+within :data:`LIMITS`, the module it describes is first built on PyTorch's ``meta`` device (no
+memory) and its state-dict shapes compared with the file's, and every tensor's sha256 is
+compared with the one recorded at export time. Each failure is one :class:`ExportFileError`
+line naming the file and the key.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -38,7 +45,25 @@ PADDINGS = ("same", "symmetric")
 # As byol_flax.export.torch_format writes them (tests/test_torch_export.py checks they agree).
 WEIGHTS_NAME = "encoder.safetensors"
 METADATA_KEY = "byol_flax"  # the safetensors metadata entry holding the architecture (JSON)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 per tensor in the metadata ("checksums")
+CHECKSUMS_KEY = "checksums"
+# What an architecture read from a file may ask for: the largest network of the paper (ResNet-200
+# 2x: 36 blocks in a stage, 2048 x 2 channels) fits within them.
+LIMITS = {"stages": 8, "blocks": 64, "channels": 8192, "stem_channels": 512, "in_channels": 16,
+          "width_multiplier": 4, "parameters": 2_000_000_000}
+
+
+class ExportFileError(ValueError):
+    """An ``encoder.safetensors`` is not one this loader reads (damaged, tampered, or not written
+    by ``byol_flax.export --format=torch``); the message names the file and the key."""
+
+
+def tensor_sha256(array: Any) -> str:
+    """The sha256 of a NumPy array's (or CPU tensor's) contiguous bytes: what the export records
+    per tensor."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(array.tobytes()).hexdigest()
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -180,18 +205,60 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def _check_architecture(arch: Any, path: str) -> None:
+    """Types and sizes of the metadata's architecture against :data:`LIMITS`."""
+    def fail(key: str, problem: str) -> ExportFileError:
+        return ExportFileError(f"{path}: metadata architecture.{key} {problem}")
+
+    if not isinstance(arch, dict):
+        raise ExportFileError(f"{path}: metadata 'architecture' is not a mapping")
+    integer = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
+    counts = [("blocks_per_stage", LIMITS["blocks"]), ("stage_channels", LIMITS["channels"]),
+              ("stage_strides", 2)]
+    for key, limit in counts:
+        values = arch.get(key)
+        if not isinstance(values, list) or not 1 <= len(values) <= LIMITS["stages"] or not all(
+                integer(v) and 1 <= v <= limit for v in values):
+            raise fail(key, f"must list 1-{LIMITS['stages']} integers in [1, {limit}]")
+    if len({len(arch[key]) for key, _ in counts}) != 1:
+        raise fail("blocks_per_stage", "stage_channels and stage_strides differ in length")
+    for key in ("stem_channels", "in_channels", "width_multiplier"):
+        if not integer(arch.get(key)) or not 1 <= arch[key] <= LIMITS[key]:
+            raise fail(key, f"must be an integer in [1, {LIMITS[key]}]")
+    if arch.get("stem") not in ("imagenet", "small") or not isinstance(arch.get("bottleneck"),
+                                                                       bool):
+        raise fail("stem", "must be 'imagenet' or 'small' (and bottleneck a boolean)")
+    norm = arch.get("batchnorm")
+    if not isinstance(norm, dict) or not all(isinstance(norm.get(k), (int, float))
+                                             for k in ("eps", "decay")) \
+            or not 0 < norm["eps"] < 1 or not 0 <= norm["decay"] <= 1:
+        raise fail("batchnorm", "must hold eps in (0, 1) and decay in [0, 1]")
+
+
 def read_architecture(path: str | os.PathLike) -> dict[str, Any]:
     """The architecture recorded in an ``encoder.safetensors`` (its metadata, as written by
-    :func:`byol_flax.export.torch_format.torch_arrays`)."""
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    :func:`byol_flax.export.torch_format.torch_arrays`), checked against :data:`LIMITS`."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+        raise ExportFileError(f"{path}: not a readable safetensors file: "
+                              f"{str(error).splitlines()[0] if str(error) else error!r}") from None
     if METADATA_KEY not in metadata:
-        raise ValueError(f"{path}: no {METADATA_KEY!r} metadata entry: not written by "
-                         "byol_flax.export --format=torch")
-    architecture = json.loads(metadata[METADATA_KEY])
-    if architecture.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {architecture.get('format_version')!r}, this "
-                         f"code reads {FORMAT_VERSION}")
+        raise ExportFileError(f"{path}: no {METADATA_KEY!r} metadata entry: not written by "
+                              "byol_flax.export --format=torch")
+    try:
+        architecture = json.loads(metadata[METADATA_KEY])
+    except ValueError as error:
+        raise ExportFileError(f"{path}: metadata {METADATA_KEY!r} is not JSON: {error}") from None
+    if not isinstance(architecture, dict) or architecture.get("format_version") != FORMAT_VERSION:
+        version = architecture.get("format_version") if isinstance(architecture, dict) else None
+        raise ExportFileError(f"{path}: format_version {version!r}, this code reads "
+                              f"{FORMAT_VERSION}")
+    _check_architecture(architecture.get("architecture"), path)
+    if not isinstance(architecture.get(CHECKSUMS_KEY), dict):
+        raise ExportFileError(f"{path}: metadata holds no per-tensor checksums")
     return architecture
 
 
@@ -206,12 +273,18 @@ def build_torch_encoder(architecture: dict[str, Any], *, padding: Padding = "sam
                   padding=padding)
 
 
+def _file_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    with safe_open(path, framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
 def load_torch_encoder(path: str | os.PathLike, *, padding: Padding = "same") -> ResNet:
     """An ``encoder.safetensors`` (or the export directory holding it) as a ``torch.nn.Module``
     in eval mode: NCHW normalised float32 images -> representation (B, D).
 
     ``padding="same"`` gives our encoder's features; ``"symmetric"`` gives what a stock
-    torchvision ResNet computes with these weights (see the module docstring).
+    torchvision ResNet computes with these weights (see the module docstring). The file is
+    checked first (module docstring): :class:`ExportFileError` names what does not fit.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -219,6 +292,27 @@ def load_torch_encoder(path: str | os.PathLike, *, padding: Padding = "same") ->
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: expected an {WEIGHTS_NAME} written by "
                                 "byol_flax.export --format=torch")
-    model = build_torch_encoder(read_architecture(path), padding=padding)
-    model.load_state_dict(load_file(path), strict=True)
+    if not os.path.isfile(path):
+        raise ExportFileError(f"{path} is not a regular file")
+    architecture = read_architecture(path)
+    with torch.device("meta"):  # shapes only: nothing allocated yet
+        shapes = {key: tuple(value.shape) for key, value in
+                  build_torch_encoder(architecture, padding=padding).state_dict().items()}
+    parameters = sum(math.prod(shape) for shape in shapes.values())
+    if parameters > LIMITS["parameters"]:
+        raise ExportFileError(f"{path}: the architecture has {parameters:,} parameters, more "
+                              f"than the {LIMITS['parameters']:,} this loader accepts")
+    stored = _file_shapes(path)
+    for key in sorted(set(shapes) | set(stored)):
+        if shapes.get(key) != stored.get(key):
+            raise ExportFileError(f"{path}: tensor {key} is {stored.get(key)} in the file, the "
+                                  f"recorded architecture needs {shapes.get(key)}")
+    tensors = load_file(path)
+    checksums = architecture[CHECKSUMS_KEY]
+    for key, tensor in tensors.items():
+        if checksums.get(key) != tensor_sha256(tensor):
+            raise ExportFileError(f"{path} is damaged: tensor {key} differs from the checksum "
+                                  "recorded at export time")
+    model = build_torch_encoder(architecture, padding=padding)
+    model.load_state_dict(tensors, strict=True)
     return model.eval()
