@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -237,3 +238,53 @@ def test_cli_names_a_bad_source_in_one_line(tmp_path):
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert errors[0].startswith("error: SourceError: --source=") and "nothing" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) The loader checks the file before it spends memory.
+
+def rewritten(path, *, metadata_change=None, tensor_change=None) -> None:
+    """Re-writes an encoder.safetensors with its metadata's architecture or a tensor changed."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    with safe_open(str(path), framework="np") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    architecture = json.loads(metadata[torch_format.METADATA_KEY])
+    if metadata_change:
+        metadata_change(architecture)
+    if tensor_change:
+        tensor_change(tensors)
+    metadata[torch_format.METADATA_KEY] = json.dumps(architecture)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("metadata_change, tensor_change, message", [
+    (lambda a: a["architecture"].update(stage_channels=[8, 16, 32, 60000]), None,
+     "architecture.stage_channels must list 1-8 integers in [1, 8192]"),
+    (lambda a: a["architecture"].update(blocks_per_stage=[1, 1, 1, 10**9]), None,
+     "architecture.blocks_per_stage must list"),
+    (lambda a: a["architecture"].update(stage_channels=[8, 16, 32, 128]), None,
+     "tensor layer4.0.bn1.bias is (64,) in the file, the recorded architecture needs (128,)"),
+    (lambda a: a.pop("checksums"), None, "metadata holds no per-tensor checksums"),
+    (None, lambda t: t["layer2.0.conv1.weight"].__setitem__((0, 0, 0, 0), 7.0),
+     "is damaged: tensor layer2.0.conv1.weight differs from the checksum"),
+])
+def test_a_tampered_torch_export_is_refused_naming_the_key(metadata_change, tensor_change,
+                                                           message, tmp_path):
+    path = tmp_path / torch_format.WEIGHTS_NAME
+    torch_format.save_torch_weights(random_encoder("resnet_tiny", "small", 1), path)
+    torch_resnet.load_torch_encoder(path)
+    rewritten(path, metadata_change=metadata_change, tensor_change=tensor_change)
+    with pytest.raises(torch_resnet.ExportFileError, match=re.escape(message)):
+        torch_resnet.load_torch_encoder(path)
+
+
+def test_flipped_bytes_in_a_torch_export_are_named(tmp_path):
+    path = tmp_path / torch_format.WEIGHTS_NAME
+    torch_format.save_torch_weights(random_encoder("resnet_tiny", "small", 1), path)
+    data = bytearray(path.read_bytes())
+    data[-200:-136] = bytes(b ^ 0xFF for b in data[-200:-136])  # 64 bytes of the last tensors
+    path.write_bytes(bytes(data))
+    with pytest.raises(torch_resnet.ExportFileError, match="is damaged: tensor"):
+        torch_resnet.load_torch_encoder(path)

@@ -290,10 +290,13 @@ def verify_arrays(tree: dict[str, Any], expected: dict[str, Any], where: epath.P
             raise SourceError(f"{where} is damaged: array {key} {problem}")
 
 
-def _read_arrays(directory: epath.Path, target: dict[str, Any], expected: Any) -> dict[str, Any]:
-    """The arrays of the Orbax tree ``directory`` shaped like ``target``, verified."""
+def read_verified_arrays(directory: epath.Path, target: dict[str, Any], expected: Any,
+                         prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The arrays of an export's Orbax tree ``directory`` shaped like ``target`` (under
+    ``prefix``, see :func:`byol_flax.checkpointing.read_pytree`), each checked against the sha256
+    recorded at export time (``expected``); :class:`SourceError` naming the array otherwise."""
     try:
-        arrays = read_pytree(directory, target)
+        arrays = read_pytree(directory, target, prefix)
     except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many types
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise SourceError(f"{directory} cannot be read (damaged or incomplete export): "
@@ -310,7 +313,7 @@ def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> Pret
     meta = read_export_config(export_dir)
     checksums = meta[CHECKSUMS_KEY]
     encoder = encoder_from_model_config(meta["model"])
-    set_arrays(encoder, _read_arrays(export_dir / WEIGHTS_DIR,
+    set_arrays(encoder, read_verified_arrays(export_dir / WEIGHTS_DIR,
                                      nnx.to_pure_dict(nnx.state(encoder)),
                                      checksums.get(WEIGHTS_DIR)))
     heads: dict[str, nnx.Module] = {}
@@ -319,7 +322,7 @@ def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> Pret
         built = heads_from_model_config(meta["model"], encoder.num_features,
                                         num_classes=kept.get("classifier", {}).get("num_classes", 0))
         heads = {name: built[name] for name in kept}
-        arrays = _read_arrays(export_dir / HEADS_DIR,
+        arrays = read_verified_arrays(export_dir / HEADS_DIR,
                               {name: nnx.to_pure_dict(nnx.state(module))
                                for name, module in heads.items()}, checksums.get(HEADS_DIR))
         for name, module in heads.items():

@@ -13,6 +13,7 @@ Only a new run is initialised: a resumed run's checkpoint holds the weights, so
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -21,10 +22,11 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from byol_flax.checkpointing import flatten_dotted, layout_differences, read_pytree, stored_layout
+from byol_flax.checkpointing import flatten_dotted, layout_differences, stored_layout
 from byol_flax.config import ConfigError
-from byol_flax.export.encoder import (ENCODER_CONFIG_NAME, HEADS_DIR, WEIGHTS_DIR, SourceError,
-                                      absolute_path, set_arrays, fingerprint, read_export_config)
+from byol_flax.export.encoder import (CHECKSUMS_KEY, ENCODER_CONFIG_NAME, HEADS_DIR, WEIGHTS_DIR,
+                                      SourceError, absolute_path, fingerprint, read_export_config,
+                                      read_verified_arrays, set_arrays)
 from byol_flax.models.byol import build_online_network
 from byol_flax.runtime import console
 from byol_flax.train_state import TrainState
@@ -123,13 +125,20 @@ def apply_init_from(state: TrainState, source: InitSource) -> dict[str, Any]:
     optimizer state, classifier and step stay as built. Returns the provenance the run records
     (export path, encoder fingerprint, heads loaded, the export's origin)."""
     encoder = state.online.encoder
-    set_arrays(encoder, read_pytree(source.path / WEIGHTS_DIR,
-                                     nnx.to_pure_dict(nnx.state(encoder))))
-    for name in source.heads:
-        module = getattr(state.online, name)
-        arrays = nnx.to_pure_dict(nnx.state(module))
-        if arrays:  # parameter-free predictors (identity, closed form) have nothing to load
-            set_arrays(module, read_pytree(source.path / HEADS_DIR, arrays, (name,))[name])
+    checksums = source.meta[CHECKSUMS_KEY]
+    key = f"config.model.init_from={os.fspath(source.path)!r}"
+    try:
+        set_arrays(encoder, read_verified_arrays(source.path / WEIGHTS_DIR,
+                                                 nnx.to_pure_dict(nnx.state(encoder)),
+                                                 checksums.get(WEIGHTS_DIR)))
+        for name in source.heads:
+            module = getattr(state.online, name)
+            arrays = nnx.to_pure_dict(nnx.state(module))
+            if arrays:  # parameter-free predictors (identity, closed form) have nothing to load
+                set_arrays(module, read_verified_arrays(source.path / HEADS_DIR, arrays,
+                                                        checksums.get(HEADS_DIR), (name,))[name])
+    except SourceError as error:
+        raise InitFromError(f"{key}: {error}") from error
     if state.target is not None:
         nnx.update(state.target, jax.tree.map(jnp.copy,
                                               nnx.state(state.online_without_predictor())))
