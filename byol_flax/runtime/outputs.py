@@ -18,7 +18,7 @@ from etils import epath
 from byol_flax.errors import UserError
 
 MARKER_NAME = ".byol_flax_output.json"
-KINDS = ("export", "dataset", "pretraining", "evaluation", "demo")
+KINDS = ("export", "dataset", "pretraining", "evaluation", "demo", "study")
 _SHOWN_ENTRIES = 3
 
 
