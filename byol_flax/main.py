@@ -6,6 +6,10 @@ path to a ``.py`` file with ``get_config(arg)``.
 Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VMs
 ``jax.distributed.initialize()`` finds its peers by itself; elsewhere pass
 ``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+
+A problem with the config, data, workdir or checkpoints is one line naming the key, file or step
+(exit status 1; 2 for a flag); the traceback goes to ``<workdir>/log.txt``
+(:func:`byol_flax.runtime.console.run_command`).
 """
 
 import logging
@@ -19,20 +23,9 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from byol_flax.checkpointing import (CheckpointWriteError, DamagedCheckpointError,  # noqa: E402
-                                     IncompatibleCheckpointError)
-from byol_flax.config import ConfigError  # noqa: E402
-from byol_flax.checkpointing.config_changes import ConfigChangeError  # noqa: E402
-from byol_flax.data.records import DataError  # noqa: E402
-from byol_flax.checkpointing.lease import WorkdirBusyError  # noqa: E402
+from byol_flax.runtime.outputs import OutputDirError, claim_output_dir  # noqa: E402
 from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
-from byol_flax.train import NonFiniteLossError, WorkdirError, train_and_evaluate  # noqa: E402
-
-# Errors in what the user gave us (config, data, workdir, checkpoints) or a diverged run: one
-# line naming the key / file / step, exit status 1, no traceback to dig through.
-USER_ERRORS = (ConfigError, ConfigChangeError, DataError, IncompatibleCheckpointError,
-               DamagedCheckpointError, CheckpointWriteError, NonFiniteLossError, WorkdirError,
-               WorkdirBusyError)
+from byol_flax.train import WorkdirError, train_and_evaluate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config module.",
                                           lock_config=True)
@@ -73,19 +66,20 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
     try:
+        # A user's folder is refused before the log file lands in it (byol_flax.runtime.outputs).
+        claim_output_dir(_WORKDIR.value, "pretraining")
         log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+    except OutputDirError:
+        raise  # one line of its own (run_command)
     except OSError as error:
-        console.exit_with_error(f"error: WorkdirError: cannot write to the workdir "
-                                f"{_WORKDIR.value}: {error}")
+        raise WorkdirError(f"cannot write to the workdir {_WORKDIR.value}: {error}") from error
     console.stage("byol_flax: full log in %s", log_file)
     _initialize_distributed()
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
-    try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                           allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except USER_ERRORS as error:
-        console.exit_with_error(f"error: {type(error).__name__}: {error}")
+    # A UserError (config, data, checkpoints, a diverged run) is one line: run_command.
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                       allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 def run() -> None:

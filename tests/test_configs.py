@@ -17,8 +17,16 @@ def test_a_name_resolves_to_the_shipped_module_keeping_its_argument():
     assert configs.resolve("studies/table21") == str(CONFIG_DIR / "studies/table21.py")
 
 
-def test_a_path_is_used_as_it_is():
+def test_a_path_is_used_as_it_is_once_it_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_configs").mkdir()
+    (tmp_path / "my_configs" / "x.py").write_text("def get_config(arg=None): ...\n")
     assert configs.resolve("my_configs/x.py:arg") == "my_configs/x.py:arg"
+    with pytest.raises(configs.UnknownConfigError, match="'my_configs/y.py' does not exist"):
+        configs.resolve("my_configs/y.py:arg")
+    (tmp_path / "z.py").mkdir()
+    with pytest.raises(configs.UnknownConfigError, match="'z.py' is not a file"):
+        configs.resolve("z.py")
 
 
 def test_an_unknown_name_is_one_error_listing_the_names():

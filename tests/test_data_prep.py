@@ -26,6 +26,7 @@ from byol_flax.data import augment, records
 from byol_flax.data.records import (UNLABELED, decode_record, file_sha256, load_manifest,
                                     split_evenly, verify_shard, verify_split)
 from byol_flax.data.convert import common, digits, image_folder, tfds_to_arrayrecord
+from byol_flax.runtime.outputs import MARKER_NAME
 
 CLASSES = {"cat": 3, "dog": 4, "eel": 3}
 EXTENSIONS = (".jpg", ".png", ".JPEG", ".PNG")
@@ -380,8 +381,8 @@ def test_resume_rewrites_when_the_plan_changes(tmp_path, capsys):
     # Another shard count: the old shards and sidecars go, only the new plan is left.
     assert run(image_folder, "--src", src, "--out", out, "--num-shards", 3) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json"] + [f"train-0000{i}-of-00003.array_record{suffix}"
-                             for i in range(3) for suffix in ("", ".json")])
+        ["manifest.json", MARKER_NAME] + [f"train-0000{i}-of-00003.array_record{suffix}"
+                                          for i in range(3) for suffix in ("", ".json")])
 
 
 def test_reencode_png(tmp_path):
@@ -427,7 +428,7 @@ def test_help_exits_zero(module, capsys):
 
 def test_tfds_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails, as here
-    assert run(tfds_to_arrayrecord, "--name", "cifar10", "--data-dir", tmp_path,
+    assert run(tfds_to_arrayrecord, "--name", "cifar10", "--data-dir", tmp_path / "tfds",
                "--out", tmp_path / "out") == 1
     error = capsys.readouterr().err
     assert "tensorflow_datasets is not installed" in error

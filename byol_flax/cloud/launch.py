@@ -9,7 +9,8 @@ the exact releases of the repository's ``constraints.txt``), ``train`` (start th
 command on every worker, in the background, logging to ``~/byol_train.log``), ``logs`` (follow
 worker 0's log), ``relaunch`` (after a preemption: delete, create, install, train against the
 same workdir, which resumes from its newest checkpoint), ``delete``, and ``up`` (create + install
-+ train). Without ``--run`` nothing is executed: the commands are printed, one per line.
++ train). Without ``--run`` nothing is executed: the commands are printed, one per line. A bad
+argument, a missing ``gcloud`` or a failed command is one line naming it.
 """
 
 import argparse
@@ -20,6 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice
+from byol_flax.errors import UserError
+from byol_flax.runtime import console
 
 DEFAULT_REPO = "https://github.com/byol-flax/byol_flax.git"
 # TPU VM software versions by chip family (Google's TPU VM images).
@@ -34,6 +37,10 @@ VENV = "~/byol_venv"
 # The tested releases (the CI's); jax[tpu] adds the libtpu that the pinned jax requires.
 CONSTRAINTS = f"{CHECKOUT}/constraints.txt"
 ACTIONS = ("create", "install", "train", "logs", "relaunch", "delete", "up")
+
+
+class LaunchError(UserError, RuntimeError):
+    """A ``gcloud`` command of ``--run`` failed (gcloud printed why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +106,7 @@ class Launch:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = console.ArgumentParser(
         prog="python -m byol_flax.cloud.launch", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]))
@@ -127,7 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        devices_in_slice(args.accelerator_type)
+    except ValueError as error:  # an unknown accelerator type, before anything runs
+        parser.error(f"--accelerator-type: {error}")
+    return console.run_cli(lambda: _main(args), "byol_flax.cloud.launch")
+
+
+def _main(args: argparse.Namespace) -> int:
     if not args.workdir.startswith("gs://"):
         print(f"warning: --workdir={args.workdir} is not gs://; workers do not share local "
               "disks, so checkpoints would not survive a relaunch", file=sys.stderr)
@@ -138,9 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {args.accelerator_type}: {hosts_in_slice(args.accelerator_type)} worker(s), "
           f"{devices_in_slice(args.accelerator_type)} JAX devices", file=sys.stderr)
     for command in launch.commands(args.action):
-        print(shlex.join(command))
+        print(shlex.join(command), flush=True)
         if args.run:
-            subprocess.run(command, check=True)
+            if subprocess.run(command).returncode:  # gcloud printed why
+                raise LaunchError(f"{shlex.join(command[:5])} ... failed (its output is above); "
+                                  "the commands after it were not run")
     return 0
 
 

@@ -14,7 +14,8 @@ CONFIG_DIR = pathlib.Path(__file__).parent
 
 
 class UnknownConfigError(UserError, ValueError):
-    """A ``--config`` value that is neither a ``.py`` file nor a shipped config name."""
+    """A ``--config`` value that is neither a ``.py`` file nor a shipped config name, or a
+    ``.py`` path with no file there."""
 
 
 def names(subdir: str = "") -> list[str]:
@@ -32,9 +33,14 @@ def _is_config_module(path: pathlib.Path, subdir: str) -> bool:
 
 def resolve(spec: str, *, subdir: str = "") -> str:
     """``"NAME[:ARG]"`` -> ``"/abs/path/NAME.py[:ARG]"`` for a shipped config; a ``.py`` path is
-    returned unchanged. ``subdir`` is where a bare name is looked up first (studies)."""
+    returned unchanged once it is a file. ``subdir`` is where a bare name is looked up first
+    (studies)."""
     path, sep, arg = spec.partition(":")
     if path.endswith(".py"):
+        if not pathlib.Path(path).is_file():  # ml_collections would defer this to the first use
+            raise UnknownConfigError(f"config file {path!r} "
+                                     + ("is not a file" if pathlib.Path(path).exists()
+                                        else "does not exist"))
         return spec
     # Under ``subdir`` only: --study=digits_cpu must not find the training config.
     candidates = [f"{subdir}/{path}", path] if subdir else [path]

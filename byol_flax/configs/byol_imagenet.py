@@ -43,8 +43,8 @@ def parse_encoder(arg: str) -> tuple[str, int]:
     """``"r200x2"`` -> ("resnet200", 2)."""
     match = re.fullmatch(r"r(\d+)x(\d)", arg)
     if not match:
-        raise ValueError(f"config argument {arg!r} is not an encoder like 'r50x1'; "
-                         f"Table 9 has {TABLE_9_ENCODERS}")
+        raise common.ConfigArgumentError(f"config argument {arg!r} is not an encoder like "
+                                         f"'r50x1'; Table 9 has {TABLE_9_ENCODERS}")
     return f"resnet{match.group(1)}", int(match.group(2))
 
 
@@ -63,7 +63,10 @@ def get_config(arg: str | None = None, *, batch_size: int = 4096, epochs: float 
     config.data.num_classes = 1000
     config.model.compute_dtype = ACCELERATOR_COMPUTE_DTYPE
     if options.slice:
-        plan = plan_batch(config.training.batch_size, devices_in_slice(options.slice),
-                          options.max_per_device)
+        try:
+            plan = plan_batch(config.training.batch_size, devices_in_slice(options.slice),
+                              options.max_per_device)
+        except ValueError as error:  # an unknown slice, a batch it cannot split: the argument's
+            raise common.ConfigArgumentError(f"config argument {arg!r}: {error}") from error
         config.training.accumulation_steps = plan.accumulation_steps
     return common.finish(config, options)

@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from byol_flax.errors import UserError
+
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 # A full-size model becomes this one under smoke (the tests' tiny model): resnet_tiny with the
@@ -43,6 +45,13 @@ SMOKE_EVALUATION = {
 }
 
 
+class ConfigArgumentError(UserError, ValueError):
+    """A config module's argument (``--config=NAME:ARG``) it cannot take: an unknown option, a
+    value of the wrong type or outside its choices. A ``UserError``: the commands print it as one
+    line naming the option (ml_collections and absl wrap it, see
+    ``byol_flax.runtime.console.run_command``)."""
+
+
 def parse_arg(arg: str | None, *, positional: str | None = None,
               choices: Mapping[str, Sequence[Any]] | None = None,
               **defaults: Any) -> ml_collections.ConfigDict:
@@ -61,16 +70,17 @@ def parse_arg(arg: str | None, *, positional: str | None = None,
         key, sep, text = part.partition("=")
         if not sep:
             if index or positional is None:
-                raise ValueError(f"config argument {arg!r}: {part!r} is not key=value; keys: "
-                                 f"{known}")
+                raise ConfigArgumentError(f"config argument {arg!r}: {part!r} is not "
+                                          f"key=value; keys: {known}")
             key, text = positional, part
         if key not in defaults:
-            raise ValueError(f"config argument {arg!r}: unknown option {key!r}; known: {known}")
+            raise ConfigArgumentError(f"config argument {arg!r}: unknown option {key!r}; "
+                                      f"known: {known}")
         options[key] = _typed(arg, key, text, defaults[key])
     for key, allowed in (choices or {}).items():
         if options[key] not in allowed:
-            raise ValueError(f"config argument {arg!r}: {key}={options[key]!r} is not one of "
-                             f"{list(allowed)}")
+            raise ConfigArgumentError(f"config argument {arg!r}: {key}={options[key]!r} is "
+                                      f"not one of {list(allowed)}")
     return ml_collections.ConfigDict(options)
 
 
@@ -86,7 +96,8 @@ def _typed(arg: str | None, key: str, text: str, default: Any) -> Any:
             pass
     else:
         return text
-    raise ValueError(f"config argument {arg!r}: {key}={text!r} is not of type {kind.__name__}")
+    raise ConfigArgumentError(f"config argument {arg!r}: {key}={text!r} is not of type "
+                              f"{kind.__name__}")
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -6,19 +6,21 @@ SOURCE is a pre-training workdir (its latest checkpoint), an export directory
 initialisation: the baseline), or ``pixels`` (raw pixels: the linear-on-pixels baseline). The
 protocol is ``config.protocol`` (override with
 ``--config.protocol=knn`` etc.). Writes ``results.json`` and CLU metrics (TensorBoard) to the
-workdir, and keeps one file per finished sweep point under ``sweep/`` so a re-run resumes. When
-SOURCE is an export, the result is also added to its model card.
+workdir (new, empty or an earlier evaluation's: :mod:`byol_flax.runtime.outputs`), and keeps one
+file per finished sweep point under ``sweep/`` so a re-run resumes. Nothing is written into the
+source: ``byol-add-results --export=SOURCE --results=DIR`` records the result in an export's
+model card.
+
+A bad config key or argument, source, split or workdir is one line naming it (status 1; 2 for a
+flag); logs and the traceback go to ``<tempdir>/byol_flax_logs/byol_flax.evaluation.log``
+(:mod:`byol_flax.runtime.console`).
 """
 
 import json
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from byol_flax.config import ConfigError
-from byol_flax.data.records import DataError
-from byol_flax.export.encoder import SourceError
 from byol_flax.evaluation.runner import evaluate
 from byol_flax.runtime import console
 from byol_flax.runtime.xla import configure_xla_flags
@@ -34,10 +36,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    try:
-        result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
-    except (SourceError, DataError, ConfigError) as error:  # one line naming source/split/key
-        sys.exit(f"error: {type(error).__name__}: {error}")
+    # A SourceError, DataError, ConfigError... is one line naming source/split/key: run_command.
+    result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
     print(json.dumps({"protocol": result["protocol"], "test": result["test"],
                       "selected": result["selected"]}))
 

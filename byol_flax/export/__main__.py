@@ -1,8 +1,9 @@
 """Export CLI: ``python -m byol_flax.export --workdir=PRETRAINING_WORKDIR --out=DIR``.
 
-Writes the online encoder alone (Orbax), ``encoder_config.json`` and the model card
-(``MODEL_CARD.md``, ``model_card.json``). Evaluation results are added to the card by
-``python -m byol_flax.evaluation --source=DIR`` or here with ``--results=EVAL_WORKDIR,...``.
+Writes the online encoder alone (Orbax), ``encoder_config.json`` (with a sha256 per array) and
+the model card (``MODEL_CARD.md``, ``model_card.json``). Evaluation results are added to the card
+here with ``--results=EVAL_WORKDIR,...`` or later by ``byol-add-results``. ``--out`` must be
+new, empty or an earlier export (:mod:`byol_flax.runtime.outputs`).
 Reload with ``byol_flax.export.encoder.load_encoder(DIR)``.
 
 ``--source=`` instead of ``--workdir=`` exports anything the evaluation's ``--source`` names
@@ -12,13 +13,9 @@ Reload with ``byol_flax.export.encoder.load_encoder(DIR)``.
 ``byol_flax.export.torch_resnet.load_torch_encoder(DIR)``.
 """
 
-import sys
-
 from absl import app, flags
 
 from byol_flax.export import model_card
-from byol_flax.export.encoder import SourceError
-from byol_flax.export.torch_format import TorchExportError
 from byol_flax.runtime import console
 from byol_flax.runtime.xla import configure_xla_flags
 
@@ -43,14 +40,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    try:
-        out = model_card.export_with_model_card(
-            _WORKDIR.value, _OUT.value, source=_SOURCE.value, step=_STEP.value,
-            export_format=_FORMAT.value, results=_RESULTS.value, intended_use=_INTENDED.value,
-            out_of_scope_use=_OUT_OF_SCOPE.value, known_failures=_FAILURES.value)
-    except (SourceError, TorchExportError, OSError) as error:  # a failed export leaves the
-        # previous one intact
-        sys.exit(f"error: {type(error).__name__}: {error}")
+    # Errors (a bad source, an --out that is not ours) are one line (console.run_command); a
+    # failed export leaves the previous one intact.
+    out = model_card.export_with_model_card(
+        _WORKDIR.value, _OUT.value, source=_SOURCE.value, step=_STEP.value,
+        export_format=_FORMAT.value, results=_RESULTS.value, intended_use=_INTENDED.value,
+        out_of_scope_use=_OUT_OF_SCOPE.value, known_failures=_FAILURES.value)
     written = sorted(p.name for p in out.iterdir())
     print(f"exported to {out}: {', '.join(written)}")
 

@@ -298,7 +298,9 @@ def read_verified_arrays(directory: epath.Path, target: dict[str, Any], expected
     try:
         arrays = read_pytree(directory, target, prefix)
     except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many types
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        # TensorStore appends its whole spec after "See full TensorStore details": not for people.
+        reason = str(error).split("See full TensorStore details")[0].strip().rstrip(".;:,")
+        first = (reason.splitlines() or [type(error).__name__])[0]
         raise SourceError(f"{directory} cannot be read (damaged or incomplete export): "
                           f"{first[:300]}") from error
     verify_arrays(arrays, expected, directory)

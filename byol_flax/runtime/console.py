@@ -8,29 +8,51 @@ everything back on the console as well.
 
 Library use (tests, notebooks) without :func:`setup` prints no progress bar and leaves logging
 as the caller configured it.
+
+Errors: every command (:func:`run_command` for the absl ones, :func:`run_cli` for the argparse
+ones) prints a :class:`~byol_flax.errors.UserError`, an ``OSError`` or a flag it cannot parse as
+one line, ``error: <Type>: <message>`` (newlines and control characters escaped), exit status 1
+(2 for a flag or argument), and writes the traceback to the log file: the workdir's
+``log.txt`` once :func:`setup` ran, else ``<tempdir>/byol_flax_logs/<command>.log``
+(:func:`temporary_log_file`). Any other exception is a bug and keeps its traceback.
 """
 
+import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import tqdm
 from absl import app, flags
 from etils import epath
 
 from byol_flax import configs
+from byol_flax.errors import UserError
+
+_T = TypeVar("_T")
 
 LOG_FILE = "log.txt"
 _STAGE_LOGGER = logging.getLogger("byol_flax.stage")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"
 
 
+USAGE_STATUS = 2  # a flag or argument the command cannot use (argparse's status)
+TEMPORARY_LOG_DIR = "byol_flax_logs"
+
+
+class CommandLineError(UserError, ValueError):
+    """A flag or argument value the command cannot use: one line, exit status 2."""
+
+
 class _Settings:
     enabled = False  # setup() was called: show stage lines and progress bars
-    file_handler: logging.Handler | None = None
+    file_handler: logging.FileHandler | None = None
+    command = "byol_flax"  # names the temporary log file (run_command / run_cli set it)
 
 
 class _NotStage(logging.Filter):
@@ -85,14 +107,21 @@ def local_log_dir(workdir: str) -> epath.Path:
     return epath.Path(tempfile.gettempdir()) / "byol_flax_logs" / workdir.split("://", 1)[1]
 
 
-def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
-    """Routes logging to ``workdir/log.txt`` and quiets the console; returns the log file."""
-    path = epath.Path(workdir) / LOG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+def temporary_log_file(command: str | None = None) -> epath.Path:
+    """The log file of a command that has no workdir (or failed before it had one)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", command or _Settings.command)
+    return epath.Path(tempfile.gettempdir()) / TEMPORARY_LOG_DIR / f"{name}.log"
+
+
+def _route_logs(path: epath.Path, *, verbose: bool, delay: bool = False) -> None:
+    """Every log record to ``path``; only warnings and errors (everything with ``verbose``) to
+    the console. ``delay``: the file is created by its first record only."""
     root = logging.getLogger()
     if _Settings.file_handler is not None:
         root.removeHandler(_Settings.file_handler)
-    file_handler = logging.FileHandler(os.fspath(path), encoding="utf-8")
+        _Settings.file_handler.close()
+    file_handler = logging.FileHandler(os.fspath(path), mode="w" if delay else "a",
+                                       encoding="utf-8", delay=delay)
     file_handler.setFormatter(logging.Formatter(_FORMAT))
     file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.addHandler(file_handler)
@@ -110,6 +139,13 @@ def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
     logging.captureWarnings(True)  # Python warnings go through the same handlers
     if not verbose and not getattr(sys.unraisablehook, "filters_closed_loop_noise", False):
         sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+
+
+def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
+    """Routes logging to ``workdir/log.txt`` and quiets the console; returns the log file."""
+    path = epath.Path(workdir) / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _route_logs(path, verbose=verbose)
     if not _STAGE_LOGGER.handlers:
         console = logging.StreamHandler(sys.stderr)  # beside the progress bars; stdout: results
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -119,21 +155,71 @@ def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
     return path
 
 
-def exit_with_error(line: str) -> NoReturn:
-    """Ends the process with one line on the console and status 1. What libraries still print
-    while the process winds down (e.g. background threads of a failed asynchronous save) goes to
-    the log file instead of burying that line."""
+def _log_to_temporary_file() -> None:
+    """A command without a workdir (export, import) logs to :func:`temporary_log_file`, created
+    by its first record; a command with one replaces it by ``<workdir>/log.txt`` (:func:`setup`)
+    before anything is logged."""
+    path = temporary_log_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable temporary directory: the console keeps the log
+        return
+    _route_logs(path, verbose=False, delay=True)
+
+
+def one_line(text: str) -> str:
+    """``text`` with newlines and other control characters escaped (``\\n``, ``\\x1b``) and
+    undecodable bytes of file names shown as escapes: an error stays one line on the console."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def error_line(error: BaseException) -> str:
+    """``error: <Type>: <message>`` in one line."""
+    return one_line(f"error: {type(error).__name__}: {error}")
+
+
+def report_error(line: str, error: BaseException | None = None, *,
+                 command: str | None = None) -> str:
+    """Prints ``line`` (made one line) on the console and writes it, with ``error``'s
+    traceback, to the log file (when :func:`setup` did not run: the :func:`temporary_log_file`
+    of ``command``, by default the running command's); returns the printed line."""
+    line = one_line(line)
     print(line, file=sys.stderr, flush=True)
-    if _Settings.file_handler is not None:  # the log file records it too (console: once)
-        _Settings.file_handler.handle(logging.LogRecord(
-            "byol_flax", logging.ERROR, __file__, 0, line, None, None))
+    record = logging.LogRecord("byol_flax", logging.ERROR, __file__, 0, line, None,
+                               (type(error), error, error.__traceback__) if error else None)
+    handler = _Settings.file_handler
+    try:
+        if handler is None:
+            path = temporary_log_file(command)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as file:  # the last run's, as the handler
+                file.write(logging.Formatter(_FORMAT).format(record) + "\n")
+        else:
+            handler.handle(record)  # the log file only (the console has it once)
+    except OSError:  # the log cannot be written: the console line is what there is
+        pass
+    return line
+
+
+def exit_with_error(line: str, *, error: BaseException | None = None,
+                    status: int = 1) -> NoReturn:
+    """Ends the process with one line on the console (``error``'s traceback to the log file,
+    :func:`report_error`) and ``status``. What libraries still print while the process winds
+    down (e.g. background threads of a failed asynchronous save) goes to the log file instead of
+    burying that line."""
+    report_error(line, error)
+    if _Settings.file_handler is not None:
         try:
             descriptor = os.open(_Settings.file_handler.baseFilename,
                                  os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             os.dup2(descriptor, sys.stderr.fileno())
         except (OSError, ValueError, AttributeError):  # no file descriptor (captured stderr)
             pass
-    sys.exit(1)
+    sys.exit(status)
+
+
+def _exit_status(error: BaseException) -> int:
+    return USAGE_STATUS if isinstance(error, CommandLineError) else 1
 
 
 def stage(message: str, *args: Any) -> None:
@@ -158,19 +244,115 @@ def run_command(main: Callable[[list[str]], None], module_name: str, *,
     ``--help`` shows ``module_name``'s docstring and flags also when the command starts through
     an installed console script (absl shows those of ``__main__``, pip's wrapper there).
     ``config_flag``: the flag naming a config module, resolved from a shipped config's name
-    (``--config=digits_cpu:...``, :func:`byol_flax.configs.resolve_flag`) before absl parses it;
-    an unknown name is one error line.
+    (``--config=digits_cpu:...``, :func:`byol_flax.configs.resolve_flag`) before absl parses it.
+    A flag absl or the config cannot take (an unknown override key, a value of the wrong type, a
+    bad config argument or file) is one line naming it, status 2; a :class:`UserError` or an
+    ``OSError`` raised by ``main`` is one line, status 1 (2 for a :class:`CommandLineError`).
+    Logs go to :func:`temporary_log_file` until ``main`` calls :func:`setup`.
     """
+    _Settings.command = module_name.removesuffix(".__main__")
     sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
     for flag in flags.FLAGS.get_key_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def parse(argv: list[str]) -> list[str]:
-        if config_flag:
-            try:
+        try:
+            if config_flag:
                 argv = configs.resolve_flag(argv, config_flag)
-            except configs.UnknownConfigError as error:
-                sys.exit(f"error: --{config_flag}: {error}")
-        return app.parse_flags_with_usage(argv)
+            rest = flags.FLAGS(argv)
+            if config_flag:
+                _check_config_loaded(config_flag)
+            return rest
+        except Exception as error:  # noqa: BLE001 (a bug is raised again, below)
+            message = _flag_error_message(error, config_flag)
+            if message is None:
+                raise
+            exit_with_error(f"error: {message}", error=error, status=USAGE_STATUS)
 
-    app.run(main, flags_parser=parse)
+    def guarded_main(argv: list[str]) -> None:
+        _log_to_temporary_file()
+        try:
+            return main(argv)
+        except app.UsageError as error:
+            exit_with_error(f"error: {error} (--helpshort lists the flags)", error=error,
+                            status=USAGE_STATUS)
+        except (UserError, OSError) as error:
+            exit_with_error(error_line(error), error=error, status=_exit_status(error))
+
+    app.run(guarded_main, flags_parser=parse)
+
+
+def _check_config_loaded(config_flag: str) -> None:
+    """ml_collections keeps a config file that failed to load as a placeholder raising its
+    ``OSError`` when first used; use it here, so that the error is one about the flag."""
+    value = flags.FLAGS[config_flag].value
+    if value is not None:
+        getattr(value, "lock", None)
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _flag_error_message(error: Exception, config_flag: str | None) -> str | None:
+    """The one-line message of an error raised while the flags were parsed, or None for a bug
+    (an exception of a config module's ``get_config`` that is not a :class:`UserError`)."""
+    chain = _exception_chain(error)
+    users = [e for e in chain if isinstance(e, UserError)]
+    if users:  # e.g. a config argument: ml_collections and absl wrap it twice; name the cause
+        return f"{type(users[-1]).__name__}: {users[-1]}"
+    if any(str(e).startswith("Error whilst parsing config file") for e in chain):
+        return None  # ml_collections' wrapper of an error of get_config: a bug
+    if isinstance(error, flags.Error):
+        return f"{error} (--helpshort lists the flags)"
+    if isinstance(error, OSError):
+        return f"{type(error).__name__}: {error}"
+    if config_flag:
+        return _override_error_message(error, config_flag)
+    return None
+
+
+def _override_error_message(error: Exception, config_flag: str) -> str | None:
+    """``--config.KEY=...`` naming a key the config does not have: ml_collections raises
+    ``AttributeError``/``KeyError``/``IndexError`` (or ``ValueError`` for a path it cannot read)
+    from its ``config_path`` module, outside absl's error type. None for anything else."""
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+    if not any(f.f_code.co_filename.endswith(os.path.join("config_flags", "config_path.py"))
+               for f in frames):
+        return None
+    paths = [f.f_locals.get("field_path") or f.f_locals.get("override") for f in frames
+             if f.f_code.co_filename.endswith(os.path.join("config_flags", "config_flags.py"))]
+    path = next((p for p in paths if isinstance(p, str)), None)
+    flag = f"--{config_flag}.{path}" if path else f"a --{config_flag}.KEY override"
+    if isinstance(error, (AttributeError, KeyError, IndexError)):
+        suggestion = re.search(r'Did you mean "([^"]+)"', str(error))
+        return (f"{flag}: no such key in the config"
+                + (f" (did you mean {suggestion.group(1)!r}?)" if suggestion else ""))
+    if isinstance(error, (ValueError, TypeError)):
+        return f"{flag}: {error}"
+    return None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors are one line (argparse prints the whole usage
+    first), status 2; ``--help`` is unchanged."""
+
+    def error(self, message: str) -> NoReturn:
+        print(one_line(f"error: {message} (--help lists the arguments)"), file=sys.stderr)
+        sys.exit(USAGE_STATUS)
+
+
+def run_cli(body: Callable[[], _T], command: str) -> _T | int:
+    """Runs an argparse command's body (also in-process: it does not exit): its result, or 1
+    (2 for a :class:`CommandLineError`) after a :class:`UserError` or an ``OSError`` printed as
+    one line (:func:`report_error`; ``command`` names the temporary log file)."""
+    try:
+        return body()
+    except (UserError, OSError) as error:
+        report_error(error_line(error), error, command=command)
+        return _exit_status(error)

@@ -56,6 +56,12 @@ def _check_local_position(path: str, kind: str, inputs: Iterable[str]) -> None:
     if os.path.islink(path):
         raise OutputDirError(f"output {path} is a symbolic link (to {os.readlink(path)}): "
                              f"not writing through it; name the {kind} directory itself")
+    ancestor = os.path.dirname(path)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise OutputDirError(f"output {path} lies under {ancestor}, which is not a directory: "
+                             f"name a directory for the {kind}")
     real = os.path.realpath(path)
     if _within(os.path.realpath(os.getcwd()), real):
         raise OutputDirError(f"output {path} is the current directory or contains it: name a "

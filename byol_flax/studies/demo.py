@@ -18,7 +18,8 @@ the seconds-long version (every config with ``smoke=True``; the tests and the in
 
 The console shows one line per stage, a progress bar per pre-training and the verdict; the full
 log is ``<workdir>/log.txt`` (``--verbose`` prints it too). Everything lands in the workdir;
-re-running resumes (finished pre-trainings are not redone).
+re-running resumes (finished pre-trainings are not redone). A bad flag or workdir is one line
+naming it (:mod:`byol_flax.runtime.console`).
 """
 
 import json
@@ -27,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from byol_flax.runtime import console
+from byol_flax.runtime.outputs import claim_output_dir
 
 console.quiet_native_logs()  # before TensorFlow is imported (through CLU)
 
@@ -44,6 +46,7 @@ from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
 from byol_flax.sharding import make_mesh  # noqa: E402
 from byol_flax.studies import report, runner  # noqa: E402
 from byol_flax.studies.study import Row, Study, with_smoke  # noqa: E402
+from byol_flax.train import WorkdirError  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where everything is written.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Pre-training / evaluation seeds (0,1,2: the spread).")
@@ -62,8 +65,8 @@ def recipe_row(name: str, recipe: str, overrides: Mapping[str, Any] | None = Non
     """A row pre-training ``digits_cpu`` with ``recipe`` (and dotted ``overrides``: the
     calibration sweep's points)."""
     if recipe not in digits_cpu.AUGMENTATION_RECIPES:
-        raise ValueError(f"--recipes: unknown recipe {recipe!r}; choose from "
-                         f"{list(digits_cpu.AUGMENTATION_RECIPES)}")
+        raise console.CommandLineError(f"--recipes: unknown recipe {recipe!r}; choose from "
+                                       f"{list(digits_cpu.AUGMENTATION_RECIPES)}")
     return Row(name, dict(overrides or {}), None,
                config=f"digits_cpu:data={{data}},augment={recipe}")
 
@@ -123,10 +126,20 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+    try:
+        seeds = [int(s) for s in _SEEDS.value]
+    except ValueError as error:
+        raise console.CommandLineError(f"--seeds={','.join(_SEEDS.value)}: not integers") \
+            from error
+    for recipe in _RECIPES.value:  # refused before anything is written
+        recipe_row(recipe, recipe)
+    claim_output_dir(_WORKDIR.value, "demo")  # a user's folder is refused before the log lands
+    try:
+        log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+    except OSError as error:
+        raise WorkdirError(f"cannot write to the workdir {_WORKDIR.value}: {error}") from error
     console.stage("byol_flax demo: full log in %s", log_file)
-    summary = run_demo(_WORKDIR.value, seeds=[int(s) for s in _SEEDS.value],
-                       recipes=_RECIPES.value, smoke=_SMOKE.value)
+    summary = run_demo(_WORKDIR.value, seeds=seeds, recipes=_RECIPES.value, smoke=_SMOKE.value)
     print(json.dumps({k: summary[k] for k in report.HEADLINE_KEYS}))
 
 

@@ -10,6 +10,8 @@ by all of them (the train step compiles once) and the bundled digits written onc
 pre-trainings are read back from their ``final_metrics.json``. Afterwards ``summary.json``,
 ``summary.md`` and ``summary.png`` (:mod:`byol_flax.studies.summary`) land in the workdir.
 ``--smoke`` puts ``smoke=True`` in every config spec (seconds-long runs, same code paths).
+A bad argument (study, row, seed, override key) or workdir is one line naming it
+(:func:`byol_flax.runtime.console.run_cli`).
 
 Examples::
 
@@ -34,8 +36,9 @@ from etils import epath
 
 from byol_flax.config import training_steps
 from byol_flax.data.convert import digits
-from byol_flax.data.records import MANIFEST_NAME
+from byol_flax.data.records import MANIFEST_NAME, DataError
 from byol_flax.runtime import console
+from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.runtime.xla import configure_xla_flags
 from byol_flax.studies import summary as summaries
 from byol_flax.studies.study import (REFERENCES, Row, Study, eval_config, eval_dir_name,
@@ -154,8 +157,9 @@ def prepare_data(workdir: epath.Path) -> str:
     """Converts the bundled digits into ``workdir/data`` once; returns that directory."""
     data_dir = workdir / "data"
     if not (data_dir / MANIFEST_NAME).exists():
-        digits.main(["--out", str(data_dir), "--holdout-count", str(HOLDOUT_COUNT),
-                     "--no-progress"])
+        if digits.main(["--out", str(data_dir), "--holdout-count", str(HOLDOUT_COUNT),
+                        "--no-progress"]):  # it printed why
+            raise DataError(f"the bundled digits could not be converted into {data_dir}")
     return str(data_dir)
 
 
@@ -233,7 +237,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r}: expected KEY=VALUE")
+            raise console.CommandLineError(f"override {item!r}: expected KEY=VALUE")
         try:
             out[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -244,12 +248,15 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def select_rows(study: Study, names: Sequence[str]) -> Study:
     if not names:
         return study
-    return dataclasses.replace(study, rows=tuple(study.row(name) for name in names))
+    try:
+        return dataclasses.replace(study, rows=tuple(study.row(name) for name in names))
+    except KeyError as error:  # Study.row: the study has no such row (the message says which)
+        raise console.CommandLineError(f"--rows: {error.args[0]}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m byol_flax.studies",
-                                     description=__doc__.split("\n\n")[0])
+    parser = console.ArgumentParser(prog="python -m byol_flax.studies",
+                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", required=True,
                         help="a study's name (table21, cpu_collapse: byol_flax/configs/studies/) "
                              "or the path of a study module")
@@ -271,16 +278,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI (argparse, not absl flags: importing this module defines no global flags)."""
     args = build_parser().parse_args(argv)
+    return console.run_cli(lambda: _main(args), "byol_flax.studies")
+
+
+def _main(args: argparse.Namespace) -> int:
     study = select_rows(load_study(args.study), [r for r in args.rows.split(",") if r])
     study = with_smoke(study) if args.smoke else study
-    seeds = [int(s) for s in args.seeds.split(",") if s] or None
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s] or None
+    except ValueError as error:
+        raise console.CommandLineError(f"--seeds={args.seeds}: not integers") from error
     overrides = {"seeds": seeds, "extra": parse_overrides(args.set),
                  "eval_extra": parse_overrides(args.eval_set)}
+    try:  # every config of the plan, built before anything is written or printed
+        plan(study, args.workdir, **overrides)
+    except KeyError as error:  # set_dotted: an override naming no config key (says which)
+        raise console.CommandLineError(error.args[0] if error.args else str(error)) from error
     if args.print:
         print("\n".join(commands(study, args.workdir, **overrides)))
         return 0
     configure_xla_flags()  # before the first computation
-    console.setup(console.local_log_dir(args.workdir), verbose=args.verbose)
+    claim_output_dir(args.workdir, "study")  # a user's folder is refused before the log lands
+    try:
+        console.setup(console.local_log_dir(args.workdir), verbose=args.verbose)
+    except OSError as error:
+        raise console.CommandLineError(f"--workdir={args.workdir}: cannot write there: "
+                                       f"{error}") from error
     summary = run_study(study, args.workdir, **overrides)
     print(epath.Path(summary["summary_md"]).read_text())
     print(json.dumps({"table": summary["table"], "rows": {

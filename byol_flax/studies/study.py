@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from byol_flax.errors import UserError
 from byol_flax import configs
 from byol_flax.runtime.registry import Registry
 
@@ -91,6 +92,10 @@ def load_module(path: str, name: str) -> types.ModuleType:
     return module
 
 
+class StudyError(UserError, ValueError):
+    """A study module or name does not give one study (the message names the file)."""
+
+
 # Name -> function returning the Study; a study module registers its function on import.
 STUDIES: Registry[Callable[[], Study]] = Registry("study")
 
@@ -104,12 +109,12 @@ def load_study(spec: str) -> Study:
         registered = [n for n in STUDIES if STUDIES.get(n).__module__ == module.__name__]
         if name or spec not in STUDIES:
             if not name and len(registered) != 1:
-                raise ValueError(f"{path} registers {len(registered)} studies {registered}; "
+                raise StudyError(f"{path} registers {len(registered)} studies {registered}; "
                                  f"name one with --study={path}:NAME")
             spec = name or registered[0]
     study = STUDIES.get(spec)()
     if not isinstance(study, Study):
-        raise ValueError(f"study {spec!r} returned {type(study).__name__}, not a Study")
+        raise StudyError(f"study {spec!r} returned {type(study).__name__}, not a Study")
     return study
 
 

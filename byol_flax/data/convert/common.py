@@ -40,6 +40,7 @@ import tqdm
 from etils import epath
 from PIL import Image
 
+from byol_flax.runtime.outputs import check_output_dir, claim_output_dir
 from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_EXAMPLES
 from byol_flax.data.records import (UNLABELED, DataError, Manifest, Record, ShardInfo, SplitInfo,
                                     count_records, file_sha256, manifest_path, shard_name,
@@ -601,8 +602,8 @@ def convert(out_dir: os.PathLike | str, splits: Mapping[str, Sequence[Example]],
     if reencode not in REENCODE_CHOICES:
         raise DataError(f"reencode {reencode!r} is not one of {REENCODE_CHOICES}")
     _validate(splits, label_names)
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # A new or empty directory, or an earlier (perhaps killed) conversion: never a user's files.
+    out_dir = pathlib.Path(claim_output_dir(out_dir, "dataset"))
     manifest_path(out_dir).unlink(missing_ok=True)
 
     tasks, removed = [], []
@@ -694,9 +695,12 @@ def fraction(text: str) -> float:
 
 
 def make_parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
-                                   epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    """A converter's parser: a usage error is one line (console.ArgumentParser), status 2."""
+    from byol_flax.runtime import console  # noqa: PLC0415
+
+    return console.ArgumentParser(prog=f"python -m {prog}", description=description,
+                                  epilog=epilog,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, *,
@@ -821,6 +825,12 @@ def order_and_hold_out(splits: Mapping[str, Sequence[Example]], *, seed: int,
     return {name: seeded_order(examples, seed) for name, examples in splits.items()}
 
 
+def check_out(args: argparse.Namespace, *inputs: os.PathLike | str) -> None:
+    """Refuses ``--out`` before any image is read unless it is new, empty or an earlier
+    conversion, and outside ``inputs`` (:func:`byol_flax.runtime.outputs.check_output_dir`)."""
+    check_output_dir(args.out, "dataset", inputs=[os.fspath(i) for i in inputs])
+
+
 def convert_from_args(args: argparse.Namespace, splits: Mapping[str, Sequence[Example]], *,
                       dataset: str, label_names: Sequence[str], source: Mapping[str, Any],
                       seed: int, holdout_count: int | None = None,
@@ -844,11 +854,18 @@ def convert_from_args(args: argparse.Namespace, splits: Mapping[str, Sequence[Ex
     return result
 
 
-def run_cli(body: Callable[[], object]) -> int:
-    """Runs a converter body: 0 on success, 1 with a one-line ``error:`` on bad input."""
-    try:
-        body()
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+def run_cli(body: Callable[[], object], command: str = "byol_flax.data.convert") -> int:
+    """Runs a converter body: 0 on success, 1 with a one-line ``error:`` on bad input (a
+    ``DataError`` by its message, another UserError or an ``OSError`` with its type), the
+    traceback in the log file (``console.report_error``)."""
+    from byol_flax.runtime import console  # noqa: PLC0415
+
+    def body_or_data_error() -> int:
+        try:
+            body()
+        except DataError as error:
+            console.report_error(f"error: {error}", error, command=command)
+            return 1
+        return 0
+
+    return console.run_cli(body_or_data_error, command)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 def convert(args: argparse.Namespace) -> common.ConversionResult:
     import sklearn
 
+    common.check_out(args)
+
     examples, labels = digit_examples()
     splits = train_test(examples, labels, test_fraction=args.test_fraction, seed=args.seed)
     source = common.provenance(

@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(args: argparse.Namespace) -> common.ConversionResult:
     src = args.src
+    common.check_out(args, src)
     if not src.is_dir():
         raise DataError(f"source directory {src} does not exist"
                         + (" (it is a file)" if src.exists() else ""))

@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def convert(args: argparse.Namespace) -> common.ConversionResult:
+    common.check_out(args, *([args.data_dir] if args.data_dir else []))
     tfds = import_tfds()
     builder = prepared_builder(tfds, args.name, args.data_dir)
     available = list(builder.info.splits.keys())
