@@ -174,7 +174,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     # Imported here: these modules import the config (an import cycle at module level).
     from byol_flax.losses import NORMALIZATIONS  # noqa: PLC0415
     from byol_flax.models.predictors import PREDICTORS  # noqa: PLC0415
-    from byol_flax.models.resnet import ENCODERS  # noqa: PLC0415
+    from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS  # noqa: PLC0415
 
     checks = [
         (config.training.batch_size > 0, "training.batch_size", "must be positive"),
@@ -212,8 +212,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "must be >= 0"),
         (config.optimizer.projector_lr_multiplier >= 0, "optimizer.projector_lr_multiplier",
          "must be >= 0"),
-        (config.model.encoder.width_multiplier in (1, 2, 3, 4), "model.encoder.width_multiplier",
-         "must be 1, 2, 3 or 4"),
+        (config.model.encoder.width_multiplier in WIDTH_MULTIPLIERS,
+         "model.encoder.width_multiplier", f"must be one of {WIDTH_MULTIPLIERS}"),
         (config.model.encoder.stem in ("imagenet", "small"), "model.encoder.stem",
          "must be 'imagenet' or 'small'"),
         (config.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",

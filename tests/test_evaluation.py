@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -320,7 +321,7 @@ def test_cli_evaluates_an_export_and_a_random_init_baseline(pretraining_workdir,
     card_file = out / model_card.CARD_MARKDOWN
     real_card = card_file.read_text()
     card_file.unlink()
-    card_file.symlink_to(startup)
+    os.symlink(startup, card_file)
     config = tiny_eval_config(data_dir)
     config.linear.learning_rates = (0.4, 0.1)
     config.linear.epochs = 5.0

@@ -35,9 +35,11 @@ SCRIPTS = PYPROJECT["project"]["scripts"]
 HELP_FLAG = {"byol-train": "--workdir", "byol-evaluate": "--source", "byol-export": "--out",
              "byol-demo": "--seeds", "byol-study": "--study", "byol-launch": "--accelerator-type",
              "byol-convert-digits": "--holdout-count", "byol-convert-images": "--src",
-             "byol-convert-tfds": "--name", "byol-import-official": "--checkpoint"}
+             "byol-convert-tfds": "--name", "byol-import-official": "--checkpoint",
+             "byol-add-results": "--results"}
 # absl apps: --help exits with status 1 (absl's convention); argparse ones with 0.
-ABSL = {"byol-train", "byol-evaluate", "byol-export", "byol-demo", "byol-import-official"}
+ABSL = {"byol-train", "byol-evaluate", "byol-export", "byol-demo", "byol-import-official",
+        "byol-add-results"}
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
 

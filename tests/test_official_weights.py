@@ -8,11 +8,18 @@ linear ``classifier``; BatchNorm decay 0.9, eps 1e-5 (Appendix J.1). Its paramet
 randomised, are written in the release's pickle layout (a protocol-2 pickle of
 ``dict(experiment_state=_ByolExperimentState(...), step, rng)`` with Haiku ``frozendict``
 mappings), imported, and the outputs compared (BatchNorm in inference mode, float32).
+
+The release was written by ``dill.dump(..., protocol=2)`` (its ``utils/checkpointing.py``), whose
+bytes differ from plain ``pickle``'s: ``tests/fixtures/release_tiny_dill032.pkl`` is a tiny
+network written by dill 0.3.2 of mid-2020 (``tests/fixtures/make_dill_release_fixture.py``), and
+today's dill writes one here; both import to the Haiku network's outputs. The reader's refusals
+of crafted files are ``tests/test_safe_pickle.py``.
 """
 
 import hashlib
 import json
 import os
+import pathlib
 import pickle
 import subprocess
 import sys
@@ -33,15 +40,21 @@ from byol_flax.export.encoder import load_export, load_source  # noqa: E402
 from byol_flax.models.byol import count_params  # noqa: E402
 
 BN_CONFIG = {"decay_rate": 0.9, "eps": 1e-5, "create_scale": True, "create_offset": True}
-# (blocks per group, bottleneck, channels per group) of the official ResNet18/50/200.
-OFFICIAL = {18: ((2, 2, 2, 2), False, (64, 128, 256, 512)),
-            50: ((3, 4, 6, 3), True, (256, 512, 1024, 2048)),
-            200: ((3, 24, 36, 3), True, (256, 512, 1024, 2048))}
+# (blocks per group, bottleneck, channels per group, stem channels) of the official
+# ResNet18/50/200, and of our resnet_tiny in the official structure.
+OFFICIAL = {18: ((2, 2, 2, 2), False, (64, 128, 256, 512), 64),
+            50: ((3, 4, 6, 3), True, (256, 512, 1024, 2048), 64),
+            200: ((3, 24, 36, 3), True, (256, 512, 1024, 2048), 64),
+            "_tiny": ((1, 1, 1, 1), False, (8, 16, 32, 64), 8)}
+# The committed dill 0.3.2 file (tests/fixtures/make_dill_release_fixture.py wrote it).
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "release_tiny_dill032.pkl"
+FIXTURE_SEED = 20200613
+FIXTURE_SIZES = {"depth": "_tiny", "hidden": 16, "output": 8, "num_classes": 5}
 
 
 def official_forward(images, *, depth, width, hidden, output, num_classes, is_training):
     """The official online network's forward pass (``_forward``'s ``apply_once_fn``)."""
-    blocks, bottleneck, channels = OFFICIAL[depth]
+    blocks, bottleneck, channels, stem_channels = OFFICIAL[depth]
 
     class Torso(hk.Module):
         """Sub-modules made in the constructor, as ``ResNetTorso`` does: their names join with
@@ -49,7 +62,7 @@ def official_forward(images, *, depth, width, hidden, output, num_classes, is_tr
 
         def __init__(self, name):
             super().__init__(name=name)
-            self.initial_conv = hk.Conv2D(64 * width, kernel_shape=7, stride=2,
+            self.initial_conv = hk.Conv2D(stem_channels * width, kernel_shape=7, stride=2,
                                           with_bias=False, padding="SAME", name="initial_conv")
             self.initial_batchnorm = hk.BatchNorm(name="initial_batchnorm", **BN_CONFIG)
             self.block_groups = [hk.nets.ResNet.BlockGroup(
@@ -146,8 +159,9 @@ def release_classes(monkeypatch):
         setattr(sys.modules[module], cls.__name__, cls)
 
 
-def write_release_pickle(path, params, state, *, step=300_000):
-    """The layout of the release's ``utils/checkpointing.py``: protocol 2, device-0 arrays."""
+def write_release_pickle(path, params, state, *, step=300_000, dump=pickle.dump):
+    """The layout of the release's ``utils/checkpointing.py``: protocol 2, device-0 arrays
+    (``dump=dill.dump`` writes it as the release did)."""
     params, state = frozen(params), frozen(state)
     mu = frozen(jax.tree.map(np.zeros_like, dict(params)))
     experiment_state = _ByolExperimentState(
@@ -155,8 +169,7 @@ def write_release_pickle(path, params, state, *, step=300_000):
         opt_state=[AddWeightDecayState(), ScaleByLarsState(mu=mu)])
     rng = np.asarray(jax.random.key_data(jax.random.key(0)))
     with open(path, "wb") as file:
-        pickle.dump({"experiment_state": experiment_state, "step": step, "rng": rng}, file,
-                    protocol=2)
+        dump({"experiment_state": experiment_state, "step": step, "rng": rng}, file, protocol=2)
 
 
 def make_release(tmp_path, depth, size, seed=0, **sizes):
@@ -252,6 +265,10 @@ def test_resnet200x2_names_and_shapes_map_without_allocating(release_classes):
     params_count = sum(int(np.prod(leaf.shape)) for leaf in
                        jax.tree.leaves(nnx.state(modules["encoder"], nnx.Param)))
     assert round(params_count / 1e7) == 25, params_count
+    # The bound the import checks before building counts what the modules hold.
+    held = sum(int(np.prod(leaf.shape)) for module in modules.values()
+               for leaf in jax.tree.leaves(nnx.state(module)))
+    assert official.describe_architecture(params)["parameters"] == held
 
 
 def test_mismatches_are_listed(release_classes):
@@ -304,3 +321,171 @@ def test_not_a_release_file_is_a_clear_error(tmp_path):
     path.write_bytes(b"not a pickle")
     with pytest.raises(official.OfficialCheckpointError, match="not a readable pickle"):
         official.import_official(path)
+
+
+# -- The release as dill wrote it ---------------------------------------------------------------
+
+def release_values(shapes, seed):
+    """The fixture script's values, regenerated here from the Haiku network's own names and
+    shapes: one ``RandomState(seed)`` stream over the sorted (module, name) pairs of the
+    parameters, then of the state; weights scaled by fan-in, BatchNorm scales in [0.5, 1),
+    variances in [0.5, 2), other arrays 0.1 x normal, EMA counters in [1, 1000), each EMA's
+    ``hidden`` a copy of its ``average``. Equal arrays mean the script wrote Haiku's layout."""
+    rng = np.random.RandomState(seed)
+    trees = []
+    for tree in shapes:
+        arrays = {}
+        for module in sorted(tree):
+            arrays[module] = {}
+            for name in sorted(tree[module]):
+                shape = tree[module][name].shape
+                if name == "hidden":
+                    continue
+                if name == "counter":
+                    value = np.asarray(rng.randint(1, 1000), np.int32)
+                elif module.endswith("var_ema"):
+                    value = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+                elif name == "scale":
+                    value = rng.uniform(0.5, 1.0, shape).astype(np.float32)
+                elif name == "w":
+                    fan_in = int(np.prod(shape[:-1]))
+                    value = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+                else:
+                    value = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+                arrays[module][name] = value
+            if "average" in arrays[module]:
+                arrays[module]["hidden"] = arrays[module]["average"].copy()
+        trees.append(arrays)
+    return tuple(trees)
+
+
+@pytest.fixture(scope="module")
+def tiny_release():
+    """The fixture network's parameters and state from the seed, 33-px images (odd: SAME pads
+    unevenly) and the Haiku network's outputs for them."""
+    sizes = {key: value for key, value in FIXTURE_SIZES.items() if key != "depth"}
+    network = official_network(FIXTURE_SIZES["depth"], **sizes)
+    images = np.random.default_rng(1).standard_normal((2, 33, 33, 3)).astype(np.float32)
+    params, state = release_values(
+        jax.eval_shape(lambda: network.init(jax.random.key(0), images, True)), FIXTURE_SEED)
+    reference, _ = jax.jit(lambda p, s, x: network.apply(p, s, None, x, False))(
+        params, state, images)
+    return params, state, images, reference
+
+
+def assert_trees_equal(got, expected):
+    assert sorted(got) == sorted(expected)
+    for module, entries in expected.items():
+        assert sorted(got[module]) == sorted(entries), module
+        for name, value in entries.items():
+            assert got[module][name].dtype == value.dtype, (module, name)
+            np.testing.assert_array_equal(got[module][name], value, err_msg=f"{module}/{name}")
+
+
+def test_a_release_file_written_by_dill_0_3_2_imports_as_the_official_network(tiny_release):
+    """The bytes of 2020: dill 0.3.2's ``_create_namedtuple`` and
+    ``_get_attr(_import_module("numpy.core._multiarray_umath"), "_reconstruct")``. Every array
+    equals the seed's, the network is our ``resnet_tiny`` and computes Haiku's outputs."""
+    params, state, images, reference = tiny_release
+    data = FIXTURE.read_bytes()
+    for written_by_dill_032 in (b"dill._dill\n_create_namedtuple", b"dill._dill\n_get_attr",
+                                b"numpy.core._multiarray_umath"):
+        assert written_by_dill_032 in data
+    content, sha256 = official.read_official_checkpoint(FIXTURE)
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    experiment = content["experiment_state"]
+    assert_trees_equal(experiment.online_params, params)
+    assert_trees_equal(experiment.online_state, state)
+    assert content["step"] == 300_000
+    np.testing.assert_array_equal(content["rng"], np.array([0, 42], np.uint32))
+    imported = official.import_official(FIXTURE)
+    assert imported.model_config["encoder"] == {"name": "resnet_tiny", "width_multiplier": 1,
+                                                "stem": "imagenet", "zero_init_residual": False}
+    assert imported.origin["step"] == 300_000
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(nnx.state(
+        imported.encoder)))  # every array from the file, none left shape-only
+    assert_equal_outputs(ours(imported, images), reference)
+
+
+def test_a_release_file_written_by_todays_dill_imports_as_the_official_network(
+        tmp_path, release_classes, tiny_release):
+    """Today's dill wraps every array in ``_create_array`` and writes the NamedTuples with
+    ``_create_namedtuple``: read through the same vetted array path."""
+    dill = pytest.importorskip("dill", reason="dill (the dev extra) wrote the release")
+    params, state, images, reference = tiny_release
+    path = tmp_path / "pretrain_tiny.pkl"
+    write_release_pickle(path, params, state, dump=dill.dump)
+    data = path.read_bytes()
+    assert b"dill._dill\n_create_array" in data and b"dill._dill\n_create_namedtuple" in data
+    imported = official.import_official(path)
+    assert imported.model_config["encoder"]["name"] == "resnet_tiny"
+    assert_equal_outputs(ours(imported, images), reference)
+
+
+def test_a_refused_hostile_build_leaves_a_later_genuine_import_intact(tmp_path, tiny_release):
+    """Was a hijack: BUILD on the release's NamedTuple class was refused but left its
+    ``online_params`` set, so a later genuine import in the process returned the attacker's
+    weights."""
+    params = tiny_release[0]
+    attacker = {"res_net_tiny/~/initial_conv": {"w": np.zeros((7, 7, 3, 8), np.float32)}}
+    hostile = tmp_path / "pretrain_res50x1.pkl"
+    hostile.write_bytes(b"\x80\x02cbyol.byol_experiment\n_ByolExperimentState\n"
+                        + pickle.dumps(attacker, protocol=2)[2:-1] + b"b.")
+    with pytest.raises(official.UnsafePickleError, match="BUILD on the global "
+                       "byol.byol_experiment._ByolExperimentState refused"):
+        official.import_official(hostile)
+    imported = official.import_official(FIXTURE)
+    np.testing.assert_array_equal(imported.encoder.stem_conv.kernel[...],
+                                  params["res_net_tiny/~/initial_conv"]["w"])
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("nan", (r"value: params res_net_tiny/~/block_group_1/~/block_0/~/conv_0/w has 1 "
+             r"non-finite value\(s\)")),
+    ("complex", r"value: params classifier/w has dtype complex64: weights must be real"),
+])
+def test_non_finite_or_complex_weights_are_refused_by_name(tmp_path, release_classes,
+                                                          tiny_release, change, expected):
+    params, state = ({module: dict(entries) for module, entries in tree.items()}
+                     for tree in tiny_release[:2])
+    if change == "nan":
+        conv = params["res_net_tiny/~/block_group_1/~/block_0/~/conv_0"]
+        conv["w"] = conv["w"].copy()
+        conv["w"][0, 0, 0, 0] = np.nan
+    else:
+        params["classifier"]["w"] = params["classifier"]["w"].astype(np.complex64)
+    path = tmp_path / "pretrain_tiny.pkl"
+    write_release_pickle(path, params, state)
+    with pytest.raises(official.OfficialCheckpointError, match=expected) as error:
+        official.import_official(path)
+    assert "\n" not in str(error.value)
+
+
+def test_the_architecture_in_the_file_is_bounded_before_anything_is_allocated():
+    """Head sizes, the stem's width and the total count come from the file: a classifier of
+    10^7 classes (a zero-stride view: 20 GB if anything copied it), a 4096x stem, an empty
+    hidden layer or heads too large for any network of the paper are one line each, before
+    a module is built."""
+    network = official_network(18)
+    params, state = jax.eval_shape(
+        lambda: network.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), True))
+    params = {module: dict(entries) for module, entries in params.items()}
+    def shaped(*shape):
+        return {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+
+    cases = [
+        ({"classifier": {"w": np.broadcast_to(np.float32(0), (512, 10**7)),
+                         "b": np.broadcast_to(np.float32(0), (10**7,))}},
+         r"params classifier/w has shape \(512, 10000000\): .* 1 to 65536 outputs"),
+        ({"res_net18/~/initial_conv": shaped(7, 7, 3, 64 * 4096)},
+         r"262144 stem channels: not a ResNet this project builds at width 1-4"),
+        ({"projector/linear": shaped(512, 0)}, r"params projector/linear/w has shape \(512, 0\)"),
+        ({"projector/linear": shaped(512, 65_536),
+          "projector/linear_1": shaped(65_536, 65_536)},
+         r"has [\d,]+ numbers, more than the 600,000,000 of the largest network of the paper"),
+    ]
+    for changed, expected in cases:
+        with pytest.raises(official.OfficialCheckpointError, match=expected) as error:
+            official.map_official({**params, **changed}, state)
+        assert "\n" not in str(error.value)
+    assert official.describe_architecture(params)["model"]["encoder"]["name"] == "resnet18"

@@ -96,6 +96,8 @@ def test_unlabeled_folder_pretrains_resumes_exports_and_transfers(unlabeled, tmp
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     result = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert result["protocol"] == "transfer_linear" and 0.0 <= result["test"]["top1"] <= 1.0
+    assert model_card.read_model_card(export_dir)["evaluations"] == []  # a reader writes nothing
+    model_card.add_results_to_card(export_dir, [str(tmp_path / "transfer")])
     assert len(model_card.read_model_card(export_dir)["evaluations"]) == 1
 
 

@@ -165,17 +165,17 @@ def test_flipped_bytes_in_an_export_are_one_error_naming_it(tiny_pretrained, tmp
 
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["model"]["encoder"].update(width_multiplier=1000),
-     "model.encoder.width_multiplier is 1000, must be 1, 2, 3 or 4"),
+     "model.encoder.width_multiplier is 1000, must be one of (1, 2, 3, 4)"),
     (lambda c: c["model"]["encoder"].update(name="vit_huge"),
      "model.encoder.name 'vit_huge' is not a registered encoder"),
     (lambda c: c["model"]["projector"].update(hidden_size=65536, depth=16),
-     "parameters, more than the 2,000,000,000 this reader accepts"),
+     "parameters, more than the 600,000,000 this reader accepts"),
     (lambda c: c["model"]["projector"].update(hidden_size=10**7),
      "model.projector.hidden_size is 10000000, must be between 1 and 65536"),
     (lambda c: c["model"]["encoder"].update(width_multiplier="2"),
      "does not fit this code's config.model"),
     (lambda c: c.update(heads={"classifier": {"num_classes": 10**7}}),
-     "heads.classifier.num_classes is 10000000"),
+     "heads.classifier.num_classes is 10000000, must be an integer between 1 and 65,536"),
     (lambda c: c.pop("checksums"), "lacks 'origin' or 'checksums'"),
 ])
 def test_an_export_config_is_checked_before_anything_is_built(tiny_pretrained, tmp_path, change,

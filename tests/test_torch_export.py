@@ -288,3 +288,11 @@ def test_flipped_bytes_in_a_torch_export_are_named(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(torch_resnet.ExportFileError, match="is damaged: tensor"):
         torch_resnet.load_torch_encoder(path)
+
+
+def test_the_torch_loaders_limits_are_the_packages():
+    from byol_flax.export.encoder import MAX_PARAMETERS
+    from byol_flax.models.resnet import WIDTH_MULTIPLIERS
+    assert torch_resnet.LIMITS["parameters"] == MAX_PARAMETERS
+    assert torch_resnet.LIMITS["width_multiplier"] == max(WIDTH_MULTIPLIERS)
+    assert torch_resnet.FORMAT_VERSION == torch_format.FORMAT_VERSION

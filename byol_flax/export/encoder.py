@@ -45,7 +45,7 @@ from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.models.byol import (build_encoder_from_config, build_heads,
                                    build_online_classifier)
 from byol_flax.models.init import init_module
-from byol_flax.models.resnet import ENCODERS, ResNet
+from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS, ResNet
 from byol_flax.runtime.outputs import check_output_dir, write_marker
 
 # 2: per-array sha256 checksums in encoder_config.json (1 had none; the package was never
@@ -58,13 +58,13 @@ CHECKSUMS_KEY = "checksums"  # encoder_config.json: {"encoder": {path: sha256}, 
 RANDOM_PREFIX = "random:"
 PIXELS_SOURCE = "pixels"
 HEAD_NAMES = ("projector", "predictor", "classifier")
-# Limits on architectures read from files (exports, imports): the largest network of the paper
-# (ResNet-200 2x, Table 9: 250M encoder weights) with its heads fits well within them, and no
-# file can make a reader allocate more before its arrays are compared with the checksums.
-MAX_PARAMETERS = 2_000_000_000
-MAX_HEAD_WIDTH = 65_536
+# Limits on architectures read from files (exports, the official release), checked from shapes
+# before anything is allocated. Appendix D.2, Table 9: the largest encoder, ResNet-152 3x, has
+# 522M weights; with the paper's heads at its width (projector 4096/256, predictor 4096, 1000
+# classes: ~35M) and BatchNorm statistics it is under 600M numbers.
+MAX_PARAMETERS = 600_000_000
+MAX_HEAD_WIDTH = 65_536  # hidden and output sizes of the heads, and classifier classes
 MAX_HEAD_DEPTH = 16
-MAX_CLASSES = 1_000_000
 
 
 class SourceError(UserError, ValueError):
@@ -196,7 +196,8 @@ def check_model_config(model: Any, where: str) -> dict[str, Any]:
         raise fail("encoder.name", f"{encoder.name!r} is not a registered encoder "
                    f"({', '.join(ENCODERS)})")
     checks = [
-        (encoder.width_multiplier in (1, 2, 3, 4), "encoder.width_multiplier", "1, 2, 3 or 4"),
+        (encoder.width_multiplier in WIDTH_MULTIPLIERS, "encoder.width_multiplier",
+         f"one of {WIDTH_MULTIPLIERS}"),
         (encoder.stem in ("imagenet", "small"), "encoder.stem", "'imagenet' or 'small'"),
         (predictor.kind in PREDICTORS, "predictor.kind", f"one of {list(PREDICTORS)}"),
         (0 < config.batchnorm.eps < 1, "batchnorm.eps", "in (0, 1)"),
@@ -264,9 +265,9 @@ def read_export_config(export_dir: epath.PathLike) -> dict[str, Any]:
     if "classifier" in heads:
         classes = heads["classifier"].get("num_classes") if isinstance(
             heads["classifier"], dict) else None
-        if not isinstance(classes, int) or not 1 <= classes <= MAX_CLASSES:
+        if not isinstance(classes, int) or not 1 <= classes <= MAX_HEAD_WIDTH:
             raise SourceError(f"{config_path}: heads.classifier.num_classes is {classes!r:.40}, "
-                              f"must be an integer between 1 and {MAX_CLASSES:,}")
+                              f"must be an integer between 1 and {MAX_HEAD_WIDTH:,}")
     meta["heads"] = heads
     return meta
 

@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags
 
+from byol_flax.errors import UserError
 from byol_flax.export import model_card, official
 from byol_flax.export.encoder import export_encoder
 from byol_flax.runtime import console
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> None:
         card = model_card.build_model_card(pretrained)
         out = export_encoder(pretrained, _OUT.value, write_extra=lambda staging:
                              model_card.write_model_card(staging, card))
-    except (official.OfficialCheckpointError, official.UnsafePickleError, OSError) as error:
+    except (UserError, OSError) as error:  # one line: the reader's messages escape file text
         sys.exit(f"error: {type(error).__name__}: {error}")
     encoder = pretrained.model_config["encoder"]
     print(f"imported {encoder['name']} x{encoder['width_multiplier']} (step "

@@ -1,24 +1,26 @@
 """Import the checkpoints of the official BYOL release into this project's export format.
 
 DeepMind released ``pretrain_res50x1.pkl`` and ``pretrain_res200x2.pkl`` with the paper
-(google-deepmind/deepmind-research, ``byol/``). Its ``utils/checkpointing.py`` writes them as a
-dill pickle (protocol 2) of ``dict(experiment_state=..., step=..., rng=...)``: the experiment
-state is a NamedTuple (``byol.byol_experiment._ByolExperimentState``) of online and target
-parameters, BatchNorm states and the optimizer state, each a Haiku mapping
+(google-deepmind/deepmind-research, ``byol/``). Its ``utils/checkpointing.py`` writes them with
+``dill.dump(..., protocol=2)`` as ``dict(experiment_state=..., step=..., rng=...)``: the
+experiment state is a NamedTuple (``byol.byol_experiment._ByolExperimentState``) of online and
+target parameters, BatchNorm states and the optimizer state, each a Haiku mapping
 ``{"module/~/path": {"w" | "b" | "scale" | "offset" | ...: array}}`` of NumPy arrays taken from
 device 0.
 
-Nothing in the file is executed. :class:`RestrictedUnpickler` resolves only the globals of
-:data:`ALLOWED_GLOBALS`: NumPy's array reconstruction, the latin-1 codec protocol 2 stores bytes
-with, and the NamedTuple and mapping classes of that layout, each mapped *by name* to a plain
-container defined here. Any other global (``os.system``, a class of any other module) is refused
-with an error that names it, before anything is called.
+Nothing in the file is executed: :mod:`byol_flax.export.safe_pickle` reads it as data, with the
+globals of :data:`ALLOWED_GLOBALS` only (NumPy's array pickling, read by the reader itself; the
+release's NamedTuples and Haiku mappings, built as plain containers; the helpers dill writes).
+Before any module is built, the architecture the parameter names and shapes describe is checked
+against the encoder registry (width 1-4, heads of bounded size) and its parameter count bounded
+(:data:`MAX_PARAMETERS`); weights must be real and finite.
 
 The online encoder, projector and predictor (and the online classifier) are mapped onto this
 project's modules name by name; every array must be consumed and every parameter of our modules
 filled, with equal shapes, or the import fails listing what is missing, extra or misshapen.
 ``tests/test_official_weights.py`` checks the mapped network against a Haiku build of the
-official one (ResNet-18 and ResNet-50 outputs equal, ResNet-200 2x names and shapes).
+official one (a dill 0.3.2 file of a tiny network, ResNet-18 and ResNet-50 outputs equal,
+ResNet-200 2x names and shapes); ``tests/test_safe_pickle.py`` the reader's refusals.
 
 Usage::
 
@@ -27,22 +29,30 @@ Usage::
 """
 
 import collections
-import hashlib
+import functools
+import inspect
 import os
-import pickle
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
 
-from byol_flax.errors import UserError
 from byol_flax.config import base_config
-from byol_flax.export.encoder import (PretrainedEncoder, encoder_from_model_config, fingerprint,
+from byol_flax.errors import UserError
+from byol_flax.export import safe_pickle
+from byol_flax.export.encoder import (MAX_HEAD_WIDTH, MAX_PARAMETERS, PretrainedEncoder,
+                                      encoder_from_model_config, fingerprint,
                                       heads_from_model_config)
-from byol_flax.models.resnet import ENCODERS
+from byol_flax.export.safe_pickle import UnsafePickleError, shown
+from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS
+
+__all__ = ["ALLOWED_GLOBALS", "MAX_PARAMETERS", "OfficialCheckpointError", "UnsafePickleError",
+           "describe_architecture", "import_official", "map_official",
+           "read_official_checkpoint"]
 
 SOURCE = ("BYOL official release: google-deepmind/deepmind-research byol/ (Grill et al., "
           "NeurIPS 2020), pre-trained on ImageNet ILSVRC-2012 train")
@@ -54,10 +64,6 @@ _HAIKU_EMA = {"mean_ema": "mean", "var_ema": "var"}  # hk.BatchNorm state -> nnx
 class OfficialCheckpointError(UserError, ValueError):
     """The file is not an official BYOL checkpoint this importer can map (the message says
     exactly what does not match)."""
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle names a global outside :data:`ALLOWED_GLOBALS`; nothing of it was run."""
 
 
 # -- Plain stand-ins for the classes the official pickle names -------------------------------
@@ -80,25 +86,24 @@ class OptimizerState(tuple):
         return super().__new__(cls, fields)
 
 
-def _plain_mapping(data: Mapping | None = None) -> dict:
-    """Haiku's ``frozendict`` / ``FlatMapping`` pickle as ``(cls, (dict,))``: a plain dict."""
-    if data is not None and not isinstance(data, Mapping):
-        raise UnsafePickleError(f"a Haiku mapping was given {type(data).__name__}, not a mapping")
+def _experiment_state(reader: safe_pickle.SafeUnpickler, *fields: Any) -> ExperimentState:
+    return ExperimentState(*fields)
+
+
+def _optimizer_state(reader: safe_pickle.SafeUnpickler, *fields: Any) -> OptimizerState:
+    return OptimizerState(*fields)
+
+
+def _plain_mapping(reader: safe_pickle.SafeUnpickler, data: Any = None) -> dict:
+    """Haiku's ``frozendict`` / ``FlatMapping`` pickle as ``(cls, (dict,))``: a fresh dict."""
+    if data is not None and type(data) is not dict:
+        raise reader.refused(f"a Haiku mapping given {safe_pickle.describe(data)}, not a dict")
     return dict(data or {})
 
 
-def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
-    """Protocol 2 stores ``bytes`` as ``_codecs.encode(str, "latin1")``; no other codec."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise UnsafePickleError(f"_codecs.encode with {encoding!r} is not a bytes literal")
-    return text.encode("latin1")
-
-
-def _numpy_core(name: str) -> Any:
-    """A function of NumPy's core (``numpy._core`` from NumPy 2, ``numpy.core`` before)."""
-    core = getattr(np, "_core", None) or np.core
-    module, _, attribute = name.rpartition(".")
-    return getattr(getattr(core, module), attribute)
+def _ordered_dict(reader: safe_pickle.SafeUnpickler) -> dict:
+    """``collections.OrderedDict()``; its items follow as ``SETITEMS`` on this fresh dict."""
+    return {}
 
 
 _OPTIMIZER_STATES = (
@@ -110,62 +115,54 @@ _OPTIMIZER_STATES = (
 _HAIKU_MAPPINGS = (("haiku._src.data_structures", "frozendict"),
                    ("haiku._src.data_structures", "FlatMapping"))
 
-ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any] | type] = {
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _numpy_core("multiarray._reconstruct")
-       for core in ("core", "_core")},
-    **{(f"numpy.{core}.multiarray", "scalar"): _numpy_core("multiarray.scalar")
-       for core in ("core", "_core")},
-    **{(f"numpy.{core}.numeric", "_frombuffer"): _numpy_core("numeric._frombuffer")
-       for core in ("core", "_core")},
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_bytes,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("byol.byol_experiment", "_ByolExperimentState"): ExperimentState,
-    **{key: OptimizerState for key in _OPTIMIZER_STATES},
-    **{key: _plain_mapping for key in _HAIKU_MAPPINGS},
+ALLOWED_GLOBALS: dict[tuple[str, str], safe_pickle.Builder | safe_pickle.Token] = {
+    **safe_pickle.NUMERIC_GLOBALS,
+    ("collections", "OrderedDict"): safe_pickle.Builder("collections.OrderedDict",
+                                                        _ordered_dict, "class"),
+    ("byol.byol_experiment", "_ByolExperimentState"): safe_pickle.Builder(
+        "byol.byol_experiment._ByolExperimentState", _experiment_state, "class",
+        ExperimentState._fields),
+    **{key: safe_pickle.Builder(".".join(key), _optimizer_state, "class")
+       for key in _OPTIMIZER_STATES},
+    **{key: safe_pickle.Builder(".".join(key), _plain_mapping, "class")
+       for key in _HAIKU_MAPPINGS},
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Builds only arrays and plain containers; refuses every global not allowed by name."""
-
-    def __init__(self, file: BinaryIO, *, source: str):
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"{self._source}: refused to load global {module}.{name}: an official BYOL "
-                "checkpoint holds only arrays, Haiku mappings and the experiment-state "
-                "NamedTuples (byol_flax.export.official.ALLOWED_GLOBALS)") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"{self._source}: refused persistent id {pid!r}")
-
-
 def read_official_checkpoint(path: epath.PathLike) -> tuple[dict[str, Any], str]:
-    """The file's content as plain containers, and its sha256."""
-    path = epath.Path(path)
-    digest = hashlib.sha256()
+    """The file's content as plain containers of arrays, and its sha256.
+
+    Raises :class:`UnsafePickleError` for anything the reader refuses and
+    :class:`OfficialCheckpointError` for a file that is not a release checkpoint."""
     try:
-        with path.open("rb") as file:
-            while chunk := file.read(1 << 24):
-                digest.update(chunk)
-        with path.open("rb") as file:
-            content = RestrictedUnpickler(file, source=str(path)).load()
+        content, digest = safe_pickle.read_pickle_file(os.fspath(path), allowed=ALLOWED_GLOBALS)
     except UnsafePickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
-        raise OfficialCheckpointError(f"{path}: not a readable pickle: {error}") from error
-    if not isinstance(content, dict) or "experiment_state" not in content:
-        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise OfficialCheckpointError(f"{path}: expected dict(experiment_state=..., step=..., "
+    except safe_pickle.PickleReadError as error:
+        raise OfficialCheckpointError(str(error)) from None
+    source = shown(os.fspath(path))
+    if type(content) is not dict or "experiment_state" not in content:
+        keys = (f"[{', '.join(ascii(key) for key in sorted(map(str, content)))}]"
+                if type(content) is dict else safe_pickle.describe(content))
+        raise OfficialCheckpointError(f"{source}: expected dict(experiment_state=..., step=..., "
                                       f"rng=...) of the official checkpointing, got {keys}")
-    return content, digest.hexdigest()
+    return content, digest
+
+
+def _haiku_tree(tree: Any, what: str) -> dict[str, dict[str, Any]]:
+    """``{module: {name: array}}`` with string keys, checked: the only shape of a Haiku tree."""
+    if type(tree) is not dict:
+        raise OfficialCheckpointError(f"{what} is {safe_pickle.describe(tree)}, not a Haiku "
+                                      "mapping of modules")
+    for module, entries in tree.items():
+        if type(module) is not str or type(entries) is not dict:
+            raise OfficialCheckpointError(f"{what}: entry {shown(module)} is not a module name "
+                                          "with a mapping of arrays")
+        for name, value in entries.items():
+            if type(name) is not str or not isinstance(value, np.ndarray):
+                raise OfficialCheckpointError(f"{what}: {shown(module)}/{shown(name)} is "
+                                              f"{safe_pickle.describe(value)}, not an array")
+    return tree
 
 
 # -- Haiku names -> our modules ---------------------------------------------------------------
@@ -226,16 +223,86 @@ def _mlp_sources(name: str) -> dict[tuple, tuple]:
     return sources
 
 
-_BLOCK = re.compile(r"^(?P<torso>[^/]+)/~/block_group_(?P<group>\d+)/~/block_(?P<block>\d+)/~/")
+_BLOCK = re.compile(
+    r"^(?P<torso>[^/]+)/~/block_group_(?P<group>\d{1,4})/~/block_(?P<block>\d{1,4})/~/")
+
+
+def _registered_resnets() -> dict[str, dict[str, Any]]:
+    """Every registered encoder made by a ``functools.partial`` whose keywords give a ResNet
+    layout (``blocks_per_stage``, ``bottleneck``, ``stage_channels``, and ``stem_channels`` or
+    the constructor's default): the networks an official torso can be mapped onto."""
+    layouts = {}
+    for name in ENCODERS:
+        constructor = ENCODERS.get(name)
+        keywords = getattr(constructor, "keywords", None) or {}
+        if not isinstance(constructor, functools.partial) or not {
+                "blocks_per_stage", "bottleneck", "stage_channels"} <= set(keywords):
+            continue
+        target = constructor.func
+        signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
+        stem = keywords.get("stem_channels", signature.parameters.get(
+            "stem_channels", inspect.Parameter).default)
+        if isinstance(stem, int):
+            layouts[name] = {"blocks_per_stage": tuple(keywords["blocks_per_stage"]),
+                             "bottleneck": bool(keywords["bottleneck"]),
+                             "stage_channels": tuple(keywords["stage_channels"]),
+                             "stem_channels": stem}
+    return layouts
+
+
+def parameter_count(layout: Mapping[str, Any], width: int, *, projector: tuple[int, int],
+                    predictor_hidden: int, num_classes: int) -> int:
+    """Numbers in the encoder of ``layout`` at ``width`` and the heads (weights, biases and
+    BatchNorm scale, bias, mean and variance), computed from sizes alone, before anything is
+    built (the import bounds it by :data:`MAX_PARAMETERS`)."""
+    def conv(kernel: int, inputs: int, outputs: int) -> int:
+        return kernel * kernel * inputs * outputs + 4 * outputs  # + its BatchNorm
+
+    channels = layout["stem_channels"] * width
+    total = conv(7, 3, channels)
+    for blocks, stage_channels in zip(layout["blocks_per_stage"], layout["stage_channels"],
+                                      strict=True):
+        outputs = stage_channels * width
+        for index in range(blocks):
+            if layout["bottleneck"]:
+                inner = outputs // 4
+                shapes = [(1, channels, inner), (3, inner, inner), (1, inner, outputs)]
+            else:
+                shapes = [(3, channels, outputs), (3, outputs, outputs)]
+            if index == 0:
+                shapes.append((1, channels, outputs))  # projection shortcut
+            total += sum(conv(*shape) for shape in shapes)
+            channels = outputs
+    hidden, output = projector
+    total += channels * hidden + 5 * hidden + hidden * output  # Linear+bias, BN, Linear
+    total += output * predictor_hidden + 5 * predictor_hidden + predictor_hidden * output
+    return total + (channels + 1) * num_classes
+
+
+def _dense_outputs(params: Mapping[str, Any], module: str) -> int:
+    """The output size of the Haiku ``Linear`` ``module``, checked to be 1 to MAX_HEAD_WIDTH."""
+    entries = params.get(module)
+    if not isinstance(entries, Mapping) or "w" not in entries:
+        raise OfficialCheckpointError(f"missing: params {module}/w (the official online network "
+                                      "has a projector, a predictor and a classifier)")
+    shape = tuple(int(size) for size in np.shape(entries["w"]))
+    if len(shape) != 2 or not 1 <= shape[1] <= MAX_HEAD_WIDTH:
+        raise OfficialCheckpointError(f"params {module}/w has shape {shape}: a Linear layer's "
+                                      f"(inputs, outputs) with 1 to {MAX_HEAD_WIDTH} outputs")
+    return shape[1]
 
 
 def describe_architecture(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Our ``config.model`` for the network the Haiku parameter names and shapes describe."""
+    """Our ``config.model`` for the network the Haiku parameter names and shapes describe,
+    checked against the encoder registry (layout, width 1-4), head sizes and
+    :data:`MAX_PARAMETERS` from the shapes alone: nothing is built or allocated here."""
     torsos = sorted({key.split(TORSO_SEPARATOR)[0] for key in params
                      if key.endswith(f"{TORSO_SEPARATOR}initial_conv")})
     if len(torsos) != 1:
-        raise OfficialCheckpointError(f"expected one ResNet torso with an initial_conv, found "
-                                      f"{torsos or 'none'} among {sorted(params)[:8]}...")
+        raise OfficialCheckpointError(
+            f"expected one ResNet torso with an initial_conv, found "
+            f"{[shown(torso) for torso in torsos] or 'none'} among "
+            f"{[shown(key) for key in sorted(params)[:8]]}...")
     torso = torsos[0]
     blocks: dict[int, set[int]] = collections.defaultdict(set)
     bottleneck = False
@@ -244,31 +311,56 @@ def describe_architecture(params: Mapping[str, Mapping[str, Any]]) -> dict[str, 
             blocks[int(match["group"])].add(int(match["block"]))
             bottleneck |= key.endswith(f"{TORSO_SEPARATOR}conv_2")
     blocks_per_stage = tuple(len(blocks[group]) for group in sorted(blocks))
-    stem_width = np.shape(params[f"{torso}{TORSO_SEPARATOR}initial_conv"]["w"])[-1]
-    width, remainder = divmod(stem_width, 64)
-    known = {(keywords["blocks_per_stage"], keywords["bottleneck"]): name
-             for name in ENCODERS if name.startswith("resnet") and name[6:].isdigit()
-             for keywords in [getattr(ENCODERS.get(name), "keywords", {})]}
-    name = known.get((blocks_per_stage, bottleneck))
-    if name is None or remainder or width < 1:
+    stem_module = f"{torso}{TORSO_SEPARATOR}initial_conv"
+    stem_shape = tuple(int(size) for size in np.shape(params[stem_module].get("w", ())))
+    if len(stem_shape) != 4 or stem_shape[:3] != (7, 7, 3):
+        raise OfficialCheckpointError(f"params {shown(stem_module)}/w has shape {stem_shape}, "
+                                      "expected (7, 7, 3, channels): the official ImageNet stem")
+    stem_width = stem_shape[-1]
+    layouts = _registered_resnets()
+    matches = [(name, stem_width // layout["stem_channels"]) for name, layout in layouts.items()
+               if (layout["blocks_per_stage"], layout["bottleneck"]) == (blocks_per_stage,
+                                                                         bottleneck)
+               and stem_width % layout["stem_channels"] == 0
+               and 1 <= stem_width // layout["stem_channels"] <= max(WIDTH_MULTIPLIERS)]
+    if not matches:
+        known = ", ".join(f"{name} (stem {layout['stem_channels']} x width)"
+                          for name, layout in layouts.items())
         raise OfficialCheckpointError(
-            f"torso {torso!r}: {blocks_per_stage} {'bottleneck' if bottleneck else 'basic'} "
-            f"blocks per stage, {stem_width} stem channels: not a ResNet this project builds "
-            f"({', '.join(sorted(known.values()))}, width 1-4)")
+            f"torso {shown(torso)}: {blocks_per_stage} {'bottleneck' if bottleneck else 'basic'}"
+            f" blocks per stage, {stem_width} stem channels: not a ResNet this project builds at "
+            f"width 1-{max(WIDTH_MULTIPLIERS)} ({known})")
+    name, width = matches[0]
+    projector = (_dense_outputs(params, "projector/linear"),
+                 _dense_outputs(params, "projector/linear_1"))
+    predictor_hidden = _dense_outputs(params, "predictor/linear")
+    num_classes = _dense_outputs(params, "classifier") if "classifier" in params else 0
+    count = parameter_count(layouts[name], width, projector=projector,
+                            predictor_hidden=predictor_hidden, num_classes=num_classes)
+    if count > MAX_PARAMETERS:
+        raise OfficialCheckpointError(
+            f"{name} x{width} with a projector {projector[0]}/{projector[1]}, a predictor "
+            f"{predictor_hidden} and {num_classes} classes has {count:,} numbers, more than the "
+            f"{MAX_PARAMETERS:,} of the largest network of the paper (Table 9) with its heads")
     model = base_config().model.to_dict()
     model["encoder"].update(name=name, width_multiplier=width, stem="imagenet",
                             zero_init_residual=False)
-    for head, config in (("projector", model["projector"]), ("predictor", model["predictor"])):
-        hidden = np.shape(params.get(f"{head}/linear", {}).get("w", (0, 0)))
-        output = np.shape(params.get(f"{head}/linear_1", {}).get("w", (0, 0)))
-        config.update(hidden_size=int(hidden[-1]), depth=2)
-        if head == "projector":
-            config["output_size"] = int(output[-1])
-    model["predictor"]["kind"] = "mlp"
+    model["projector"].update(hidden_size=projector[0], output_size=projector[1], depth=2)
+    model["predictor"].update(hidden_size=predictor_hidden, depth=2, kind="mlp")
     return {"model": model, "torso": torso, "bottleneck": bottleneck,
             "blocks": [sorted(blocks[group]) for group in sorted(blocks)],
-            "num_classes": int(np.shape(params["classifier"]["w"])[-1])
-            if "classifier" in params else 0}
+            "num_classes": num_classes, "parameters": count}
+
+
+def _weight_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a weight: not real floating point, or not finite."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or np.dtype(dtype).kind != "f":
+        return f"has dtype {dtype}: weights must be real floating point"
+    if isinstance(value, np.ndarray) and not np.isfinite(value).all():
+        bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+        return f"has {bad} non-finite value(s) (NaN or infinity)"
+    return None
 
 
 def map_official(params: Mapping[str, Mapping[str, Any]], state: Mapping[str, Mapping[str, Any]],
@@ -278,14 +370,16 @@ def map_official(params: Mapping[str, Mapping[str, Any]], state: Mapping[str, Ma
     Returns the ``config.model`` and the modules (``encoder``, ``projector``, ``predictor``,
     and ``classifier`` when present). ``abstract``: leaves may be ``jax.ShapeDtypeStruct``; only
     names and shapes are checked and the modules are shape-only (a ResNet-200 2x without
-    allocating it). Raises :class:`OfficialCheckpointError` listing missing, extra and
-    misshapen entries.
+    allocating it). Otherwise the shape-only modules are filled with the file's arrays: every
+    leaf comes from the file, so nothing is randomly initialised (or compiled) first. Raises
+    :class:`OfficialCheckpointError` listing missing, extra, misshapen and non-finite or
+    non-real entries; the architecture is checked before anything is built.
     """
     arch = describe_architecture(params)
     model = arch["model"]
-    encoder = encoder_from_model_config(model, abstract=abstract)
+    encoder = encoder_from_model_config(model, abstract=True)
     modules = {"encoder": encoder, **heads_from_model_config(
-        model, encoder.num_features, num_classes=arch["num_classes"], abstract=abstract)}
+        model, encoder.num_features, num_classes=arch["num_classes"], abstract=True)}
     plan = {"encoder": _encoder_sources(arch["torso"], arch["blocks"],
                                         bottleneck=arch["bottleneck"]),
             "projector": _mlp_sources("projector"), "predictor": _mlp_sources("predictor")}
@@ -307,22 +401,27 @@ def map_official(params: Mapping[str, Mapping[str, Any]], state: Mapping[str, Ma
             used.discard((kind, module, name))
             value = trees[kind].get(module, {}).get(name)
             if value is None:
-                problems.append(f"missing: {kind} {module}/{name} (our {head}.{_dotted(path)})")
+                problems.append(f"missing: {kind} {shown(f'{module}/{name}')} (our "
+                                f"{head}.{_dotted(path)})")
                 continue
             target = ours[path].shape
             if int(np.prod(np.shape(value))) != int(np.prod(target)) or \
                     tuple(d for d in np.shape(value) if d != 1) != tuple(d for d in target
                                                                           if d != 1):
-                problems.append(f"shape: {kind} {module}/{name} is {tuple(np.shape(value))}, "
-                                f"our {head}.{_dotted(path)} is {tuple(target)}")
+                problems.append(f"shape: {kind} {shown(f'{module}/{name}')} is "
+                                f"{tuple(np.shape(value))}, our {head}.{_dotted(path)} is "
+                                f"{tuple(target)}")
+                continue
+            if (problem := _weight_problem(value)) is not None:
+                problems.append(f"value: {kind} {shown(f'{module}/{name}')} {problem}")
                 continue
             arrays[head][path] = value
     # The EMA's "hidden" copy and step counter of hk.BatchNorm's state: not parameters (the
     # official code reads "average"); consumed without mapping.
     used = {entry for entry in used if not (entry[0] == "state" and entry[2] in
                                              ("hidden", "counter"))}
-    problems += [f"extra: {kind} {module}/{name} is mapped to nothing"
-                 for kind, module, name in sorted(used)]
+    problems += [f"extra: {kind} {shown(f'{module}/{name}')} is mapped to nothing"
+                 for kind, module, name in sorted(used, key=str)]
     if problems:
         raise OfficialCheckpointError(
             f"{len(problems)} mismatch(es) between the checkpoint and "
@@ -337,7 +436,8 @@ def map_official(params: Mapping[str, Mapping[str, Any]], state: Mapping[str, Ma
                 node = pure
                 for part in parents:
                     node = node[part]
-                node[leaf] = np.asarray(value, np.float32).reshape(node[leaf].shape)
+                node[leaf] = jnp.asarray(np.asarray(value, np.float32).reshape(
+                    node[leaf].shape))
             nnx.replace_by_pure_dict(state_of, pure)
             nnx.update(modules[head], state_of)
     return model, modules
@@ -350,21 +450,30 @@ def _dotted(path: tuple) -> str:
 def import_official(checkpoint: epath.PathLike) -> PretrainedEncoder:
     """An official BYOL checkpoint -> :class:`PretrainedEncoder` with its heads and provenance
     (file, sha256, step, source), ready for :func:`byol_flax.export.encoder.export_encoder`."""
-    path = epath.Path(os.path.abspath(os.fspath(checkpoint)))
+    path = os.path.abspath(os.fspath(checkpoint))
+    source = shown(path)
     content, sha256 = read_official_checkpoint(path)
     state = content["experiment_state"]
-    try:
-        params, bn_state = state.online_params, state.online_state
-    except AttributeError:
+    if not isinstance(state, ExperimentState):
         raise OfficialCheckpointError(
-            f"{path}: experiment_state is a {type(state).__name__}, not the official "
-            "_ByolExperimentState (online_params, target_params, online_state, ...)") from None
+            f"{source}: experiment_state is {safe_pickle.describe(state)}, not the official "
+            "_ByolExperimentState (online_params, target_params, online_state, ...)")
+    params = _haiku_tree(state.online_params, f"{source}: online_params")
+    bn_state = _haiku_tree(state.online_state, f"{source}: online_state")
+    step = content.get("step")
+    if isinstance(step, np.ndarray) and step.shape == ():
+        step = step[()]
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int | np.integer)):
+        raise OfficialCheckpointError(f"{source}: step is {safe_pickle.describe(step)}, not an "
+                                      "integer")
     try:
         model, modules = map_official(params, bn_state)
     except OfficialCheckpointError as error:
-        raise OfficialCheckpointError(f"{path}: {error}") from None
-    step = content.get("step")
-    origin = {"kind": "official", "path": str(path), "sha256": sha256,
+        raise OfficialCheckpointError(f"{source}: {error}") from None
+    except MemoryError:  # within MAX_PARAMETERS, but more than this machine has
+        raise OfficialCheckpointError(f"{source}: the network does not fit in this machine's "
+                                      "memory") from None
+    origin = {"kind": "official", "path": path, "sha256": sha256,
               "step": int(step) if step is not None else None, "source": SOURCE,
               "fingerprint": fingerprint(modules["encoder"])}
     return PretrainedEncoder(modules.pop("encoder"), model, origin, None, **modules)

@@ -47,10 +47,13 @@ WEIGHTS_NAME = "encoder.safetensors"
 METADATA_KEY = "byol_flax"  # the safetensors metadata entry holding the architecture (JSON)
 FORMAT_VERSION = 2  # 2: a sha256 per tensor in the metadata ("checksums")
 CHECKSUMS_KEY = "checksums"
-# What an architecture read from a file may ask for: the largest network of the paper (ResNet-200
-# 2x: 36 blocks in a stage, 2048 x 2 channels) fits within them.
+# What an architecture read from a file may ask for: the largest networks of the paper (Table 9:
+# ResNet-200 2x has 36 blocks in a stage, ResNet-152 3x 2048 x 3 channels) fit within them.
+# "parameters" and "width_multiplier" are byol_flax.export.encoder.MAX_PARAMETERS and
+# max(byol_flax.models.resnet.WIDTH_MULTIPLIERS), spelled out because this module imports no
+# byol_flax (tests/test_torch_export.py checks they agree).
 LIMITS = {"stages": 8, "blocks": 64, "channels": 8192, "stem_channels": 512, "in_channels": 16,
-          "width_multiplier": 4, "parameters": 2_000_000_000}
+          "width_multiplier": 4, "parameters": 600_000_000}
 
 
 class ExportFileError(ValueError):

@@ -133,6 +133,7 @@ class ResNet(nnx.Module):
 
 
 ENCODERS: Registry = Registry("encoder")
+WIDTH_MULTIPLIERS = (1, 2, 3, 4)  # Table 9's widths
 
 _BASIC_CHANNELS = (64, 128, 256, 512)
 _BOTTLENECK_CHANNELS = (256, 512, 1024, 2048)
@@ -168,8 +169,9 @@ def build_encoder(name: str, *, width_multiplier: int = 1, stem: Stem = "imagene
     either option only if their constructor takes it, by name or as ``**options`` (a non-default
     value they cannot take is an error).
     """
-    if width_multiplier not in (1, 2, 3, 4):
-        raise ValueError(f"encoder width_multiplier must be 1, 2, 3 or 4, got {width_multiplier!r}")
+    if width_multiplier not in WIDTH_MULTIPLIERS:
+        raise ValueError(f"encoder width_multiplier must be one of {WIDTH_MULTIPLIERS}, got "
+                         f"{width_multiplier!r}")
     constructor = ENCODERS.get(name)
     options = {}
     target = constructor.func if isinstance(constructor, functools.partial) else constructor
