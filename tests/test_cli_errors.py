@@ -106,8 +106,8 @@ def _export(case_id: str, *args: str, names: str, out: str | None = None) -> Cas
     return Case(case_id, "byol-export", (*args, f"--out={{T}}/{out}"), names, outputs)
 
 
-def _import(case_id: str, checkpoint: str, names: str) -> Case:
-    out, outputs = _output(case_id, None)
+def _import(case_id: str, checkpoint: str, names: str, out: str | None = None) -> Case:
+    out, outputs = _output(case_id, out)
     return Case(case_id, "byol-import-official",
                 (f"--checkpoint={checkpoint}", f"--out={{T}}/{out}"), names, outputs)
 
@@ -215,6 +215,8 @@ CASES = [
     _import("import_not_a_pickle", "{T}/notes.txt", names="{T}/notes.txt"),
     _import("import_a_directory", "{T}/users_folder", names="{T}/users_folder"),
     _import("import_missing", "{T}/nothing.pkl", names="{T}/nothing.pkl"),
+    _import("import_out_is_a_users_folder", "{T}/notes.txt", out="users_folder",
+            names="{T}/users_folder"),  # refused before the file is read
     Case("import_missing_flags", "byol-import-official", ("--checkpoint={T}/nothing.pkl",),
          "--out"),
     # --- byol-demo ----------------------------------------------------------------------------

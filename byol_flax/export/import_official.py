@@ -8,14 +8,12 @@ card whose provenance names the file, its sha256, the step and the source. Evalu
 ``byol-evaluate --source=DIR``; convert it with ``byol-export --source=DIR --format=torch``.
 """
 
-import sys
-
 from absl import app, flags
 
-from byol_flax.errors import UserError
 from byol_flax.export import model_card, official
 from byol_flax.export.encoder import export_encoder
 from byol_flax.runtime import console
+from byol_flax.runtime.outputs import check_output_dir
 from byol_flax.runtime.xla import configure_xla_flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The release's .pkl file.")
@@ -27,13 +25,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    try:
-        pretrained = official.import_official(_CHECKPOINT.value)
-        card = model_card.build_model_card(pretrained)
-        out = export_encoder(pretrained, _OUT.value, write_extra=lambda staging:
-                             model_card.write_model_card(staging, card))
-    except (UserError, OSError) as error:  # one line: the reader's messages escape file text
-        sys.exit(f"error: {type(error).__name__}: {error}")
+    # Errors are one line (console.run_command; the reader's messages escape text from the
+    # file). --out is checked before the file is read (byol_flax.runtime.outputs).
+    check_output_dir(_OUT.value, "export", inputs=[_CHECKPOINT.value])
+    pretrained = official.import_official(_CHECKPOINT.value)
+    card = model_card.build_model_card(pretrained)
+    out = export_encoder(pretrained, _OUT.value, inputs=[_CHECKPOINT.value],
+                         write_extra=lambda staging: model_card.write_model_card(staging, card))
     encoder = pretrained.model_config["encoder"]
     print(f"imported {encoder['name']} x{encoder['width_multiplier']} (step "
           f"{pretrained.origin['step']}, sha256 {pretrained.origin['sha256'][:12]}...) with "
