@@ -16,7 +16,7 @@ every 4) as separate processes and reports, as tables and a final JSON line:
    the message, and skip-and-count determinism across a resume;
 5. bad configs: the exact message the user sees;
 6. a NaN injected into the batch of step k: the step named, no checkpoint of a NaN state;
-7. resumes under change and the other ways a long run breaks (issue 17): other worker counts
+7. resumes under change and the other ways a long run breaks: other worker counts
    (0 -> 2 -> 1, 2 -> 4) and process counts (2 processes with a damaged newest step, then 1),
    changed config keys (refused, then allowed and recorded), a second run on a live workdir,
    SIGTERM and failures with monitors on, single-bit flips under export's verified read and a
@@ -501,7 +501,7 @@ def nan_case(suite: Suite, bad_step: int) -> dict[str, Any]:
             "saved_checkpoints_finite": finite}
 
 
-# --- Resume under change (issue 17) -----------------------------------------------------------
+# --- Resume under change -------------------------------------------------------------------
 
 
 def kill_when(run: Run, condition: Callable[[], bool]) -> None:
@@ -837,7 +837,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def change_results(suite: Suite, stopped: Path) -> dict[str, Any]:
-    """Every row of issue 17's table: resumes under change and the other ways a long run breaks."""
+    """Resumes under change and the other ways a long run breaks."""
     spec = importlib.util.spec_from_file_location(  # beside this file, not a package
         "reliability_data_prep", Path(__file__).with_name("reliability_data_prep.py"))
     reliability_data_prep = importlib.util.module_from_spec(spec)

@@ -1,7 +1,7 @@
 """The BYOL train step: images/s, compile seconds, peak RSS, FLOPs and the fraction of a measured
 matmul peak, for our jitted step and (optionally) the same step in plain PyTorch.
 
-Presets (the issue's two sizes; every field can be overridden by its flag):
+Presets (the two sizes docs/performance.md reports; every field can be overridden by its flag):
   ``--model resnet18``: ResNet-18, 32-px (small-image) stem, 32x32 inputs, global batch 128;
   ``--model resnet50``: ResNet-50, ImageNet stem, 64x64 inputs, global batch 32.
 Paper heads (4096 -> 256), LARS, EMA target, float32 unless ``--dtype``.

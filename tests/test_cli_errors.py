@@ -1,4 +1,4 @@
-"""Issue 28, item 6: every command turns a bad config, flag, file or path into one line.
+"""Every command turns a bad config, flag, file or path into one line.
 
 A corpus of bad inputs for each console command (train, evaluate, export, import, demo, study,
 launch and the three converters): each case must exit non-zero with at most 3 console lines and

@@ -130,3 +130,18 @@ def test_the_study_example_prints_its_commands_by_name(capsys):
         assert all("--config=byol_imagenet_300ep:r50x1" in line for line in pretrain)
     finally:
         study.STUDIES.unregister("predictor_depth_100ep")
+
+
+def test_no_tracker_numbers_in_the_repository():
+    """Code, tests and docs speak of topics, not of this project's tracker ("issue 17" means
+    nothing to a reader of the repository); a public repository's issue may be cited by name."""
+    root = GUIDE.parent
+    files = [path for pattern in ("byol_flax/**/*.py", "tests/**/*.py", "benchmarks/**/*.py",
+                                  "docs/**/*.md", "*.md")
+             for path in root.glob(pattern)]
+    cited = re.compile(r"\b(issue|task)s? #?\d+|\(issue\b|\bthe issue's\b", re.I)
+    found = [f"{path.relative_to(root)}:{number}: {line.strip()}"
+             for path in files if path.name != Path(__file__).name
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if cited.search(line) and "deepmind-research issue" not in line]
+    assert not found, "\n".join(found)

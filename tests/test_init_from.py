@@ -1,4 +1,4 @@
-"""Issue 18, item 4: pre-training from an export (``config.model.init_from``).
+"""Pre-training from an export (``config.model.init_from``).
 
 At step 0 the online encoder (and the heads, when the export kept them) are the export's, the
 target is their copy, the optimizer state fresh; a short run on the digits through the real

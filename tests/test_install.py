@@ -1,4 +1,4 @@
-"""Issue 19: ``pip install .`` (not editable) gives commands that work from any directory.
+"""``pip install .`` (not editable) gives commands that work from any directory.
 
 The wheel is built from a copy of the working tree and installed, without dependencies, into a
 fresh virtual environment. That environment borrows this one's third-party packages through a

@@ -126,7 +126,7 @@ def test_optimizer_state_covers_only_parameters(online):
 
 
 def test_optimizer_state_has_one_structure_whatever_the_multipliers(online):
-    """Changing lambda or mu on resume must not change the checkpoint layout (issue 17)."""
+    """Changing lambda or mu on resume must not change the checkpoint layout (resume under change)."""
     def state_paths(predictor_mult):
         config = base_config().optimizer
         config.predictor_lr_multiplier = predictor_mult

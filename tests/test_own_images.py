@@ -1,4 +1,4 @@
-"""Your own unlabeled images end to end (issue 21): a folder the test writes is converted with
+"""Your own unlabeled images end to end: a folder the test writes is converted with
 ``--layout unlabeled``, pre-trained with byol_flax/configs/own_images.py and its default monitors (those
 that need labels are switched off before compiling, in one log line), resumed, exported, and
 evaluated on the labelled digits with the transfer protocol; evaluation on an unlabeled split is

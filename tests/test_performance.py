@@ -1,4 +1,4 @@
-"""Issue 8's correctness side of performance work: the patches convolution equals lax.conv (values
+"""The correctness side of performance work: the patches convolution equals lax.conv (values
 and gradients), the runtime XLA flags, one compilation across steps and a resume with no implicit
 host <-> device transfers, bfloat16 compute against float32. Speeds are in benchmarks/."""
 

@@ -150,7 +150,7 @@ def test_processes_read_disjoint_slices(config):
 
 
 def test_a_resumed_stream_continues_exactly_with_other_workers_and_processes(config):
-    """Issue 17: the position is examples consumed, not a Grain iterator state, so a run read
+    """The position is examples consumed, not a Grain iterator state, so a run read
     with 0 workers, resumed with 2, then resumed with 2 processes reads the uninterrupted
     global batches."""
     opened = open_split(config.data, "train")

@@ -1,4 +1,4 @@
-"""Resume when things change (issue 17), in process: config changes refused or recorded, an
+"""Resume when things change, in process: config changes refused or recorded, an
 intact checkpoint of another layout called incompatible (not damaged), the workdir lease, keep
 period, one-line write errors, verified reads for evaluation and export, atomic export, and
 monitors that fail without ending the run."""

@@ -193,7 +193,7 @@ def assert_bitwise_equal(workdir: Path, reference: Path) -> None:
 
 
 def test_resumes_with_other_worker_counts_are_bitwise_equal(reference_run, data_dir, tmp_path):
-    """Issue 17: 0 -> 2 -> 1 Grain workers across two kill -9s read exactly the batches of the
+    """0 -> 2 -> 1 Grain workers across two kill -9s read exactly the batches of the
     uninterrupted run; the runtime changes are recorded in the config history."""
     workdir = tmp_path / "workers"
     first = start(entry_point(data_dir, workdir, "--config.data.worker_count=0"), tmp_path / "0.log")
