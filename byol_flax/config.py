@@ -9,6 +9,8 @@ returned dict is locked, so a typo'd key is an error instead of a silently ignor
 
 import math
 
+from typing import Any
+
 import ml_collections
 
 from byol_flax.errors import UserError
@@ -235,10 +237,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     ]
     for ok, key, problem in checks:
         if not ok:
-            raise ConfigError(f"config.{key}={_value(config, key)!r} {problem}")
+            raise ConfigError(f"config.{key}={value_at(config, key)!r} {problem}")
 
 
-def _value(config: ml_collections.ConfigDict, dotted: str):
+def value_at(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value of the dotted key ``dotted`` (``"model.encoder.name"``) of ``config``."""
     for part in dotted.split("."):
         config = config[part]
     return config

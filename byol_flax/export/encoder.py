@@ -42,9 +42,11 @@ from flax import nnx
 from byol_flax.errors import UserError
 from byol_flax.checkpointing import DamagedCheckpointError, flatten_dotted, read_pytree
 from byol_flax.checkpointing.encoder import read_encoder
+from byol_flax.config import base_config, value_at
 from byol_flax.models.byol import (build_encoder_from_config, build_heads,
                                    build_online_classifier)
 from byol_flax.models.init import init_module
+from byol_flax.models.predictors import PREDICTORS
 from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS, ResNet
 from byol_flax.runtime.outputs import check_output_dir, write_marker
 
@@ -175,9 +177,6 @@ def check_model_config(model: Any, where: str) -> dict[str, Any]:
     """``model`` (a ``config.model`` read from a file) checked against the registry and the
     limits above before any module is built; returns it. Raises :class:`SourceError` naming
     ``where`` and the key."""
-    from byol_flax.config import base_config  # noqa: PLC0415 - config imports export modules
-    from byol_flax.models.predictors import PREDICTORS  # noqa: PLC0415
-
     def fail(key: str, problem: str) -> SourceError:
         return SourceError(f"{where}: model.{key} {problem}")
 
@@ -211,26 +210,22 @@ def check_model_config(model: Any, where: str) -> dict[str, Any]:
                    for key in ("hidden_size", "output_size") if key in head]
     for ok, key, expected in checks:
         if not ok:
-            raise fail(key, f"is {_value_at(config, key)!r}, must be {expected}")
+            raise fail(key, f"is {value_at(config, key)!r}, must be {expected}")
     checked = config.to_dict()
-    parameters = _parameter_count(checked)
+    parameters = parameter_count(checked)
     if parameters > MAX_PARAMETERS:
         raise SourceError(f"{where}: the model has {parameters:,} parameters, more than the "
                           f"{MAX_PARAMETERS:,} this reader accepts")
     return checked
 
 
-def _value_at(config: ml_collections.ConfigDict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = config[part]
-    return config
-
-
-def _parameter_count(model_config: dict[str, Any]) -> int:
+def parameter_count(model_config: dict[str, Any], *, num_classes: int = 0) -> int:
     """Parameters (and BatchNorm statistics) of the encoder and heads ``model_config`` builds,
-    from shapes alone (nothing allocated)."""
+    and of the online classifier with ``num_classes``, from shapes alone (nothing allocated):
+    what readers of files bound by :data:`MAX_PARAMETERS` before building anything."""
     encoder = encoder_from_model_config(model_config, abstract=True)
-    heads = heads_from_model_config(model_config, encoder.num_features, abstract=True)
+    heads = heads_from_model_config(model_config, encoder.num_features, num_classes=num_classes,
+                                    abstract=True)
     return sum(int(np.prod(leaf.shape)) for module in (encoder, *heads.values())
                for leaf in jax.tree.leaves(nnx.state(module)))
 

@@ -46,7 +46,7 @@ from byol_flax.errors import UserError
 from byol_flax.export import safe_pickle
 from byol_flax.export.encoder import (MAX_HEAD_WIDTH, MAX_PARAMETERS, PretrainedEncoder,
                                       encoder_from_model_config, fingerprint,
-                                      heads_from_model_config)
+                                      heads_from_model_config, parameter_count)
 from byol_flax.export.safe_pickle import UnsafePickleError, shown
 from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS
 
@@ -250,35 +250,6 @@ def _registered_resnets() -> dict[str, dict[str, Any]]:
     return layouts
 
 
-def parameter_count(layout: Mapping[str, Any], width: int, *, projector: tuple[int, int],
-                    predictor_hidden: int, num_classes: int) -> int:
-    """Numbers in the encoder of ``layout`` at ``width`` and the heads (weights, biases and
-    BatchNorm scale, bias, mean and variance), computed from sizes alone, before anything is
-    built (the import bounds it by :data:`MAX_PARAMETERS`)."""
-    def conv(kernel: int, inputs: int, outputs: int) -> int:
-        return kernel * kernel * inputs * outputs + 4 * outputs  # + its BatchNorm
-
-    channels = layout["stem_channels"] * width
-    total = conv(7, 3, channels)
-    for blocks, stage_channels in zip(layout["blocks_per_stage"], layout["stage_channels"],
-                                      strict=True):
-        outputs = stage_channels * width
-        for index in range(blocks):
-            if layout["bottleneck"]:
-                inner = outputs // 4
-                shapes = [(1, channels, inner), (3, inner, inner), (1, inner, outputs)]
-            else:
-                shapes = [(3, channels, outputs), (3, outputs, outputs)]
-            if index == 0:
-                shapes.append((1, channels, outputs))  # projection shortcut
-            total += sum(conv(*shape) for shape in shapes)
-            channels = outputs
-    hidden, output = projector
-    total += channels * hidden + 5 * hidden + hidden * output  # Linear+bias, BN, Linear
-    total += output * predictor_hidden + 5 * predictor_hidden + predictor_hidden * output
-    return total + (channels + 1) * num_classes
-
-
 def _dense_outputs(params: Mapping[str, Any], module: str) -> int:
     """The output size of the Haiku ``Linear`` ``module``, checked to be 1 to MAX_HEAD_WIDTH."""
     entries = params.get(module)
@@ -295,7 +266,7 @@ def _dense_outputs(params: Mapping[str, Any], module: str) -> int:
 def describe_architecture(params: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Our ``config.model`` for the network the Haiku parameter names and shapes describe,
     checked against the encoder registry (layout, width 1-4), head sizes and
-    :data:`MAX_PARAMETERS` from the shapes alone: nothing is built or allocated here."""
+    :data:`MAX_PARAMETERS` from the shapes alone (modules traced shape-only, nothing allocated)."""
     torsos = sorted({key.split(TORSO_SEPARATOR)[0] for key in params
                      if key.endswith(f"{TORSO_SEPARATOR}initial_conv")})
     if len(torsos) != 1:
@@ -335,18 +306,17 @@ def describe_architecture(params: Mapping[str, Mapping[str, Any]]) -> dict[str, 
                  _dense_outputs(params, "projector/linear_1"))
     predictor_hidden = _dense_outputs(params, "predictor/linear")
     num_classes = _dense_outputs(params, "classifier") if "classifier" in params else 0
-    count = parameter_count(layouts[name], width, projector=projector,
-                            predictor_hidden=predictor_hidden, num_classes=num_classes)
-    if count > MAX_PARAMETERS:
-        raise OfficialCheckpointError(
-            f"{name} x{width} with a projector {projector[0]}/{projector[1]}, a predictor "
-            f"{predictor_hidden} and {num_classes} classes has {count:,} numbers, more than the "
-            f"{MAX_PARAMETERS:,} of the largest network of the paper (Table 9) with its heads")
     model = base_config().model.to_dict()
     model["encoder"].update(name=name, width_multiplier=width, stem="imagenet",
                             zero_init_residual=False)
     model["projector"].update(hidden_size=projector[0], output_size=projector[1], depth=2)
     model["predictor"].update(hidden_size=predictor_hidden, depth=2, kind="mlp")
+    count = parameter_count(model, num_classes=num_classes)  # shapes only
+    if count > MAX_PARAMETERS:
+        raise OfficialCheckpointError(
+            f"{name} x{width} with a projector {projector[0]}/{projector[1]}, a predictor "
+            f"{predictor_hidden} and {num_classes} classes has {count:,} numbers, more than the "
+            f"{MAX_PARAMETERS:,} of the largest network of the paper (Table 9) with its heads")
     return {"model": model, "torso": torso, "bottleneck": bottleneck,
             "blocks": [sorted(blocks[group]) for group in sorted(blocks)],
             "num_classes": num_classes, "parameters": count}

@@ -15,7 +15,6 @@ differently from ours (see :mod:`byol_flax.export.torch_resnet`); ``docs/pretrai
 measures how much that changes the features.
 """
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from byol_flax.errors import UserError
-from byol_flax.export.encoder import PretrainedEncoder, write_atomically
+from byol_flax.export.encoder import PretrainedEncoder, array_checksums, write_atomically
 from byol_flax.models.resnet import ResNet
 
 WEIGHTS_NAME = "encoder.safetensors"
@@ -135,8 +134,7 @@ def torch_arrays(pretrained: PretrainedEncoder) -> tuple[dict[str, np.ndarray], 
 def save_torch_weights(pretrained: PretrainedEncoder, path: epath.PathLike) -> dict[str, Any]:
     """Writes the encoder to the safetensors file ``path``; returns the architecture recorded."""
     arrays, arch = torch_arrays(pretrained)
-    arch["checksums"] = {key: hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()
-                         for key, value in arrays.items()}
+    arch["checksums"] = array_checksums(arrays)  # the keys are already flat
     save_file(arrays, str(path), metadata={METADATA_KEY: json.dumps(arch, sort_keys=True),
                                            "format": "pt"})
     return arch
