@@ -90,7 +90,7 @@ def outcome(case: str, out: Path, done: subprocess.CompletedProcess,
             check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """One row: exit status, records written, files left out, the one line a person reads."""
     from byol_flax.data.records import DataError, load_manifest  # noqa: PLC0415
-    from byol_flax.data.convert.common import read_skipped_files  # noqa: PLC0415
+    from byol_flax.data.convert.writer import read_skipped_files  # noqa: PLC0415
 
     try:
         records = sum(s.num_records for s in load_manifest(out).splits.values())
@@ -149,7 +149,7 @@ def data_prep_cases(root: Path) -> list[dict[str, Any]]:
         "truncated JPEG, --on-bad-image=error", error_out,
         convert(src, error_out, "--on-bad-image", "error"),
         lambda row: (row["exit"] == 1 and row["records"] == 0
-                     and row["message"].startswith(f"error: bad image {src / 'dog' / 'cut.jpg'}")
+                     and row["message"].startswith(f"error: BadImage: bad image {src / 'dog' / 'cut.jpg'}")
                      and "truncated" in row["message"])))
 
     src, out = tree("decompression_bomb")

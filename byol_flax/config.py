@@ -7,8 +7,12 @@ Experiment modules in ``byol_flax/configs/`` start from :func:`base_config` and 
 returned dict is locked, so a typo'd key is an error instead of a silently ignored setting.
 """
 
+import dataclasses
+import enum
+import functools
+import json
 import math
-
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -16,14 +20,45 @@ import ml_collections
 from byol_flax.errors import UserError
 from byol_flax.data.augment import default_augment_config
 from byol_flax.data.imagenet import IMAGENET_TRAIN_EXAMPLES  # noqa: F401 - re-exported for configs
+from byol_flax.losses import NORMALIZATIONS
 from byol_flax.models.conv import CONV_IMPLEMENTATIONS
+from byol_flax.models.predictors import PREDICTORS
+from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS
 
+
+class Role(enum.StrEnum):
+    """What changing a key changes: decides what a resume may change, what a checkpoint must
+    match and what the model card calls the recipe."""
+
+    TRAINED = "trained"  # what is trained: a resume that changes it is refused unless allowed
+    RUNTIME = "runtime"  # how the run executes (workers, cadence, logging): changes freely
+    INIT = "init"  # how a new run starts: a resumed run takes its weights from its checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRole:
+    """A key's :class:`Role` and whether the jitted train step's program reads it (such keys form
+    the step cache's key: runs that differ only in other keys reuse the compiled step)."""
+
+    role: Role
+    in_step: bool
+
+
+# Dotted key or section -> its role, declared in base_config next to the defaults. A section's
+# role covers every key under it that declares none of its own.
+_ROLES: dict[str, KeyRole] = {}
+
+
+def _declare(role: Role, *keys: str, in_step: bool = False) -> None:
+    for key in keys:
+        _ROLES[key] = KeyRole(role, in_step)
 
 
 def base_config() -> ml_collections.ConfigDict:
     """All config keys with the paper's defaults (Appendix J.1)."""
     config = ml_collections.ConfigDict()
     config.seed = 1337
+    _declare(Role.TRAINED, "seed")  # the initial state and the host's crops; not the program
 
     config.model = ml_collections.ConfigDict()
     # zero_init_residual: the last BatchNorm scale of each residual block starts at 0 (Goyal et
@@ -33,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.encoder = ml_collections.ConfigDict(
         {"name": "resnet50", "width_multiplier": 1, "stem": "imagenet",
          "zero_init_residual": False})
+    _declare(Role.TRAINED, "model", in_step=True)
+    _declare(Role.INIT, "model.encoder.zero_init_residual")
     config.model.projector = ml_collections.ConfigDict(
         {"hidden_size": 4096, "output_size": 256, "depth": 2})
     # kind: a name in byol_flax.models.predictors.PREDICTORS (mlp, linear, identity,
@@ -53,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     # strided 1x1s), "xla" or "patches". Numerics are equal; not part of a checkpoint's
     # compatibility check.
     config.model.conv_implementation = "auto"
+    _declare(Role.RUNTIME, "model.conv_implementation", in_step=True)
     # init_from: an export directory (byol_flax.export; an imported official checkpoint or an
     # export of one of our runs) whose encoder a NEW run starts from instead of random init, to
     # continue pre-training released or earlier weights on other data or with another recipe.
@@ -65,8 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     # is part of a checkpoint's compatibility check.
     config.model.init_from = ""
     config.model.init_from_heads = True
+    _declare(Role.INIT, "model.init_from", "model.init_from_heads")
 
     config.optimizer = ml_collections.ConfigDict()
+    _declare(Role.TRAINED, "optimizer", "target", "loss", "training", in_step=True)
     config.optimizer.base_learning_rate = 0.2  # scaled by batch_size / 256
     config.optimizer.weight_decay = 1.5e-6
     config.optimizer.momentum = 0.9
@@ -109,10 +149,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = ""  # written by byol_flax.data.convert (holds manifest.json); or gs://
+    # The data a run trains on is its identity (the manifest's sha256), not where it lies.
+    _declare(Role.RUNTIME, "data.dir", "data.local_cache_dir")
     # gs:// datasets are copied here at start-up (ArrayRecord reads local files).
     config.data.local_cache_dir = "/tmp/byol_flax_data"
     config.data.train_split = "train"
     config.data.image_size = 224  # crop size fed to the network (Appendix C)
+    _declare(Role.TRAINED, "data.train_split", "data.image_size")
     config.data.num_classes = 0  # if set, must equal the manifest's number of label names
     config.data.source_image_size = ()  # if set, must equal the manifest's recorded (H, W)
     config.data.verify_checksums = True  # sha256 of every shard at start-up
@@ -120,10 +163,19 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.worker_count = 8  # Grain worker processes for decode + crop (0: in-process)
     config.data.read_threads = 16
     config.data.prefetch_buffer_size = 256
+    _declare(Role.RUNTIME, "data.num_classes", "data.source_image_size", "data.verify_checksums",
+             "data.max_skipped_records", "data.worker_count", "data.read_threads",
+             "data.prefetch_buffer_size")
 
     config.augment = default_augment_config()
+    # Table 6: every augmentation is trained. The crops and flips run on the host (Grain
+    # workers); the photometric ones inside the step.
+    _declare(Role.TRAINED, "augment", in_step=True)
+    _declare(Role.TRAINED, *(f"augment.{key}" for key in config.augment if key.startswith("crop_")),
+             "augment.view1.flip_prob", "augment.view2.flip_prob")
 
     config.checkpoint = ml_collections.ConfigDict()
+    _declare(Role.RUNTIME, "checkpoint", "logging", "monitor")
     config.checkpoint.every_steps = 1000
     config.checkpoint.max_to_keep = 3
     # Steps that are multiples of keep_period are kept forever, besides the max_to_keep newest
@@ -161,6 +213,65 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+@functools.cache
+def key_roles() -> Mapping[str, KeyRole]:
+    """Every key and section of :func:`base_config` that declares a role, with it."""
+    base_config()
+    return dict(_ROLES)
+
+
+def role_of(key: str) -> KeyRole | None:
+    """The role of the dotted ``key``: its own declaration or its nearest section's; None for a
+    key :func:`base_config` does not declare."""
+    roles = key_roles()
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        if (prefix := ".".join(parts[:end])) in roles:
+            return roles[prefix]
+    return None
+
+
+def flatten_dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b.c": leaf} of nested dicts (empty dicts vanish); lists and arrays are leaves."""
+    if isinstance(tree, Mapping):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def unflatten_dotted(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dicts of {"a.b.c": leaf}: the inverse of :func:`flatten_dotted`."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, name = key.split(".")
+        section = tree
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        section[name] = value
+    return tree
+
+
+def keys_with(tree: Mapping[str, Any], prefix: str = "", *, roles: tuple[Role, ...] = (),
+              in_step: bool | None = None) -> dict[str, Any]:
+    """The leaves of the config ``tree`` (JSON form; ``prefix``: its dotted place in the whole
+    config) whose role is one of ``roles`` (any when empty) and whose ``in_step`` matches (either
+    when None), as {dotted key relative to ``tree``: value}. A key without a declared role counts
+    as trained and read by the step: a new key is safe by default."""
+    kept = {}
+    for key, value in flatten_dotted(tree).items():
+        role = role_of(f"{prefix}.{key}" if prefix else key) or KeyRole(Role.TRAINED, True)
+        if (not roles or role.role in roles) and in_step in (None, role.in_step):
+            kept[key] = value
+    return kept
+
+
+def step_program(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config values the jitted train step's program depends on (JSON form)."""
+    return keys_with(json.loads(config.to_json()), in_step=True)
+
+
 TARGET_KINDS = ("ema", "stop_gradient", "online")
 
 
@@ -173,11 +284,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
 
     Unknown keys and wrong types are already rejected by the locked ConfigDict itself.
     """
-    # Imported here: these modules import the config (an import cycle at module level).
-    from byol_flax.losses import NORMALIZATIONS  # noqa: PLC0415
-    from byol_flax.models.predictors import PREDICTORS  # noqa: PLC0415
-    from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS  # noqa: PLC0415
-
     checks = [
         (config.training.batch_size > 0, "training.batch_size", "must be positive"),
         (config.training.batch_size % num_devices == 0, "training.batch_size",

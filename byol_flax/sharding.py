@@ -31,14 +31,6 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_divisible(global_batch_size: int, mesh: Mesh) -> None:
-    """The global batch must split evenly over the data axis."""
-    size = mesh.shape[DATA_AXIS]
-    if global_batch_size % size:
-        raise ValueError(f"training.batch_size={global_batch_size} is not divisible by the "
-                         f"{size} devices of the mesh's '{DATA_AXIS}' axis")
-
-
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     """Host-local batch (this process's rows) -> global ``jax.Array``s sharded over ``data``."""
     sharding = data_sharding(mesh)

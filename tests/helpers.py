@@ -1,9 +1,8 @@
-"""Small builders shared by the tests: a tiny BYOL config, random two-view batches, and the
-reliability suite's module (its process helpers and checkpoint readers)."""
+"""Small builders shared by the tests: a tiny BYOL config and random two-view batches. (The
+reliability suite's process helpers and checkpoint readers are imported from
+``benchmarks.reliability_processes``.)"""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -29,15 +28,6 @@ def make_views(batch_size: int, seed: int = 0, size: int = TINY_IMAGE_SIZE) -> d
     base = rng.normal(size=(batch_size, size, size, 3)).astype(np.float32)
     noise = lambda: 0.3 * rng.normal(size=base.shape).astype(np.float32)
     return {"view1": base + noise(), "view2": base + noise()}
-
-
-def load_reliability():
-    """benchmarks/reliability.py as a module (benchmarks/ is not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reliability.py"
-    spec = importlib.util.spec_from_file_location("reliability", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def metrics_by_step(workdir) -> dict[int, dict[str, float]]:

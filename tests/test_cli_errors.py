@@ -9,9 +9,12 @@ sha256 and link targets before and after).
 A fresh process costs ~10 s here (JAX and TensorFlow imports), so the corpus runs in one helper
 process (``python -m tests.test_cli_errors DIR``): it imports the libraries once, builds the
 tree (the digits, a tiny export and damaged copies of it) in a forked child, then runs each case
-in a forked child of its own, the command's module imported there (the absl commands define
-their flags on import, so each must be alone in its process), with a fresh ``sys.argv``, its
-stdout and stderr in files, as the console script would run it. JAX never starts in the helper
+in a forked child of its own, the command's module imported there (train, evaluate, export,
+import and demo define their flags on absl's global flags on import, so each must be alone in its
+process; the others keep theirs on their own ``COMMAND_FLAGS``), with a fresh ``sys.argv``, its
+stdout and stderr in files, as the console script would run it. Every command's ``--help`` runs
+the same way, to check that all of them answer it alike (absl's, through
+``console.run_command``). JAX never starts in the helper
 itself, so forking it is safe (a child that hangs all the same is killed after CASE_TIMEOUT_S and
 reported). Two cases run at a time; measured: the whole corpus in ~60 s on 2 cores.
 """
@@ -51,7 +54,8 @@ COMMANDS = {
     "byol-convert-images": ("byol_flax.data.convert.image_folder", "main"),
     "byol-convert-tfds": ("byol_flax.data.convert.tfds_to_arrayrecord", "main"),
 }
-# Imported once by the helper (the commands' heavy dependencies); none defines an absl flag.
+# Imported once by the helper (the commands' heavy dependencies); none defines a global absl
+# flag.
 PRELOAD = ("byol_flax.train", "byol_flax.evaluation.runner", "byol_flax.export.model_card",
            "byol_flax.export.official", "byol_flax.export.torch_format",
            "byol_flax.studies.runner", "byol_flax.studies.report", "byol_flax.cloud.launch",
@@ -240,12 +244,16 @@ CASES = [
     _study("study_workdir_is_a_file", "--study=cpu_collapse", "--smoke", workdir="notes.txt",
            names="{T}/notes.txt"),
     Case("study_missing_workdir", "byol-study", ("--study=cpu_collapse",), "--workdir"),
+    _study("study_unknown_flag", "--study=cpu_collapse", "--print", "--smoek", names="smoek"),
     # --- byol-launch --------------------------------------------------------------------------
     _launch("launch_unknown_action", "explode", "--accelerator-type=v4-8", *_SLICE,
             names="explode"),
     _launch("launch_unknown_accelerator", "up", "--accelerator-type=v9-8", *_SLICE,
             names="v9-8"),
     _launch("launch_missing_arguments", "up", "--tpu=t", names="--zone"),
+    _launch("launch_missing_action", "--accelerator-type=v4-8", *_SLICE, names="one action"),
+    _launch("launch_spot_and_preemptible", "up", "--accelerator-type=v4-8", *_SLICE, "--spot",
+            "--preemptible", names="preemptible"),
     _launch("launch_run_without_gcloud", "create", "--accelerator-type=v4-8", *_SLICE, "--run",
             names="gcloud", PATH="{T}/empty"),
     # --- converters ---------------------------------------------------------------------------
@@ -255,7 +263,10 @@ CASES = [
              names="{T}/users_folder"),
     _convert(DIGITS, "digits_holdout_not_positive", "--holdout-count", "0",
              names="--holdout-count"),
-    _convert(DIGITS, "digits_unknown_argument", "--bogus", names="--bogus"),
+    _convert(DIGITS, "digits_unknown_flag", "--bogus", names="bogus"),
+    _convert(DIGITS, "digits_unexpected_argument", "extra", names="extra"),
+    _convert(DIGITS, "digits_exclusive_flags", "--holdout-count", "5", "--holdout-fraction",
+             "0.1", names="--holdout-fraction"),
     _convert(IMAGES, "images_src_missing", "--src", "{T}/nothing", names="{T}/nothing"),
     _convert(IMAGES, "images_src_is_a_file", "--src", "{T}/notes.txt", names="{T}/notes.txt"),
     _convert(IMAGES, "images_src_without_images", "--src", "{T}/no_images",
@@ -275,6 +286,10 @@ CASES = [
     _train("bug_in_get_config_type_error", config="{T}/buggy_type.py", names="TypeError",
            bug=True),
 ]
+
+
+# Every command's --help: the command's docstring, then its own flags (not absl's), status 1.
+HELP_CASES = [Case(f"help_{command}", command, ("--help",)) for command in COMMANDS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,7 +512,7 @@ def serve(base: Path) -> None:
     _damage(tree)
     built = time.perf_counter() - started
     (base / "console").mkdir()
-    results = _run_cases(CASES, tree, base / "console")
+    results = _run_cases(CASES + HELP_CASES, tree, base / "console")
     (base / "results.json").write_text(json.dumps({
         "cases": results, "tree": str(tree), "import_seconds": round(imported, 1),
         "tree_seconds": round(built, 1),
@@ -539,7 +554,23 @@ def test_the_snapshot_sees_content_mtime_and_link_changes_outside_the_outputs(tm
 
 def test_the_corpus_covers_every_command():
     assert {case.command for case in CASES} == set(COMMANDS)
-    assert len({case.id for case in CASES}) == len(CASES)
+    assert len({case.id for case in CASES + HELP_CASES}) == len(CASES + HELP_CASES)
+
+
+@pytest.mark.parametrize("case", HELP_CASES, ids=lambda case: case.id)
+def test_every_command_answers_help_alike(corpus, case):
+    """absl's --help for all (byol_flax.runtime.console.run_command): the docstring, a blank
+    line, ``flags:``, the command's own flags under its program name, absl's pointer to
+    --helpfull; on stdout, status 1 (absl's), nothing else."""
+    result, _, shown = _console(corpus, case)
+    assert result["status"] == 1 and not result["stderr"].strip(), shown
+    doc, sep, own = result["stdout"].partition(f"\nflags:\n\n{case.command}:\n")
+    assert sep and doc.strip() and "Traceback" not in result["stdout"], shown
+    assert own.lstrip().startswith("--"), shown
+    own, _, tail = own.partition("\n\nTry --helpfull to get a list of all flags.")
+    assert _ and not tail.strip(), shown
+    assert "--flagfile" not in own and "--verbosity" not in own, shown  # absl's: --helpfull
+    assert "--workdir" in own or "--out" in own or "--checkpoint" in own, shown
 
 
 def _console(corpus: dict, case: Case) -> tuple[dict, list[str], str]:

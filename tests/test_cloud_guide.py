@@ -1,13 +1,12 @@
 """Every command in docs/cloud_tpu.md is one the project accepts.
 
-Project commands are parsed by the project's own parsers (byol_flax.data.convert, benchmarks),
+Project commands are parsed by the project's own flags (the converters' absl flags, benchmarks),
 run in dry-run mode (the launcher) or executed (the config check); external tools (gcloud,
 tensorboard) are allowed only as the guide's upload and viewing steps.
 """
 
 import contextlib
 import importlib
-import importlib.util
 import io
 import re
 import shlex
@@ -35,10 +34,8 @@ def test_the_guide_has_commands():
 
 
 def benchmark_parser(script: str):
-    spec = importlib.util.spec_from_file_location("guide_benchmark", REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_parser()
+    """The parser of ``benchmarks/NAME.py``, imported as ``benchmarks.NAME``."""
+    return importlib.import_module(script.removesuffix(".py").replace("/", ".")).build_parser()
 
 
 @pytest.mark.parametrize("command", guide_commands())
@@ -53,7 +50,10 @@ def test_guide_command_is_accepted(command):
             assert launch.main(argv[3:]) == 0  # dry run: prints, executes nothing
         assert output.getvalue().startswith("gcloud compute tpus tpu-vm ")
     elif argv[1] == "-m" and argv[2].startswith("byol_flax.data.convert."):
-        importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
+        converter_flags = importlib.import_module(argv[2]).COMMAND_FLAGS  # absl, the command's own
+        if converter_flags.is_parsed():
+            converter_flags.unparse_flags()
+        assert converter_flags([argv[2], *argv[3:]]) == [argv[2]]  # known flags, valid values
     elif argv[1] == "-c":
         with contextlib.redirect_stdout(io.StringIO()):
             exec(compile(argv[2], "<guide>", "exec"), {})  # noqa: S102 - our own guide

@@ -73,9 +73,9 @@ def test_the_predictor_example_trains_under_the_online_predictor():
 def test_the_evaluator_example_runs_in_the_cli_and_as_a_monitor(tmp_path):
     from byol_flax.data.convert import digits  # noqa: PLC0415
     from byol_flax.configs import eval_digits  # noqa: PLC0415
-    from byol_flax.evaluation import (EVALUATORS, SweepStore, build_evaluators,  # noqa: PLC0415
-                                      run_protocol)
+    from byol_flax.evaluation import EVALUATORS, SweepStore, build_evaluator  # noqa: PLC0415
     from byol_flax.evaluation.config import validate_eval_config  # noqa: PLC0415
+    from byol_flax.evaluation.monitor import build_state_evaluators  # noqa: PLC0415
     from byol_flax.export.encoder import PretrainedEncoder  # noqa: PLC0415
     from byol_flax.schedules import build_schedules  # noqa: PLC0415
     from byol_flax.sharding import make_mesh  # noqa: PLC0415
@@ -93,8 +93,8 @@ def test_the_evaluator_example_runs_in_the_cli_and_as_a_monitor(tmp_path):
         state = create_train_state(config, build_schedules(config, total_steps=10,
                                                            warmup_steps=1)[0], num_classes=10)
         graphdef, live = nnx.split(state)
-        (monitor,) = build_evaluators(config, make_mesh(), graphdef)
-        scalars = monitor.run(live)
+        (evaluator,) = build_state_evaluators(config, make_mesh(), graphdef)
+        scalars = evaluator.run(live)
         assert set(scalars) == {"nearest_class_mean/top1"}
         assert scalars["nearest_class_mean/top1"] > 0.3  # 10 classes; random conv features
 
@@ -105,7 +105,8 @@ def test_the_evaluator_example_runs_in_the_cli_and_as_a_monitor(tmp_path):
         evaluation.data.image_size, evaluation.feature_batch_size = 8, 64
         validate_eval_config(evaluation, num_devices=jax.device_count())
         subject = PretrainedEncoder(state.online.encoder, {}, {"kind": "test"})
-        result = run_protocol(evaluation, subject, make_mesh(), SweepStore(tmp_path / "sweep"))
+        result = build_evaluator(evaluation, make_mesh(),
+                                 store=SweepStore(tmp_path / "sweep")).run(subject)
         assert result["protocol"] == "nearest_class_mean"
         assert result["selection"] == {"top1": scalars["nearest_class_mean/top1"]}
         assert 0.3 < result["test"]["top1"] <= 1.0

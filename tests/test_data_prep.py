@@ -11,10 +11,12 @@ import os
 import re
 import shutil
 import struct
+import subprocess
 import sys
 import time
 import types
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,15 +24,17 @@ from array_record.python import array_record_module
 from etils import epath
 from PIL import Image
 
-from byol_flax.data import augment, records
+from byol_flax.data import augment, imagenet, records
 from byol_flax.data.records import (UNLABELED, decode_record, file_sha256, load_manifest,
                                     split_evenly, verify_shard, verify_split)
-from byol_flax.data.convert import common, digits, image_folder, tfds_to_arrayrecord
+from byol_flax.data.convert import (digits, image_folder, image_io, order,
+                                    tfds_to_arrayrecord, writer)
 from byol_flax.runtime.outputs import MARKER_NAME
 
 CLASSES = {"cat": 3, "dog": 4, "eel": 3}
 EXTENSIONS = (".jpg", ".png", ".JPEG", ".PNG")
 SUMMARY = re.compile(r"(\d+) shards written, (\d+) skipped")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_image(path, rng, size=(5, 6)):
@@ -55,7 +59,7 @@ def make_class_tree(root, classes=CLASSES, seed=0):
 
 
 def image_files(root):
-    return sorted(p for p in root.rglob("*") if common.is_image_file(p.name))
+    return sorted(p for p in root.rglob("*") if image_io.is_image_file(p.name))
 
 
 def run(module, *args, workers=1):
@@ -243,17 +247,22 @@ def test_imagenet_val_label_errors_name_the_file(tmp_path, capsys, problem):
 def test_imagenet_holdout_size_is_appendix_e1():
     # BYOL Appendix E.1, Table 10: ImageNet, 1281167 original train examples = 1271158 train +
     # 10009 validation, "the last 10009 images of the official tensorflow ImageNet split".
-    assert common.IMAGENET_HOLDOUT_COUNT == 10009
-    assert common.IMAGENET_TRAIN_EXAMPLES == 1281167
-    assert common.IMAGENET_TRAIN_EXAMPLES - common.IMAGENET_HOLDOUT_COUNT == 1271158
+    assert imagenet.IMAGENET_HOLDOUT_COUNT == 10009
+    assert imagenet.IMAGENET_TRAIN_EXAMPLES == 1281167
+    assert imagenet.IMAGENET_TRAIN_EXAMPLES - imagenet.IMAGENET_HOLDOUT_COUNT == 1271158
 
 
-def test_image_folder_docs_say_its_holdout_is_not_the_papers(capsys):
-    with pytest.raises(SystemExit):
-        image_folder.main(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
+def help_of(module) -> subprocess.CompletedProcess:
+    """``python -m MODULE --help``, as a person runs it (absl's help needs the process's own
+    ``__main__`` and global flags)."""
+    return subprocess.run([sys.executable, "-m", module.__name__, "--help"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def test_image_folder_docs_say_its_holdout_is_not_the_papers():
+    text = " ".join(help_of(image_folder).stdout.split())
     assert "SEEDED RANDOM CHOICE" in text and "not the paper's split" in text
-    assert "NOT the paper's split" in " ".join(image_folder.build_parser().format_help().split())
+    assert "NOT the paper's split" in text  # --imagenet-holdout's own help
     assert "NOT the paper's images" in " ".join(image_folder.__doc__.split())
 
 
@@ -275,8 +284,8 @@ def test_imagenet_holdout(tmp_path, capsys):
     assert not train & holdout
     assert train | holdout == {p.relative_to(src).as_posix() for p in image_files(src / "train")}
     # The held-out split is the tail of train in the documented order.
-    ordered = common.seeded_order(
-        common.Example(id=i, label=0, data=b"") for i in train | holdout)
+    ordered = order.seeded_order(
+        image_io.Example(id=i, label=0, data=b"") for i in train | holdout)
     assert holdout == {e.id for e in ordered[-2:]}
 
 
@@ -314,12 +323,12 @@ def test_assignment_is_deterministic(tmp_path, monkeypatch):
     # The second conversion runs in two worker processes: same bytes.
     pools = []
 
-    class RecordingPool(common.futures.ProcessPoolExecutor):
+    class RecordingPool(writer.futures.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(common.futures, "ProcessPoolExecutor", RecordingPool)
+    monkeypatch.setattr(writer.futures, "ProcessPoolExecutor", RecordingPool)
     assert run(image_folder, "--src", src, "--out", second, "--num-shards", 3, workers=2) == 0
     assert len(pools) == 1 and pools[0]._max_workers == 2
     assert len(shard_bytes(first)) == 3
@@ -419,11 +428,46 @@ def test_empty_tree_fails_naming_it(tmp_path, capsys, layout, expected):
 
 
 @pytest.mark.parametrize("module", [image_folder, digits, tfds_to_arrayrecord])
-def test_help_exits_zero(module, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(["--help"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: python -m {module.__name__}")
+def test_help_is_absls_with_the_converters_own_flags(module):
+    """Every command's ``--help`` (byol_flax.runtime.console.run_command): the module's
+    docstring, then its own flags, status 1 (absl's)."""
+    done = help_of(module)
+    assert done.returncode == 1 and not done.stderr, done.stderr
+    assert done.stdout.startswith(module.__doc__.splitlines()[0])
+    own = done.stdout.split("\nflags:\n", 1)[1]
+    assert all(f"--{name}" in own or f"--[no]{name}" in own for name in module.COMMAND_FLAGS)
+    assert "Try --helpfull" in own and "--flagfile" not in own  # absl's own flags: --helpfull
+
+
+def test_converters_define_no_global_flags_and_start_from_the_defaults(tmp_path, capsys):
+    """Each converter keeps its flags on its own FlagValues (the three share --out and more, and
+    the study runner imports digits); an in-process call does not inherit the previous one's."""
+    from absl import flags  # noqa: PLC0415
+
+    for module in (image_folder, digits, tfds_to_arrayrecord):
+        assert not any(name in flags.FLAGS for name in module.COMMAND_FLAGS), module.__name__
+    src = make_class_tree(tmp_path / "src")
+    assert run(image_folder, "--src", src, "--out", tmp_path / "a", "--holdout-count", 2,
+               "--order-seed", 7) == 0
+    assert run(image_folder, "--src", src, "--out", tmp_path / "b") == 0
+    options = load_manifest(tmp_path / "b").source["options"]
+    assert options["holdout_count"] is None and options["order_seed"] == 0
+    assert set(load_manifest(tmp_path / "b").splits) == {"train"}
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--holdout-count", "0"], "--holdout-count=0"),
+    (["--holdout-count", "3", "--holdout-fraction", "0.1"], "exclude each other"),
+    (["--num-shards", "2", "--examples-per-shard", "3"], "exclude each other"),
+    (["--test-fraction", "1"], "strictly between 0 and 1"),
+    (["--bogus"], "bogus"),
+    (["extra"], "extra"),
+])
+def test_a_bad_flag_is_one_line_with_status_2(tmp_path, capsys, argv, named):
+    assert digits.main(["--out", str(tmp_path / "out"), "--no-progress", *argv]) == 2
+    out, error = capsys.readouterr()
+    assert not out and error.startswith("error: ") and named in error and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_tfds_missing_says_how_to_install(tmp_path, capsys, monkeypatch):
@@ -477,7 +521,7 @@ def test_digits(tmp_path):
 
 def left_out(out_dir):
     """{printable path: reason} of skipped_files.json, checked against its count."""
-    listed = json.loads((out_dir / common.SKIPPED_FILES_NAME).read_text())
+    listed = json.loads((out_dir / writer.SKIPPED_FILES_NAME).read_text())
     assert listed["count"] == len(listed["files"])
     return {item["file"]: item["reason"] for item in listed["files"]}
 
@@ -580,7 +624,7 @@ def test_bad_image_error_mode_names_the_file_and_leaves_nothing_half_written(tmp
     assert run(image_folder, "--src", src, "--out", out, "--on-bad-image", "error",
                "--examples-per-shard", 3, *extra, workers=workers) == 1
     error = capsys.readouterr().err
-    assert error.startswith(f"error: bad image {bad}: ") and error.count("\n") == 1
+    assert error.startswith(f"error: BadImage: bad image {bad}: ") and error.count("\n") == 1
     expected = {"truncated": "truncated", "text": "not a readable image", "bomb": "oversized",
                 "limit": "8x8 = 64 pixels, over the limit of 40"}[kind]
     assert expected in error
@@ -609,7 +653,8 @@ def test_non_utf8_file_name_is_left_out(tmp_path, capsys, mode):
     if mode == "error":
         assert code == 1
         error = capsys.readouterr().err
-        assert error.startswith(f"error: bad image {printable}: file name is not valid UTF-8")
+        assert error.startswith(f"error: BadImage: bad image {printable}: file name is not "
+                                "valid UTF-8")
         return
     assert code == 0
     assert list(left_out(out)) == [printable]
@@ -624,7 +669,7 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path, capsys, reencode):
     Image.fromarray(values).save(src / "deep" / "x.png")
     write_image(src / "deep" / "y.png", np.random.default_rng(0))
     with Image.open(src / "deep" / "x.png") as image:
-        assert image.mode in common.HIGH_BIT_DEPTH_MODES  # Pillow kept the 16 bits
+        assert image.mode in image_io.HIGH_BIT_DEPTH_MODES  # Pillow kept the 16 bits
     out = tmp_path / "out"
     assert run(image_folder, "--src", src, "--out", out, "--reencode", reencode) == 0
     records = {r.id: r for r in read_split(out, "train")}
@@ -646,15 +691,15 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path, capsys, reencode):
 
 
 def test_source_order_holdout_is_the_tail_as_given():
-    examples = [common.Example(id=f"img{i:02d}", label=0, data=b"") for i in range(20)]
+    examples = [image_io.Example(id=f"img{i:02d}", label=0, data=b"") for i in range(20)]
     given = examples[::-1]  # the order the source read them in
-    split = common.order_and_hold_out({"train": given}, seed=0, holdout_count=4,
-                                      holdout_order="source")
+    split = order.order_and_hold_out({"train": given}, seed=0, holdout_count=4,
+                                     holdout_order="source")
     assert {e.id for e in split["holdout"]} == {e.id for e in given[-4:]}
     assert {e.id for e in split["train"]} == {e.id for e in given[:-4]}
-    seeded = common.order_and_hold_out({"train": given}, seed=0, holdout_count=4)
+    seeded = order.order_and_hold_out({"train": given}, seed=0, holdout_count=4)
     assert {e.id for e in seeded["holdout"]} != {e.id for e in given[-4:]}
-    assert split["train"] == common.seeded_order(split["train"])  # then written seeded
+    assert split["train"] == order.seeded_order(split["train"])  # then written seeded
 
 
 def fake_tfds(files, tmp_path):

@@ -21,6 +21,8 @@ from byol_flax.export.model_card import export_with_model_card as export_cli
 from byol_flax.evaluation.runner import evaluate
 from byol_flax.evaluation import classifier as clf
 from byol_flax.evaluation import base, semi_supervised, transfer_finetune
+from byol_flax.evaluation.evaluators import build_evaluator
+from byol_flax.evaluation.monitor import build_state_evaluators
 from byol_flax.evaluation.linear import linear_on_features
 from byol_flax.export import encoder as export
 from byol_flax.export import model_card
@@ -429,13 +431,13 @@ def test_semi_supervised_and_finetuning_protocols_run_on_digits(data_dir, tmp_pa
     common.transfer_finetune.steps = 2
     common.transfer_finetune.batch_size = 64
     mesh = make_mesh()
-    semi = base.run_protocol(_with_protocol(common, "semi_supervised"), encoder, mesh,
-                                  base.SweepStore(tmp_path))
+    semi = build_evaluator(_with_protocol(common, "semi_supervised"), mesh,
+                           store=base.SweepStore(tmp_path)).run(encoder)
     num_train = open_split(common.data, "train").num_records
     assert semi["labelled_examples"] == 10 * round(0.1 * num_train / 10)  # balanced 10%
     assert semi["selected"] == {"learning_rate": 0.05, "epochs": 1}
-    tuned = base.run_protocol(_with_protocol(common, "transfer_finetune"), encoder, mesh,
-                                   base.SweepStore(tmp_path))
+    tuned = build_evaluator(_with_protocol(common, "transfer_finetune"), mesh,
+                            store=base.SweepStore(tmp_path)).run(encoder)
     assert tuned["selected"] == {"learning_rate": 1e-4, "weight_decay": 1e-6}
     assert tuned["refit_on_train_and_selection"] and 0 <= tuned["test"]["top1"] <= 1
 
@@ -462,8 +464,8 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     graphdef, state = nnx.split(train_state)
     mesh = make_mesh()
     scalars = {}
-    for monitor in base.build_evaluators(config, mesh, graphdef):
-        scalars.update(monitor.run(state))
+    for evaluator in build_state_evaluators(config, mesh, graphdef):
+        scalars.update(evaluator.run(state))
     assert set(scalars) >= {"knn/top1_k20", "knn/top1_k200", "online_classifier/top1"}
 
     evaluation = tiny_eval_config(data_dir, "knn")
@@ -473,7 +475,7 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     evaluation.knn.k = (20, 200)
     subject = export.PretrainedEncoder(nnx.merge(graphdef, state).online.encoder,
                                        tiny_model_config(), {"kind": "test"})
-    knn = base.run_protocol(evaluation, subject, mesh, base.SweepStore(None))
+    knn = build_evaluator(evaluation, mesh).run(subject)
     assert knn["test"] == {"top1_k20": scalars["knn/top1_k20"],
                            "top1_k200": scalars["knn/top1_k200"]}
 
@@ -481,8 +483,7 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     merged = nnx.merge(graphdef, state)
     subject = export.PretrainedEncoder(merged.online.encoder, tiny_model_config(),
                                        {"kind": "test"}, classifier=merged.classifier)
-    online = base.run_protocol(evaluation, subject, mesh, base.SweepStore(None))
+    online = build_evaluator(evaluation, mesh).run(subject)
     assert online["test"]["top1"] == scalars["online_classifier/top1"]
     with pytest.raises(export.SourceError, match="no online classifier"):
-        base.run_protocol(evaluation, dataclasses.replace(subject, classifier=None), mesh,
-                          base.SweepStore(None))
+        build_evaluator(evaluation, mesh).run(dataclasses.replace(subject, classifier=None))

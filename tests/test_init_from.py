@@ -16,19 +16,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.reliability_processes import committed_steps, final_state
 from byol_flax.checkpointing import config_changes, flatten_dotted
 from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.config import ConfigError
 from byol_flax.export.encoder import PretrainedEncoder, export_encoder, fingerprint, load_export
-from byol_flax.export.init_from import InitFromError, apply_init_from, check_init_from
+from byol_flax.init_from import InitFromError, apply_init_from, check_init_from
 from byol_flax.models.byol import build_online_network
 from byol_flax.models.resnet import ENCODERS, ResNet
-from tests.helpers import load_reliability, tiny_config
+from tests.helpers import tiny_config
 from tests.test_performance import shrunk_digits_config
 from tests.test_train_driver import data_dir  # noqa: F401 (a fixture: the digits, converted)
 
-reliability = load_reliability()
-committed_steps, final_state = reliability.committed_steps, reliability.final_state
 
 NUM_CLASSES = 10
 TOTAL_STEPS = 4  # 64 examples per epoch at batch 16, one epoch; checkpoints at 2 and 4

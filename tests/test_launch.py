@@ -104,3 +104,19 @@ def test_data_dir_schemes():
         records.resolve_data_dir("s3://bucket/imagenet", "/tmp/cache")
     with pytest.raises(records.DataError, match="set config.data.local_cache_dir"):
         records.resolve_data_dir("gs://bucket/imagenet", "")
+
+
+def test_flag_errors_are_one_line_with_status_2(capsys):
+    """absl flags of the launcher's own (byol_flax.runtime.console.run_command): the action stays
+    a positional argument; an unknown action or accelerator type, a missing flag or both
+    capacity flags are refused before anything is printed or run."""
+    slice_flags = ["--tpu=t", "--zone=z", "--config=digits_cpu", "--workdir=gs://b/run"]
+    for argv, named in ((["explode", "--accelerator-type=v4-8", *slice_flags], "explode"),
+                        (["up", "--accelerator-type=v9-8", *slice_flags], "v9-8"),
+                        (["--accelerator-type=v4-8", *slice_flags], "one action"),
+                        (["up", "--tpu=t"], "--zone"),
+                        (["up", "--accelerator-type=v4-8", "--spot", "--preemptible",
+                          *slice_flags], "preemptible")):
+        assert launch.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert not out and err.startswith("error: ") and named in err and err.count("\n") == 1

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.reliability_processes import children, process_alive  # /proc helpers
 from byol_flax.config import base_config
 from byol_flax.data import records
 from byol_flax.data.pipeline import eval_dataset, open_split, train_dataset
-from tests.helpers import load_reliability
 
 REPO = Path(__file__).resolve().parents[1]
-reliability = load_reliability()  # its /proc helpers: child processes, liveness
 
 NUM_RECORDS, NUM_SHARDS, NUM_CLASSES = 36, 3, 4
 
@@ -179,14 +178,14 @@ def test_a_grain_worker_exits_when_its_trainer_is_killed(tmp_path):
     trainer = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
                                text=True, cwd=REPO)
     assert trainer.stdout.readline().strip() == "ready"
-    workers = reliability.children(trainer.pid)
+    workers = children(trainer.pid)
     assert len(workers) >= 2
     trainer.kill()
     trainer.wait()
     deadline = time.time() + 30
-    while any(reliability.process_alive(pid) for pid in workers) and time.time() < deadline:
+    while any(process_alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
-    assert not any(reliability.process_alive(pid) for pid in workers)
+    assert not any(process_alive(pid) for pid in workers)
 
 
 

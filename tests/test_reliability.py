@@ -5,12 +5,11 @@ NaN-batch case runs in the full suite; tests/test_train_driver.py checks a diver
 
 import json
 
-from tests.helpers import load_reliability
+from benchmarks import reliability
 
 
 def test_quick_reliability_suite_meets_its_targets(tmp_path, capsys):
-    suite = load_reliability()
-    code = suite.main(["--quick", "--workdir", str(tmp_path)])
+    code = reliability.main(["--quick", "--workdir", str(tmp_path)])
     output = capsys.readouterr().out
     summary = json.loads(output.strip().splitlines()[-1])
     assert summary["targets"] and all(summary["targets"].values()), summary["targets"]

@@ -26,7 +26,7 @@ from byol_flax.export import encoder as export
 from byol_flax.schedules import build_schedules
 from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.checkpointing.preemption import TerminationGuard
-from byol_flax.train import _run_monitors
+from byol_flax.evaluation.monitor import Monitor
 from byol_flax.train_state import create_train_state
 from tests.helpers import tiny_config
 from tests.test_checkpointing import new_state, one_device
@@ -322,30 +322,47 @@ def test_the_heartbeat_keeps_a_lease_fresh(tmp_path):
 
 
 class Failing:
+    name = "broken"
+
     def run(self, state):
         raise RuntimeError("monitor bug")
 
 
 class Working:
+    name = "knn"
+
     def run(self, state):
         return {"knn/top1": 0.5}
+
+
+def monitor(evaluators, config, guard, total_steps=5):
+    return Monitor(evaluators, config, total_steps=total_steps, termination=guard)
 
 
 def test_a_failing_monitor_is_logged_and_counted_and_training_goes_on(caplog):
     config = tiny_config()
     guard = TerminationGuard(enabled=False)
     with caplog.at_level(logging.ERROR):
-        scalars = _run_monitors(5, [("broken", Failing()), ("knn", Working())], None, config,
-                                guard)
+        scalars = monitor([Failing(), Working()], config, guard).maybe_run(5, None)
     assert scalars == {"monitor_errors/broken": 1.0, "knn/top1": 0.5}
     failure = next(r for r in caplog.records if "monitor broken failed" in r.getMessage())
     assert failure.exc_info is not None  # the traceback is in the log
     config.monitor.errors_are_fatal = True
     with pytest.raises(RuntimeError, match="monitor bug"):
-        _run_monitors(5, [("broken", Failing())], None, config, guard)
+        monitor([Failing()], config, guard).maybe_run(5, None)
 
 
 def test_a_pending_sigterm_skips_the_monitors():
     guard = TerminationGuard(enabled=False)
     guard.requested = True
-    assert _run_monitors(5, [("knn", Working())], None, tiny_config(), guard) == {}
+    assert monitor([Working()], tiny_config(), guard).maybe_run(5, None) == {}
+
+
+def test_monitors_run_every_monitor_every_steps_and_at_the_last_step():
+    config = tiny_config()
+    config.monitor.every_steps = 4
+    watch = monitor([Working()], config, TerminationGuard(enabled=False), total_steps=10)
+    due = [step for step in range(1, 11) if watch.maybe_run(step, None) is not None]
+    assert due == [4, 8, 10]
+    config.monitor.every_steps = 0  # monitors off
+    assert monitor([Working()], config, TerminationGuard(enabled=False)).maybe_run(5, None) is None

@@ -175,10 +175,10 @@ def test_a_200k_deep_structure_is_one_line(crafted):
 def test_a_small_file_cannot_make_millions_of_values(monkeypatch):
     """A byte per empty list (or memo entry, or NamedTuple class) would fill memory at 50-1000
     times the file's size; the reader counts what it makes."""
-    monkeypatch.setattr(safe_pickle, "MAX_OBJECTS", 1_000)
+    monkeypatch.setattr(safe_pickle.machine, "MAX_OBJECTS", 1_000)
     crafted = b"\x80\x02" + pickle.MARK + pickle.EMPTY_LIST * 2_000 + pickle.LIST + b"."
     assert "more than 1,000 values" in refusal(crafted, safe_pickle.UnsafePickleError)
-    monkeypatch.setattr(safe_pickle, "MAX_RECORD_CLASSES", 2)
+    monkeypatch.setattr(safe_pickle.machine, "MAX_RECORD_CLASSES", 2)
     make_class = (global_op("dill._dill", "_create_namedtuple") + text("State") + text("x")
                   + pickle.TUPLE1 + text("somewhere") + pickle.TUPLE3 + pickle.REDUCE)
     crafted = b"\x80\x02" + pickle.MARK + make_class * 3 + pickle.LIST + b"."

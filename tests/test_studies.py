@@ -141,6 +141,26 @@ def test_printed_digits_study_converts_the_data_and_scores_its_references(capsys
     assert (evaluation.data.image_size, evaluation.feature_batch_size) == (8, 64)
 
 
+def test_the_runner_takes_absl_flags_in_process_one_call_after_another(capsys):
+    """``runner.main(argv)`` parses into the runner's own flags (importing it defines no global
+    flag); a call starts from the defaults again, and a bad flag is one line, status 2."""
+    assert not any(name in flags.FLAGS for name in runner.COMMAND_FLAGS)
+    assert runner.main(["--study", "cpu_collapse", "--workdir", "w", "--print", "--rows=byol",
+                        "--smoke", "--set=training.epochs=2", "--set=seed=3"]) == 0
+    smoke = capsys.readouterr().out
+    assert "smoke=True" in smoke and "--config.training.epochs=2 " in smoke
+    assert runner.main(["--study=cpu_collapse", "--workdir=w", "--print", "--rows=byol"]) == 0
+    again = capsys.readouterr().out
+    assert "smoke=True" not in again and "training.epochs=2" not in again
+    for argv, named in ((["--study=cpu_collapse"], "--workdir"),
+                        (["--study=cpu_collapse", "--workdir=w", "--bogus"], "bogus"),
+                        (["--study=cpu_collapse", "--workdir=w", "extra"], "extra"),
+                        (["--study=cpu_collapse", "--workdir=w", "--seeds=a"], "--seeds=a")):
+        assert runner.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and named in err and "\n" not in err, err
+
+
 def test_a_reference_must_be_scored_by_one_of_the_evaluations():
     study = dataclasses.replace(load("cpu_collapse"), references={"pixels": ("eval_top5",)})
     with pytest.raises(ValueError, match=r"references \{'pixels': \('eval_top5',\)\}"):

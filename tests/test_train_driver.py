@@ -16,20 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.reliability_processes import (EVERY, Run, committed_steps, final_state,
+                                              shrink_flags)
 from byol_flax.config import ConfigError, validate_config
 from byol_flax.data.convert import digits
 from byol_flax.configs import digits_cpu
-from tests.helpers import load_reliability, metrics_by_step
+from tests.helpers import metrics_by_step
 
 REPO = Path(__file__).resolve().parents[1]
 # Exact-resume checks (kill -9 at random moments, SIGTERM, damaged checkpoints and data, NaN)
-# live in benchmarks/reliability.py; tests/test_reliability.py runs its fast subset. Its helpers
-# read committed checkpoints here too.
-reliability = load_reliability()
-committed_steps, final_state = reliability.committed_steps, reliability.final_state
+# live in benchmarks/reliability.py; tests/test_reliability.py runs its fast subset. Its process
+# helpers (benchmarks/reliability_processes.py) start runs and read committed checkpoints here too.
 # 64 examples per "epoch" at batch 16: 4 steps per epoch, 16 steps in all.
-SHRINK = reliability.shrink_flags(num_train_examples=64, logging_every=4)
-TOTAL_STEPS, EVERY = 16, reliability.EVERY
+SHRINK = shrink_flags(num_train_examples=64, logging_every=4)
+TOTAL_STEPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +165,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(argv: list[str], log: Path, devices: int = 1) -> "reliability.Run":
+def start(argv: list[str], log: Path, devices: int = 1) -> Run:
     """A subprocess whose stderr is read as it runs (no pipe can fill up)."""
     environment = {**env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return reliability.Run(argv, environment, log)
+    return Run(argv, environment, log)
 
 
 def kill_after(runs: list, workdir: Path, condition, timeout: float = 300) -> None:

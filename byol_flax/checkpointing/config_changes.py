@@ -4,12 +4,13 @@ trained with.
 Every checkpoint holds the full config of the run that wrote it plus the identity of its data
 (the sha256 of the training manifest). On resume:
 
-* runtime keys (:data:`RUNTIME_KEYS`: workers, threads, logging, monitors, checkpoint cadence,
-  convolution implementation, ...) change freely;
-* every other key changes what is trained (batch, epochs, learning rate, weight decay, tau,
-  multipliers, loss, augmentation, seed, data) and is refused with the old and new values unless
-  it is named in ``--allow_config_change``. Unknown keys count as trained keys: a new key is safe
-  by default.
+* runtime and initialisation keys (their :class:`byol_flax.config.Role`, declared next to
+  their defaults: workers, threads, logging, monitors, checkpoint cadence, convolution
+  implementation, ``init_from``, ...) change freely;
+* every trained key (batch, epochs, learning rate, weight decay, tau, multipliers, loss,
+  augmentation, seed, the data's identity) is refused with the old and new values unless it is
+  named in ``--allow_config_change``. Unknown keys count as trained keys: a new key is safe by
+  default.
 
 Changes that are accepted are appended to ``<workdir>/config_history.jsonl`` (step, time, key,
 old, new, kind), which the model card shows; ``config.json`` is rewritten only together with
@@ -27,28 +28,9 @@ from typing import Any
 from etils import epath
 
 from byol_flax.errors import UserError
-from byol_flax.checkpointing import flatten_dotted
+from byol_flax.config import Role, flatten_dotted, role_of
 from byol_flax.data.records import manifest_path
 
-# Dotted prefixes of keys that change how a run is executed, not what it trains.
-RUNTIME_KEYS = (
-    "data.dir",  # the data's identity is its manifest hash (DATA_IDENTITY_KEY), not its path
-    "data.local_cache_dir",
-    "data.verify_checksums",
-    "data.max_skipped_records",
-    "data.num_classes",  # checks against the manifest; what is read is the data identity
-    "data.source_image_size",
-    "data.worker_count",
-    "data.read_threads",
-    "data.prefetch_buffer_size",
-    "model.conv_implementation",
-    "model.encoder.zero_init_residual",  # initialisation only: a resumed run initialises nothing
-    "model.init_from",  # likewise: the checkpoint, not the export, holds a resumed run's weights
-    "model.init_from_heads",
-    "checkpoint",
-    "logging",
-    "monitor",
-)
 # Trained keys added after checkpoints were written without them, each with the value that
 # reproduces what those runs did: a saved config that lacks the key compares as this value, so
 # a resume of an older checkpoint is not refused for a key it could not have had.
@@ -87,7 +69,10 @@ def _under(key: str, sections: Sequence[str]) -> bool:
 
 
 def is_runtime_key(key: str) -> bool:
-    return _under(key, RUNTIME_KEYS)
+    """A key a resume may change freely: its declared role is runtime or initialisation (the
+    data's identity and undeclared keys are trained)."""
+    role = role_of(key)
+    return role is not None and role.role is not Role.TRAINED
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str, Any]]:

@@ -29,8 +29,8 @@ class EncoderCheckpoint:
     arrays: dict[str, Any]
     model_config: dict[str, Any]  # config.model saved with the step
     # The run's config saved with the step plus "config_history" (the workdir's recorded
-    # changes up to the step); None when neither the step nor the workdir recorded one.
-    pretrain_config: dict[str, Any] | None
+    # changes up to the step).
+    pretrain_config: dict[str, Any]
 
 
 def read_encoder(workdir: epath.PathLike, step: int | None = None) -> EncoderCheckpoint:
@@ -38,8 +38,7 @@ def read_encoder(workdir: epath.PathLike, step: int | None = None) -> EncoderChe
     default). Raises :class:`DamagedCheckpointError` when no step is committed, the requested
     step is damaged, or every step is.
 
-    The pre-training config is the one saved with that step (what it was trained with); for
-    checkpoints written before run records, the workdir's ``config.json``.
+    The pre-training config is the one saved with that step (what it was trained with).
     """
     workdir = epath.Path(workdir)
     directory = workdir / "checkpoints"
@@ -51,12 +50,6 @@ def read_encoder(workdir: epath.PathLike, step: int | None = None) -> EncoderChe
     except (OSError, ValueError, KeyError) as error:
         raise DamagedCheckpointError(f"{model_file}: the model config of checkpoint step {step} "
                                      f"cannot be read: {error}") from error
-    if run is not None:
-        pretrain_config = run["config"]
-    else:  # checkpoints written before run records
-        config_file = workdir / config_changes.CONFIG_NAME
-        pretrain_config = json.loads(config_file.read_text()) if config_file.exists() else None
-    if pretrain_config is not None:
-        pretrain_config = {**pretrain_config,
-                           "config_history": config_changes.read_history(workdir, step)}
+    pretrain_config = {**run["config"],
+                       "config_history": config_changes.read_history(workdir, step)}
     return EncoderCheckpoint(step, arrays, model_config, pretrain_config)

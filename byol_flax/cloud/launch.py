@@ -1,7 +1,7 @@
 """Cloud TPU VM launcher: prints (default) or runs the ``gcloud`` commands of a BYOL run.
 
-    python -m byol_flax.cloud.launch ACTION --tpu NAME --zone ZONE --accelerator-type v4-64 \\
-        --config byol_imagenet:r50x1 --workdir gs://BUCKET/run [--spot] [--run]
+    python -m byol_flax.cloud.launch ACTION --tpu=NAME --zone=ZONE --accelerator-type=v4-64 \\
+        --config=byol_imagenet:r50x1 --workdir=gs://BUCKET/run [--spot] [--run]
 
 Actions: ``create`` (the TPU VM slice, optionally spot/preemptible), ``install`` (Python 3.11 in
 a virtual environment, clone this repository and install it with JAX for TPU on every worker, at
@@ -10,15 +10,16 @@ command on every worker, in the background, logging to ``~/byol_train.log``), ``
 worker 0's log), ``relaunch`` (after a preemption: delete, create, install, train against the
 same workdir, which resumes from its newest checkpoint), ``delete``, and ``up`` (create + install
 + train). Without ``--run`` nothing is executed: the commands are printed, one per line. A bad
-argument, a missing ``gcloud`` or a failed command is one line naming it.
+flag, a missing ``gcloud`` or a failed command is one line naming it.
 """
 
-import argparse
 import dataclasses
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
+
+from absl import app, flags
 
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice
 from byol_flax.errors import UserError
@@ -105,57 +106,73 @@ class Launch:
         return getattr(self, action)()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = console.ArgumentParser(
-        prog="python -m byol_flax.cloud.launch", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("action", choices=ACTIONS)
-    parser.add_argument("--tpu", required=True, help="TPU VM name")
-    parser.add_argument("--zone", required=True, help="e.g. us-central2-b")
-    parser.add_argument("--accelerator-type", required=True, help="e.g. v4-8, v4-64, v3-512")
-    parser.add_argument("--config", required=True,
-                        help="config name or module and argument, e.g. byol_imagenet:r50x1")
-    parser.add_argument("--workdir", required=True, help="gs://BUCKET/PATH (shared by workers)")
-    parser.add_argument("--project", default=None)
-    parser.add_argument("--runtime-version", default=None,
-                        help="TPU VM image (default: by chip family, e.g. tpu-ubuntu2204-base "
-                             "for v4)")
-    capacity = parser.add_mutually_exclusive_group()
-    capacity.add_argument("--spot", action="store_const", const="spot", dest="capacity")
-    capacity.add_argument("--preemptible", action="store_const", const="preemptible",
-                          dest="capacity")
-    parser.add_argument("--repo", default=DEFAULT_REPO, help="git URL cloned on every worker")
-    parser.add_argument("--override", action="append", default=[], metavar="--config.KEY=VALUE",
-                        help="extra flag passed to byol_flax.main (repeatable)")
-    parser.add_argument("--run", action="store_true",
-                        help="execute the commands (default: print them)")
-    return parser
+# The command's own flags (console.run_command): importing this module defines no global absl
+# flag (its --config is a plain string, not byol_flax.main's config flag).
+COMMAND_FLAGS = flags.FlagValues()
+_TPU = flags.DEFINE_string("tpu", None, "TPU VM name", flag_values=COMMAND_FLAGS)
+_ZONE = flags.DEFINE_string("zone", None, "e.g. us-central2-b", flag_values=COMMAND_FLAGS)
+_ACCELERATOR_TYPE = flags.DEFINE_string("accelerator-type", None, "e.g. v4-8, v4-64, v3-512",
+                                        flag_values=COMMAND_FLAGS)
+_CONFIG = flags.DEFINE_string("config", None,
+                              "config name or module and argument, e.g. byol_imagenet:r50x1",
+                              flag_values=COMMAND_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "gs://BUCKET/PATH (shared by workers)",
+                               flag_values=COMMAND_FLAGS)
+_PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's)",
+                               flag_values=COMMAND_FLAGS)
+_RUNTIME_VERSION = flags.DEFINE_string(
+    "runtime-version", None, "TPU VM image (default: by chip family, e.g. tpu-ubuntu2204-base "
+    "for v4)", flag_values=COMMAND_FLAGS)
+_SPOT = flags.DEFINE_boolean("spot", False, "create a spot TPU VM", flag_values=COMMAND_FLAGS)
+_PREEMPTIBLE = flags.DEFINE_boolean("preemptible", False, "create a preemptible TPU VM",
+                                    flag_values=COMMAND_FLAGS)
+_REPO = flags.DEFINE_string("repo", DEFAULT_REPO, "git URL cloned on every worker",
+                            flag_values=COMMAND_FLAGS)
+_OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "extra flag passed to byol_flax.main, e.g. "
+    "--override=--config.data.dir=gs://BUCKET/imagenet", flag_values=COMMAND_FLAGS)
+_RUN = flags.DEFINE_boolean("run", False, "execute the commands (default: print them)",
+                            flag_values=COMMAND_FLAGS)
+flags.mark_flags_as_required(["tpu", "zone", "accelerator-type", "config", "workdir"],
+                             flag_values=COMMAND_FLAGS)
+flags.mark_bool_flags_as_mutual_exclusive(["spot", "preemptible"], flag_values=COMMAND_FLAGS)
+
+
+@flags.validator("accelerator-type", flag_values=COMMAND_FLAGS)
+def _known_accelerator_type(value: str | None) -> bool:
+    """An unknown accelerator type is a flag error, before anything runs."""
+    if value is not None:
+        try:
+            devices_in_slice(value)
+        except ValueError as error:
+            raise flags.ValidationError(str(error)) from error
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        devices_in_slice(args.accelerator_type)
-    except ValueError as error:  # an unknown accelerator type, before anything runs
-        parser.error(f"--accelerator-type: {error}")
-    return console.run_cli(lambda: _main(args), "byol_flax.cloud.launch")
+    """``byol-launch ACTION``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
+    (returns the exit status; :func:`byol_flax.runtime.console.run_command`)."""
+    return console.run_command(_main, __name__, flag_values=COMMAND_FLAGS, argv=argv)
 
 
-def _main(args: argparse.Namespace) -> int:
-    if not args.workdir.startswith("gs://"):
-        print(f"warning: --workdir={args.workdir} is not gs://; workers do not share local "
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[1] not in ACTIONS:
+        given = f"got {argv[1:]}" if len(argv) != 2 else f"got {argv[1]!r}"
+        raise app.UsageError(f"expected one action of {', '.join(ACTIONS)}; {given}")
+    action, workdir, accelerator_type = argv[1], _WORKDIR.value, _ACCELERATOR_TYPE.value
+    if not workdir.startswith("gs://"):
+        print(f"warning: --workdir={workdir} is not gs://; workers do not share local "
               "disks, so checkpoints would not survive a relaunch", file=sys.stderr)
-    launch = Launch(tpu=args.tpu, zone=args.zone, accelerator_type=args.accelerator_type,
-                    config=args.config, workdir=args.workdir, project=args.project,
-                    runtime_version=args.runtime_version, capacity=args.capacity or "on-demand",
-                    repo=args.repo, overrides=tuple(args.override))
-    print(f"# {args.accelerator_type}: {hosts_in_slice(args.accelerator_type)} worker(s), "
-          f"{devices_in_slice(args.accelerator_type)} JAX devices", file=sys.stderr)
-    for command in launch.commands(args.action):
+    capacity = "spot" if _SPOT.value else "preemptible" if _PREEMPTIBLE.value else "on-demand"
+    launch = Launch(tpu=_TPU.value, zone=_ZONE.value, accelerator_type=accelerator_type,
+                    config=_CONFIG.value, workdir=workdir, project=_PROJECT.value,
+                    runtime_version=_RUNTIME_VERSION.value, capacity=capacity,
+                    repo=_REPO.value, overrides=tuple(_OVERRIDE.value))
+    print(f"# {accelerator_type}: {hosts_in_slice(accelerator_type)} worker(s), "
+          f"{devices_in_slice(accelerator_type)} JAX devices", file=sys.stderr)
+    for command in launch.commands(action):
         print(shlex.join(command), flush=True)
-        if args.run:
+        if _RUN.value:
             if subprocess.run(command).returncode:  # gcloud printed why
                 raise LaunchError(f"{shlex.join(command[:5])} ... failed (its output is above); "
                                   "the commands after it were not run")

@@ -1,12 +1,15 @@
-"""Evaluation of BYOL representations: one evaluator interface (``base``) for the training
-monitors and the evaluation CLI, one module per protocol (collapse monitoring is
-:mod:`byol_flax.collapse`)."""
+"""Evaluation of BYOL representations: protocols (one module each) run by evaluators, from the
+evaluation CLI (:mod:`byol_flax.evaluation.runner`) or as the training monitor
+(:mod:`byol_flax.evaluation.monitor`); collapse monitoring is :mod:`byol_flax.collapse`.
 
-# Importing a protocol module registers its evaluator.
-from byol_flax.evaluation import (knn, linear, online_classifier, semi_supervised,  # noqa: F401
-                                  transfer_finetune, transfer_linear)
-from byol_flax.evaluation.base import (EVALUATORS, Context, Evaluator, SweepStore,
-                                       build_evaluators, monitor_data, protocol, run_protocol)
+Modules: ``base`` (the evaluator interface, :class:`Context`, sweeps, the ``@protocol``
+decorator), ``evaluators`` (every shipped protocol registered; :func:`build_evaluator`),
+``config`` (the evaluation config schema), ``monitor`` (evaluators at the training cadence),
+``runner`` (the CLI's body), ``features`` and ``classifier`` (what protocols share), and one
+module per protocol.
+"""
 
-__all__ = ["EVALUATORS", "Context", "Evaluator", "SweepStore", "build_evaluators",
-           "monitor_data", "protocol", "run_protocol"]
+from byol_flax.evaluation.base import Context, Evaluator, SweepStore, protocol
+from byol_flax.evaluation.evaluators import EVALUATORS, build_evaluator
+
+__all__ = ["EVALUATORS", "Context", "Evaluator", "SweepStore", "build_evaluator", "protocol"]

@@ -1,15 +1,15 @@
-"""The one evaluator interface, used by the training loop and the evaluation CLI alike.
+"""The evaluator interface, shared by the evaluation CLI and the training monitor.
 
-An evaluator is built from an evaluation config (``byol_flax.evaluation.config``), a mesh and
-an optional sweep store, and ``run(subject)`` measures a :class:`PretrainedEncoder`, returning
-the result dict of :func:`result` (``test`` holds the reported metrics). Every protocol is a
-function ``run_<name>(ctx: Context) -> dict`` registered with :func:`protocol`; the CLI runs
-``config.protocol`` on a ``--source`` (:func:`run_protocol`), and the training loop runs the
-names in ``config.monitor.evaluators`` on the live state every ``monitor.every_steps`` steps
-(:func:`build_evaluators`, which writes ``<name>/<metric>`` scalars).
+Vocabulary: a *protocol* is a function ``run_<name>(ctx: Context) -> dict`` that evaluates an
+encoder (kNN, linear, ...), registered with :func:`protocol`; an *evaluator* is the object a
+config builds to run one (:class:`ProtocolEvaluator`, in :data:`EVALUATORS`), and
+``run(subject)`` measures a :class:`PretrainedEncoder`, returning the result dict of
+:func:`result` (``test`` holds the reported metrics). The CLI builds ``config.protocol``'s
+evaluator (:func:`byol_flax.evaluation.evaluators.build_evaluator`); the training *monitor*
+(:mod:`byol_flax.evaluation.monitor`) runs those ``config.monitor.evaluators`` names on the live
+state. Importing :mod:`byol_flax.evaluation.evaluators` registers every shipped protocol.
 """
 
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from byol_flax.data.augment import EVAL_RESIZE_RATIO
 from byol_flax.data.pipeline import OpenedSplit, open_split
 from byol_flax.data.records import DataError
-from byol_flax.evaluation import classifier as clf
+import byol_flax.evaluation.classifier as clf
 from byol_flax.evaluation.features import extract_features
 from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.runtime.registry import Registry
@@ -48,7 +48,9 @@ class Evaluator(Protocol):
 
 
 EvaluatorFactory = Callable[..., Evaluator]  # (config, mesh, *, store=None) -> Evaluator
+# Filled as protocol modules are imported: byol_flax.evaluation.evaluators imports them all.
 EVALUATORS: Registry[EvaluatorFactory] = Registry("evaluator")
+SPLIT_KEYS = ("train_split", "selection_split", "test_split")  # of config.data
 
 
 class SweepStore:
@@ -109,22 +111,30 @@ class Context:
     mesh: Mesh
     store: SweepStore
     identity: str  # distinguishes sweeps of different encoders sharing a store
+    # Splits opened ahead, by config key ("train_split", ...): a monitor opens them once at
+    # start-up (ProtocolEvaluator.open_splits) instead of at every run.
+    opened_splits: dict[str, OpenedSplit] = dataclasses.field(default_factory=dict, repr=False)
     # Frozen features already extracted for this subject, by (split, limit, view).
     _features: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
         default_factory=dict, repr=False)
 
-    # Splits are opened (and their checksums verified) on first use.
+    def _split(self, key: str) -> OpenedSplit:
+        if key in self.opened_splits:
+            return self.opened_splits[key]
+        return labelled_split(self.config, key)
+
+    # Splits not opened ahead are opened (and their checksums verified) on first use.
     @functools.cached_property
     def train(self) -> OpenedSplit:
-        return labelled_split(self.config, "train_split")
+        return self._split("train_split")
 
     @functools.cached_property
     def selection(self) -> OpenedSplit:
-        return labelled_split(self.config, "selection_split")
+        return self._split("selection_split")
 
     @functools.cached_property
     def test(self) -> OpenedSplit:
-        return labelled_split(self.config, "test_split")
+        return self._split("test_split")
 
     @functools.cached_property
     def num_classes(self) -> int:
@@ -168,6 +178,10 @@ class Context:
     def train_indices(self) -> np.ndarray | None:
         return np.arange(min(self.train_limit, self.train.num_records)) if self.train_limit \
             else None
+
+
+# A protocol: evaluates the context's encoder, returns :func:`result`'s dict.
+ProtocolFn = Callable[[Context], dict[str, Any]]
 
 
 def sweep(ctx: Context, name: str, points: Sequence[dict[str, Any]],
@@ -216,57 +230,47 @@ def this_process() -> dict[str, int]:
 
 
 class ProtocolEvaluator:
-    """An :class:`Evaluator` running one registered protocol function on a subject."""
+    """An :class:`Evaluator` running one registered protocol on a subject."""
 
     needs_labels: ClassVar[bool] = True
     reads_monitor_data: ClassVar[bool] = True
-    run_protocol: ClassVar[Callable[[Context], dict[str, Any]]]
+    protocol_fn: ClassVar[ProtocolFn]
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, *,
                  store: SweepStore | None = None):
         self._config = config
         self._mesh = mesh
         self._store = store or SweepStore(None)
-        self._splits: dict[str, OpenedSplit] = {}
+        self._opened: dict[str, OpenedSplit] = {}
 
     def open_splits(self) -> None:
         """Opens (and verifies) the three splits now, not at the first run: a training monitor
         fails at start-up on a bad split instead of at every monitoring step, and reads each
         manifest once."""
-        for name, key in (("train", "train_split"), ("selection", "selection_split"),
-                          ("test", "test_split")):
-            self._splits[name] = labelled_split(self._config, key)
+        for key in SPLIT_KEYS:
+            self._opened[key] = labelled_split(self._config, key)
 
     def run(self, subject: PretrainedEncoder) -> dict[str, Any]:
         identity = json.dumps(subject.origin, sort_keys=True)
-        ctx = Context(self._config, subject, self._mesh, self._store, identity)
-        ctx.__dict__.update(self._splits)  # the cached properties of the opened splits
-        return type(self).run_protocol(ctx)
+        ctx = Context(self._config, subject, self._mesh, self._store, identity,
+                      opened_splits=dict(self._opened))
+        return type(self).protocol_fn(ctx)
 
 
 def protocol(name: str, *, needs_labels: bool = True, reads_monitor_data: bool = True
-             ) -> Callable[[Callable[[Context], dict[str, Any]]], Callable]:
-    """Registers ``run_<name>(ctx) -> result(...)`` as the evaluator ``name``: selectable with
-    ``config.protocol`` (the CLI) and ``config.monitor.evaluators`` (during pre-training)."""
+             ) -> Callable[[ProtocolFn], ProtocolFn]:
+    """Registers the protocol ``run_<name>(ctx) -> result(...)`` as the evaluator ``name``:
+    selectable with ``config.protocol`` (the CLI) and ``config.monitor.evaluators`` (during
+    pre-training)."""
 
-    def register(fn: Callable[[Context], dict[str, Any]]) -> Callable[[Context], dict[str, Any]]:
+    def register(fn: ProtocolFn) -> ProtocolFn:
         evaluator = type(f"{name}_evaluator", (ProtocolEvaluator,), {
-            "run_protocol": staticmethod(fn), "needs_labels": needs_labels,
+            "protocol_fn": staticmethod(fn), "needs_labels": needs_labels,
             "reads_monitor_data": reads_monitor_data, "__doc__": fn.__doc__})
         EVALUATORS.register(name)(evaluator)
         return fn
 
     return register
-
-
-def run_protocol(config: ml_collections.ConfigDict, pretrained: PretrainedEncoder, mesh: Mesh,
-                 store: SweepStore) -> dict[str, Any]:
-    """Runs ``config.protocol`` on ``pretrained`` (the evaluation CLI's body)."""
-    return EVALUATORS.get(config.protocol)(config, mesh, store=store).run(pretrained)
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluators as training monitors.
 
 
 def needs_labels(factory: EvaluatorFactory) -> bool:
@@ -278,56 +282,3 @@ def needs_labels(factory: EvaluatorFactory) -> bool:
 def reads_monitor_data(factory: EvaluatorFactory) -> bool:
     """Whether a registered evaluator reads ``config.monitor.data_dir`` as a monitor."""
     return getattr(factory, "reads_monitor_data", False)
-
-
-def monitor_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config.data`` as the monitors that read ``config.monitor.data_dir`` see it: the same
-    reading options, that directory when set, and none of the checks that describe the
-    training data (number of classes, source image size)."""
-    data = copy.deepcopy(config.data)
-    if config.monitor.data_dir:
-        data.dir = config.monitor.data_dir
-        data.num_classes = 0
-        data.source_image_size = ()
-    return data
-
-
-class Monitor:
-    """A registered evaluator run by the training loop on the live training state: the online
-    encoder (and the online classifier) of ``state`` are its subject, and the metrics it reports
-    on its test split become the scalars ``<name>/<metric>``."""
-
-    def __init__(self, name: str, evaluator: Evaluator, graphdef: nnx.GraphDef,
-                 model_config: dict[str, Any]):
-        self.name = name
-        self._evaluator = evaluator
-        self._graphdef = graphdef
-        self._model_config = model_config
-
-    def run(self, state: nnx.State) -> dict[str, float]:
-        train_state = nnx.merge(self._graphdef, state)
-        subject = PretrainedEncoder(
-            train_state.online.encoder, self._model_config,
-            {"kind": "training"},
-            classifier=getattr(train_state, "classifier", None))
-        return {f"{self.name}/{metric}": value
-                for metric, value in self._evaluator.run(subject)["test"].items()}
-
-
-def build_evaluators(config: ml_collections.ConfigDict, mesh: Mesh,
-                     graphdef: nnx.GraphDef) -> list[Monitor]:
-    """The monitors ``config.monitor.evaluators`` names, each reading the monitor splits."""
-    from byol_flax.evaluation.config import monitor_eval_config  # noqa: PLC0415 - a cycle
-
-    if not config.monitor.every_steps:
-        return []
-    model_config = json.loads(config.model.to_json())
-    monitors = []
-    for name in config.monitor.evaluators:
-        factory = EVALUATORS.get(name)
-        evaluation = monitor_eval_config(config, name, own_data=reads_monitor_data(factory))
-        evaluator = factory(evaluation, mesh)
-        if isinstance(evaluator, ProtocolEvaluator):
-            evaluator.open_splits()
-        monitors.append(Monitor(name, evaluator, graphdef, model_config))
-    return monitors

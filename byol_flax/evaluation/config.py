@@ -10,12 +10,12 @@ import copy
 
 import ml_collections
 
-from byol_flax.config import ConfigError, base_config
-from byol_flax.evaluation.base import EVALUATORS, monitor_data
+from byol_flax.config import ConfigError, base_config, value_at
 from byol_flax.data.augment import default_augment_config
+from byol_flax.evaluation.evaluators import EVALUATORS
 
 # The paper's protocols (each has a section below); any registered evaluator is a valid
-# ``config.protocol`` (byol_flax.evaluation.EVALUATORS).
+# ``config.protocol`` (byol_flax.evaluation.evaluators.EVALUATORS).
 PROTOCOLS = ("linear", "semi_supervised", "transfer_linear", "transfer_finetune", "knn")
 LINEAR_AUGMENTATIONS = ("none", "spatial", "pretrain")
 METRICS = ("top1", "mean_per_class")
@@ -130,9 +130,11 @@ def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int)
         (all(e > 0 for e in config.semi_supervised.epochs), "semi_supervised.epochs",
          "must be positive"),
         (config.transfer_finetune.steps > 0, "transfer_finetune.steps", "must be positive"),
-        (0 < config.transfer_finetune.learning_rate_min <= config.transfer_finetune.learning_rate_max,
+        (0 < config.transfer_finetune.learning_rate_min
+         <= config.transfer_finetune.learning_rate_max,
          "transfer_finetune.learning_rate_min", "must be positive and <= learning_rate_max"),
-        (0 < config.transfer_finetune.weight_decay_min <= config.transfer_finetune.weight_decay_max,
+        (0 < config.transfer_finetune.weight_decay_min
+         <= config.transfer_finetune.weight_decay_max,
          "transfer_finetune.weight_decay_min", "must be positive and <= weight_decay_max"),
         (config.transfer_linear.l2_count >= 1, "transfer_linear.l2_count", "must be >= 1"),
         (len(config.knn.k) > 0 and all(k > 0 for k in config.knn.k), "knn.k",
@@ -165,10 +167,19 @@ def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int)
                        f"must be a positive multiple of the {num_devices} devices"))
     for ok, key, problem in checks:
         if not ok:
-            value = config
-            for part in key.split("."):
-                value = value[part]
-            raise ConfigError(f"config.{key}={value!r} {problem}")
+            raise ConfigError(f"config.{key}={value_at(config, key)!r} {problem}")
+
+
+def monitor_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.data`` as the monitors that read ``config.monitor.data_dir`` see it: the same
+    reading options, that directory when set, and none of the checks that describe the
+    training data (number of classes, source image size)."""
+    data = copy.deepcopy(config.data)
+    if config.monitor.data_dir:
+        data.dir = config.monitor.data_dir
+        data.num_classes = 0
+        data.source_image_size = ()
+    return data
 
 
 def monitor_eval_config(config: ml_collections.ConfigDict, protocol: str, *, own_data: bool

@@ -14,7 +14,7 @@ from flax import nnx
 
 from byol_flax.data.augment import normalize, photometric_augment
 from byol_flax.data.pipeline import labelled_dataset
-from byol_flax.evaluation import classifier as clf
+import byol_flax.evaluation.classifier as clf
 from byol_flax.evaluation.base import Context, Scores, protocol, result, sweep, this_process
 
 

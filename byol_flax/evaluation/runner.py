@@ -8,10 +8,11 @@ import ml_collections
 from clu import metric_writers
 from etils import epath
 
-from byol_flax.export import model_card
+from byol_flax.evaluation.base import SweepStore
 from byol_flax.evaluation.config import validate_eval_config
+from byol_flax.evaluation.evaluators import build_evaluator
+from byol_flax.export import model_card
 from byol_flax.export.encoder import ENCODER_CONFIG_NAME, load_source
-from byol_flax.evaluation import SweepStore, run_protocol
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.sharding import make_mesh
 
@@ -24,7 +25,8 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     workdir = claim_output_dir(workdir, "evaluation", inputs=[export_read])
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     pretrained = load_source(source, seed=config.seed, image_size=config.data.image_size)
-    result = run_protocol(config, pretrained, make_mesh(), SweepStore(workdir / "sweep"))
+    evaluator = build_evaluator(config, make_mesh(), store=SweepStore(workdir / "sweep"))
+    result = evaluator.run(pretrained)
     (workdir / model_card.RESULTS_NAME).write_text(json.dumps(result, indent=2, sort_keys=True))
 
     writer = metric_writers.create_default_writer(workdir,

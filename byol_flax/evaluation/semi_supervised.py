@@ -10,7 +10,7 @@ from flax import nnx
 
 from byol_flax.data.pipeline import OpenedSplit, labelled_dataset, labels_and_ids
 from byol_flax.data.records import DataError
-from byol_flax.evaluation import classifier as clf
+import byol_flax.evaluation.classifier as clf
 from byol_flax.evaluation.base import Context, protocol, result, sweep, this_process
 
 

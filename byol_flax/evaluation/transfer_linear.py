@@ -38,7 +38,8 @@ def logistic_objective(params: dict[str, jax.Array], x: jax.Array, y: jax.Array,
 
 @jax.jit
 def _lbfgs(params: dict[str, jax.Array], x: jax.Array, y: jax.Array, l2: jax.Array,
-           max_iterations: jax.Array, tolerance: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+           max_iterations: jax.Array, tolerance: jax.Array
+           ) -> tuple[dict[str, jax.Array], jax.Array]:
     objective = lambda p: logistic_objective(p, x, y, l2)
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(objective)

@@ -1,31 +1,32 @@
 """What the entry points print: the console is for people, the full log goes to a file.
 
-:func:`setup` (called by ``byol_flax.main`` and ``byol_flax.studies.demo``) sends every log record, from
-this package and from the libraries (Orbax, Grain, CLU's scalar and parameter tables), to
-``<workdir>/log.txt`` and leaves on the console only warnings, errors, one line per stage
-(:func:`stage`) and a progress bar per pre-training (:func:`progress`). ``verbose=True`` puts
-everything back on the console as well.
+:func:`setup` (called by the commands that write a workdir: ``byol_flax.main``, the demo and the
+study runner) sends every log record, from this package and from the libraries (Orbax, Grain,
+CLU's scalar and parameter tables), to ``<workdir>/log.txt`` and leaves on the console only
+warnings, errors, one line per stage (:func:`stage`) and a progress bar per pre-training
+(:func:`progress`). ``verbose=True`` puts everything back on the console as well.
 
 Library use (tests, notebooks) without :func:`setup` prints no progress bar and leaves logging
 as the caller configured it.
 
-Errors: every command (:func:`run_command` for the absl ones, :func:`run_cli` for the argparse
-ones) prints a :class:`~byol_flax.errors.UserError`, an ``OSError`` or a flag it cannot parse as
-one line, ``error: <Type>: <message>`` (newlines and control characters escaped), exit status 1
-(2 for a flag or argument), and writes the traceback to the log file: the workdir's
-``log.txt`` once :func:`setup` ran, else ``<tempdir>/byol_flax_logs/<command>.log``
-(:func:`temporary_log_file`). Any other exception is a bug and keeps its traceback.
+Commands: every command is an absl app started by :func:`run_command` (absl flags throughout:
+ml_collections' ``--config=NAME`` / ``--config.key=value`` exist only as absl flags). Its
+``--help`` is the command's docstring and its own flags. Errors: a
+:class:`~byol_flax.errors.UserError`, an ``OSError`` or a flag the command cannot parse is one
+line, ``error: <Type>: <message>`` (newlines and control characters escaped), exit status 1 (2
+for a flag or argument), and its traceback goes to the log file: the workdir's ``log.txt`` once
+:func:`setup` ran, else ``<tempdir>/byol_flax_logs/<command>.log`` (:func:`temporary_log_file`).
+Any other exception is a bug and keeps its traceback.
 """
 
-import argparse
 import logging
 import os
 import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import tqdm
 from absl import app, flags
@@ -34,14 +35,12 @@ from etils import epath
 from byol_flax import configs
 from byol_flax.errors import UserError
 
-_T = TypeVar("_T")
-
 LOG_FILE = "log.txt"
 _STAGE_LOGGER = logging.getLogger("byol_flax.stage")
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"
 
 
-USAGE_STATUS = 2  # a flag or argument the command cannot use (argparse's status)
+USAGE_STATUS = 2  # a flag or argument the command cannot use
 TEMPORARY_LOG_DIR = "byol_flax_logs"
 
 
@@ -52,7 +51,7 @@ class CommandLineError(UserError, ValueError):
 class _Settings:
     enabled = False  # setup() was called: show stage lines and progress bars
     file_handler: logging.FileHandler | None = None
-    command = "byol_flax"  # names the temporary log file (run_command / run_cli set it)
+    command = "byol_flax"  # names the temporary log file (run_command sets it)
 
 
 class _NotStage(logging.Filter):
@@ -219,7 +218,7 @@ def exit_with_error(line: str, *, error: BaseException | None = None,
 
 
 def _exit_status(error: BaseException) -> int:
-    return USAGE_STATUS if isinstance(error, CommandLineError) else 1
+    return USAGE_STATUS if isinstance(error, (CommandLineError, app.UsageError)) else 1
 
 
 def stage(message: str, *args: Any) -> None:
@@ -237,22 +236,43 @@ def progress(total: int, initial: int, description: str) -> "tqdm.tqdm":
                      mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 
 
-def run_command(main: Callable[[list[str]], None], module_name: str, *,
-                config_flag: str | None = None) -> None:
+def run_command(main: Callable[[list[str]], int | None], module_name: str, *,
+                config_flag: str | None = None, flag_values: flags.FlagValues | None = None,
+                argv: Sequence[str] | None = None, doc: str | None = None) -> int:
     """Runs an absl command (``python -m MODULE`` or its console script).
 
-    ``--help`` shows ``module_name``'s docstring and flags also when the command starts through
-    an installed console script (absl shows those of ``__main__``, pip's wrapper there).
-    ``config_flag``: the flag naming a config module, resolved from a shipped config's name
-    (``--config=digits_cpu:...``, :func:`byol_flax.configs.resolve_flag`) before absl parses it.
+    ``--help`` shows ``doc`` (by default ``module_name``'s docstring) and the command's own flags
+    also when the command starts through an installed console script (absl shows those of
+    ``__main__``, pip's wrapper there). Flags: the ones ``module_name`` defines on absl's global
+    ``FLAGS`` or, with ``flag_values``, the command's own :class:`absl.flags.FlagValues` (a
+    module that other code imports keeps its flags there: importing it defines no global flag,
+    and two commands may share a flag name). ``config_flag``: the flag naming a config module,
+    resolved from a shipped config's name (``--config=digits_cpu:...``,
+    :func:`byol_flax.configs.resolve_flag`) before absl parses it.
+
     A flag absl or the config cannot take (an unknown override key, a value of the wrong type, a
     bad config argument or file) is one line naming it, status 2; a :class:`UserError` or an
-    ``OSError`` raised by ``main`` is one line, status 1 (2 for a :class:`CommandLineError`).
-    Logs go to :func:`temporary_log_file` until ``main`` calls :func:`setup`.
+    ``OSError`` raised by ``main`` is one line, status 1 (2 for a :class:`CommandLineError` or
+    an :class:`absl.app.UsageError`). Logs go to :func:`temporary_log_file` until ``main`` calls
+    :func:`setup`.
+
+    ``argv`` (the arguments after the program name, with ``flag_values`` only): runs the command
+    in this process instead (a test, a study preparing its data) and returns its exit status,
+    with the same one-line errors, without exiting or touching absl's global flags or the
+    logging set-up.
     """
-    _Settings.command = module_name.removesuffix(".__main__")
-    sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
-    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+    module = sys.modules[module_name]
+    command = getattr(module.__spec__, "name", None) or module_name  # python -m: not __main__
+    command = command.removesuffix(".__main__")
+    if argv is not None:
+        if flag_values is None:
+            raise ValueError("run_command(argv=...) needs the command's own flag_values")
+        return _run_in_process(main, command, flag_values, argv)
+    _Settings.command = command
+    sys.modules["__main__"].__doc__ = module.__doc__ if doc is None else doc
+    own_flags = (flags.FLAGS.get_key_flags_for_module(module_name) if flag_values is None
+                 else _add_to_global_flags(flag_values))
+    for flag in own_flags:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def parse(argv: list[str]) -> list[str]:
@@ -260,6 +280,8 @@ def run_command(main: Callable[[list[str]], None], module_name: str, *,
             if config_flag:
                 argv = configs.resolve_flag(argv, config_flag)
             rest = flags.FLAGS(argv)
+            if flag_values is not None:
+                flag_values.mark_as_parsed()  # the same flags: the command's holders read them
             if config_flag:
                 _check_config_loaded(config_flag)
             return rest
@@ -269,17 +291,48 @@ def run_command(main: Callable[[list[str]], None], module_name: str, *,
                 raise
             exit_with_error(f"error: {message}", error=error, status=USAGE_STATUS)
 
-    def guarded_main(argv: list[str]) -> None:
+    def guarded_main(argv: list[str]) -> int | None:
         _log_to_temporary_file()
         try:
             return main(argv)
-        except app.UsageError as error:
-            exit_with_error(f"error: {error} (--helpshort lists the flags)", error=error,
-                            status=USAGE_STATUS)
-        except (UserError, OSError) as error:
-            exit_with_error(error_line(error), error=error, status=_exit_status(error))
+        except (app.UsageError, UserError, OSError) as error:
+            exit_with_error(_main_error_line(error), error=error, status=_exit_status(error))
 
     app.run(guarded_main, flags_parser=parse)
+    return 0  # not reached: app.run exits
+
+
+def _add_to_global_flags(flag_values: flags.FlagValues) -> list[flags.Flag]:
+    """Puts the command's own flags (the same objects) into absl's global ``FLAGS``, which
+    ``app.run`` parses and ``--help`` lists; returns them."""
+    own = [flag_values[name] for name in flag_values if flag_values[name].name == name]
+    for flag in own:
+        if flag.name not in flags.FLAGS or flags.FLAGS[flag.name] is not flag:
+            flags.FLAGS[flag.name] = flag  # another flag of that name: DuplicateFlagError
+    return own
+
+
+def _run_in_process(main: Callable[[list[str]], int | None], command: str,
+                    flag_values: flags.FlagValues, argv: Sequence[str]) -> int:
+    """:func:`run_command` with ``argv``: parses into ``flag_values`` alone; the exit status."""
+    if flag_values.is_parsed():
+        flag_values.unparse_flags()  # an earlier call's values
+    try:
+        rest = flag_values([command, *argv])
+    except flags.Error as error:
+        report_error(f"error: {_flag_error_message(error, None)}", error, command=command)
+        return USAGE_STATUS
+    try:
+        return main(rest) or 0
+    except (app.UsageError, UserError, OSError) as error:
+        report_error(_main_error_line(error), error, command=command)
+        return _exit_status(error)
+
+
+def _main_error_line(error: BaseException) -> str:
+    if isinstance(error, app.UsageError):
+        return f"error: {error} (--helpshort lists the flags)"
+    return error_line(error)
 
 
 def _check_config_loaded(config_flag: str) -> None:
@@ -336,23 +389,3 @@ def _override_error_message(error: Exception, config_flag: str) -> str | None:
     if isinstance(error, (ValueError, TypeError)):
         return f"{flag}: {error}"
     return None
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose usage errors are one line (argparse prints the whole usage
-    first), status 2; ``--help`` is unchanged."""
-
-    def error(self, message: str) -> NoReturn:
-        print(one_line(f"error: {message} (--help lists the arguments)"), file=sys.stderr)
-        sys.exit(USAGE_STATUS)
-
-
-def run_cli(body: Callable[[], _T], command: str) -> _T | int:
-    """Runs an argparse command's body (also in-process: it does not exit): its result, or 1
-    (2 for a :class:`CommandLineError`) after a :class:`UserError` or an ``OSError`` printed as
-    one line (:func:`report_error`; ``command`` names the temporary log file)."""
-    try:
-        return body()
-    except (UserError, OSError) as error:
-        report_error(error_line(error), error, command=command)
-        return _exit_status(error)

@@ -10,8 +10,8 @@ by all of them (the train step compiles once) and the bundled digits written onc
 pre-trainings are read back from their ``final_metrics.json``. Afterwards ``summary.json``,
 ``summary.md`` and ``summary.png`` (:mod:`byol_flax.studies.summary`) land in the workdir.
 ``--smoke`` puts ``smoke=True`` in every config spec (seconds-long runs, same code paths).
-A bad argument (study, row, seed, override key) or workdir is one line naming it
-(:func:`byol_flax.runtime.console.run_cli`).
+A bad flag (study, row, seed, override key) or workdir is one line naming it
+(:func:`byol_flax.runtime.console.run_command`).
 
 Examples::
 
@@ -20,7 +20,6 @@ Examples::
     python -m byol_flax.studies --study=cpu_collapse --workdir=workdirs/cpu_collapse
 """
 
-import argparse
 import ast
 import dataclasses
 import json
@@ -32,6 +31,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import app, flags
 from etils import epath
 
 from byol_flax.config import training_steps
@@ -254,57 +254,66 @@ def select_rows(study: Study, names: Sequence[str]) -> Study:
         raise console.CommandLineError(f"--rows: {error.args[0]}") from error
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = console.ArgumentParser(prog="python -m byol_flax.studies",
-                                    description=__doc__.split("\n\n")[0])
-    parser.add_argument("--study", required=True,
-                        help="a study's name (table21, cpu_collapse: byol_flax/configs/studies/) "
-                             "or the path of a study module")
-    parser.add_argument("--workdir", required=True, help="root of the runs: WORKDIR/<row>/seed_<s>")
-    parser.add_argument("--print", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--rows", default="", help="comma-separated rows (default: all)")
-    parser.add_argument("--seeds", default="", help="comma-separated seeds (default: the study's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="pre-training override (repeatable)")
-    parser.add_argument("--eval_set", action="append", default=[], metavar="KEY=VALUE",
-                        help="evaluation override (repeatable)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="every config at smoke size (smoke=True: seconds-long runs)")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also print every log line (they always go to WORKDIR/log.txt)")
-    return parser
+# The command's own flags (console.run_command): importing this module (the demo, tests) defines
+# no global absl flag.
+COMMAND_FLAGS = flags.FlagValues()
+_STUDY = flags.DEFINE_string(
+    "study", None, "a study's name (table21, cpu_collapse: byol_flax/configs/studies/) or the "
+    "path of a study module", flag_values=COMMAND_FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "root of the runs: WORKDIR/<row>/seed_<s>",
+                               flag_values=COMMAND_FLAGS)
+_PRINT = flags.DEFINE_boolean("print", False, "print the commands, run nothing",
+                              flag_values=COMMAND_FLAGS)
+_ROWS = flags.DEFINE_string("rows", "", "comma-separated rows (empty: all)",
+                            flag_values=COMMAND_FLAGS)
+_SEEDS = flags.DEFINE_string("seeds", "", "comma-separated seeds (empty: the study's)",
+                             flag_values=COMMAND_FLAGS)
+_SET = flags.DEFINE_multi_string("set", [], "pre-training override KEY=VALUE",
+                                 flag_values=COMMAND_FLAGS)
+_EVAL_SET = flags.DEFINE_multi_string("eval_set", [], "evaluation override KEY=VALUE",
+                                      flag_values=COMMAND_FLAGS)
+_SMOKE = flags.DEFINE_boolean("smoke", False,
+                              "every config at smoke size (smoke=True: seconds-long runs)",
+                              flag_values=COMMAND_FLAGS)
+_VERBOSE = flags.DEFINE_boolean(
+    "verbose", False, "also print every log line (they always go to WORKDIR/log.txt)",
+    flag_values=COMMAND_FLAGS)
+flags.mark_flags_as_required(["study", "workdir"], flag_values=COMMAND_FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI (argparse, not absl flags: importing this module defines no global flags)."""
-    args = build_parser().parse_args(argv)
-    return console.run_cli(lambda: _main(args), "byol_flax.studies")
+    """``byol-study``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process (returns
+    the exit status; :func:`byol_flax.runtime.console.run_command`)."""
+    return console.run_command(_main, __name__, flag_values=COMMAND_FLAGS, argv=argv)
 
 
-def _main(args: argparse.Namespace) -> int:
-    study = select_rows(load_study(args.study), [r for r in args.rows.split(",") if r])
-    study = with_smoke(study) if args.smoke else study
+def _main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = _WORKDIR.value
+    study = select_rows(load_study(_STUDY.value), [r for r in _ROWS.value.split(",") if r])
+    study = with_smoke(study) if _SMOKE.value else study
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s] or None
+        seeds = [int(s) for s in _SEEDS.value.split(",") if s] or None
     except ValueError as error:
-        raise console.CommandLineError(f"--seeds={args.seeds}: not integers") from error
-    overrides = {"seeds": seeds, "extra": parse_overrides(args.set),
-                 "eval_extra": parse_overrides(args.eval_set)}
+        raise console.CommandLineError(f"--seeds={_SEEDS.value}: not integers") from error
+    overrides = {"seeds": seeds, "extra": parse_overrides(_SET.value),
+                 "eval_extra": parse_overrides(_EVAL_SET.value)}
     try:  # every config of the plan, built before anything is written or printed
-        plan(study, args.workdir, **overrides)
+        plan(study, workdir, **overrides)
     except KeyError as error:  # set_dotted: an override naming no config key (says which)
         raise console.CommandLineError(error.args[0] if error.args else str(error)) from error
-    if args.print:
-        print("\n".join(commands(study, args.workdir, **overrides)))
+    if _PRINT.value:
+        print("\n".join(commands(study, workdir, **overrides)))
         return 0
     configure_xla_flags()  # before the first computation
-    claim_output_dir(args.workdir, "study")  # a user's folder is refused before the log lands
+    claim_output_dir(workdir, "study")  # a user's folder is refused before the log lands
     try:
-        console.setup(console.local_log_dir(args.workdir), verbose=args.verbose)
+        console.setup(console.local_log_dir(workdir), verbose=_VERBOSE.value)
     except OSError as error:
-        raise console.CommandLineError(f"--workdir={args.workdir}: cannot write there: "
+        raise console.CommandLineError(f"--workdir={workdir}: cannot write there: "
                                        f"{error}") from error
-    summary = run_study(study, args.workdir, **overrides)
+    summary = run_study(study, workdir, **overrides)
     print(epath.Path(summary["summary_md"]).read_text())
     print(json.dumps({"table": summary["table"], "rows": {
         r["row"]: {"collapsed": r["collapsed"], **{k: v["mean"] for k, v in r["ours"].items()}}

@@ -9,9 +9,10 @@ import argparse
 from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 
-from byol_flax.data.convert import common
-from byol_flax.data.convert.common import Example
+from byol_flax.data.convert import cli, image_io, order, writer
+from byol_flax.data.convert.image_io import Example
 
 DIGITS_NUM_IMAGES = 1797
 DIGITS_MAX_VALUE = 16
@@ -32,7 +33,7 @@ def digit_examples() -> tuple[list[Example], np.ndarray]:
 
     digits = load_digits()
     examples = [Example(id=f"digits/{index}", label=int(label),
-                        data=common.encode_image(to_uint8(image), "png"))
+                        data=image_io.encode_image(to_uint8(image), "png"))
                 for index, (image, label) in enumerate(zip(digits.images, digits.target))]
     return examples, np.asarray(digits.target)
 
@@ -48,43 +49,45 @@ def train_test(examples: Sequence[Example], labels: np.ndarray, *, test_fraction
             "test": [examples[i] for i in sorted(test_index)]}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = common.make_parser(
-        "byol_flax.data.convert.digits", __doc__.splitlines()[0],
-        "example:\n  python -m byol_flax.data.convert.digits --out data/digits --holdout-count 200\n")
-    parser.add_argument("--test-fraction", type=common.fraction, default=DEFAULT_TEST_FRACTION,
-                        help="fraction of the images in the stratified test split "
-                             "(default %(default)s)")
-    parser.add_argument("--seed", type=int, default=common.DEFAULT_ORDER_SEED,
-                        help="seed of the train/test split and of the example order "
-                             "(default %(default)s)")
-    parser.add_argument("--dataset-name", default="digits",
-                        help="dataset name in the manifest (default %(default)s)")
-    common.add_holdout_arguments(parser)
-    common.add_output_arguments(parser, examples_per_shard=DEFAULT_EXAMPLES_PER_SHARD)
-    return parser
+# The command's own flags (cli.run): importing this module (the study runner does) defines no
+# global absl flag.
+COMMAND_FLAGS = flags.FlagValues()
+cli.define_fraction("test-fraction", DEFAULT_TEST_FRACTION,
+                    "fraction of the images in the stratified test split", COMMAND_FLAGS)
+flags.DEFINE_integer("seed", order.DEFAULT_ORDER_SEED,
+                     "seed of the train/test split and of the example order",
+                     flag_values=COMMAND_FLAGS)
+flags.DEFINE_string("dataset-name", "digits", "dataset name in the manifest",
+                    flag_values=COMMAND_FLAGS)
+cli.define_holdout_flags(COMMAND_FLAGS)
+cli.define_output_flags(COMMAND_FLAGS, examples_per_shard=DEFAULT_EXAMPLES_PER_SHARD)
+_HELP = f"""{__doc__}
+example:
+  python -m byol_flax.data.convert.digits --out data/digits --holdout-count 200
+"""
 
 
-def convert(args: argparse.Namespace) -> common.ConversionResult:
+def convert(args: argparse.Namespace) -> writer.ConversionResult:
     import sklearn
 
-    common.check_out(args)
+    cli.check_out(args)
 
     examples, labels = digit_examples()
     splits = train_test(examples, labels, test_fraction=args.test_fraction, seed=args.seed)
-    source = common.provenance(
+    source = cli.provenance(
         "byol_flax.data.convert.digits", args, origin="sklearn.datasets.load_digits",
         sklearn_version=sklearn.__version__, image_size=[8, 8],
         encoding=f"8-bit grayscale PNG, value * 255 / {DIGITS_MAX_VALUE} rounded")
-    return common.convert_from_args(
+    return cli.convert_from_args(
         args, splits, dataset=args.dataset_name, label_names=[str(d) for d in range(10)],
         source=source, seed=args.seed, holdout_count=args.holdout_count,
         holdout_fraction=args.holdout_fraction)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return common.run_cli(lambda: convert(args))
+    """``byol-convert-digits``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
+    (returns the exit status; :func:`byol_flax.data.convert.cli.run`)."""
+    return cli.run(convert, __name__, COMMAND_FLAGS, argv, _HELP)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Image files are stored byte for byte (unless ``--reencode``; images of more than 8 bits per
 sample become 8-bit PNG); ids are paths relative to SRC. Every split is written in the seeded
-order of ``byol_flax.data.convert.common.seeded_order``. Symlinks are followed once by real path; bad images
-and non-UTF-8 file names are left out and listed (see ``byol_flax.data.convert.common``).
+order of ``byol_flax.data.convert.order.seeded_order``. Symlinks are followed once by real
+path; bad images and non-UTF-8 file names are left out and listed (see
+``byol_flax.data.convert.image_io``).
 
 Held-out splits are a seeded random choice: the tail of the seeded order. ``--imagenet-holdout``
 holds out as many images as the paper (``IMAGENET_HOLDOUT_COUNT``) but NOT the paper's images,
@@ -18,9 +19,12 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from absl import flags
+
+from byol_flax.data.convert import cli, image_io, writer
+from byol_flax.data.convert.image_io import Example
+from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_EXAMPLES
 from byol_flax.data.records import UNLABELED, DataError
-from byol_flax.data.convert import common
-from byol_flax.data.convert.common import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_EXAMPLES, Example
 
 LAYOUTS = ("imagenet", "folders", "unlabeled")
 # Split folders recognized by the folders layout, and the split names they become.
@@ -66,7 +70,7 @@ def _subdirs(root: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _top_level_images(root: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in root.iterdir() if p.is_file() and common.is_image_file(p.name))
+    return sorted(p for p in root.iterdir() if p.is_file() and image_io.is_image_file(p.name))
 
 
 def _example(path: pathlib.Path, src: pathlib.Path, label: int) -> Example:
@@ -74,11 +78,11 @@ def _example(path: pathlib.Path, src: pathlib.Path, label: int) -> Example:
 
 
 def _no_images_error(root: pathlib.Path) -> DataError:
-    extensions = ", ".join(sorted(e.lstrip(".") for e in common.IMAGE_EXTENSIONS))
+    extensions = ", ".join(sorted(e.lstrip(".") for e in image_io.IMAGE_EXTENSIONS))
     return DataError(f"no images ({extensions}) found under {root}")
 
 
-def class_tree(root: pathlib.Path, src: pathlib.Path, scan: common.ImageScan,
+def class_tree(root: pathlib.Path, src: pathlib.Path, scan: image_io.ImageScan,
                label_names: Sequence[str] | None = None) -> tuple[list[Example], list[str]]:
     """Examples of a tree with one folder per class, and its sorted class names.
 
@@ -91,8 +95,8 @@ def class_tree(root: pathlib.Path, src: pathlib.Path, scan: common.ImageScan,
     if not folders:
         raise DataError(f"{root} has no class folders")
     names = [folder.name for folder in folders]
-    if bad := [name for name in names if not common.is_utf8(name)]:
-        raise DataError(f"class folder {common.printable_path(root / bad[0])} has a name that is "
+    if bad := [name for name in names if not image_io.is_utf8(name)]:
+        raise DataError(f"class folder {image_io.printable_path(root / bad[0])} has a name that is "
                         "not valid UTF-8: rename it (class names are stored as text)")
     if label_names is None:
         label_names = names
@@ -106,7 +110,7 @@ def class_tree(root: pathlib.Path, src: pathlib.Path, scan: common.ImageScan,
         images = scan.find(folder)
         if not images:
             left_out = scan.left_out_under(folder) or [
-                s for s in scan.skipped if s.file == common.printable_path(folder)]
+                s for s in scan.skipped if s.file == image_io.printable_path(folder)]
             why = (f" ({len(left_out)} left out, e.g. {left_out[0].file}: {left_out[0].reason})"
                    if left_out else "")
             raise DataError(f"class folder {folder} has no images{why}")
@@ -152,7 +156,7 @@ def read_val_labels(path: pathlib.Path, label_names: Sequence[str]) -> dict[str,
 
 
 def flat_validation(val_dir: pathlib.Path, src: pathlib.Path, labels_file: pathlib.Path,
-                    label_names: Sequence[str], scan: common.ImageScan) -> list[Example]:
+                    label_names: Sequence[str], scan: image_io.ImageScan) -> list[Example]:
     """Examples of a flat val folder labelled by ``labels_file``; every file needs one label."""
     labels = read_val_labels(labels_file, label_names)
     images = scan.find(val_dir, recursive=False)
@@ -175,7 +179,7 @@ def flat_validation(val_dir: pathlib.Path, src: pathlib.Path, labels_file: pathl
     return examples
 
 
-def imagenet_splits(src: pathlib.Path, val_labels: pathlib.Path | None, scan: common.ImageScan
+def imagenet_splits(src: pathlib.Path, val_labels: pathlib.Path | None, scan: image_io.ImageScan
                     ) -> tuple[dict[str, list[Example]], list[str]]:
     """train (and validation when SRC/val exists) of an ImageNet-style tree, synsets sorted."""
     train_dir = src / "train"
@@ -203,7 +207,7 @@ def imagenet_splits(src: pathlib.Path, val_labels: pathlib.Path | None, scan: co
     return splits, label_names
 
 
-def folder_splits(src: pathlib.Path, scan: common.ImageScan
+def folder_splits(src: pathlib.Path, scan: image_io.ImageScan
                   ) -> tuple[dict[str, list[Example]], list[str]]:
     """One class tree (split train), or train/ plus test/ or val/ class trees as splits."""
     folders = {folder.name: folder for folder in _subdirs(src)}
@@ -222,7 +226,7 @@ def folder_splits(src: pathlib.Path, scan: common.ImageScan
     return splits, label_names
 
 
-def unlabeled_splits(src: pathlib.Path, scan: common.ImageScan
+def unlabeled_splits(src: pathlib.Path, scan: image_io.ImageScan
                      ) -> tuple[dict[str, list[Example]], list[str]]:
     images = scan.find(src)
     if not images:
@@ -230,33 +234,31 @@ def unlabeled_splits(src: pathlib.Path, scan: common.ImageScan
     return {"train": [_example(path, src, UNLABELED) for path in images]}, []
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = common.make_parser("byol_flax.data.convert.image_folder", __doc__.splitlines()[0], _EPILOG)
-    parser.add_argument("--src", required=True, type=pathlib.Path, help="source tree")
-    parser.add_argument("--layout", choices=LAYOUTS, default="folders",
-                        help="how SRC is organised (default %(default)s; see below)")
-    parser.add_argument("--dataset-name",
-                        help="dataset name in the manifest (default: imagenet2012 for the "
-                             "imagenet layout, else the name of SRC)")
-    parser.add_argument("--val-labels", type=pathlib.Path,
-                        help="imagenet layout: label file of a flat SRC/val/")
-    parser.add_argument("--imagenet-holdout", action="store_true",
-                        help=f"imagenet layout: hold out {IMAGENET_HOLDOUT_COUNT} train images, "
-                             "as many as the paper, chosen at random by the seeded order: NOT "
-                             f"the paper's split (the last {IMAGENET_HOLDOUT_COUNT} in TFDS "
-                             "order; see tfds_to_arrayrecord); --holdout-count overrides the "
-                             "number, e.g. for a small test tree")
-    common.add_holdout_arguments(parser)
-    common.add_order_seed_argument(parser)
-    common.add_reencode_argument(parser)
-    common.add_bad_image_arguments(parser)
-    common.add_output_arguments(parser)
-    return parser
+# The command's own flags (cli.run): importing this module defines no global absl flag.
+COMMAND_FLAGS = flags.FlagValues()
+cli.define_path("src", None, "source tree", COMMAND_FLAGS)
+flags.mark_flag_as_required("src", flag_values=COMMAND_FLAGS)
+flags.DEFINE_enum("layout", "folders", LAYOUTS, "how SRC is organised (see above)",
+                  flag_values=COMMAND_FLAGS)
+flags.DEFINE_string("dataset-name", None, "dataset name in the manifest (default: imagenet2012 "
+                    "for the imagenet layout, else the name of SRC)", flag_values=COMMAND_FLAGS)
+cli.define_path("val-labels", None, "imagenet layout: label file of a flat SRC/val/",
+                COMMAND_FLAGS)
+flags.DEFINE_boolean(
+    "imagenet-holdout", False, f"imagenet layout: hold out {IMAGENET_HOLDOUT_COUNT} train "
+    "images, as many as the paper, chosen at random by the seeded order: NOT the paper's split "
+    f"(the last {IMAGENET_HOLDOUT_COUNT} in TFDS order; see tfds_to_arrayrecord); "
+    "--holdout-count overrides the number, e.g. for a small test tree", flag_values=COMMAND_FLAGS)
+cli.define_holdout_flags(COMMAND_FLAGS)
+cli.define_order_seed_flag(COMMAND_FLAGS)
+cli.define_reencode_flag(COMMAND_FLAGS)
+cli.define_bad_image_flags(COMMAND_FLAGS)
+cli.define_output_flags(COMMAND_FLAGS)
 
 
-def convert(args: argparse.Namespace) -> common.ConversionResult:
+def convert(args: argparse.Namespace) -> writer.ConversionResult:
     src = args.src
-    common.check_out(args, src)
+    cli.check_out(args, src)
     if not src.is_dir():
         raise DataError(f"source directory {src} does not exist"
                         + (" (it is a file)" if src.exists() else ""))
@@ -264,19 +266,19 @@ def convert(args: argparse.Namespace) -> common.ConversionResult:
         raise DataError("--val-labels needs --layout imagenet")
     if args.imagenet_holdout and args.layout != "imagenet":
         raise DataError("--imagenet-holdout needs --layout imagenet")
-    policy = common.policy_from_args(args)
-    scan = common.ImageScan(policy)
+    policy = cli.policy_from_args(args)
+    scan = image_io.ImageScan(policy)
     if args.layout == "imagenet":
         splits, label_names = imagenet_splits(src, args.val_labels, scan)
     elif args.layout == "folders":
         splits, label_names = folder_splits(src, scan)
     else:
         splits, label_names = unlabeled_splits(src, scan)
-    holdout_count, holdout_fraction = common.imagenet_holdout(args, len(splits["train"]),
-                                                              str(src / "train"))
+    holdout_count, holdout_fraction = cli.imagenet_holdout(args, len(splits["train"]),
+                                                           str(src / "train"))
     default_name = "imagenet2012" if args.layout == "imagenet" else src.resolve().name
-    source = common.provenance("byol_flax.data.convert.image_folder", args, root=str(src.resolve()))
-    return common.convert_from_args(
+    source = cli.provenance("byol_flax.data.convert.image_folder", args, root=str(src.resolve()))
+    return cli.convert_from_args(
         args, splits, dataset=args.dataset_name or default_name, label_names=label_names,
         source=source, seed=args.order_seed, holdout_count=holdout_count,
         holdout_fraction=holdout_fraction, reencode=args.reencode, policy=policy,
@@ -284,8 +286,9 @@ def convert(args: argparse.Namespace) -> common.ConversionResult:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return common.run_cli(lambda: convert(args))
+    """``byol-convert-images``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
+    (returns the exit status; :func:`byol_flax.data.convert.cli.run`)."""
+    return cli.run(convert, __name__, COMMAND_FLAGS, argv, f"{__doc__}\n{_EPILOG}")
 
 
 if __name__ == "__main__":

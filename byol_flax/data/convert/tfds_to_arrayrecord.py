@@ -16,9 +16,12 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
+
+from byol_flax.data.convert import cli, image_io, writer
+from byol_flax.data.convert.image_io import Example
+from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT
 from byol_flax.data.records import UNLABELED, DataError
-from byol_flax.data.convert import common
-from byol_flax.data.convert.common import IMAGENET_HOLDOUT_COUNT, Example
 
 INSTALL_HINT = "pip install '.[tfds]'"
 ID_FEATURES = ("id", "file_name")
@@ -79,7 +82,7 @@ def read_split(tfds: Any, builder: Any, split: str, *, image_key: str, label_key
     examples = []
     for index, values in enumerate(tfds.as_numpy(dataset)):
         image = values[image_key]
-        data = bytes(image) if pixel_format is None else common.encode_image(image, pixel_format)
+        data = bytes(image) if pixel_format is None else image_io.encode_image(image, pixel_format)
         label = int(values[label_key]) if label_key in features else UNLABELED
         example_id = _text(values[id_key]) if id_key else f"{split}/{index}"
         examples.append(Example(id=example_id, label=label, data=data))
@@ -96,36 +99,39 @@ def label_names_of(tfds: Any, builder: Any, label_key: str) -> list[str]:
     return list(features[label_key].names)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = common.make_parser(
-        "byol_flax.data.convert.tfds_to_arrayrecord", __doc__.splitlines()[0],
-        "example:\n  python -m byol_flax.data.convert.tfds_to_arrayrecord --name cifar10 "
-        "--data-dir ~/tensorflow_datasets --out data/cifar10\n")
-    parser.add_argument("--name", required=True,
-                        help="TFDS name, optionally with config and version (cifar10:3.0.2)")
-    parser.add_argument("--data-dir", required=True, type=pathlib.Path,
-                        help="the TFDS data_dir the dataset was prepared in")
-    parser.add_argument("--splits",
-                        help="comma-separated splits to convert (default: all of the dataset's)")
-    parser.add_argument("--image-key", default="image", help="image feature (default %(default)s)")
-    parser.add_argument("--label-key", default="label",
-                        help="ClassLabel feature; absent means unlabeled (default %(default)s)")
-    parser.add_argument("--dataset-name", help="dataset name in the manifest (default: --name)")
-    parser.add_argument("--imagenet-holdout", action="store_true",
-                        help="hold out the paper's validation split: the last "
-                             f"{IMAGENET_HOLDOUT_COUNT} examples of train in TFDS order (BYOL "
-                             "Appendix E.1, on imagenet2012); --holdout-count overrides the "
-                             "number, e.g. for a small test dataset")
-    common.add_holdout_arguments(parser, order="TFDS order, as the paper's ImageNet split")
-    common.add_order_seed_argument(parser)
-    common.add_reencode_argument(parser)
-    common.add_bad_image_arguments(parser)
-    common.add_output_arguments(parser)
-    return parser
+# The command's own flags (cli.run): importing this module defines no global absl flag.
+COMMAND_FLAGS = flags.FlagValues()
+flags.DEFINE_string("name", None, "TFDS name, optionally with config and version (cifar10:3.0.2)",
+                    flag_values=COMMAND_FLAGS)
+cli.define_path("data-dir", None, "the TFDS data_dir the dataset was prepared in", COMMAND_FLAGS)
+flags.mark_flags_as_required(["name", "data-dir"], flag_values=COMMAND_FLAGS)
+flags.DEFINE_string("splits", None,
+                    "comma-separated splits to convert (default: all of the dataset's)",
+                    flag_values=COMMAND_FLAGS)
+flags.DEFINE_string("image-key", "image", "image feature", flag_values=COMMAND_FLAGS)
+flags.DEFINE_string("label-key", "label", "ClassLabel feature; absent means unlabeled",
+                    flag_values=COMMAND_FLAGS)
+flags.DEFINE_string("dataset-name", None, "dataset name in the manifest (default: --name)",
+                    flag_values=COMMAND_FLAGS)
+flags.DEFINE_boolean(
+    "imagenet-holdout", False, "hold out the paper's validation split: the last "
+    f"{IMAGENET_HOLDOUT_COUNT} examples of train in TFDS order (BYOL Appendix E.1, on "
+    "imagenet2012); --holdout-count overrides the number, e.g. for a small test dataset",
+    flag_values=COMMAND_FLAGS)
+cli.define_holdout_flags(COMMAND_FLAGS, order="TFDS order, as the paper's ImageNet split")
+cli.define_order_seed_flag(COMMAND_FLAGS)
+cli.define_reencode_flag(COMMAND_FLAGS)
+cli.define_bad_image_flags(COMMAND_FLAGS)
+cli.define_output_flags(COMMAND_FLAGS)
+_HELP = f"""{__doc__}
+example:
+  python -m byol_flax.data.convert.tfds_to_arrayrecord --name cifar10 \\
+      --data-dir ~/tensorflow_datasets --out data/cifar10
+"""
 
 
-def convert(args: argparse.Namespace) -> common.ConversionResult:
-    common.check_out(args, *([args.data_dir] if args.data_dir else []))
+def convert(args: argparse.Namespace) -> writer.ConversionResult:
+    cli.check_out(args, *([args.data_dir] if args.data_dir else []))
     tfds = import_tfds()
     builder = prepared_builder(tfds, args.name, args.data_dir)
     available = list(builder.info.splits.keys())
@@ -139,7 +145,7 @@ def convert(args: argparse.Namespace) -> common.ConversionResult:
                         "encoded images: choose their encoding with --reencode png (or jpeg)")
     # Pixel arrays are encoded once, while reading; encoded images are re-encoded only if asked.
     pixel_format = None if encoded else args.reencode
-    holdout_count, holdout_fraction = common.imagenet_holdout(
+    holdout_count, holdout_fraction = cli.imagenet_holdout(
         args, builder.info.splits["train"].num_examples if "train" in available else 0,
         f"{args.name} train")
     if (holdout_count or holdout_fraction) and "train" not in wanted:
@@ -148,21 +154,22 @@ def convert(args: argparse.Namespace) -> common.ConversionResult:
     splits = {split: read_split(tfds, builder, split, image_key=args.image_key,
                                 label_key=args.label_key, pixel_format=pixel_format)
               for split in wanted}
-    source = common.provenance("byol_flax.data.convert.tfds_to_arrayrecord", args,
-                               tfds_version=str(builder.info.version),
-                               tfds_data_dir=str(builder.data_dir),
-                               pixels_encoded_as=pixel_format)
-    return common.convert_from_args(
+    source = cli.provenance("byol_flax.data.convert.tfds_to_arrayrecord", args,
+                            tfds_version=str(builder.info.version),
+                            tfds_data_dir=str(builder.data_dir),
+                            pixels_encoded_as=pixel_format)
+    return cli.convert_from_args(
         args, splits, dataset=args.dataset_name or builder.name,
         label_names=label_names_of(tfds, builder, args.label_key), source=source,
         seed=args.order_seed, holdout_count=holdout_count, holdout_fraction=holdout_fraction,
         holdout_order="source", reencode=args.reencode if encoded else "none",
-        policy=common.policy_from_args(args))
+        policy=cli.policy_from_args(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return common.run_cli(lambda: convert(args))
+    """``byol-convert-tfds``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
+    (returns the exit status; :func:`byol_flax.data.convert.cli.run`)."""
+    return cli.run(convert, __name__, COMMAND_FLAGS, argv, _HELP)
 
 
 if __name__ == "__main__":
