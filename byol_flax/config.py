@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     # export of one of our runs) whose encoder a NEW run starts from instead of random init, to
     # continue pre-training released or earlier weights on other data or with another recipe.
     # The target starts as the copy of the loaded online network, the optimizer state fresh and
-    # the step at 0 (byol_flax.export.init_from). The export's encoder and BatchNorm settings
+    # the step at 0 (byol_flax.init_from). The export's encoder and BatchNorm settings
     # must equal model.encoder / model.batchnorm. "" = random init.
     # init_from_heads: also load the projector and predictor when the export kept them (they
     # must then have this config's shapes); the online classifier always starts fresh.

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 from byol_flax.checkpointing import Checkpointer, Restored, committed_steps, config_changes, lease
 from byol_flax.checkpointing.preemption import TerminationGuard
-from byol_flax.config import training_steps, validate_config
+from byol_flax.config import step_program, training_steps, validate_config
 from byol_flax.data.pipeline import OpenedSplit, open_split, train_dataset, views_only
 from byol_flax.data.records import DataError
 from byol_flax.errors import UserError
@@ -61,15 +61,9 @@ def _cached_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
                        num_classes: int) -> StepFn:
     """The jitted step of ``options`` (built from ``config`` for ``total_steps`` and
     ``warmup_steps``), traced by an earlier run of this process if its program was the same."""
-    program = {key: json.loads(config[key].to_json())
-               for key in ("model", "optimizer", "target", "loss", "training", "augment")}
-    program["augment"] = {k: v for k, v in program["augment"].items()  # host-side keys
-                          if not k.startswith("crop_")}
-    for view in ("view1", "view2"):
-        program["augment"][view].pop("flip_prob")
-    for init_only in ("init_from", "init_from_heads"):  # the weights a run starts from
-        program["model"].pop(init_only, None)
-    # The graph (and its optimizer) is a function of the model and optimizer configs.
+    # The keys whose role says the step reads them (config.step_program); the graph and its
+    # optimizer are functions of those too.
+    program = step_program(config)
     key = json.dumps([program, total_steps, warmup_steps, num_classes,
                       [d.id for d in mesh.devices.flat]], sort_keys=True)
     if key not in _STEP_CACHE:

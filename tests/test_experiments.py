@@ -120,14 +120,9 @@ def test_digits_recipes_differ_from_table_6_only_where_documented():
 
 def test_digits_default_recipe_is_the_point_the_calibration_sweep_chose():
     """docs/demo_calibration.md's chosen point, as benchmarks/demo_calibration.py defines it."""
-    import importlib.util
-
+    from benchmarks import demo_calibration as calibration
     from byol_flax.configs import digits_cpu
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_calibration.py"
-    spec = importlib.util.spec_from_file_location("demo_calibration", path)
-    calibration = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(calibration)
     recipe, overrides = calibration.POINTS[calibration.CHOSEN]
     swept = digits_cpu.get_config(f"data=/d,augment={recipe}")
     swept.update_from_flattened_dict(overrides)

@@ -14,7 +14,6 @@ from absl import flags
 from byol_flax.data.convert import cli, image_io, order, writer
 from byol_flax.data.convert.image_io import Example
 
-DIGITS_NUM_IMAGES = 1797
 DIGITS_MAX_VALUE = 16
 DEFAULT_TEST_FRACTION = 0.2
 # Small shards so that even this tiny train split has several: the data pipeline's sharding
