@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     while batch <= args.max_batch:
         try:
             row = measure_step(args, batch)
-        except Exception as error:  # noqa: BLE001 - XLA raises its own runtime error type
+        except Exception as error:
             if not _out_of_memory(error):
                 raise
             print(f"per-device batch {batch}: out of device memory", flush=True)

@@ -31,12 +31,12 @@ configure_xla_flags()  # before JAX starts: the step it is compared with runs wi
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
-from PIL import Image
+from PIL import Image  # noqa: E402
 
-from byol_flax.config import base_config
-from byol_flax.data import records
-from byol_flax.data.augment import make_device_augment
-from byol_flax.data.pipeline import open_split, train_dataset
+from byol_flax.config import base_config  # noqa: E402
+from byol_flax.data import records  # noqa: E402
+from byol_flax.data.augment import make_device_augment  # noqa: E402
+from byol_flax.data.pipeline import open_split, train_dataset  # noqa: E402
 
 
 def sample_jpeg(rng: np.random.Generator, width=500, height=375) -> bytes:

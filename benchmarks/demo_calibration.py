@@ -1,6 +1,7 @@
 """The sweep that chose the demo's default recipe (docs/demo_calibration.md).
 
-    python benchmarks/demo_calibration.py --workdir workdirs/calibration [--points a,b] [--seeds 0,1,2]
+    python benchmarks/demo_calibration.py --workdir workdirs/calibration [--points a,b] \
+        [--seeds 0,1,2]
 
 Each point is a recipe of ``byol_flax/configs/digits_cpu.py`` plus dotted pre-training overrides: a
 row of the demo's study (``byol_flax.studies.demo.demo_study``), so each (point, seed) pre-trains
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
+from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()
 

@@ -47,10 +47,16 @@ import numpy as np
 if __package__ in (None, ""):  # run as `python benchmarks/reliability.py`: import benchmarks.*
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.reliability_changes import change_results, change_targets  # noqa: E402
-from benchmarks.reliability_faults import (bad_config_cases, checkpoint_damage_cases,  # noqa: E402
-                                           data_damage_cases, kill_trial, nan_case, sigterm_case)
-from benchmarks.reliability_processes import EVERY, Suite  # noqa: E402
+from benchmarks.reliability_changes import change_results, change_targets
+from benchmarks.reliability_faults import (
+    bad_config_cases,
+    checkpoint_damage_cases,
+    data_damage_cases,
+    kill_trial,
+    nan_case,
+    sigterm_case,
+)
+from benchmarks.reliability_processes import EVERY, Suite
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -150,8 +156,8 @@ def report(results: dict[str, Any]) -> str:
             "## NaN injection", table([results["nan"]], list(results["nan"])) if results["nan"]
             else "(not in --quick)",
         ]
-    single = lambda key: table([c[key]], list(c[key])) if c.get(key) else "(not in --quick)"  # noqa: E731
-    rows = lambda key: table(c[key], list(dict.fromkeys(  # noqa: E731
+    single = lambda key: table([c[key]], list(c[key])) if c.get(key) else "(not in --quick)"
+    rows = lambda key: table(c[key], list(dict.fromkeys(
         k for row in c[key] for k in row))) if c.get(key) else "(not in --quick)"
     parts += [
         "## Resume with other worker counts", rows("workers"),

@@ -22,9 +22,18 @@ import numpy as np
 
 from benchmarks import reliability_data_prep
 from benchmarks.reliability_faults import flip_bit
-from benchmarks.reliability_processes import (Run, Suite, children, committed_steps, final_state,
-                                              fresh, kill_when, process_alive, states_equal,
-                                              subprocess_env)
+from benchmarks.reliability_processes import (
+    Run,
+    Suite,
+    children,
+    committed_steps,
+    final_state,
+    fresh,
+    kill_when,
+    process_alive,
+    states_equal,
+    subprocess_env,
+)
 
 
 def worker_cases(suite: Suite) -> list[dict[str, Any]]:
@@ -334,7 +343,7 @@ def change_results(suite: Suite, stopped: Path) -> dict[str, Any]:
 
 
 def change_targets(changes: dict[str, Any]) -> dict[str, bool]:
-    ran = lambda key: changes.get(key) is not None  # noqa: E731
+    ran = lambda key: changes.get(key) is not None
     targets = {
         "resume_with_other_workers_bitwise": all(c["bitwise_equal"] for c in changes["workers"]),
         "config_changes_refused_not_damaged_then_allowed": all(

@@ -2,8 +2,8 @@
 
     python benchmarks/reliability_data_prep.py [--workdir /tmp/byol_reliability_data_prep]
 
-``data_prep_cases`` runs the real converter (``python -m byol_flax.data.convert.image_folder``) on small bad
-trees built under a root: a symlink loop, a truncated JPEG (skipped, and failing with
+``data_prep_cases`` runs the real converter (``python -m byol_flax.data.convert.image_folder``) on
+small bad trees built under a root: a symlink loop, a truncated JPEG (skipped, and failing with
 ``--on-bad-image=error``), a decompression bomb, a non-UTF-8 file name and a 16-bit PNG.
 ``staging_cases`` stages a dataset the way a ``gs://`` one is (``records.copy_dataset``) onto a
 disk that is too small, then twice onto one that is not. Each returns one row per case with
@@ -81,16 +81,16 @@ def non_utf8_file(directory: Path) -> bytes:
 
 
 def convert(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "byol_flax.data.convert.image_folder", "--src", str(src), "--out", str(out),
-            "--workers", "1", "--no-progress", *extra]
+    argv = [sys.executable, "-m", "byol_flax.data.convert.image_folder", "--src", str(src),
+            "--out", str(out), "--workers", "1", "--no-progress", *extra]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def outcome(case: str, out: Path, done: subprocess.CompletedProcess,
             check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """One row: exit status, records written, files left out, the one line a person reads."""
-    from byol_flax.data.records import DataError, load_manifest  # noqa: PLC0415
     from byol_flax.data.convert.writer import read_skipped_files  # noqa: PLC0415
+    from byol_flax.data.records import DataError, load_manifest  # noqa: PLC0415
 
     try:
         records = sum(s.num_records for s in load_manifest(out).splits.values())
@@ -149,7 +149,8 @@ def data_prep_cases(root: Path) -> list[dict[str, Any]]:
         "truncated JPEG, --on-bad-image=error", error_out,
         convert(src, error_out, "--on-bad-image", "error"),
         lambda row: (row["exit"] == 1 and row["records"] == 0
-                     and row["message"].startswith(f"error: BadImage: bad image {src / 'dog' / 'cut.jpg'}")
+                     and row["message"].startswith(
+                         f"error: BadImage: bad image {src / 'dog' / 'cut.jpg'}")
                      and "truncated" in row["message"])))
 
     src, out = tree("decompression_bomb")

@@ -17,8 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.reliability_processes import (EVERY, TOTAL_STEPS, Suite, committed_steps,
-                                              final_state, states_equal, subprocess_env)
+from benchmarks.reliability_processes import (
+    EVERY,
+    TOTAL_STEPS,
+    Suite,
+    committed_steps,
+    final_state,
+    states_equal,
+    subprocess_env,
+)
 
 RESTORING_LINE = re.compile(r"restoring checkpoint step (\d+)")
 DAMAGE_WORDS = ("cannot be read", "is damaged", "no restorable checkpoint")
@@ -146,8 +153,9 @@ def checkpoint_damage_cases(suite: Suite, stopped: Path) -> list[dict[str, Any]]
 
 def rewrite_shard(data_dir: Path, shard_index: int, transform: Callable[[list], list]) -> str:
     """Rewrites one train shard through ``transform`` and updates the manifest's checksum."""
-    from byol_flax.data import records  # noqa: PLC0415
     from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
+
+    from byol_flax.data import records  # noqa: PLC0415
 
     manifest = records.load_manifest(data_dir)
     split = manifest.splits["train"]

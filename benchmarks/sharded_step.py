@@ -28,7 +28,6 @@ def worker(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
     from flax import nnx
-
     from train_step import build_step, random_views  # this folder: the same step and views
 
     graphdef, state, step, mesh = build_step(args.encoder, args.stem, args.batch,

@@ -154,7 +154,8 @@ class BYOL:
     def step(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
         # One pass per view, as solo-learn does and as byol_flax does: BatchNorm statistics are
         # per view (byol-pytorch concatenates the views into one batch instead).
-        prediction_1, prediction_2 = (self.predictor(self.forward_online(v)) for v in (view1, view2))
+        prediction_1, prediction_2 = (self.predictor(self.forward_online(v))
+                                      for v in (view1, view2))
         with torch.no_grad():
             target_1, target_2 = (self.forward_target(v) for v in (view1, view2))
         loss = byol_loss(prediction_1, target_2) + byol_loss(prediction_2, target_1)

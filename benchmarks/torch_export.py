@@ -70,7 +70,7 @@ def stock_torchvision(path: Path, name: str | None) -> torch.nn.Module | None:
 
 
 def compare(reference: np.ndarray, features: np.ndarray) -> dict[str, float]:
-    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     cosine = np.sum(unit(reference) * unit(features), axis=-1)
     return {"max_abs_diff": float(np.abs(features - reference).max()),
             "relative_diff": float(np.abs(features - reference).max()
@@ -97,7 +97,7 @@ def main() -> None:
     mesh = make_mesh()
     train, test = (open_split(config.data, config.data[key]) for key in ("train_split",
                                                                           "test_split"))
-    knn = lambda tr, te: knn_accuracy(tr, te, ks=config.knn.k,  # noqa: E731
+    knn = lambda tr, te: knn_accuracy(tr, te, ks=config.knn.k,
                                       temperature=config.knn.temperature,
                                       num_classes=config.data.num_classes)[config.knn.k[0]]
 

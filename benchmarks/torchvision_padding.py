@@ -90,7 +90,7 @@ def compare(directory: Path) -> None:
             features = {"torchvision": stock(images).numpy(),
                         **{f"torch_resnet {p}": m(images).numpy() for p, m in ours.items()},
                         "jax": data[f"jax_{size}"]}
-            gap = lambda a, b: float(np.max(np.abs(features[a] - features[b])))  # noqa: E731
+            gap = lambda a, b: float(np.max(np.abs(features[a] - features[b])))
             rows.append({"size": size,
                          "torchvision vs symmetric": gap("torchvision", "torch_resnet symmetric"),
                          "torchvision vs same": gap("torchvision", "torch_resnet same"),

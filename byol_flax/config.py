@@ -17,9 +17,9 @@ from typing import Any
 
 import ml_collections
 
-from byol_flax.errors import UserError
 from byol_flax.data.augment import default_augment_config
 from byol_flax.data.imagenet import IMAGENET_TRAIN_EXAMPLES  # noqa: F401 - re-exported for configs
+from byol_flax.errors import UserError
 from byol_flax.losses import NORMALIZATIONS
 from byol_flax.models.conv import CONV_IMPLEMENTATIONS
 from byol_flax.models.predictors import PREDICTORS
@@ -195,8 +195,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Names in byol_flax.evaluation.EVALUATORS; those that need labels are dropped, with a log
     # line, when the monitor splits have none (and online_classifier when it is not trained).
     config.monitor.evaluators = ("knn", "online_classifier")
-    # A labelled dataset (a byol_flax.data.convert output) the kNN monitor reads instead of the training
-    # data: training on unlabeled images can still be watched on labelled ones. "": the
+    # A labelled dataset (a byol_flax.data.convert output) the kNN monitor reads instead of the
+    # training data: training on unlabeled images can still be watched on labelled ones. "": the
     # training data. The online classifier always uses the training data's labels.
     config.monitor.data_dir = ""
     config.monitor.train_split = "train"  # labelled examples forming the kNN memory

@@ -24,9 +24,18 @@ from flax import nnx
 
 from byol_flax.checkpointing import flatten_dotted, layout_differences, stored_layout
 from byol_flax.config import ConfigError
-from byol_flax.export.encoder import (CHECKSUMS_KEY, ENCODER_CONFIG_NAME, HEADS_DIR, WEIGHTS_DIR,
-                                      SourceError, absolute_path, fingerprint, read_export_config,
-                                      read_verified_arrays, set_arrays)
+from byol_flax.export.encoder import (
+    CHECKSUMS_KEY,
+    ENCODER_CONFIG_NAME,
+    HEADS_DIR,
+    WEIGHTS_DIR,
+    SourceError,
+    absolute_path,
+    fingerprint,
+    read_export_config,
+    read_verified_arrays,
+    set_arrays,
+)
 from byol_flax.models.byol import build_online_network
 from byol_flax.runtime import console
 from byol_flax.train_state import TrainState
@@ -59,7 +68,7 @@ def _one_line(error: BaseException) -> str:
 def _stored(path: epath.Path, key: str) -> dict[str, Any]:
     try:
         return stored_layout(path)
-    except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many types
+    except Exception as error:
         raise InitFromError(f"{key}: {path} cannot be read: {_one_line(error)}") from error
 
 

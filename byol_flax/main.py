@@ -1,4 +1,5 @@
-"""Training command: ``python -m byol_flax.main --config=NAME[:ARG] --workdir=DIR`` (``byol-train``).
+"""Training command: ``python -m byol_flax.main --config=NAME[:ARG] --workdir=DIR``
+(``byol-train``).
 
 NAME is a shipped config module (``digits_cpu``, ``byol_imagenet:r50x1``; byol_flax/configs/) or a
 path to a ``.py`` file with ``get_config(arg)``.

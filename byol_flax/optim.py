@@ -26,7 +26,8 @@ ParamPath = tuple[str, ...]
 
 
 def _path_names(key_path: tuple[Any, ...]) -> ParamPath:
-    """A pytree key path of an ``nnx.State`` leaf as plain names, e.g. ('encoder', 'blocks', '0')."""
+    """A pytree key path of an ``nnx.State`` leaf as plain names, e.g.
+    ('encoder', 'blocks', '0')."""
     names = []
     for key in key_path:
         if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value":

@@ -37,7 +37,8 @@ def target_ema_schedule(*, base_ema: float, total_steps: int, kind: str = "cosin
     return schedule
 
 
-def build_schedules(config, *, total_steps: int, warmup_steps: int) -> tuple[optax.Schedule, Schedule]:
+def build_schedules(config, *, total_steps: int,
+                    warmup_steps: int) -> tuple[optax.Schedule, Schedule]:
     """The learning-rate and tau schedules of a config (``optimizer``, ``training``, ``target``)."""
     learning_rate = learning_rate_schedule(
         base_learning_rate=config.optimizer.base_learning_rate,

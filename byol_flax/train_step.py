@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from byol_flax.data.augment import make_device_augment
 from byol_flax.collapse import collapse_metrics
+from byol_flax.data.augment import make_device_augment
 from byol_flax.losses import byol_loss
 from byol_flax.runtime.xla import speed_up_tracing
 from byol_flax.schedules import Schedule, build_schedules

@@ -10,7 +10,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
+from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()  # the entry points' XLA:CPU flags, so tests run what users run
 

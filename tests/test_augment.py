@@ -46,7 +46,8 @@ def test_random_crop_area_and_aspect_ranges(config):
     boxes = [aug.sample_crop_box(width, height, rng, config) for _ in range(N)]
     area = np.array([w * h / (width * height) for _, _, w, h in boxes])
     log_aspect = np.array([math.log(w / h) for _, _, w, h in boxes])
-    assert all(0 <= l and 0 <= t and l + w <= width and t + h <= height for l, t, w, h in boxes)
+    assert all(0 <= left and 0 <= t and left + w <= width and t + h <= height
+               for left, t, w, h in boxes)
     assert area.min() >= 0.08 * 0.97 and area.max() <= 1.0
     assert area.min() < 0.1 and area.max() > 0.9  # the whole range is used
     assert log_aspect.min() >= math.log(3 / 4) - 0.02 and log_aspect.max() <= math.log(4 / 3) + 0.02
@@ -239,7 +240,8 @@ def test_device_augment_normalises_with_imagenet_statistics(config):
     for view in ("view1", "view2"):
         only(config, view)
         config[view].flip_prob = 0.0
-    batch = {"view1": np.full((2, 8, 8, 3), 255, np.uint8), "view2": np.zeros((2, 8, 8, 3), np.uint8)}
+    batch = {"view1": np.full((2, 8, 8, 3), 255, np.uint8),
+             "view2": np.zeros((2, 8, 8, 3), np.uint8)}
     out = aug.make_device_augment(config)(jax.random.key(0), batch)
     np.testing.assert_allclose(out["view1"][0, 0, 0], (1 - np.array(aug.IMAGENET_MEAN))
                                / np.array(aug.IMAGENET_STD), rtol=1e-5)

@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from byol_flax.checkpointing import (Checkpointer, DamagedCheckpointError,
-                                     IncompatibleCheckpointError, committed_steps)
+from byol_flax.checkpointing import (
+    Checkpointer,
+    DamagedCheckpointError,
+    IncompatibleCheckpointError,
+    committed_steps,
+)
 from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicated_sharding
@@ -76,7 +80,8 @@ def test_checkpoint_of_another_architecture_names_the_difference(tmp_path):
     config.model.projector.output_size = 48
     _, other = new_state(config)
     with pytest.raises(IncompatibleCheckpointError,
-                       match=r"step 1 .* is intact but .* model.projector.output_size: checkpoint 32, config 48"):
+                       match=r"step 1 .* is intact but .* model.projector.output_size: "
+                             r"checkpoint 32, config 48"):
         Checkpointer(tmp_path, config).restore(1, other, one_device())
 
 

@@ -77,8 +77,8 @@ def test_documented_launcher_output_is_exactly_what_it_prints():
 
 
 def test_guide_slice_table_matches_the_batch_plans():
-    from byol_flax.configs import byol_imagenet
     from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice
+    from byol_flax.configs import byol_imagenet
 
     rows = re.findall(r"^\| (v[\w-]+)[^|]*\| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$",
                       GUIDE.read_text(), flags=re.M)

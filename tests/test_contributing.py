@@ -71,8 +71,8 @@ def test_the_predictor_example_trains_under_the_online_predictor():
 
 
 def test_the_evaluator_example_runs_in_the_cli_and_as_a_monitor(tmp_path):
-    from byol_flax.data.convert import digits  # noqa: PLC0415
     from byol_flax.configs import eval_digits  # noqa: PLC0415
+    from byol_flax.data.convert import digits  # noqa: PLC0415
     from byol_flax.evaluation import EVALUATORS, SweepStore, build_evaluator  # noqa: PLC0415
     from byol_flax.evaluation.config import validate_eval_config  # noqa: PLC0415
     from byol_flax.evaluation.monitor import build_state_evaluators  # noqa: PLC0415

@@ -1,4 +1,5 @@
-"""byol_flax/data/convert/: the converters write what byol_flax.data.records reads, resumably and reproducibly.
+"""byol_flax/data/convert/: the converters write what byol_flax.data.records reads, resumably and
+reproducibly.
 
 Trees are a few tiny JPEG and PNG files made with Pillow; the records are read back with
 ArrayRecord and compared with the source files byte for byte.
@@ -25,10 +26,23 @@ from etils import epath
 from PIL import Image
 
 from byol_flax.data import augment, imagenet, records
-from byol_flax.data.records import (UNLABELED, decode_record, file_sha256, load_manifest,
-                                    split_evenly, verify_shard, verify_split)
-from byol_flax.data.convert import (digits, image_folder, image_io, order,
-                                    tfds_to_arrayrecord, writer)
+from byol_flax.data.convert import (
+    digits,
+    image_folder,
+    image_io,
+    order,
+    tfds_to_arrayrecord,
+    writer,
+)
+from byol_flax.data.records import (
+    UNLABELED,
+    decode_record,
+    file_sha256,
+    load_manifest,
+    split_evenly,
+    verify_shard,
+    verify_split,
+)
 from byol_flax.runtime.outputs import MARKER_NAME
 
 CLASSES = {"cat": 3, "dog": 4, "eel": 3}

@@ -51,7 +51,7 @@ def assert_smoke_demo_outputs(tmp_path) -> None:
 
 def test_report_verdicts_use_twice_the_seed_std_and_explain_a_losing_recipe():
     def run(recipe, seed, byol, random_init, pixels, knn, random_knn, online):
-        test = lambda value, metric="top1": {"test": {metric: value}}  # noqa: E731
+        test = lambda value, metric="top1": {"test": {metric: value}}
         return {"row": recipe, "seed": seed, "steps": 10, "train_seconds": 1.0,
                 "final_metrics": {"online_classifier/top1": online, "images_per_second": 5.0},
                 "evaluations": {

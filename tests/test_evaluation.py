@@ -14,29 +14,32 @@ from sklearn.linear_model import LogisticRegression
 
 from byol_flax.checkpointing import Checkpointer
 from byol_flax.config import ConfigError
+from byol_flax.configs import digits_cpu, eval_digits, eval_imagenet, eval_transfer
 from byol_flax.data.augment import normalize, photometric_augment
+from byol_flax.data.convert import digits
 from byol_flax.data.pipeline import labelled_dataset, open_split
 from byol_flax.data.records import DataError
-from byol_flax.export.model_card import export_with_model_card as export_cli
-from byol_flax.evaluation.runner import evaluate
-from byol_flax.evaluation import classifier as clf
 from byol_flax.evaluation import base, semi_supervised, transfer_finetune
+from byol_flax.evaluation import classifier as clf
+from byol_flax.evaluation.config import eval_base_config, validate_eval_config
 from byol_flax.evaluation.evaluators import build_evaluator
-from byol_flax.evaluation.monitor import build_state_evaluators
 from byol_flax.evaluation.linear import linear_on_features
+from byol_flax.evaluation.monitor import build_state_evaluators
+from byol_flax.evaluation.runner import evaluate
+from byol_flax.evaluation.transfer_linear import (
+    fit_logistic_regression,
+    l2_grid,
+    logistic_objective,
+    transfer_linear_on_features,
+)
 from byol_flax.export import encoder as export
 from byol_flax.export import model_card
-from byol_flax.runtime import outputs
-from byol_flax.evaluation.config import eval_base_config, validate_eval_config
-from byol_flax.evaluation.transfer_linear import (fit_logistic_regression, l2_grid,
-                                                  logistic_objective,
-                                                  transfer_linear_on_features)
+from byol_flax.export.model_card import export_with_model_card as export_cli
 from byol_flax.models import count_params
+from byol_flax.runtime import outputs
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh
 from byol_flax.train_state import create_train_state
-from byol_flax.data.convert import digits
-from byol_flax.configs import digits_cpu, eval_digits, eval_imagenet, eval_transfer
 from tests.helpers import tiny_config
 
 
@@ -460,7 +463,8 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     config.monitor.every_steps, config.monitor.batch_size = 1, 64
     config.monitor.max_train_examples, config.monitor.max_eval_examples = 200, 64
     config.monitor.evaluators = ("knn", "online_classifier")
-    train_state = create_train_state(config, build_schedules(config, total_steps=10, warmup_steps=1)[0], num_classes=10)
+    train_state = create_train_state(config, build_schedules(config, total_steps=10,
+                                                             warmup_steps=1)[0], num_classes=10)
     graphdef, state = nnx.split(train_state)
     mesh = make_mesh()
     scalars = {}

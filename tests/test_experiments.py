@@ -55,7 +55,8 @@ def test_appendix_h_and_section_5_variants():
 def test_every_table_9_encoder_is_selectable(arg):
     c = byol_imagenet.get_config(arg)
     depth, width = arg[1:].split("x")
-    assert c.model.encoder.name == f"resnet{depth}" and c.model.encoder.width_multiplier == int(width)
+    assert (c.model.encoder.name == f"resnet{depth}"
+            and c.model.encoder.width_multiplier == int(width))
 
 
 def test_bad_argument_and_typo_key():
@@ -85,7 +86,8 @@ def test_slice_plans_split_the_paper_batch(arg, accumulation):
 
 
 def test_appendix_h_slice_plan_uses_its_own_batch():
-    h = importlib.import_module("byol_flax.configs.byol_imagenet_bs512").get_config("r50x1,slice=v4-8")
+    h = importlib.import_module("byol_flax.configs.byol_imagenet_bs512").get_config(
+        "r50x1,slice=v4-8")
     assert (h.training.batch_size, h.training.accumulation_steps) == (512, 1)  # 128 per device
     with pytest.raises(ValueError, match=r"unknown option 'slices'; known: encoder, slice, "
                                          r"max_per_device, smoke"):
@@ -93,8 +95,8 @@ def test_appendix_h_slice_plan_uses_its_own_batch():
 
 
 def test_digits_recipes_differ_from_table_6_only_where_documented():
-    from byol_flax.data.augment import default_augment_config
     from byol_flax.configs import digits_cpu
+    from byol_flax.data.augment import default_augment_config
 
     paper = digits_cpu.get_config("data=/d,augment=paper")
     assert paper.data.dir == "/d" and digits_cpu.get_config("/d").data.dir == "/d"

@@ -3,6 +3,7 @@ a size a reader can hold, a README that stays a quickstart. CONTRIBUTING.md stat
 lint (ruff) runs in ``.ci/run`` before the tests."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,8 @@ def test_the_circle_finder_finds_a_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_modules_and_functions_stay_readable(path):
     relative = str(path.relative_to(ROOT))
     text = path.read_text()
@@ -104,3 +106,37 @@ def test_modules_and_functions_stay_readable(path):
 def test_the_readme_is_a_quickstart_with_tables():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= MAX_README_LINES, "move reference material to docs/"
+
+
+def _paths_in_cell(cell: str) -> set[str]:
+    """Paths a README table cell names: ``dir/{a,b}.py`` expands, and a bare ``b.py`` after
+    ``dir/a.py`` in the same cell is ``dir/b.py``."""
+    named, directory = set(), ""
+    for code in re.findall(r"`([^`]+)`", cell):
+        match = re.fullmatch(r"([\w/]*/)\{([\w,]+)\}\.py", code)
+        if match:
+            named |= {f"{match.group(1)}{name}.py" for name in match.group(2).split(",")}
+            directory = match.group(1)
+        elif code.startswith("byol_flax/"):
+            named.add(code)
+            directory = code.rpartition("/")[0] + "/"
+        elif re.fullmatch(r"\w+\.py", code) and directory:
+            named.add(directory + code)
+    return named
+
+
+def test_the_readme_table_names_every_module():
+    """"What is here" is where a newcomer looks for a concept: every module of the package is in
+    it (by its path, or inside a folder the table names as a whole)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## What is here"):]
+    table = table[:table.index("\n## ")]
+    named = set()
+    for row in (line for line in table.splitlines() if line.startswith("|")):
+        named |= _paths_in_cell(row.split("|")[-2])
+    folders = {path for path in named if path.endswith("/")}
+    missing = [str(path.relative_to(ROOT)) for path in sorted(PACKAGE.rglob("*.py"))
+               if path.name != "__init__.py"
+               and str(path.relative_to(ROOT)) not in named
+               and not any(str(path.relative_to(ROOT)).startswith(f) for f in folders)]
+    assert missing == [], "add them to the README's 'What is here' table"

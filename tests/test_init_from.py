@@ -28,7 +28,6 @@ from tests.helpers import tiny_config
 from tests.test_performance import shrunk_digits_config
 from tests.test_train_driver import data_dir  # noqa: F401 (a fixture: the digits, converted)
 
-
 NUM_CLASSES = 10
 TOTAL_STEPS = 4  # 64 examples per epoch at batch 16, one epoch; checkpoints at 2 and 4
 

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 
 from byol_flax.cloud import launch
-from byol_flax.data import records
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice, plan_batch
-
+from byol_flax.data import records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +26,19 @@ SINGLE_HOST = ["up", "--tpu", "byol-v4-8", "--zone", "us-central2-b", "--acceler
 def test_single_host_commands(capsys):
     lines = dry_run(capsys, *SINGLE_HOST)
     assert lines == [
-        'gcloud compute tpus tpu-vm create byol-v4-8 --zone=us-central2-b --accelerator-type=v4-8 --version=tpu-ubuntu2204-base --spot',
-        'gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all \'--command=sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv && python3.11 -m venv ~/byol_venv && (git clone --depth 1 https://github.com/byol-flax/byol_flax.git ~/byol_flax || git -C ~/byol_flax pull) && ~/byol_venv/bin/pip install -c ~/byol_flax/constraints.txt "jax[tpu]" -e ~/byol_flax\'',
-        "gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all '--command=cd ~/byol_flax && nohup ~/byol_venv/bin/python -m byol_flax.main --config=byol_flax/configs/byol_imagenet.py:r50x1,slice=v4-8 --workdir=gs://my-bucket/byol_r50x1 --config.data.dir=gs://my-bucket/imagenet_arrayrecord < /dev/null > ~/byol_train.log 2>&1 &'",
+        'gcloud compute tpus tpu-vm create byol-v4-8 --zone=us-central2-b --accelerator-type=v4-8 '
+        '--version=tpu-ubuntu2204-base --spot',
+        'gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all '
+        '\'--command=sudo apt-get update -q && sudo apt-get install -y -q python3.11 '
+        'python3.11-venv && python3.11 -m venv ~/byol_venv && (git clone --depth 1 '
+        'https://github.com/byol-flax/byol_flax.git ~/byol_flax || git -C ~/byol_flax pull) && '
+        '~/byol_venv/bin/pip install -c ~/byol_flax/constraints.txt "jax[tpu]" -e ~/byol_flax\'',
+        "gcloud compute tpus tpu-vm ssh byol-v4-8 --zone=us-central2-b --worker=all '--command=cd "
+        "~/byol_flax && nohup ~/byol_venv/bin/python -m byol_flax.main "
+        "--config=byol_flax/configs/byol_imagenet.py:r50x1,slice=v4-8 "
+        "--workdir=gs://my-bucket/byol_r50x1 "
+        "--config.data.dir=gs://my-bucket/imagenet_arrayrecord < /dev/null > ~/byol_train.log "
+        "2>&1 &'",
     ]
 
 

@@ -56,7 +56,8 @@ def test_no_gradient_reaches_the_target(config):
     assert len(leaves) == len(jax.tree.leaves(target_params))
     assert all(bool(jnp.all(g == 0)) for g in leaves)
     # ... while the online parameters do receive gradient through the same function.
-    online_grads = jax.jit(jax.grad(lambda p: loss_fn(p, online_rest, nnx.merge_state(target_params, target_rest),
+    online_grads = jax.jit(jax.grad(lambda p: loss_fn(p, online_rest,
+                                              nnx.merge_state(target_params, target_rest),
                                               make_views(8), online_def=online_def,
                                               target_def=target_def)[0]))(params)
     assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(online_grads))

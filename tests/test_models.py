@@ -7,8 +7,15 @@ import pytest
 from flax import nnx
 
 from byol_flax.config import base_config
-from byol_flax.models import (MLP, BatchNormConfig, ResNet, build_encoder, build_online_network,
-                              count_params, target_from_online)
+from byol_flax.models import (
+    MLP,
+    BatchNormConfig,
+    ResNet,
+    build_encoder,
+    build_online_network,
+    count_params,
+    target_from_online,
+)
 
 # Table 9, "Weights" column: encoder without classifier, in millions.
 TABLE_9_WEIGHTS_M = [
@@ -81,7 +88,8 @@ def test_last_batchnorm_scale_of_each_block_follows_zero_init_residual(bottlenec
                      stem_channels=8, zero_init_residual=zero_init_residual, rngs=nnx.Rngs(0))
         assert np.all(np.asarray(net.stem_norm.scale[...]) == 1)
         return [([np.asarray(n.scale[...]) for n in block.norms],
-                 None if block.shortcut_norm is None else np.asarray(block.shortcut_norm.scale[...]))
+                 None if block.shortcut_norm is None
+                 else np.asarray(block.shortcut_norm.scale[...]))
                 for block in net.blocks]
 
     for main_path, shortcut in block_scales(False):

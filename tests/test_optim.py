@@ -40,7 +40,8 @@ def test_mask_selects_exactly_biases_and_batchnorm_parameters(online):
 
 
 def reference_lars(params, grads_per_step, lrs, *, wd, eta, momentum, mask):
-    """The official BYOL optimizer (Appendix J.1) in NumPy: decay -> trust ratio -> momentum -> LR."""
+    """The official BYOL optimizer (Appendix J.1) in NumPy: decay -> trust ratio -> momentum ->
+    LR."""
     params = {k: np.array(v, np.float64) for k, v in params.items()}
     mu = {k: np.zeros_like(v) for k, v in params.items()}
     for grads, lr in zip(grads_per_step, lrs):
@@ -126,7 +127,8 @@ def test_optimizer_state_covers_only_parameters(online):
 
 
 def test_optimizer_state_has_one_structure_whatever_the_multipliers(online):
-    """Changing lambda or mu on resume must not change the checkpoint layout (resume under change)."""
+    """Changing lambda or mu on resume must not change the checkpoint layout (resume under
+    change)."""
     def state_paths(predictor_mult):
         config = base_config().optimizer
         config.predictor_lr_multiplier = predictor_mult

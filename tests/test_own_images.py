@@ -1,6 +1,6 @@
 """Your own unlabeled images end to end: a folder the test writes is converted with
-``--layout unlabeled``, pre-trained with byol_flax/configs/own_images.py and its default monitors (those
-that need labels are switched off before compiling, in one log line), resumed, exported, and
+``--layout unlabeled``, pre-trained with byol_flax/configs/own_images.py and its default monitors
+(those that need labels are switched off before compiling, in one log line), resumed, exported, and
 evaluated on the labelled digits with the transfer protocol; evaluation on an unlabeled split is
 refused naming it."""
 
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_flax.data.records import DataError
-from byol_flax.export import model_card
-from byol_flax.evaluation.base import labelled_split
-from byol_flax.train import plan_label_users
-from byol_flax.data.convert import digits, image_folder
 from byol_flax.configs import eval_digits, own_images
+from byol_flax.data.convert import digits, image_folder
+from byol_flax.data.records import DataError
+from byol_flax.evaluation.base import labelled_split
+from byol_flax.export import model_card
+from byol_flax.train import plan_label_users
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES, HOLDOUT = 48, 8
@@ -89,7 +89,8 @@ def test_unlabeled_folder_pretrains_resumes_exports_and_transfers(unlabeled, tmp
     assert digits.main(["--out", str(digits_dir), "--holdout-count", "150", "--no-progress"]) == 0
     evaluation = subprocess.run(
         [sys.executable, "-m", "byol_flax.evaluation",
-         f"--config={REPO / 'byol_flax' / 'configs' / 'eval_digits.py'}:transfer_linear,data={digits_dir}",
+         f"--config={REPO / 'byol_flax' / 'configs' / 'eval_digits.py'}:transfer_linear,"
+         f"data={digits_dir}",
          f"--source={export_dir}", f"--workdir={tmp_path / 'transfer'}",
          "--config.transfer_linear.l2_count=3"],
         env=env(), cwd=REPO, capture_output=True, text=True, timeout=600)

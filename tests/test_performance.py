@@ -11,11 +11,16 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from byol_flax.runtime import xla as runtime
-from byol_flax.models.conv import (PATCHES_BELOW, conv_auto, conv_function, conv_via_patches,
-                                   materialise)
+from byol_flax.models.conv import (
+    PATCHES_BELOW,
+    conv_auto,
+    conv_function,
+    conv_via_patches,
+    materialise,
+)
 from byol_flax.models.init import init_module
 from byol_flax.models.resnet import build_encoder
+from byol_flax.runtime import xla as runtime
 from tests.helpers import metrics_by_step
 from tests.test_train_driver import SHRINK, data_dir  # noqa: F401 (a fixture)
 
@@ -32,9 +37,9 @@ def test_patches_convolution_equals_lax_conv_in_values_and_gradients(
     x = rng.normal(size=(2, size, size, channels_in)).astype(np.float32)
     w = rng.normal(size=(kernel, kernel, channels_in, channels_out)).astype(np.float32)
     precision = lax.Precision.HIGHEST
-    reference = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+    reference = lambda x, w: lax.conv_general_dilated(
         x, w, (stride, stride), "SAME", dimension_numbers=DN, precision=precision)
-    patches = lambda x, w: conv_via_patches(  # noqa: E731
+    patches = lambda x, w: conv_via_patches(
         x, w, (stride, stride), "SAME", dimension_numbers=lax.conv_dimension_numbers(
             x.shape, w.shape, DN), precision=precision)
 
@@ -88,9 +93,9 @@ def test_auto_convolution_on_the_cpu_equals_lax_conv_in_values_and_gradients(siz
     x = rng.normal(size=(3, size, size, 4)).astype(np.float32)
     w = rng.normal(size=(kernel, kernel, 4, 5)).astype(np.float32)
     numbers = lax.conv_dimension_numbers(x.shape, w.shape, DN)
-    reference = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+    reference = lambda x, w: lax.conv_general_dilated(
         x, w, (stride, stride), "SAME", dimension_numbers=numbers)
-    auto = lambda x, w: conv_auto(x, w, (stride, stride), "SAME",  # noqa: E731
+    auto = lambda x, w: conv_auto(x, w, (stride, stride), "SAME",
                                   dimension_numbers=numbers)
     cotangent = rng.normal(size=jax.eval_shape(reference, x, w).shape).astype(np.float32)
 
@@ -383,7 +388,8 @@ def test_accelerator_benchmark_runs_every_part_at_tiny_size(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert (result["devices"], result["platform"], result["dtype"]) == (1, "cpu", "float32")
-    assert result["peak_source"] == "measured float32 matmul" and result["peak_tflops_per_device"] > 0
+    assert (result["peak_source"] == "measured float32 matmul"
+            and result["peak_tflops_per_device"] > 0)
     (row,) = result["rows"]
     assert row["per_device_batch"] == 2 and row["compile_seconds"] > 0 and row["step_tflop"] > 0
     assert 0 < row["mfu"] < 1 and row["images_per_second_per_chip"] > 0

@@ -106,7 +106,7 @@ def test_reduced_decoding_keeps_every_random_draw_and_decodes_large_jpegs_smalle
     jpeg_dir.mkdir()
     y, x = np.mgrid[0:480, 0:640]
     smooth = lambda i: np.stack([128 + 100 * np.sin((x + 40 * i) / 60), 128 + 100 * np.cos(
-        y / 45), (x + y + 30 * i) % 256], -1).astype(np.uint8)  # noqa: E731
+        y / 45), (x + y + 30 * i) % 256], -1).astype(np.uint8)
     examples = []
     for i in range(12):
         buffer = io.BytesIO()
@@ -133,7 +133,8 @@ def test_reduced_decoding_keeps_every_random_draw_and_decodes_large_jpegs_smalle
         np.testing.assert_array_equal(a["index"], b["index"])
         for view in ("view1", "view2"):
             difference = np.abs(a[view].astype(int) - b[view].astype(int))
-            assert difference.mean() < 1.5, difference.mean()  # of 255 (measured 0.3): the same crop
+            assert difference.mean() < 1.5, difference.mean()  # of 255 (measured 0.3):
+                                                               # the same crop
 
 
 def test_processes_read_disjoint_slices(config):

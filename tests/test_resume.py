@@ -17,16 +17,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from byol_flax.checkpointing import config_changes
-from byol_flax.checkpointing import lease
-from byol_flax.checkpointing import (Checkpointer, CheckpointWriteError, DamagedCheckpointError,
-                                     IncompatibleCheckpointError, flatten_dotted,
-                                     read_verified)
-from byol_flax.export import encoder as export
-from byol_flax.schedules import build_schedules
+from byol_flax.checkpointing import (
+    Checkpointer,
+    CheckpointWriteError,
+    DamagedCheckpointError,
+    IncompatibleCheckpointError,
+    config_changes,
+    flatten_dotted,
+    lease,
+    read_verified,
+)
 from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.evaluation.monitor import Monitor
+from byol_flax.export import encoder as export
+from byol_flax.schedules import build_schedules
 from byol_flax.train_state import create_train_state
 from tests.helpers import tiny_config
 from tests.test_checkpointing import new_state, one_device

@@ -39,7 +39,8 @@ def test_the_original_property_is_the_slow_one_and_the_patch_keeps_its_error(mon
     assert runtime.speed_up_tracing()
     scans = []
     original_origin = Tracer._origin_msg
-    monkeypatch.setattr(Tracer, "_origin_msg", lambda self: scans.append(1) or original_origin(self))
+    monkeypatch.setattr(Tracer, "_origin_msg",
+                        lambda self: scans.append(1) or original_origin(self))
     messages = {}
 
     @jax.jit
@@ -96,7 +97,8 @@ def test_results_with_and_without_the_patch_are_identical(monkeypatch):
     assert runtime.speed_up_tracing()
     scans = []
     original_origin = Tracer._origin_msg
-    monkeypatch.setattr(Tracer, "_origin_msg", lambda self: scans.append(1) or original_origin(self))
+    monkeypatch.setattr(Tracer, "_origin_msg",
+                        lambda self: scans.append(1) or original_origin(self))
     patched_jaxpr, patched = _train_twice()
     assert scans == []
     with monkeypatch.context() as unpatched:

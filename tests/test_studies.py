@@ -208,7 +208,8 @@ def test_runner_runs_a_study_and_writes_table_and_plot(tmp_path):
 def test_simclr_config_is_the_g5_baseline_on_the_300_epoch_base():
     from byol_flax.configs import byol_imagenet_300ep, simclr_imagenet_300ep  # noqa: PLC0415
 
-    simclr, byol = simclr_imagenet_300ep.get_config("r50x1"), byol_imagenet_300ep.get_config("r50x1")
+    simclr, byol = (simclr_imagenet_300ep.get_config("r50x1"),
+                    byol_imagenet_300ep.get_config("r50x1"))
     assert (simclr.model.predictor.kind, simclr.target.kind) == ("identity", "online")
     assert (simclr.loss.beta, simclr.loss.temperature) == (1.0, 0.1)
     assert (simclr.model.projector.hidden_size, simclr.model.projector.output_size) == (4096, 256)

@@ -20,9 +20,9 @@ torch = pytest.importorskip("torch", reason="the PyTorch export's tests need tor
 
 from byol_flax.export import encoder as export  # noqa: E402
 from byol_flax.export import model_card, torch_format, torch_resnet  # noqa: E402
-from byol_flax.runtime import outputs  # noqa: E402
 from byol_flax.models.init import init_module  # noqa: E402
 from byol_flax.models.resnet import BatchNormConfig, build_encoder  # noqa: E402
+from byol_flax.runtime import outputs  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 BN = {"decay": 0.9, "eps": 1e-5}
@@ -103,7 +103,7 @@ def test_torch_module_equals_the_jax_encoder(name, stem, width, size, tmp_path):
 def torchvision_keys(blocks: tuple[int, ...], bottleneck: bool) -> set[str]:
     """torchvision.models.resnet's state-dict keys without fc.*: downsample where the shape
     changes (every first block, except layer1.0 of the basic-block nets: 64 -> 64, stride 1)."""
-    bn = lambda p: {f"{p}.{k}" for k in ("weight", "bias", "running_mean", "running_var",  # noqa: E731
+    bn = lambda p: {f"{p}.{k}" for k in ("weight", "bias", "running_mean", "running_var",
                                           "num_batches_tracked")}
     keys = {"conv1.weight", *bn("bn1")}
     for stage, count in enumerate(blocks, start=1):

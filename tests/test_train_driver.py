@@ -1,6 +1,7 @@
 """The real entry point end to end: checkpoints, TensorBoard, resumes under change (worker and
 process counts, a changed recipe, a damaged step under 2 processes, a second run on the same
-workdir), config errors and the non-finite-loss stop. Runs byol_flax/configs/digits_cpu.py, shrunk."""
+workdir), config errors and the non-finite-loss stop. Runs byol_flax/configs/digits_cpu.py,
+shrunk."""
 
 import json
 import os
@@ -16,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.reliability_processes import (EVERY, Run, committed_steps, final_state,
-                                              shrink_flags)
+from benchmarks.reliability_processes import EVERY, Run, committed_steps, final_state, shrink_flags
 from byol_flax.config import ConfigError, validate_config
-from byol_flax.data.convert import digits
 from byol_flax.configs import digits_cpu
+from byol_flax.data.convert import digits
 from tests.helpers import metrics_by_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,7 +196,8 @@ def test_resumes_with_other_worker_counts_are_bitwise_equal(reference_run, data_
     """0 -> 2 -> 1 Grain workers across two kill -9s read exactly the batches of the
     uninterrupted run; the runtime changes are recorded in the config history."""
     workdir = tmp_path / "workers"
-    first = start(entry_point(data_dir, workdir, "--config.data.worker_count=0"), tmp_path / "0.log")
+    first = start(entry_point(data_dir, workdir, "--config.data.worker_count=0"),
+                  tmp_path / "0.log")
     kill_after([first], workdir, lambda: committed_steps(workdir)[-1:] >= [EVERY])
     resumed_at = committed_steps(workdir)[-1]
     second = start(entry_point(data_dir, workdir, "--config.data.worker_count=2"),

@@ -1,4 +1,5 @@
-"""The jitted BYOL step: learning, EMA target, target BatchNorm, retracing, accumulation, sharding."""
+"""The jitted BYOL step: learning, EMA target, target BatchNorm, retracing, accumulation,
+sharding."""
 
 import jax
 import jax.numpy as jnp

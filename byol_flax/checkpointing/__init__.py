@@ -14,9 +14,10 @@ One checkpoint = one step directory holding
 Saves are asynchronous; Orbax writes to a temporary directory and renames it when complete, so
 a killed save never looks like a checkpoint, and stale temporary directories are removed.
 
-The :class:`Checkpointer` (:mod:`~byol_flax.checkpointing.checkpointer`) also owns the policy (:meth:`Checkpointer.maybe_save`, after MaxText's
-``maybe_save_checkpoint``): the cadence, preemption notices (SIGTERM on one host, Orbax's sync
-point across hosts) and the decision to stop, so the training loop only asks it once per step.
+The :class:`Checkpointer` (:mod:`~byol_flax.checkpointing.checkpointer`) also owns the policy
+(:meth:`Checkpointer.maybe_save`, after MaxText's ``maybe_save_checkpoint``): the cadence,
+preemption notices (SIGTERM on one host, Orbax's sync point across hosts) and the decision to stop,
+so the training loop only asks it once per step.
 
 *Damaged* means the files of a step cannot be read back exactly (the run falls back to the
 previous step); *incompatible* means they verify but describe another run (nothing is moved).
@@ -26,9 +27,20 @@ and the checksums are :mod:`~byol_flax.checkpointing.verified`.
 
 from byol_flax.checkpointing.checkpointer import Checkpointer, Restored
 from byol_flax.checkpointing.verified import (
-    DAMAGED_SUFFIX, INTEGRITY_ITEM, RUN_ITEM, CheckpointWriteError, DamagedCheckpointError,
-    IncompatibleCheckpointError, committed_steps, layout_differences, read_pytree, read_verified,
-    state_checksums, stored_layout, verify)
+    DAMAGED_SUFFIX,
+    INTEGRITY_ITEM,
+    RUN_ITEM,
+    CheckpointWriteError,
+    DamagedCheckpointError,
+    IncompatibleCheckpointError,
+    committed_steps,
+    layout_differences,
+    read_pytree,
+    read_verified,
+    state_checksums,
+    stored_layout,
+    verify,
+)
 from byol_flax.config import flatten_dotted
 
 __all__ = [

@@ -26,9 +26,18 @@ from jax.sharding import NamedSharding
 from byol_flax.checkpointing.config_changes import run_record
 from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.checkpointing.verified import (
-    DAMAGED_SUFFIX, INTEGRITY_ITEM, RUN_ITEM, CheckpointWriteError, DamagedCheckpointError,
-    IncompatibleCheckpointError, metadata_tree, short_error, layout_differences, state_checksums,
-    verify)
+    DAMAGED_SUFFIX,
+    INTEGRITY_ITEM,
+    RUN_ITEM,
+    CheckpointWriteError,
+    DamagedCheckpointError,
+    IncompatibleCheckpointError,
+    layout_differences,
+    metadata_tree,
+    short_error,
+    state_checksums,
+    verify,
+)
 from byol_flax.config import Role, flatten_dotted, keys_with, unflatten_dotted
 
 
@@ -74,9 +83,9 @@ class Checkpointer:
 
     ``run`` is what every save records about the run
     (:func:`byol_flax.checkpointing.config_changes.run_record`; by default ``config`` with no
-    data identity, for tools and tests that checkpoint without a dataset). ``total_steps`` (the run's last
-    step, always saved) and ``termination`` (the SIGTERM flag of a single-host run) are what
-    :meth:`maybe_save` decides with, besides ``config.checkpoint.every_steps``.
+    data identity, for tools and tests that checkpoint without a dataset). ``total_steps`` (the
+    run's last step, always saved) and ``termination`` (the SIGTERM flag of a single-host run) are
+    what :meth:`maybe_save` decides with, besides ``config.checkpoint.every_steps``.
     """
 
     def __init__(self, directory: epath.PathLike, config: ml_collections.ConfigDict,
@@ -144,7 +153,7 @@ class Checkpointer:
         self._finish_pending()
         try:
             self.manager.save(step, force=force, args=ocp.args.Composite(**items))
-        except Exception as error:  # noqa: BLE001 - any write failure gets the one-line form
+        except Exception as error:
             raise self._write_failed(step, error) from error
         self._pending = step
 
@@ -181,14 +190,14 @@ class Checkpointer:
             return
         try:
             self.manager.check_for_errors()
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             failed, self._pending = self._pending, None
             raise self._write_failed(failed, error) from error
 
     def _finish_pending(self) -> None:
         try:
             self.manager.wait_until_finished()
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             failed, self._pending = self._pending, None
             raise self._write_failed(failed, error) from error
         if self._pending is not None:

@@ -27,9 +27,9 @@ from typing import Any
 
 from etils import epath
 
-from byol_flax.errors import UserError
 from byol_flax.config import Role, flatten_dotted, role_of
 from byol_flax.data.records import manifest_path
+from byol_flax.errors import UserError
 
 # Trained keys added after checkpoints were written without them, each with the value that
 # reproduces what those runs did: a saved config that lacks the key compares as this value, so

@@ -13,8 +13,7 @@ from typing import Any
 
 from etils import epath
 
-from byol_flax.checkpointing import DamagedCheckpointError, read_verified
-from byol_flax.checkpointing import config_changes
+from byol_flax.checkpointing import DamagedCheckpointError, config_changes, read_verified
 
 ENCODER_PREFIX = ("online", "encoder")  # where the encoder lives in the saved TrainState
 

@@ -184,7 +184,7 @@ def _read_part(step_dir: epath.Path, prefix: tuple[str, ...]
         restored = read_pytree(step_dir / "state", target, prefix)
         checksums = json.loads((step_dir / INTEGRITY_ITEM / "metadata").read_text())["checksums"]
         run = json.loads((step_dir / RUN_ITEM / "metadata").read_text())
-    except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many types
+    except Exception as error:
         raise DamagedCheckpointError(f"{where} cannot be read: {short_error(error)}") from error
     verify(restored, checksums, where)
     for key in prefix:

@@ -13,8 +13,8 @@ recipe).
 
 import ml_collections
 
-from byol_flax.evaluation.config import PROTOCOLS, eval_base_config
 from byol_flax.configs import common, digits_cpu
+from byol_flax.evaluation.config import PROTOCOLS, eval_base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

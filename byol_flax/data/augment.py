@@ -182,7 +182,8 @@ def eval_view(image: Image.Image, size: int, resize_ratio: float = EVAL_RESIZE_R
 
 def color_jitter_ops(view: ml_collections.ConfigDict) -> list[Callable[[jax.Array, jax.Array],
                                                                         jax.Array]]:
-    """The four jitter operations (brightness, contrast, saturation, hue), each clipped to [0, 1]."""
+    """The four jitter operations (brightness, contrast, saturation, hue), each clipped to
+    [0, 1]."""
     ops = [
         lambda x, k: pix.random_brightness(k, x, view.brightness),
         lambda x, k: pix.random_contrast(k, x, 1 - view.contrast, 1 + view.contrast),

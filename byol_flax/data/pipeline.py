@@ -29,9 +29,17 @@ import numpy as np
 from etils import epath
 
 from byol_flax.data import augment
-from byol_flax.data.records import (DataError, Manifest, decode_record, is_verified_copy,
-                                    load_manifest, resolve_data_dir, shard_paths, split_info,
-                                    verify_split)
+from byol_flax.data.records import (
+    DataError,
+    Manifest,
+    decode_record,
+    is_verified_copy,
+    load_manifest,
+    resolve_data_dir,
+    shard_paths,
+    split_info,
+    verify_split,
+)
 
 # How far a skipped (undecodable) record looks for a replacement before giving up.
 MAX_REPLACEMENT_HOPS = 64
@@ -70,7 +78,8 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> OpenedSpli
     (number of classes, image size when the converter recorded one).
     """
     if not data_config.dir:
-        raise DataError("config.data.dir is empty: point it at a directory written by byol_flax/data/convert/")
+        raise DataError("config.data.dir is empty: point it at a directory written by "
+                        "byol_flax/data/convert/")
     data_dir = resolve_data_dir(data_config.dir, data_config.local_cache_dir)
     manifest = load_manifest(data_dir)
     checksummed = (str(data_dir), split, tuple(
@@ -114,7 +123,7 @@ class _ReadExample:
             try:
                 record = decode_record(self._source[candidate])
                 return record, decode(record.image), hop
-            except Exception as error:  # noqa: BLE001 - any decode failure is reported below
+            except Exception as error:
                 shard, local = self._opened.locate(candidate)
                 message = f"record {local} of shard {shard} cannot be decoded: {error!r}"
                 if not self._allow_skips:

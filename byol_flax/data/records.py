@@ -1,7 +1,7 @@
 """The on-disk dataset format: ArrayRecord shards of msgpack records plus a JSON manifest.
 
-This module is the one place that defines the format; ``byol_flax/data/convert/`` writes it and the training
-input pipeline reads and validates it.
+This module is the one place that defines the format; ``byol_flax/data/convert/`` writes it and the
+training input pipeline reads and validates it.
 
 Record schema (schema version 1), one msgpack map per record:
 

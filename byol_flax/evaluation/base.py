@@ -25,10 +25,10 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
+import byol_flax.evaluation.classifier as clf
 from byol_flax.data.augment import EVAL_RESIZE_RATIO
 from byol_flax.data.pipeline import OpenedSplit, open_split
 from byol_flax.data.records import DataError
-import byol_flax.evaluation.classifier as clf
 from byol_flax.evaluation.features import extract_features
 from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.runtime.registry import Registry

@@ -8,11 +8,11 @@ registry from here, never from :mod:`byol_flax.evaluation.base` where it is only
 import ml_collections
 from jax.sharding import Mesh
 
-import byol_flax.evaluation.knn  # noqa: F401 - registers its protocol
-import byol_flax.evaluation.linear  # noqa: F401
-import byol_flax.evaluation.online_classifier  # noqa: F401
-import byol_flax.evaluation.semi_supervised  # noqa: F401
-import byol_flax.evaluation.transfer_finetune  # noqa: F401
+import byol_flax.evaluation.knn
+import byol_flax.evaluation.linear
+import byol_flax.evaluation.online_classifier
+import byol_flax.evaluation.semi_supervised
+import byol_flax.evaluation.transfer_finetune
 import byol_flax.evaluation.transfer_linear  # noqa: F401
 from byol_flax.evaluation.base import EVALUATORS, Evaluator, SweepStore
 

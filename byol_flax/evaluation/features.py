@@ -18,7 +18,6 @@ from byol_flax.data.augment import EVAL_RESIZE_RATIO
 from byol_flax.data.pipeline import OpenedSplit, eval_dataset
 from byol_flax.sharding import shard_batch
 
-
 # (weights, uint8 images sharded over the mesh) -> features (B, D).
 EmbedFn = Callable[[Any, jax.Array], jax.Array]
 

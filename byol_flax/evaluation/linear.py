@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+import byol_flax.evaluation.classifier as clf
 from byol_flax.data.augment import normalize, photometric_augment
 from byol_flax.data.pipeline import labelled_dataset
-import byol_flax.evaluation.classifier as clf
 from byol_flax.evaluation.base import Context, Scores, protocol, result, sweep, this_process
 
 

@@ -95,7 +95,7 @@ class Monitor:
                 break
             try:
                 scalars.update(evaluator.run(state))
-            except Exception:  # noqa: BLE001 - a monitor must not end a long run
+            except Exception:
                 if self._errors_are_fatal:
                     raise
                 logging.exception("step %d: monitor %s failed; training continues "

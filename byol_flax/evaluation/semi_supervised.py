@@ -8,9 +8,9 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+import byol_flax.evaluation.classifier as clf
 from byol_flax.data.pipeline import OpenedSplit, labelled_dataset, labels_and_ids
 from byol_flax.data.records import DataError
-import byol_flax.evaluation.classifier as clf
 from byol_flax.evaluation.base import Context, protocol, result, sweep, this_process
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from byol_flax.data.pipeline import combine_splits
 import byol_flax.evaluation.classifier as clf
+from byol_flax.data.pipeline import combine_splits
 from byol_flax.evaluation.base import Context, protocol, result, sweep
 from byol_flax.evaluation.semi_supervised import fine_tune
 

@@ -39,12 +39,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from byol_flax.errors import UserError
 from byol_flax.checkpointing import DamagedCheckpointError, flatten_dotted, read_pytree
 from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.config import base_config, value_at
-from byol_flax.models.byol import (build_encoder_from_config, build_heads,
-                                   build_online_classifier)
+from byol_flax.errors import UserError
+from byol_flax.models.byol import build_encoder_from_config, build_heads, build_online_classifier
 from byol_flax.models.init import init_module
 from byol_flax.models.predictors import PREDICTORS
 from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS, ResNet
@@ -293,7 +292,7 @@ def read_verified_arrays(directory: epath.Path, target: dict[str, Any], expected
     recorded at export time (``expected``); :class:`SourceError` naming the array otherwise."""
     try:
         arrays = read_pytree(directory, target, prefix)
-    except Exception as error:  # noqa: BLE001 - Orbax/TensorStore raise many types
+    except Exception as error:
         # TensorStore appends its whole spec after "See full TensorStore details": not for people.
         reason = str(error).split("See full TensorStore details")[0].strip().rstrip(".;:,")
         first = (reason.splitlines() or [type(error).__name__])[0]
@@ -317,8 +316,9 @@ def load_export(export_dir: epath.PathLike, *, with_heads: bool = False) -> Pret
     heads: dict[str, nnx.Module] = {}
     kept = meta["heads"]
     if with_heads and kept:
-        built = heads_from_model_config(meta["model"], encoder.num_features,
-                                        num_classes=kept.get("classifier", {}).get("num_classes", 0))
+        built = heads_from_model_config(
+            meta["model"], encoder.num_features,
+            num_classes=kept.get("classifier", {}).get("num_classes", 0))
         heads = {name: built[name] for name in kept}
         arrays = read_verified_arrays(export_dir / HEADS_DIR,
                               {name: nnx.to_pure_dict(nnx.state(module))

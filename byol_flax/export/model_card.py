@@ -25,8 +25,14 @@ from typing import Any
 from etils import epath
 
 from byol_flax.data.records import MANIFEST_NAME
-from byol_flax.export.encoder import (RANDOM_PREFIX, PretrainedEncoder, SourceError,
-                                      export_encoder, load_pretraining_encoder, load_source)
+from byol_flax.export.encoder import (
+    RANDOM_PREFIX,
+    PretrainedEncoder,
+    SourceError,
+    export_encoder,
+    load_pretraining_encoder,
+    load_source,
+)
 from byol_flax.models.byol import count_params
 from byol_flax.runtime.outputs import check_output_dir
 
@@ -131,7 +137,7 @@ def build_model_card(pretrained: PretrainedEncoder, *, intended_use: str = "",
 
 def add_evaluation(card: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     """Adds (or replaces: same protocol, name, data and splits) one evaluation result."""
-    identify = lambda e: (e["protocol"], e.get("name", ""), e.get("data_dir", ""),  # noqa: E731
+    identify = lambda e: (e["protocol"], e.get("name", ""), e.get("data_dir", ""),
                           e.get("test_split", ""), json.dumps(e.get("source", {}), sort_keys=True))
     kept = [e for e in card["evaluations"] if identify(e) != identify(result)]
     card["evaluations"] = kept + [result]
@@ -319,7 +325,7 @@ def export_with_model_card(workdir: str | None, out: str, *, source: str | None 
                             out_of_scope_use=out_of_scope_use, known_failures=known_failures)
     for directory in results:
         card = add_evaluation(card, read_results(directory))
-    write_card = lambda staging: write_model_card(staging, card)  # noqa: E731
+    write_card = lambda staging: write_model_card(staging, card)
     if export_format == "torch":
         from byol_flax.export import torch_format  # imports safetensors, only when asked for
         card["export"] = {"format": "torch", "file": torch_format.WEIGHTS_NAME,

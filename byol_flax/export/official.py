@@ -44,9 +44,15 @@ from flax import nnx
 from byol_flax.config import base_config
 from byol_flax.errors import UserError
 from byol_flax.export import safe_pickle
-from byol_flax.export.encoder import (MAX_HEAD_WIDTH, MAX_PARAMETERS, PretrainedEncoder,
-                                      encoder_from_model_config, fingerprint,
-                                      heads_from_model_config, parameter_count)
+from byol_flax.export.encoder import (
+    MAX_HEAD_WIDTH,
+    MAX_PARAMETERS,
+    PretrainedEncoder,
+    encoder_from_model_config,
+    fingerprint,
+    heads_from_model_config,
+    parameter_count,
+)
 from byol_flax.export.safe_pickle import UnsafePickleError, shown
 from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS
 

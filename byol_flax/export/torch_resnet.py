@@ -215,7 +215,7 @@ def _check_architecture(arch: Any, path: str) -> None:
 
     if not isinstance(arch, dict):
         raise ExportFileError(f"{path}: metadata 'architecture' is not a mapping")
-    integer = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
+    integer = lambda value: isinstance(value, int) and not isinstance(value, bool)
     counts = [("blocks_per_stage", LIMITS["blocks"]), ("stage_channels", LIMITS["channels"]),
               ("stage_strides", 2)]
     for key, limit in counts:

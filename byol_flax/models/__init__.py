@@ -1,6 +1,11 @@
 """Encoders, projection/prediction heads and the BYOL online/target networks."""
 
-from byol_flax.models.byol import ByolNetwork, build_online_network, count_params, target_from_online
+from byol_flax.models.byol import (
+    ByolNetwork,
+    build_online_network,
+    count_params,
+    target_from_online,
+)
 from byol_flax.models.heads import MLP
 from byol_flax.models.resnet import ENCODERS, BatchNormConfig, ResNet, build_encoder
 

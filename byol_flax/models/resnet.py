@@ -63,7 +63,8 @@ class ResidualBlock(nnx.Module):
                                  rngs=rngs)
         inner = channels // 4 if bottleneck else channels
         if bottleneck:
-            shapes = [(in_channels, inner, 1, 1), (inner, inner, 3, stride), (inner, channels, 1, 1)]
+            shapes = [(in_channels, inner, 1, 1), (inner, inner, 3, stride),
+                      (inner, channels, 1, 1)]
         else:
             shapes = [(in_channels, inner, 3, stride), (inner, channels, 3, 1)]
         self.convs = nnx.List([conv(i, o, k, s) for i, o, k, s in shapes])

@@ -285,7 +285,7 @@ def run_command(main: Callable[[list[str]], int | None], module_name: str, *,
             if config_flag:
                 _check_config_loaded(config_flag)
             return rest
-        except Exception as error:  # noqa: BLE001 (a bug is raised again, below)
+        except Exception as error:
             message = _flag_error_message(error, config_flag)
             if message is None:
                 raise

@@ -18,7 +18,8 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator registering ``fn`` under ``name``; a second registration of a name is an error."""
+        """Decorator registering ``fn`` under ``name``; a second registration of a name is an
+        error."""
 
         def decorator(fn: T) -> T:
             if name in self._entries:
@@ -36,7 +37,8 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {sorted(self._entries)}") from None
+            raise KeyError(f"unknown {self.kind} {name!r}; "
+                           f"known: {sorted(self._entries)}") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

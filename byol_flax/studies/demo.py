@@ -3,7 +3,8 @@
 BYOL end to end on real images on a laptop CPU, with its baselines, in one command. The demo is
 one study (:func:`demo_study`) run by the study runner (:mod:`byol_flax.studies.runner`):
 
-1. convert scikit-learn's bundled 8x8 digits to ArrayRecord shards (``byol_flax.data.convert.digits``);
+1. convert scikit-learn's bundled 8x8 digits to ArrayRecord shards
+   (``byol_flax.data.convert.digits``);
 2. pre-train with ``train_and_evaluate`` (the body of ``byol_flax.main``) on ``digits_cpu`` (its
    default recipe, chosen by the sweep in ``docs/demo_calibration.md``), with the kNN monitor
    and the official online classifier on the held-out split; ``--seeds=0,1,2`` for the seed

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 HEADLINE_KEYS = ("byol_linear_top1", "random_init_linear_top1", "raw_pixels_linear_top1",
                  "byol_knn_top1", "random_init_knn_top1", "byol_online_classifier_top1",
@@ -252,7 +252,8 @@ def render_markdown(content: dict[str, Any]) -> str:
         "# BYOL demo report",
         "",
         f"Device: {content['device']}. Seeds {content['seeds']}. Pre-training took "
-        f"{content['train_seconds']:.0f} s in all; the whole demo {content['total_seconds']:.0f} s.",
+        f"{content['train_seconds']:.0f} s in all; the whole demo "
+        f"{content['total_seconds']:.0f} s.",
         "Every accuracy is on the `test` split (360 digits), with the hyper-parameter chosen on "
         "`holdout` (150 digits); classifiers are fitted on `train`. The online classifier is "
         "the official implementation's linear layer trained during pre-training on the "
@@ -274,7 +275,8 @@ def render_markdown(content: dict[str, Any]) -> str:
             per_seed = ", ".join(f"{k}: {v:.3f}" for k, v in s["per_seed"].items())
             lines.append(f"| {recipe} | {name} | {s['mean']:.3f} | {s['std']:.3f} | "
                          f"{s['min']:.3f} | {s['max']:.3f} | {per_seed} |")
-    lines += ["", "## Pre-training", "", "| recipe | steps per run | images/s | seconds (all seeds) |",
+    lines += ["", "## Pre-training", "",
+              "| recipe | steps per run | images/s | seconds (all seeds) |",
               "|---|---|---|---|"]
     for recipe, summary in content["recipes"].items():
         lines.append(f"| {recipe} | {summary['steps']} | {summary['images_per_second']:.0f} | "

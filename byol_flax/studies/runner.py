@@ -41,8 +41,18 @@ from byol_flax.runtime import console
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.runtime.xla import configure_xla_flags
 from byol_flax.studies import summary as summaries
-from byol_flax.studies.study import (REFERENCES, Row, Study, eval_config, eval_dir_name,
-                                     load_study, row_config, run_dir, with_data, with_smoke)
+from byol_flax.studies.study import (
+    REFERENCES,
+    Row,
+    Study,
+    eval_config,
+    eval_dir_name,
+    load_study,
+    row_config,
+    run_dir,
+    with_data,
+    with_smoke,
+)
 
 # Images of the 1797 digits held out from train for choosing hyper-parameters (the test split
 # keeps byol_flax.data.convert.digits' default of 360).

@@ -1,11 +1,12 @@
 """Studies as data: one :class:`Study` per paper table (and the demo), rows = config overrides.
 
 A study module (``byol_flax/configs/studies/table21.py`` etc.) registers in :data:`STUDIES` a
-function returning its :class:`Study`: the config every row starts from, the evaluations that score it, the seeds, and one :class:`Row` per line of the
-paper's table with the overrides that make it and the value the paper reports. The runner
-(``python -m byol_flax.studies``, :mod:`byol_flax.studies.runner`) prints the commands of a study
-for a cluster or runs it here. Config specs are what ``--config=`` takes: a shipped config's
-name (``byol_imagenet_300ep:r50x1``, resolved by :func:`byol_flax.configs.resolve`) or a path.
+function returning its :class:`Study`: the config every row starts from, the evaluations that score
+it, the seeds, and one :class:`Row` per line of the paper's table with the overrides that make it
+and the value the paper reports. The runner (``python -m byol_flax.studies``,
+:mod:`byol_flax.studies.runner`) prints the commands of a study for a cluster or runs it here.
+Config specs are what ``--config=`` takes: a shipped config's name (``byol_imagenet_300ep:r50x1``,
+resolved by :func:`byol_flax.configs.resolve`) or a path.
 """
 
 import dataclasses
@@ -18,8 +19,8 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from byol_flax.errors import UserError
 from byol_flax import configs
+from byol_flax.errors import UserError
 from byol_flax.runtime.registry import Registry
 
 # Section 5's SimCLR baseline (Appendix G.5): no predictor, the online network as its own target

@@ -10,14 +10,17 @@ import matplotlib
 import numpy as np
 from etils import epath
 
-from byol_flax.collapse import (COMPLETE_COLLAPSE_STD_RATIO,
-                                           DIMENSIONAL_COLLAPSE_RANK_FRACTION, MONITORS,
-                                           collapse_verdict)
+from byol_flax.collapse import (
+    COMPLETE_COLLAPSE_STD_RATIO,
+    DIMENSIONAL_COLLAPSE_RANK_FRACTION,
+    MONITORS,
+    collapse_verdict,
+)
 from byol_flax.studies.report import read_scalars
 from byol_flax.studies.study import REFERENCES, Study
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 REFERENCE_PREFIXES = tuple(f"{reference}_" for reference in REFERENCES)
 REFERENCE_LABELS = {
@@ -86,7 +89,8 @@ def markdown_table(study: Study, rows: Sequence[dict[str, Any]],
         if mine:
             lines += ["", f"{label}: " + ", ".join(f"{k} {v:.1f}" for k, v in mine.items())]
     lines += ["", f"Collapsed (ours), from the final training monitors: `complete` when the batch "
-              f"std of l2-normalised projections is below {COMPLETE_COLLAPSE_STD_RATIO} x 1/sqrt(d) (the "
+              f"std of l2-normalised projections is below {COMPLETE_COLLAPSE_STD_RATIO} "
+              "x 1/sqrt(d) (the "
               "monitor's warning threshold), `dimensional` when their effective rank is below "
               f"{DIMENSIONAL_COLLAPSE_RANK_FRACTION:.0%} of d. Scores are test top-1 in %, mean ± "
               "half the range over seeds (the paper's ±)."]
@@ -105,7 +109,8 @@ def plot_summary(study: Study, runs: Sequence[dict[str, Any]],
                 steps, values = scalars["collapse/projection_std_ratio"]
                 curves.plot(steps, values, color=color,
                             label=row["row"] if run["seed"] == row["seeds"][0] else None)
-    curves.axhline(COMPLETE_COLLAPSE_STD_RATIO, color="k", linestyle=":", label="collapse threshold")
+    curves.axhline(COMPLETE_COLLAPSE_STD_RATIO, color="k", linestyle=":",
+                   label="collapse threshold")
     curves.set(xlabel="step", ylabel="batch std of normalised projections x sqrt(d)",
                title="collapse monitor", yscale="log")
     curves.legend(fontsize=7)

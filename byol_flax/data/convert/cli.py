@@ -18,14 +18,28 @@ from typing import Any
 
 from absl import app, flags
 
-from byol_flax.data.convert.image_io import (BAD_IMAGE_CHOICES, DEFAULT_MAX_IMAGE_PIXELS,
-                                           JPEG_QUALITY, REENCODE_CHOICES, Example, ImagePolicy,
-                                           SkippedFile)
-from byol_flax.data.convert.order import (DEFAULT_HOLDOUT_NAME, DEFAULT_ORDER_SEED,
-                                          order_and_hold_out)
-from byol_flax.data.convert.writer import (DEFAULT_EXAMPLES_PER_SHARD, DEFAULT_WORKERS,
-                                           SKIPPED_FILES_NAME, ConversionResult, Sharding,
-                                           convert)
+from byol_flax.data.convert.image_io import (
+    BAD_IMAGE_CHOICES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    JPEG_QUALITY,
+    REENCODE_CHOICES,
+    Example,
+    ImagePolicy,
+    SkippedFile,
+)
+from byol_flax.data.convert.order import (
+    DEFAULT_HOLDOUT_NAME,
+    DEFAULT_ORDER_SEED,
+    order_and_hold_out,
+)
+from byol_flax.data.convert.writer import (
+    DEFAULT_EXAMPLES_PER_SHARD,
+    DEFAULT_WORKERS,
+    SKIPPED_FILES_NAME,
+    ConversionResult,
+    Sharding,
+    convert,
+)
 from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_EXAMPLES
 from byol_flax.data.records import DataError
 from byol_flax.runtime.outputs import check_output_dir

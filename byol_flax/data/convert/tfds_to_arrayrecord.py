@@ -3,7 +3,8 @@
 Encoded images are read without decoding (``tfds.decode.SkipDecoding``) and stored as they are
 (after a full decode check in the writer, as in every converter). The selected splits are read
 into memory before writing, which suits CIFAR/STL-sized datasets; ImageNet needs a host with
-memory for its ~140 GB of JPEGs, else ``byol_flax.data.convert.image_folder`` (without the paper's split).
+memory for its ~140 GB of JPEGs, else ``byol_flax.data.convert.image_folder`` (without the paper's
+split).
 
 Held-out splits are the tail of train in TFDS order (files read one after the other), i.e.
 TFDS's ``train[-N:]``: with ``--imagenet-holdout`` on imagenet2012 that is the paper's validation

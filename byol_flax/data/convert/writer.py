@@ -29,11 +29,29 @@ from typing import Any
 import tqdm
 from etils import epath
 
-from byol_flax.data.convert.image_io import (REENCODE_CHOICES, BadImage, Example, ImagePolicy,
-                                           SkippedFile, load_image_bytes)
-from byol_flax.data.records import (UNLABELED, DataError, Manifest, Record, ShardInfo, SplitInfo,
-                                    count_records, file_sha256, manifest_path, shard_name,
-                                    split_evenly, write_manifest, write_shard)
+from byol_flax.data.convert.image_io import (
+    REENCODE_CHOICES,
+    BadImage,
+    Example,
+    ImagePolicy,
+    SkippedFile,
+    load_image_bytes,
+)
+from byol_flax.data.records import (
+    UNLABELED,
+    DataError,
+    Manifest,
+    Record,
+    ShardInfo,
+    SplitInfo,
+    count_records,
+    file_sha256,
+    manifest_path,
+    shard_name,
+    split_evenly,
+    write_manifest,
+    write_shard,
+)
 from byol_flax.runtime.outputs import claim_output_dir
 
 DEFAULT_EXAMPLES_PER_SHARD = 1024

@@ -15,9 +15,19 @@ from typing import Any
 import numpy as np
 
 from byol_flax.export.safe_pickle.machine import PickleMachine
-from byol_flax.export.safe_pickle.values import (NDARRAY, Builder, ModuleToken, PendingArray,
-                                                 PendingDtype, Record, Token, describe,
-                                                 is_dotted_name, is_identifier, shown)
+from byol_flax.export.safe_pickle.values import (
+    NDARRAY,
+    Builder,
+    ModuleToken,
+    PendingArray,
+    PendingDtype,
+    Record,
+    Token,
+    describe,
+    is_dotted_name,
+    is_identifier,
+    shown,
+)
 
 MAX_NDIM = 32
 MAX_FIELDS = 255

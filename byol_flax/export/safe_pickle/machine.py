@@ -13,8 +13,15 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from byol_flax.export.safe_pickle.values import (SCALARS, Builder, PickleReadError, Token,
-                                                 UnsafePickleError, describe, shown)
+from byol_flax.export.safe_pickle.values import (
+    SCALARS,
+    Builder,
+    PickleReadError,
+    Token,
+    UnsafePickleError,
+    describe,
+    shown,
+)
 
 MAX_DEPTH = 100  # nested containers; the release's deepest path has 6
 # Values the file may create (each opcode byte can make a 50-100 byte object): a release has
