@@ -182,9 +182,12 @@ def base_config() -> ml_collections.ConfigDict:
     # (Orbax's keep period; 0: none), e.g. for evaluating intermediate encoders later.
     config.checkpoint.keep_period = 0
     config.checkpoint.async_save = True
-    # A run holds <workdir>/lease.json; a lease whose heartbeat is older than this is taken over
-    # (a dead process on the same host is noticed at once). Heartbeats every tenth of it.
-    config.checkpoint.lease_stale_after_seconds = 600.0
+    # A run holds <workdir>/lease.json (byol_flax.checkpointing.lease). A start on a workdir
+    # whose holder is another host waits at most this long for the holder's heartbeat to stop,
+    # then takes over: a relaunch after a preemption trains again within a minute with no manual
+    # step, and a live holder (heartbeats every sixth of it, 10 s: one small write, cheap on
+    # gs://) is named within one heartbeat. A dead process on the same host is noticed at once.
+    config.checkpoint.lease_stale_after_seconds = 60.0
 
     config.logging = ml_collections.ConfigDict()
     config.logging.every_steps = 100  # scalars, finiteness check, collapse warnings

@@ -18,6 +18,7 @@ from clu import metric_writers, periodic_actions
 from clu.metrics import Average
 from etils import epath
 
+from byol_flax.checkpointing import lease
 from byol_flax.collapse import warn_on_collapse
 from byol_flax.errors import UserError
 from byol_flax.runtime import console
@@ -172,6 +173,7 @@ class TrainingLogger:
                                         / (now - self._timer[0]))
         scalars["skipped_records"] = skipped_records
         self._timer = (now, step)
+        lease.fence()  # a run whose workdir was taken over writes nothing more
         self._writer.write_scalars(step, scalars)
         if self._file is not None:
             self._file.write(step, scalars)
@@ -183,6 +185,7 @@ class TrainingLogger:
 
     def log_monitor(self, step: int, results: dict[str, float]) -> None:
         """The monitor's results of ``step``: written, and added to :attr:`scalars`."""
+        lease.fence()
         self._writer.write_scalars(step, results)
         self.scalars.update(results)
         if self._file is not None:
@@ -199,6 +202,7 @@ class TrainingLogger:
         finished job trains nothing and keeps the file."""
         if not (self._is_chief and self.scalars):
             return
+        lease.fence()
         (workdir / "final_metrics.json").write_text(
             json.dumps(self.scalars, indent=2, sort_keys=True))
         shown = ["loss", *sorted(k for k in self.scalars if k.startswith("knn/")),

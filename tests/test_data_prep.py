@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 import zlib
 from pathlib import Path
 
@@ -775,6 +776,162 @@ def test_tfds_imagenet_holdout_is_the_last_images_in_tfds_order(tmp_path, monkey
     assert source["holdout"] == {"split": "holdout", "carved_from": "train", "count": 3,
                                  "fraction": None, "tail_of": "source"}
     assert source["converter"] == "byol_flax.data.convert.tfds_to_arrayrecord"
+
+
+# ---------------------------------------------------------------------------------------------
+# tfds_to_arrayrecord streams: a spool on disk in the seeded order, bounded memory, resumable
+
+
+LIVE_EXAMPLES = [0]
+
+
+def _forget_example():
+    LIVE_EXAMPLES[0] -= 1
+
+
+class CountedExample(image_io.Example):
+    """An Example that counts the instances alive in LIVE_EXAMPLES."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        LIVE_EXAMPLES[0] += 1
+        weakref.finalize(self, _forget_example)
+
+
+def live_examples():
+    return LIVE_EXAMPLES[0]
+
+
+def streaming_tfds(tmp_path, num, *, fail_at=None, live_limit=None, reads=None):
+    """fake_tfds with a lazy reader of ``num`` distinct PNGs in 3 files (f0_*, f1_*, f2_*).
+
+    ``fail_at``: reading that index raises (a killed run). ``live_limit``: every read asserts
+    that at most that many CountedExamples are alive (the converter holds no split).
+    ``reads``: a list that counts the examples read.
+    """
+    files = [[(f"f{i % 3}_{i:05d}.JPEG", i % 2, None) for i in range(f, num, 3)] for f in range(3)]
+    module = fake_tfds(files, tmp_path)
+    builder = module.builder(None, None, None)
+
+    def as_dataset(split, shuffle_files, decoders, read_config=None):
+        assert split == "train" and not shuffle_files and decoders
+        assert read_config.interleave_cycle_length == 1
+        rng = np.random.default_rng(7)  # every reading reads the same images
+        for index, (name, label, _) in enumerate(row for file in files for row in file):
+            if index == fail_at:
+                raise RuntimeError("killed")
+            if live_limit is not None:
+                assert live_examples() <= live_limit, f"{live_examples()} Examples alive"
+            if reads is not None:
+                reads.append(index)
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(buffer, "PNG")
+            yield {"file_name": name.encode(), "label": label, "image": buffer.getvalue()}
+
+    builder.as_dataset = as_dataset
+    return module
+
+
+TFDS_ARGS = ("--name", "imagenet2012", "--imagenet-holdout", "--holdout-count", 30,
+             "--examples-per-shard", 32)
+
+
+def shard_bytes(out_dir):
+    manifest = load_manifest(out_dir)
+    return {shard.file: (Path(out_dir) / shard.file).read_bytes()
+            for split in manifest.splits.values() for shard in split.shards}
+
+
+def test_tfds_streamed_conversion_equals_the_in_memory_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(order, "SPOOL_BUCKET_EXAMPLES", 16)  # many buckets, shards across them
+    tfds = streaming_tfds(tmp_path, 300)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", tfds)
+    out = tmp_path / "out"
+    assert run(tfds_to_arrayrecord, *TFDS_ARGS, "--data-dir", tmp_path / "tfds", "--out", out) == 0
+    assert not (out / tfds_to_arrayrecord.SPOOL_DIR).exists()
+    # The previous implementation: the whole split in a list, ordered and carved in memory.
+    builder = tfds.builder(None, None, None)
+    listed = tfds_to_arrayrecord.read_split(tfds, builder, "train", image_key="image",
+                                            label_key="label", pixel_format=None)
+    ordered = order.order_and_hold_out({"train": listed}, seed=0, holdout_count=30,
+                                       holdout_order="source")
+    manifest = load_manifest(out)
+    added = {"reencode", "sharding", "max_image_pixels", "left_out_files"}
+    expected = writer.convert(
+        tmp_path / "in_memory", ordered, dataset="imagenet2012", label_names=["a", "b"],
+        source={k: v for k, v in manifest.source.items() if k not in added},
+        sharding=writer.Sharding(examples_per_shard=32), progress=False)
+    assert expected.manifest == manifest
+    assert shard_bytes(out) == shard_bytes(tmp_path / "in_memory")
+    assert len(manifest.splits["train"].shards) == 9  # 270 examples over 19 spool buckets
+    assert manifest.source["holdout"]["tail_of"] == "source"
+    assert {r.id for r in read_split(out, "holdout")} == {e.id for e in listed[-30:]}
+
+
+def test_tfds_conversion_holds_no_split_in_memory(tmp_path, monkeypatch):
+    # Reading: at most a few Examples alive (the old converter held all 300 by the end).
+    monkeypatch.setattr(tfds_to_arrayrecord, "Example", CountedExample)
+    monkeypatch.setattr(order, "Example", CountedExample)  # read back from the spool
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets",
+                        streaming_tfds(tmp_path, 300, live_limit=5))
+    in_flight = []
+    write_shard = writer.write_shard
+
+    def counting_write_shard(path, shard_records):
+        in_flight.append(live_examples())  # writing: the shard being written, no more
+        return write_shard(path, shard_records)
+
+    monkeypatch.setattr(writer, "write_shard", counting_write_shard)
+    out = tmp_path / "out"
+    assert run(tfds_to_arrayrecord, *TFDS_ARGS, "--data-dir", tmp_path / "tfds", "--out", out) == 0
+    assert len(in_flight) == 10 and 0 < max(in_flight) <= 2 * 32
+    assert load_manifest(out).splits["train"].num_records == 270
+
+
+def test_tfds_conversion_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
+    data_dir, out = tmp_path / "tfds", tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", streaming_tfds(tmp_path, 300))
+    ref = tmp_path / "ref"
+    assert run(tfds_to_arrayrecord, *TFDS_ARGS, "--data-dir", data_dir, "--out", ref) == 0
+    reference = shard_bytes(ref)
+
+    # Killed while reading: nothing written, the spool is not marked complete.
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets",
+                        streaming_tfds(tmp_path, 300, fail_at=100))
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tfds_to_arrayrecord, *TFDS_ARGS, "--data-dir", data_dir, "--out", out)
+    assert not list(out.glob("*.array_record")) and not (out / "manifest.json").exists()
+
+    # Killed while writing the third shard: two shards are done.
+    reads = []
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets",
+                        streaming_tfds(tmp_path, 300, reads=reads))
+    write_shard, calls = writer.write_shard, []
+
+    def dying_write_shard(path, shard_records):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return write_shard(path, shard_records)
+
+    monkeypatch.setattr(writer, "write_shard", dying_write_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tfds_to_arrayrecord, *TFDS_ARGS, "--data-dir", data_dir, "--out", out)
+    assert len(reads) == 300 and len(list(out.glob("*.array_record"))) == 2
+    monkeypatch.setattr(writer, "write_shard", write_shard)
+    # A kill -9 leaves a half-written .tmp; a shard may be damaged afterwards.
+    first, second = sorted(out.glob("train-*.array_record"))
+    (out / (sorted(reference)[2] + ".tmp")).write_bytes(b"half a shard")
+    second.write_bytes(second.read_bytes()[:100])
+
+    reads.clear()
+    capsys.readouterr()
+    assert run(tfds_to_arrayrecord, *TFDS_ARGS, "--data-dir", data_dir, "--out", out) == 0
+    assert reads == []  # the finished spool is reused: the source is not read again
+    written, skipped = summary_counts(capsys)
+    assert (written, skipped) == (len(reference) - 1, 1)  # only the first shard was kept
+    assert shard_bytes(out) == reference
+    assert not list(out.glob("*.tmp")) and not (out / tfds_to_arrayrecord.SPOOL_DIR).exists()
 
 
 # ---------------------------------------------------------------------------------------------

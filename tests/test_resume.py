@@ -6,11 +6,6 @@ monitors that fail without ending the run."""
 import errno
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -24,7 +19,6 @@ from byol_flax.checkpointing import (
     IncompatibleCheckpointError,
     config_changes,
     flatten_dotted,
-    lease,
     read_verified,
 )
 from byol_flax.checkpointing.encoder import read_encoder
@@ -278,49 +272,7 @@ def test_a_failed_export_leaves_the_previous_export_intact(tmp_path):
     export.load_export(out)  # still loads
 
 
-# --- Workdir lease -----------------------------------------------------------------------------
-
-
-def test_a_second_run_on_a_live_workdir_stops_naming_the_holder(tmp_path):
-    with lease.WorkdirLease(tmp_path, stale_after_seconds=60):
-        with pytest.raises(lease.WorkdirBusyError) as caught:
-            lease.WorkdirLease(tmp_path, stale_after_seconds=60).acquire()
-        assert f"process {os.getpid()} on host {socket.gethostname()}" in str(caught.value)
-    assert not (tmp_path / lease.LEASE_NAME).exists()  # released
-    lease.WorkdirLease(tmp_path, stale_after_seconds=60).acquire().release()
-
-
-def test_a_dead_holder_on_this_host_is_taken_over_with_a_warning(tmp_path, caplog):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
-    dead = {"host": socket.gethostname(), "pid": int(finished.stdout), "token": "x",
-            "started": "earlier", "heartbeat": time.time()}
-    (tmp_path / lease.LEASE_NAME).write_text(json.dumps(dead))
-    with caplog.at_level(logging.WARNING):
-        held = lease.WorkdirLease(tmp_path, stale_after_seconds=60).acquire()
-    assert any("taking over" in r.getMessage() and "not running" in r.getMessage()
-               for r in caplog.records)
-    held.release()
-
-
-def test_another_hosts_lease_is_live_until_its_heartbeat_is_stale(tmp_path):
-    other = {"host": "another-host", "pid": 1, "token": "x", "started": "earlier",
-             "heartbeat": time.time()}
-    (tmp_path / lease.LEASE_NAME).write_text(json.dumps(other))
-    with pytest.raises(lease.WorkdirBusyError, match="another-host"):
-        lease.WorkdirLease(tmp_path, stale_after_seconds=60).acquire()
-    other["heartbeat"] = time.time() - 120
-    (tmp_path / lease.LEASE_NAME).write_text(json.dumps(other))
-    held = lease.WorkdirLease(tmp_path, stale_after_seconds=60).acquire()
-    assert json.loads((tmp_path / lease.LEASE_NAME).read_text())["token"] == held.token
-    held.release()
-
-
-def test_the_heartbeat_keeps_a_lease_fresh(tmp_path):
-    with lease.WorkdirLease(tmp_path, stale_after_seconds=0.5, heartbeat_seconds=0.05):
-        time.sleep(1.0)
-        with pytest.raises(lease.WorkdirBusyError):
-            lease.WorkdirLease(tmp_path, stale_after_seconds=0.5).acquire()
+# The workdir lease: tests/test_lease.py (local and gs://) and tests/test_relaunch.py (hosts).
 
 
 # --- Monitors ----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from byol_flax.checkpointing import lease
 from byol_flax.checkpointing.config_changes import run_record
 from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.checkpointing.verified import (
@@ -151,6 +152,7 @@ class Checkpointer:
                  INTEGRITY_ITEM: ocp.args.JsonSave(integrity),
                  RUN_ITEM: ocp.args.JsonSave(self._run)}
         self._finish_pending()
+        lease.fence()  # a run whose workdir was taken over writes no checkpoint
         try:
             self.manager.save(step, force=force, args=ocp.args.Composite(**items))
         except Exception as error:

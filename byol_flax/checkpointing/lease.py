@@ -1,42 +1,183 @@
-"""A lease on a work directory: one run at a time writes its checkpoints.
+"""A lease on a work directory: one run at a time writes to it, and a relaunch takes over.
 
 Two runs on one workdir corrupt each other (the second start removes the first one's in-flight
 save as a stale temporary directory). A run therefore holds ``<workdir>/lease.json`` (host, pid,
-start time, heartbeat, a random token) while it trains, refreshed by a heartbeat thread. A
-second run on a live workdir stops at once naming the holder; a stale lease (its process is dead
-on this host, or its heartbeat is older than ``stale_after_seconds``) is taken over with a
-warning. Works on local paths and gs:// (a write followed by a read-back of the token).
+boot, start time, heartbeat, a random token) while it trains, refreshed by a heartbeat thread.
+
+- **Start.** A free workdir is taken at once. A lease whose holder is provably gone (a dead
+  process of this host and boot, or a host that rebooted) is taken over at once. Any other
+  holder (another host, say a preempted VM) is watched for at most one stale window
+  (``stale_after_seconds``): a heartbeat during it means the holder lives, and the start stops
+  naming it; no heartbeat means the holder vanished, and the start takes over. The watch compares
+  the record itself, not clocks, so hosts need not agree on the time.
+- **Atomic.** Every change is a compare-and-swap against the record that was read: on gs:// an
+  object generation precondition, locally an exclusive ``flock`` on the workdir. Of two starts
+  racing for a stale lease exactly one wins.
+- **Fencing.** A heartbeat that finds the record changed, or :func:`fence` (called before every
+  checkpoint and every write to the workdir) finding another token, means the lease was taken
+  over: the run stops at once with one line and exit status 1, writing nothing more (the new
+  holder owns the workdir).
+
+Heartbeats come every sixth of the stale window (10 s for the default 60 s): one small write,
+cheap on gs://, and six chances per window for a live holder to show itself.
 """
 
+import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from etils import epath
 
 from byol_flax.errors import UserError
+from byol_flax.runtime import console
 
 LEASE_NAME = "lease.json"
+HEARTBEATS_PER_WINDOW = 6
+LOST_EXIT_STATUS = 1  # like every other stop on a user-facing error (runtime.console)
 
 
 class WorkdirBusyError(UserError, OSError):
     """Another live run holds the work directory."""
 
 
-def _pid_alive(pid: int) -> bool:
+class LeaseLostError(UserError, RuntimeError):
+    """The lease was taken over by another run: this one must not write again."""
+
+
+class _Changed(Exception):
+    """The lease record changed since it was read (a compare-and-swap lost)."""
+
+
+class _Store(Protocol):
+    """Where the record lives: ``read`` gives (text or None, version); ``swap`` replaces the
+    record (None deletes it) only if its version is still ``expected`` (None: absent), returning
+    the new version, else raises :class:`_Changed`."""
+
+    def read(self) -> tuple[str | None, Any]: ...
+
+    def swap(self, expected: Any, text: str | None) -> Any: ...
+
+
+class _LocalStore:
+    """A local (or mounted) directory: the version is the record's text, swaps hold ``flock``
+    on the directory so that a read-compare-write is one step for every process of the host
+    (and of hosts sharing the file system, where it supports flock)."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+
+    def read(self) -> tuple[str | None, Any]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None, None
+        return text, text
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        descriptor = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+    def swap(self, expected: Any, text: str | None) -> Any:
+        with self._locked():
+            if self.read()[1] != expected:
+                raise _Changed
+            if text is None:
+                self.path.unlink(missing_ok=True)
+                return None
+            staged = self.path.with_name(f"{LEASE_NAME}.{secrets.token_hex(4)}.tmp")
+            staged.write_text(text)
+            staged.replace(self.path)
+            return text
+
+
+def gcs_client() -> Any:
+    """A Cloud Storage client: the machine's credentials, or anonymous ones against an emulator
+    (``STORAGE_EMULATOR_HOST``, which the client library honours)."""
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+        return storage.Client(project="byol-flax-emulator", credentials=AnonymousCredentials())
+    return storage.Client()
+
+
+class _GcsStore:
+    """A gs:// object: the version is its generation; swaps are generation preconditions (412
+    when another writer came first), so acquisition and take-over are atomic."""
+
+    def __init__(self, url: str):
+        bucket, _, name = url.removeprefix("gs://").partition("/")
+        self.url = url
+        self.blob_name = name
+        self.bucket = gcs_client().bucket(bucket)
+
+    def read(self) -> tuple[str | None, Any]:
+        from google.api_core import exceptions
+
+        blob = self.bucket.get_blob(self.blob_name)
+        if blob is None:
+            return None, None
+        try:
+            text = blob.download_as_bytes(if_generation_match=blob.generation).decode()
+        except (exceptions.NotFound, exceptions.PreconditionFailed):
+            return self.read()  # changed between the two requests: read again
+        return text, blob.generation
+
+    def swap(self, expected: Any, text: str | None) -> Any:
+        from google.api_core import exceptions
+
+        blob = self.bucket.blob(self.blob_name)
+        try:
+            if text is None:
+                blob.delete(if_generation_match=expected)
+                return None
+            blob.upload_from_string(text, content_type="application/json",
+                                    if_generation_match=expected or 0)
+        except (exceptions.PreconditionFailed, exceptions.NotFound) as error:
+            raise _Changed from error
+        return blob.generation
+
+
+def _store(path: epath.Path) -> _Store:
+    text = os.fspath(path)
+    return _GcsStore(text) if text.startswith("gs://") else _LocalStore(path)
+
+
+def _boot_id() -> str | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
+        return _read_text("/proc/sys/kernel/random/boot_id")
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), which tells a live holder
+    from a later process that reuses its pid."""
+    try:
+        stat = _read_text(f"/proc/{pid}/stat")
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _read_text(path: str) -> str:
+    with open(path) as file:
+        return file.read().strip()
 
 
 def _iso(seconds: float) -> str:
@@ -44,100 +185,198 @@ def _iso(seconds: float) -> str:
         timespec="seconds")
 
 
+def _parse(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _holder(record: dict[str, Any]) -> str:
+    return f"process {record.get('pid')} on host {record.get('host')}"
+
+
 class WorkdirLease:
-    """``with WorkdirLease(workdir, stale_after_seconds=600):`` holds the workdir for a run."""
+    """``with WorkdirLease(workdir, stale_after_seconds=60):`` holds the workdir for a run."""
 
     def __init__(self, workdir: epath.PathLike, *, stale_after_seconds: float,
                  heartbeat_seconds: float | None = None):
         self.path = epath.Path(workdir) / LEASE_NAME
         self.stale_after = stale_after_seconds
-        self.heartbeat = heartbeat_seconds or max(stale_after_seconds / 10, 0.05)
+        self.heartbeat = heartbeat_seconds or max(stale_after_seconds / HEARTBEATS_PER_WINDOW,
+                                                  0.05)
         self.token = secrets.token_hex(8)
+        self._store = _store(self.path)
+        self._version: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.time()
+        self._unguard: Callable[[], None] = lambda: None
 
-    def _record(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
-                "started": _iso(self._started), "heartbeat": time.time()}
+    def _record(self) -> str:
+        return json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+            "process_start": _process_start(os.getpid()), "token": self.token,
+            "started": _iso(self._started), "heartbeat": time.time()}, indent=2)
 
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError) as error:  # a half-written lease of a killed run
-            logging.warning("unreadable lease %s (%s): treated as stale", self.path, error)
-            return {}
-
-    def stale_reason(self, holder: dict[str, Any]) -> str | None:
-        """Why ``holder``'s lease may be taken over, or None while it is live."""
+    def gone_reason(self, holder: dict[str, Any]) -> str | None:
+        """Why ``holder`` is certainly gone without waiting (unreadable, a heartbeat older than
+        the stale window, a dead process or a rebooted host), or None."""
         if not holder:
-            return "it is unreadable"
-        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder["pid"])):
-            return f"process {holder['pid']} on this host is not running"
+            return "its lease is unreadable"
         age = time.time() - float(holder.get("heartbeat", 0))
-        if age > self.stale_after:
+        if age > self.stale_after:  # a relaunch long after the holder vanished: no wait
             return f"its last heartbeat is {age:.0f} s old (stale after {self.stale_after:.0f} s)"
+        if holder.get("host") != socket.gethostname():
+            return None
+        boot = _boot_id()
+        if boot and holder.get("boot_id") and holder["boot_id"] != boot:
+            return "this host has rebooted since"
+        pid = int(holder.get("pid", -1))
+        start = _process_start(pid)
+        if start is None:
+            return f"process {pid} on this host is not running"
+        if holder.get("process_start") and holder["process_start"] != start:
+            return f"process {pid} on this host is another process now (its pid was reused)"
         return None
 
-    def acquire(self) -> "WorkdirLease":
-        """Takes the lease or raises :class:`WorkdirBusyError` naming the live holder."""
-        holder = self._read()
-        if holder is not None:
-            reason = self.stale_reason(holder)
-            if reason is None:
+    def _same_host(self, holder: dict[str, Any]) -> bool:
+        return holder.get("host") == socket.gethostname()
+
+    def _wait_for_silence(self, text: str, version: Any) -> tuple[str, Any]:
+        """Watches a live-looking holder for one stale window. Returns why it may be taken over
+        and the version to replace, or raises :class:`WorkdirBusyError` as soon as it beats (or
+        a third run takes it)."""
+        holder = _parse(text) or {}
+        name = _holder(holder)
+        console.stage("%s holds %s: waiting up to %.0f s for its heartbeat to stop", name,
+                      self.path.parent, self.stale_after)
+        deadline = time.monotonic() + self.stale_after
+        while time.monotonic() < deadline:
+            time.sleep(min(self.heartbeat / 2, max(deadline - time.monotonic(), 0)))
+            now_text, now_version = self._store.read()
+            if now_version != version:
+                now = _parse(now_text)
+                if now is None:
+                    return "it released the lease", None
                 raise WorkdirBusyError(
-                    f"{self.path.parent} is in use by process {holder['pid']} on host "
-                    f"{holder['host']} (started {holder.get('started')}, heartbeat "
-                    f"{time.time() - float(holder['heartbeat']):.0f} s ago): stop that run or use "
+                    f"{self.path.parent} is in use by {_holder(now)} (started "
+                    f"{now.get('started')}; its heartbeat is live): stop that run or use "
                     f"another --workdir")
-            logging.warning("taking over the lease of %s from process %s on host %s: %s",
-                            self.path.parent, holder.get("pid"), holder.get("host"), reason)
-        self._write(exclusive=holder is None)
-        if (self._read() or {}).get("token") != self.token:  # another start won the race
-            holder = self._read() or {}
-            raise WorkdirBusyError(f"{self.path.parent} was just taken by process "
-                                   f"{holder.get('pid')} on host {holder.get('host')}")
+        return f"it has not refreshed its lease for {self.stale_after:.0f} s", version
+
+    def acquire(self) -> "WorkdirLease":
+        """Takes the lease (waiting at most one stale window for a silent holder) or raises
+        :class:`WorkdirBusyError` naming the live holder."""
+        text, version = self._store.read()
+        if text is not None:
+            holder = _parse(text) or {}
+            reason = self.gone_reason(holder)
+            if reason is None and self._same_host(holder):  # its process runs: certainly live
+                raise WorkdirBusyError(
+                    f"{self.path.parent} is in use by {_holder(holder)} (started "
+                    f"{holder.get('started')}): stop that run or use another --workdir")
+            if reason is None:  # another host: only its heartbeat can tell
+                reason, version = self._wait_for_silence(text, version)
+            console.stage("taking over the lease of %s from %s: %s", self.path.parent,
+                          _holder(holder), reason)
+        try:
+            self._version = self._store.swap(version, self._record())
+        except _Changed:
+            now = _parse(self._store.read()[0]) or {}
+            raise WorkdirBusyError(f"{self.path.parent} was just taken by {_holder(now)}") \
+                from None
+        _ACTIVE.lease = self
+        if isinstance(self._store, _LocalStore):  # the log file may be in the workdir
+            self._unguard = console.guard_log_file(_fence_log)
         self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lease")
         self._thread.start()
         return self
 
-    def _write(self, *, exclusive: bool = False) -> None:
-        text = json.dumps(self._record(), indent=2)
-        if exclusive and "://" not in os.fspath(self.path):
-            try:  # two starts at the same moment: only one creates the file
-                descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return  # the read-back in acquire names the winner
-            with os.fdopen(descriptor, "w") as file:
-                file.write(text)
-            return
-        temporary = self.path.with_name(f"{LEASE_NAME}.{self.token}.tmp")
-        temporary.write_text(text)
-        temporary.replace(self.path)  # overwrites: a stale lease or our own heartbeat
-
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
             try:
-                if (self._read() or {}).get("token") != self.token:
-                    logging.error("the lease of %s was taken by another run", self.path.parent)
-                    return
-                self._write()
-            except OSError as error:  # a transient storage error: retried at the next beat
+                self._version = self._store.swap(self._version, self._record())
+            except _Changed:
+                if not self._stop.is_set():
+                    self.stop_lost()
+                return
+            except Exception as error:  # noqa: BLE001  (transient storage errors, the client
+                # library's own types included: retried at the next beat; a lost lease shows
+                # as a changed record then)
                 logging.warning("cannot refresh the lease %s: %s", self.path, error)
+
+    def held(self) -> bool:
+        """Whether the record still carries this run's token (one read of the lease)."""
+        return (_parse(self._store.read()[0]) or {}).get("token") == self.token
+
+    def stop_lost(self) -> None:
+        """The lease is another run's now: one line on the console, exit at once, no more
+        writes (no flushing of logs, writers or checkpoints into the new holder's workdir)."""
+        with _ACTIVE.stopping:
+            try:
+                record = _parse(self._store.read()[0])
+            except Exception:  # noqa: BLE001  (the line must come out whatever storage says)
+                record = {}
+            holder = (_holder(record) if record and record.get("host")
+                      else "another run (the lease is free again: that run has finished)"
+                      if record is None else "another run")
+            error = LeaseLostError(
+                f"the lease of {self.path.parent} was taken over by {holder} (this run was "
+                f"silent for longer than {self.stale_after:.0f} s); stopping without writing "
+                "anything more, the new holder continues from the newest checkpoint")
+            sys.__stderr__.write(f"error: LeaseLostError: {error}\n")
+            sys.__stderr__.flush()
+            os._exit(LOST_EXIT_STATUS)
 
     def release(self) -> None:
         """Stops the heartbeat and removes the lease if it is still ours."""
         self._stop.set()
+        self._unguard()
+        if _ACTIVE.lease is self:
+            _ACTIVE.lease = None
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
             self._thread = None
-            if (self._read() or {}).get("token") == self.token:
-                self.path.unlink(missing_ok=True)
+            try:
+                self._store.swap(self._version, None)
+            except _Changed:
+                pass  # another run holds it now: not ours to remove
+            except Exception as error:  # noqa: BLE001  (goes stale by itself: no heartbeat)
+                logging.warning("cannot remove the lease %s: %s", self.path, error)
 
     def __enter__(self) -> "WorkdirLease":
         return self.acquire()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
+
+
+class _Active:
+    """The lease this process holds (a process trains into one workdir at a time)."""
+    lease: WorkdirLease | None = None
+    stopping = threading.Lock()
+
+
+_ACTIVE = _Active()
+
+
+def fence() -> None:
+    """Called before a checkpoint or any write to the workdir: when this process holds a lease
+    that another run has taken over, stops at once (:meth:`WorkdirLease.stop_lost`). A no-op in
+    processes that hold none (other hosts of a multi-host run, tools, tests)."""
+    held = _ACTIVE.lease
+    if held is not None and not held.held():
+        held.stop_lost()
+
+
+def _fence_log() -> None:
+    """:func:`fence` before a log line; a lease that cannot be read now is checked at the next
+    write (a logging call must not fail)."""
+    try:
+        fence()
+    except OSError:
+        pass

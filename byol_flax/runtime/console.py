@@ -140,6 +140,28 @@ def _route_logs(path: epath.Path, *, verbose: bool, delay: bool = False) -> None
         sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
 
 
+class _CheckFirst(logging.Filter):
+    def __init__(self, check: Callable[[], None]):
+        super().__init__()
+        self.check = check
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.check()
+        return True
+
+
+def guard_log_file(check: Callable[[], None]) -> Callable[[], None]:
+    """Runs ``check`` before every record is written to the log file, which may stop the
+    process (the workdir lease's fence: a run whose workdir was taken over writes no line into
+    it). Returns the function that removes the guard."""
+    handler = _Settings.file_handler
+    if handler is None:
+        return lambda: None
+    guard = _CheckFirst(check)
+    handler.addFilter(guard)
+    return lambda: handler.removeFilter(guard)
+
+
 def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
     """Routes logging to ``workdir/log.txt`` and quiets the console; returns the log file."""
     path = epath.Path(workdir) / LOG_FILE

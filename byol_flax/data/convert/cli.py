@@ -216,6 +216,20 @@ def check_out(args: argparse.Namespace, *inputs: os.PathLike | str) -> None:
     check_output_dir(args.out, "dataset", inputs=[os.fspath(i) for i in inputs])
 
 
+def holdout_name(args: argparse.Namespace) -> str:
+    return getattr(args, "holdout_name", DEFAULT_HOLDOUT_NAME)
+
+
+def with_holdout(args: argparse.Namespace, source: Mapping[str, Any], count: int | None,
+                 fraction: float | None, holdout_order: str) -> dict[str, Any]:
+    """The manifest's ``source`` with how the held-out split was carved, when there is one."""
+    source = dict(source)
+    if count is not None or fraction is not None:
+        source["holdout"] = {"split": holdout_name(args), "carved_from": "train",
+                             "count": count, "fraction": fraction, "tail_of": holdout_order}
+    return source
+
+
 def convert_from_args(args: argparse.Namespace, splits: Mapping[str, Sequence[Example]], *,
                       dataset: str, label_names: Sequence[str], source: Mapping[str, Any],
                       seed: int, holdout_count: int | None = None,
@@ -223,15 +237,10 @@ def convert_from_args(args: argparse.Namespace, splits: Mapping[str, Sequence[Ex
                       reencode: str = "none", policy: ImagePolicy = ImagePolicy(),
                       left_out: Sequence[SkippedFile] = ()) -> ConversionResult:
     """The tail of every converter's main: order, hold out, write, print the summary line."""
-    holdout_name = getattr(args, "holdout_name", DEFAULT_HOLDOUT_NAME)
     ordered = order_and_hold_out(splits, seed=seed, holdout_count=holdout_count,
-                                 holdout_fraction=holdout_fraction, holdout_name=holdout_name,
+                                 holdout_fraction=holdout_fraction, holdout_name=holdout_name(args),
                                  holdout_order=holdout_order)
-    source = dict(source)
-    if holdout_count is not None or holdout_fraction is not None:
-        source["holdout"] = {"split": holdout_name, "carved_from": "train",
-                             "count": holdout_count, "fraction": holdout_fraction,
-                             "tail_of": holdout_order}
+    source = with_holdout(args, source, holdout_count, holdout_fraction, holdout_order)
     result = convert(args.out, ordered, dataset=dataset, label_names=label_names, source=source,
                      sharding=sharding_from_args(args), workers=args.workers, reencode=reencode,
                      progress=not args.no_progress, policy=policy, left_out=left_out)

@@ -1,10 +1,11 @@
 """Converts a TFDS dataset already prepared on disk to ArrayRecord shards; never downloads.
 
 Encoded images are read without decoding (``tfds.decode.SkipDecoding``) and stored as they are
-(after a full decode check in the writer, as in every converter). The selected splits are read
-into memory before writing, which suits CIFAR/STL-sized datasets; ImageNet needs a host with
-memory for its ~140 GB of JPEGs, else ``byol_flax.data.convert.image_folder`` (without the paper's
-split).
+(after a full decode check in the writer, as in every converter). Splits are streamed in one
+pass into a spool on disk (``OUT/.spool``, a copy of the encoded images, removed at the end)
+sorted into the seeded order shard by shard (:class:`byol_flax.data.convert.order.Spool`), so
+memory stays flat whatever the split's size (ImageNet included) and the shards are those of an
+in-memory conversion. A re-run after a kill reuses a finished spool and verified shards.
 
 Held-out splits are the tail of train in TFDS order (files read one after the other), i.e.
 TFDS's ``train[-N:]``: with ``--imagenet-holdout`` on imagenet2012 that is the paper's validation
@@ -13,19 +14,22 @@ Needs the optional extra: ``pip install '.[tfds]'``.
 """
 
 import argparse
+import functools
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import tqdm
 from absl import flags
 
-from byol_flax.data.convert import cli, image_io, writer
+from byol_flax.data.convert import cli, image_io, order, writer
 from byol_flax.data.convert.image_io import Example
 from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT
 from byol_flax.data.records import UNLABELED, DataError
 
 INSTALL_HINT = "pip install '.[tfds]'"
 ID_FEATURES = ("id", "file_name")
+SPOOL_DIR = ".spool"  # inside --out while converting
 
 
 def import_tfds() -> Any:
@@ -66,28 +70,33 @@ def image_is_encoded(tfds: Any, builder: Any, image_key: str) -> bool:
     return isinstance(features[image_key], tfds.features.Image)
 
 
-def read_split(tfds: Any, builder: Any, split: str, *, image_key: str, label_key: str,
-               pixel_format: str | None) -> list[Example]:
+def iter_split(tfds: Any, builder: Any, split: str, *, image_key: str, label_key: str,
+               pixel_format: str | None) -> Iterator[Example]:
     """Every example of ``split`` in TFDS order: example i is the one TFDS's ``split[i:i+1]`` reads.
 
     ``shuffle_files=False`` alone still interleaves 16 files at a time; one file at a time
     (``interleave_cycle_length=1``) reads them in sequence, the order TFDS's slicing counts in,
-    so the tail of the list is ``split[-N:]``, the paper's held-out images. Encoded images are
-    kept as stored; pixel arrays are encoded as ``pixel_format``.
+    so the tail is ``split[-N:]``, the paper's held-out images. Encoded images are kept as
+    stored; pixel arrays are encoded as ``pixel_format``. A generator: one example at a time.
     """
     features = builder.info.features
     decoders = {image_key: tfds.decode.SkipDecoding()} if pixel_format is None else None
     dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
                                  read_config=tfds.ReadConfig(interleave_cycle_length=1))
     id_key = next((key for key in ID_FEATURES if key in features), None)
-    examples = []
     for index, values in enumerate(tfds.as_numpy(dataset)):
         image = values[image_key]
         data = bytes(image) if pixel_format is None else image_io.encode_image(image, pixel_format)
         label = int(values[label_key]) if label_key in features else UNLABELED
         example_id = _text(values[id_key]) if id_key else f"{split}/{index}"
-        examples.append(Example(id=example_id, label=label, data=data))
-    return examples
+        yield Example(id=example_id, label=label, data=data)
+
+
+def read_split(tfds: Any, builder: Any, split: str, *, image_key: str, label_key: str,
+               pixel_format: str | None) -> list[Example]:
+    """:func:`iter_split` as a list (all in memory: for small splits and tests)."""
+    return list(iter_split(tfds, builder, split, image_key=image_key, label_key=label_key,
+                           pixel_format=pixel_format))
 
 
 def label_names_of(tfds: Any, builder: Any, label_key: str) -> list[str]:
@@ -131,7 +140,50 @@ example:
 """
 
 
+def _output_sizes(args: argparse.Namespace, builder: Any, wanted: Sequence[str],
+                  holdout_count: int | None, holdout_fraction: float | None) -> dict[str, int]:
+    """Examples per output split, from the builder's metadata: the held-out tail comes off train."""
+    sizes = {split: builder.info.splits[split].num_examples for split in wanted}
+    if holdout_count is None and holdout_fraction is None:
+        return sizes
+    name = cli.holdout_name(args)
+    if name in sizes:
+        raise DataError(f"held-out split name {name!r} is already a split")
+    held = order.holdout_size(sizes["train"], count=holdout_count, fraction=holdout_fraction)
+    return {**sizes, "train": sizes["train"] - held, name: held}
+
+
+def _routed(tfds: Any, builder: Any, args: argparse.Namespace, wanted: Sequence[str],
+            sizes: Mapping[str, int], pixel_format: str | None) -> Iterator[tuple[str, Example]]:
+    """(output split, example) in TFDS order: train's tail (its index past the kept size) goes to
+    the held-out split, as ``train[-N:]``."""
+    for split in wanted:
+        examples = iter_split(tfds, builder, split, image_key=args.image_key,
+                              label_key=args.label_key, pixel_format=pixel_format)
+        for index, example in enumerate(examples):
+            held = split == "train" and index >= sizes["train"]
+            yield (cli.holdout_name(args) if held else split), example
+
+
+def _spool(tfds: Any, builder: Any, args: argparse.Namespace, out_dir: pathlib.Path,
+           wanted: Sequence[str], sizes: Mapping[str, int],
+           pixel_format: str | None) -> order.Spool:
+    """The splits spooled in their seeded order; a finished spool of the same reading is kept."""
+    spool = order.Spool(out_dir / SPOOL_DIR, seed=args.order_seed, sizes=sizes)
+    identity = {"name": args.name, "data_dir": str(builder.data_dir), "splits": list(wanted),
+                "tfds_version": str(builder.info.version), "image_key": args.image_key,
+                "label_key": args.label_key, "pixels_encoded_as": pixel_format,
+                "order_seed": args.order_seed, "sizes": dict(sizes)}
+    if not spool.reusable(identity):
+        pairs = _routed(tfds, builder, args, wanted, sizes, pixel_format)
+        spool.write(tqdm.tqdm(pairs, total=sum(sizes.values()), unit="img",
+                              desc=f"reading {args.name}", disable=args.no_progress,
+                              dynamic_ncols=True), identity)
+    return spool
+
+
 def convert(args: argparse.Namespace) -> writer.ConversionResult:
+    """Streams the splits into a spool on disk, then writes the shards from it."""
     cli.check_out(args, *([args.data_dir] if args.data_dir else []))
     tfds = import_tfds()
     builder = prepared_builder(tfds, args.name, args.data_dir)
@@ -152,19 +204,25 @@ def convert(args: argparse.Namespace) -> writer.ConversionResult:
     if (holdout_count or holdout_fraction) and "train" not in wanted:
         raise DataError(f"a held-out split is carved from train, which --splits={args.splits!r} "
                         "leaves out")
-    splits = {split: read_split(tfds, builder, split, image_key=args.image_key,
-                                label_key=args.label_key, pixel_format=pixel_format)
-              for split in wanted}
+    sizes = _output_sizes(args, builder, wanted, holdout_count, holdout_fraction)
     source = cli.provenance("byol_flax.data.convert.tfds_to_arrayrecord", args,
                             tfds_version=str(builder.info.version),
                             tfds_data_dir=str(builder.data_dir),
                             pixels_encoded_as=pixel_format)
-    return cli.convert_from_args(
-        args, splits, dataset=args.dataset_name or builder.name,
+    source = cli.with_holdout(args, source, holdout_count, holdout_fraction, "source")
+    out_dir = writer.claim(args.out)
+    spool = _spool(tfds, builder, args, out_dir, wanted, sizes, pixel_format)
+    planned = {split: writer.PlannedSplit(size, functools.partial(spool.shards, split))
+               for split, size in sizes.items()}
+    result = writer.write_planned(
+        out_dir, planned, dataset=args.dataset_name or builder.name,
         label_names=label_names_of(tfds, builder, args.label_key), source=source,
-        seed=args.order_seed, holdout_count=holdout_count, holdout_fraction=holdout_fraction,
-        holdout_order="source", reencode=args.reencode if encoded else "none",
+        sharding=cli.sharding_from_args(args), workers=args.workers,
+        reencode=args.reencode if encoded else "none", progress=not args.no_progress,
         policy=cli.policy_from_args(args))
+    spool.remove()
+    print(result.summary())
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

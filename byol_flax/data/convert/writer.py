@@ -3,7 +3,8 @@
 A converter only has to turn its source into ``{split: [Example, ...]}`` plus label names, put
 in their final order (:mod:`byol_flax.data.convert.order`); :func:`convert` assigns examples to
 shards (``split_evenly``), writes the shards in worker processes and finishes with
-``manifest.json``.
+``manifest.json``. :func:`write_planned` takes splits made shard by shard instead (a streamed
+source), holding only the shards in flight.
 
 Resuming: next to every finished shard lies ``<shard>.json``, a sidecar with its ShardInfo and a
 digest of what the plan put in it (ids, labels, source sizes, re-encoding). A re-run skips a shard
@@ -14,6 +15,7 @@ manifest is always complete. Images left out as bad are listed in ``skipped_file
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -22,7 +24,7 @@ import os
 import pathlib
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -208,18 +210,27 @@ def _run_shard_task(task: _ShardTask) -> _ShardOutcome:
                          left_out=tuple(left_out), converted=tuple(converted))
 
 
-def _run_tasks(tasks: Sequence[_ShardTask], workers: int) -> Iterator[_ShardOutcome]:
-    if workers <= 1 or len(tasks) <= 1:
+def _run_tasks(tasks: Iterable[_ShardTask], num_tasks: int,
+               workers: int) -> Iterator[_ShardOutcome]:
+    """Runs tasks as they are made; at most ``2 * workers`` are in flight (shards in memory)."""
+    if workers <= 1 or num_tasks <= 1:
         for task in tasks:
             yield _run_shard_task(task)
         return
     # "spawn": the caller may have started JAX/TF threads, which fork() does not survive.
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
-        pending = [pool.submit(_run_shard_task, task) for task in tasks]
+    workers = min(workers, num_tasks)
+    with futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: set[futures.Future] = set()
         try:
-            for done in futures.as_completed(pending):
-                yield done.result()
+            for task in tasks:
+                pending.add(pool.submit(_run_shard_task, task))
+                if len(pending) >= 2 * workers:
+                    done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            for future in futures.as_completed(pending):
+                yield future.result()
         except BaseException:
             for future in pending:
                 future.cancel()
@@ -281,6 +292,19 @@ def _validate(splits: Mapping[str, Sequence[Example]], label_names: Sequence[str
                                 f"{example.label}, outside the {len(label_names)} label names")
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedSplit:
+    """A split to write: its size, and a function from a shard count to the shards' examples in
+    their final order, made one shard at a time (a streamed split is never all in memory)."""
+
+    num_examples: int
+    shards: Callable[[int], Iterable[Sequence[Example]]]
+
+
+def _even_shards(examples: Sequence[Example], num_shards: int) -> list[Sequence[Example]]:
+    return split_evenly(list(examples), num_shards)
+
+
 def convert(out_dir: os.PathLike | str, splits: Mapping[str, Sequence[Example]], *,
             dataset: str, label_names: Sequence[str], source: Mapping[str, Any],
             sharding: Sharding = Sharding(), workers: int = 1, reencode: str = "none",
@@ -296,28 +320,79 @@ def convert(out_dir: os.PathLike | str, splits: Mapping[str, Sequence[Example]],
     if reencode not in REENCODE_CHOICES:
         raise DataError(f"reencode {reencode!r} is not one of {REENCODE_CHOICES}")
     _validate(splits, label_names)
-    # A new or empty directory, or an earlier (perhaps killed) conversion: never a user's files.
+    planned = {split: PlannedSplit(len(examples), functools.partial(_even_shards, examples))
+               for split, examples in splits.items()}
+    return write_planned(out_dir, planned, dataset=dataset, label_names=label_names,
+                         source=source, sharding=sharding, workers=workers, reencode=reencode,
+                         progress=progress, policy=policy, left_out=left_out)
+
+
+def claim(out_dir: os.PathLike | str) -> pathlib.Path:
+    """Claims ``out_dir`` for a conversion and removes its manifest (complete only at the end).
+
+    A new or empty directory, or an earlier (perhaps killed) conversion: never a user's files.
+    """
     out_dir = pathlib.Path(claim_output_dir(out_dir, "dataset"))
     manifest_path(out_dir).unlink(missing_ok=True)
+    return out_dir
 
-    tasks, removed = [], []
-    for split, examples in splits.items():
-        count = sharding.shards_for(len(examples))
-        names = [shard_name(split, index, count) for index in range(count)]
-        for path in _stale_files(out_dir, split, set(names)):
+
+def _check_planned(planned: Mapping[str, PlannedSplit], reencode: str) -> None:
+    if reencode not in REENCODE_CHOICES:
+        raise DataError(f"reencode {reencode!r} is not one of {REENCODE_CHOICES}")
+    if not planned:
+        raise DataError("nothing to convert: no splits")
+    for split, plan in planned.items():
+        if not _SPLIT_NAME.fullmatch(split):
+            raise DataError(f"split name {split!r} may only hold letters, digits, '_' and '.'")
+        if plan.num_examples <= 0:
+            raise DataError(f"split {split!r} has no examples")
+
+
+def _tasks(out_dir: pathlib.Path, planned: Mapping[str, PlannedSplit],
+           names: Mapping[str, list[str]], label_names: Sequence[str], reencode: str,
+           policy: ImagePolicy) -> Iterator[_ShardTask]:
+    """The shard tasks, each made when the writer is ready for it."""
+    for split, plan in planned.items():
+        sizes = [len(part) for part in split_evenly(range(plan.num_examples), len(names[split]))]
+        for index, (name, part) in enumerate(zip(names[split], plan.shards(len(names[split])))):
+            part = tuple(part)
+            if len(part) != sizes[index]:
+                raise DataError(f"split {split!r}: shard {index} got {len(part)} examples, "
+                                f"planned {sizes[index]}")
+            for example in part:
+                if not (example.label == UNLABELED if not label_names
+                        else 0 <= example.label < len(label_names)):
+                    raise DataError(f"split {split!r}: example {example.id!r} has label "
+                                    f"{example.label}, outside the {len(label_names)} label "
+                                    "names")
+            yield _ShardTask(split, index, str(out_dir / name), part, reencode, policy)
+
+
+def write_planned(out_dir: os.PathLike | str, planned: Mapping[str, PlannedSplit], *,
+                  dataset: str, label_names: Sequence[str], source: Mapping[str, Any],
+                  sharding: Sharding = Sharding(), workers: int = 1, reencode: str = "none",
+                  progress: bool = True, policy: ImagePolicy = ImagePolicy(),
+                  left_out: Sequence[SkippedFile] = ()) -> ConversionResult:
+    """:func:`convert` for splits made shard by shard: memory holds the shards in flight."""
+    _check_planned(planned, reencode)
+    out_dir = claim(out_dir)
+    names, removed = {}, []
+    for split, plan in planned.items():
+        count = sharding.shards_for(plan.num_examples)
+        names[split] = [shard_name(split, index, count) for index in range(count)]
+        for path in _stale_files(out_dir, split, set(names[split])):
             path.unlink()
             removed.append(path.name)
-        for index, (name, part) in enumerate(zip(names, split_evenly(list(examples), count))):
-            tasks.append(_ShardTask(split, index, str(out_dir / name), tuple(part), reencode,
-                                    policy))
 
     infos: dict[str, list[ShardInfo | None]] = {
-        split: [None] * sum(t.split == split for t in tasks) for split in splits}
+        split: [None] * len(split_names) for split, split_names in names.items()}
     written, skipped, all_left_out, converted = [], [], list(left_out), []
-    total = sum(len(examples) for examples in splits.values())
+    total = sum(plan.num_examples for plan in planned.values())
+    tasks = _tasks(out_dir, planned, names, label_names, reencode, policy)
     with tqdm.tqdm(total=total, unit="img", desc=dataset, disable=not progress,
                    dynamic_ncols=True) as bar:
-        for outcome in _run_tasks(tasks, workers):
+        for outcome in _run_tasks(tasks, sum(map(len, names.values())), workers):
             infos[outcome.split][outcome.index] = outcome.info
             (skipped if outcome.skipped else written).append(outcome.info.file)
             all_left_out.extend(outcome.left_out)
@@ -325,16 +400,27 @@ def convert(out_dir: os.PathLike | str, splits: Mapping[str, Sequence[Example]],
             if outcome.reason and outcome.reason != "missing":
                 bar.write(f"rewrote {outcome.info.file}: {outcome.reason}", file=sys.stderr)
             bar.update(outcome.info.num_records + len(outcome.left_out))
+    return _finish(out_dir, infos, dataset=dataset, label_names=label_names, source=source,
+                   sharding=sharding, reencode=reencode, policy=policy, written=written,
+                   skipped=skipped, removed=removed, left_out=all_left_out, converted=converted)
 
-    all_left_out.sort(key=lambda item: item.file)
-    _write_skipped_files(out_dir, all_left_out)
-    split_infos = {split: SplitInfo(num_records=sum(i.num_records for i in infos[split]),
-                                    shards=tuple(infos[split])) for split in splits}
+
+def _finish(out_dir: pathlib.Path, infos: Mapping[str, list[ShardInfo]], *, dataset: str,
+            label_names: Sequence[str], source: Mapping[str, Any], sharding: Sharding,
+            reencode: str, policy: ImagePolicy, written: list[str], skipped: list[str],
+            removed: list[str], left_out: list[SkippedFile],
+            converted: list[str]) -> ConversionResult:
+    """Writes ``skipped_files.json`` and then the manifest, which marks the output complete."""
+    left_out.sort(key=lambda item: item.file)
+    _write_skipped_files(out_dir, left_out)
+    split_infos = {split: SplitInfo(num_records=sum(i.num_records for i in shard_infos),
+                                    shards=tuple(shard_infos))
+                   for split, shard_infos in infos.items()}
     if empty := [split for split, info in split_infos.items() if not info.num_records]:
         raise DataError(f"split {empty[0]!r}: every image was left out as bad; see "
                         f"{out_dir / SKIPPED_FILES_NAME}")
     extra: dict[str, Any] = {"max_image_pixels": policy.max_pixels,
-                             "left_out_files": len(all_left_out)}
+                             "left_out_files": len(left_out)}
     if converted:
         converted.sort()
         extra["converted_to_8bit"] = {
@@ -346,7 +432,7 @@ def convert(out_dir: os.PathLike | str, splits: Mapping[str, Sequence[Example]],
         source={**source, "reencode": reencode, "sharding": sharding.describe(), **extra})
     write_manifest(out_dir, manifest)
     return ConversionResult(out_dir, manifest, tuple(sorted(written)), tuple(sorted(skipped)),
-                            tuple(removed), tuple(all_left_out), tuple(converted))
+                            tuple(removed), tuple(left_out), tuple(converted))
 
 
 def _write_skipped_files(out_dir: pathlib.Path, left_out: Sequence[SkippedFile]) -> None:
