@@ -327,8 +327,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "model.encoder.width_multiplier", f"must be one of {WIDTH_MULTIPLIERS}"),
         (config.model.encoder.stem in ("imagenet", "small"), "model.encoder.stem",
          "must be 'imagenet' or 'small'"),
-        (config.model.compute_dtype in ("float32", "bfloat16", "float16"), "model.compute_dtype",
-         "must be float32, bfloat16 or float16"),
+        (config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
+         "must be float32 or bfloat16: float16 needs loss scaling, which byol_flax does not do; "
+         "use bfloat16 (A100, H100 and TPU support it)"),
         (config.model.conv_implementation in CONV_IMPLEMENTATIONS, "model.conv_implementation",
          f"must be one of {list(CONV_IMPLEMENTATIONS)}"),
         (bool(config.data.dir), "data.dir",

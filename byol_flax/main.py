@@ -4,9 +4,13 @@
 NAME is a shipped config module (``digits_cpu``, ``byol_imagenet:r50x1``; byol_flax/configs/) or a
 path to a ``.py`` file with ``get_config(arg)``.
 
-Overrides: ``--config.training.batch_size=512`` etc. Multi-host: on Cloud TPU VMs
-``jax.distributed.initialize()`` finds its peers by itself; elsewhere pass
-``--coordinator_address``, ``--num_processes`` and ``--process_id``.
+Overrides: ``--config.training.batch_size=512`` etc. Multi-process: run the same command in every
+process. Processes started by SLURM (``srun``) or Open MPI (``mpirun``), on every worker of a
+multi-host Cloud TPU slice (several workers or slices, GKE included) join each other by
+themselves, as ``jax.distributed.initialize()`` detects them; anywhere else pass
+``--coordinator_address``, ``--num_processes`` and ``--process_id``, or ``--distributed`` to
+make JAX detect a cluster it is not asked to by default (Kubernetes). A single-host TPU VM, a
+GPU machine or a laptop is one process (:mod:`byol_flax.runtime.distributed`).
 
 A problem with the config, data, workdir or checkpoints is one line naming the key, file or step
 (exit status 1; 2 for a flag); the traceback goes to ``<workdir>/log.txt``
@@ -14,7 +18,6 @@ A problem with the config, data, workdir or checkpoints is one line naming the k
 """
 
 import logging
-import os
 
 from byol_flax.runtime import console
 
@@ -24,6 +27,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from byol_flax.runtime import distributed  # noqa: E402
 from byol_flax.runtime.outputs import OutputDirError, claim_output_dir  # noqa: E402
 from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
 from byol_flax.train import WorkdirError, train_and_evaluate  # noqa: E402
@@ -31,14 +35,18 @@ from byol_flax.train import WorkdirError, train_and_evaluate  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config module.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (local or gs://).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, for multi-process runs off TPU.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run that no "
+    "cluster environment describes (not needed under srun, mpirun or on a Cloud TPU slice).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process (with "
+                                   "--coordinator_address).")
 _DISTRIBUTED = flags.DEFINE_boolean(
-    "distributed", False, "Call jax.distributed.initialize() with no arguments (multi-host "
-    "Cloud TPU slices; the launcher passes it). Implied by TPU_WORKER_HOSTNAMES listing several "
-    "hosts or by --coordinator_address.")
+    "distributed", False, "Call jax.distributed.initialize() with no arguments even where no "
+    "multi-process cluster is detected (Kubernetes; the Cloud TPU launcher passes it). Not "
+    "needed under SLURM (srun), Open MPI (mpirun) or on the workers of a multi-host Cloud TPU "
+    "slice, which are joined by themselves.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
     "allow_config_change", [], "Config keys (or sections, e.g. optimizer) a resume may change "
     "although they change what is trained; recorded in <workdir>/config_history.jsonl and the "
@@ -47,19 +55,6 @@ _VERBOSE = flags.DEFINE_boolean(
     "verbose", False, "Also print every log line on the console (they always go to "
     "<workdir>/log.txt).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _initialize_distributed() -> None:
-    """Joins the other processes of a multi-process run (no-op on a single process)."""
-    multi_host_tpu = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1:
-        if jax.config.jax_platforms in (None, "", "cpu") and not multi_host_tpu:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
-    elif multi_host_tpu or _DISTRIBUTED.value:
-        jax.distributed.initialize()
 
 
 def main(argv: list[str]) -> None:
@@ -75,7 +70,8 @@ def main(argv: list[str]) -> None:
     except OSError as error:
         raise WorkdirError(f"cannot write to the workdir {_WORKDIR.value}: {error}") from error
     console.stage("byol_flax: full log in %s", log_file)
-    _initialize_distributed()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           force=_DISTRIBUTED.value)
     logging.info("JAX process %d of %d, local devices %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     # A UserError (config, data, checkpoints, a diverged run) is one line: run_command.

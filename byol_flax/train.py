@@ -146,7 +146,8 @@ def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
                    restored: Restored, run: dict[str, Any],
                    allow_config_change: Sequence[str]) -> None:
     """Refuses a resume that changes what is trained (unless allowed), records accepted changes
-    and only then writes ``config.json`` (never silently replaced)."""
+    and the code trained with from here on, and only then writes ``config.json`` (never
+    silently replaced)."""
     changes = []
     if restored.step:
         changes = config_changes.check_resume(restored.run, run, step=restored.step,
@@ -155,6 +156,8 @@ def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
     if jax.process_index() != 0:
         return
     config_changes.record_changes(workdir, restored.step or 0, changes)
+    config_changes.record_code(workdir, restored.step or 0, restored.run if restored.step else None,
+                               run)
     text = config.to_json_best_effort(indent=2)
     path = workdir / config_changes.CONFIG_NAME
     if path.exists() and path.read_text() != text and not changes:

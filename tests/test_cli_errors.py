@@ -137,7 +137,8 @@ def _convert(command: str, case_id: str, *args: str, names: str,
                 outputs)
 
 
-_SLICE = ("--tpu=t", "--zone=z", "--config=digits_cpu", "--workdir=gs://bucket/run")
+_SLICE = ("--config=digits_cpu", "--workdir=gs://bucket/run", "--repo=https://example.com/r.git",
+          "--commit=0123abc")
 # Damaged copies of the tiny export (see _damage): what --source and model.init_from read, and
 # what their error names.
 DAMAGED = {"bad_json": "export_bad_json/encoder_config.json",
@@ -246,16 +247,14 @@ CASES = [
     Case("study_missing_workdir", "byol-study", ("--study=cpu_collapse",), "--workdir"),
     _study("study_unknown_flag", "--study=cpu_collapse", "--print", "--smoek", names="smoek"),
     # --- byol-launch --------------------------------------------------------------------------
-    _launch("launch_unknown_action", "explode", "--accelerator-type=v4-8", *_SLICE,
-            names="explode"),
-    _launch("launch_unknown_accelerator", "up", "--accelerator-type=v9-8", *_SLICE,
+    _launch("launch_unknown_action", "explode", "--accelerator=v4-8", *_SLICE, names="explode"),
+    _launch("launch_unknown_accelerator", "skypilot", "--accelerator=v9-8", *_SLICE,
             names="v9-8"),
-    _launch("launch_missing_arguments", "up", "--tpu=t", names="--zone"),
-    _launch("launch_missing_action", "--accelerator-type=v4-8", *_SLICE, names="one action"),
-    _launch("launch_spot_and_preemptible", "up", "--accelerator-type=v4-8", *_SLICE, "--spot",
-            "--preemptible", names="preemptible"),
-    _launch("launch_run_without_gcloud", "create", "--accelerator-type=v4-8", *_SLICE, "--run",
-            names="gcloud", PATH="{T}/empty"),
+    _launch("launch_missing_repo", "skypilot", "--accelerator=v4-8", "--config=digits_cpu",
+            "--workdir=gs://bucket/run", names="--repo"),
+    _launch("launch_missing_engine", "--accelerator=v4-8", *_SLICE, names="one engine"),
+    _launch("launch_flag_of_the_other_engine", "skypilot", "--accelerator=v4-8", "--cluster=k",
+            *_SLICE, names="--cluster"),
     # --- converters ---------------------------------------------------------------------------
     _convert(DIGITS, "digits_out_is_a_file", out="notes.txt", names="{T}/notes.txt"),
     _convert(DIGITS, "digits_out_under_a_file", out="notes.txt/digits", names="{T}/notes.txt"),

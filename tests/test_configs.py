@@ -50,3 +50,20 @@ def test_both_flag_forms_are_resolved_and_overrides_left_alone():
         "--workdir", "W"]
     assert configs.resolve_flag(["prog", "--study", "table21"], "study", subdir="studies") == [
         "prog", "--study", str(CONFIG_DIR / "studies/table21.py")]
+
+
+def test_float16_compute_is_refused_naming_bfloat16():
+    """float16 would need loss scaling (its range underflows small gradients); bfloat16 has
+    float32's range and runs on A100, H100 and TPU."""
+    from byol_flax.config import ConfigError, base_config, validate_config
+
+    config = base_config()
+    config.data.dir = "/data/x"
+    for dtype in ("float32", "bfloat16"):
+        config.model.compute_dtype = dtype
+        validate_config(config, num_devices=1)
+    config.model.compute_dtype = "float16"
+    with pytest.raises(ConfigError, match=r"config\.model\.compute_dtype='float16' .*loss "
+                                          r"scaling.*use bfloat16") as error:
+        validate_config(config, num_devices=1)
+    assert "\n" not in str(error.value)

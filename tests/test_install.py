@@ -33,7 +33,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
 # A flag each command's --help must list: the right parser answered.
 HELP_FLAG = {"byol-train": "--workdir", "byol-evaluate": "--source", "byol-export": "--out",
-             "byol-demo": "--seeds", "byol-study": "--study", "byol-launch": "--accelerator-type",
+             "byol-demo": "--seeds", "byol-study": "--study", "byol-launch": "--accelerator",
              "byol-convert-digits": "--holdout-count", "byol-convert-images": "--src",
              "byol-convert-tfds": "--name", "byol-import-official": "--checkpoint",
              "byol-add-results": "--results"}

@@ -16,6 +16,13 @@ Changes that are accepted are appended to ``<workdir>/config_history.jsonl`` (st
 old, new, kind), which the model card shows; ``config.json`` is rewritten only together with
 such a record. A run started from an export (``model.init_from``) records there, at step 0 and
 of kind ``init``, the export and the fingerprint of the encoder it loaded.
+
+The code a run trains with (:func:`byol_flax.runtime.code_identity.code_identity`: version and
+commit) is in the run record too, but it is not a config key: a resume under other code is never
+refused. It is recorded in the history as kind ``code``: at step 0 when a run starts, and at the
+resumed step when the code differs from the checkpoint's (logged as a warning). A checkpoint
+written before code was recorded counts as unknown: one entry, old None, says from which step on
+the code is known, without a warning.
 """
 
 import datetime
@@ -30,6 +37,7 @@ from etils import epath
 from byol_flax.config import Role, flatten_dotted, role_of
 from byol_flax.data.records import manifest_path
 from byol_flax.errors import UserError
+from byol_flax.runtime.code_identity import code_identity, describe, same_code
 
 # Trained keys added after checkpoints were written without them, each with the value that
 # reproduces what those runs did: a saved config that lacks the key compares as this value, so
@@ -40,6 +48,7 @@ KEYS_ADDED_LATER = {
 DATA_IDENTITY_KEY = "data.manifest_sha256"
 HISTORY_NAME = "config_history.jsonl"
 INIT_KIND = "init"  # the history entry of where a new run's weights came from
+CODE_KIND = "code"  # the history entry of the code a run trains with from that step on
 CONFIG_NAME = "config.json"
 
 
@@ -53,8 +62,10 @@ def manifest_sha256(data_dir: str) -> str:
 
 
 def run_record(config_json: str, data_identity: str) -> dict[str, Any]:
-    """What a checkpoint stores about its run: the config (JSON form) and the data identity."""
-    return {"config": json.loads(config_json), "data": {"manifest_sha256": data_identity}}
+    """What a checkpoint stores about its run: the config (JSON form), the data identity and the
+    code identity (compared apart from the config: :func:`record_code`)."""
+    return {"config": json.loads(config_json), "data": {"manifest_sha256": data_identity},
+            "code": code_identity()}
 
 
 def _record_keys(record: dict[str, Any]) -> dict[str, Any]:
@@ -132,6 +143,58 @@ def record_init(workdir: epath.Path, key: str, value: Any) -> None:
     kept = [line for line in lines if line.strip() and json.loads(line).get("kind") != INIT_KIND]
     kept.append(json.dumps(entry, sort_keys=True, default=str))
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def record_code(workdir: epath.Path, step: int, saved: dict[str, Any] | None,
+                current: dict[str, Any]) -> dict[str, Any] | None:
+    """Records the code ``current`` (a run record) trains with from ``step`` on, as the history
+    entry of kind ``code``: for a new run (``saved`` None), for a resume whose checkpoint's run
+    record ``saved`` names other code (a warning, old -> new) or none (written before code was
+    recorded: old None). An earlier code entry at the same step, left by a start that wrote no
+    checkpoint after it, is replaced. Returns the entry (None when the code is the checkpoint's)."""
+    new = current.get("code")
+    entry: dict[str, Any] | None = {"step": step, "time": _now(), "kind": CODE_KIND,
+                                    "key": CODE_KIND, "old": None, "new": new}
+    if saved is None:
+        logging.info("code: %s", describe(new))
+    elif saved.get("code") is None:
+        logging.info("code recorded from step %d on (the checkpoint predates code records): %s",
+                     step, describe(new))
+    elif not same_code(saved["code"], new):
+        entry["old"] = saved["code"]
+        logging.warning("code changed at step %d: %s -> %s", step, describe(saved["code"]),
+                        describe(new))
+    else:
+        entry = None
+    path = workdir / HISTORY_NAME
+    lines = [line for line in (path.read_text().splitlines() if path.exists() else [])
+             if line.strip()]
+    kept = [line for line in lines
+            if not (json.loads(line).get("kind") == CODE_KIND and json.loads(line)["step"] == step)]
+    if entry is not None:
+        kept.append(json.dumps(entry, sort_keys=True, default=str))
+    if kept != lines:
+        path.write_text("".join(line + "\n" for line in kept))
+    return entry
+
+
+def code_entries(history: Sequence[dict[str, Any]], step: int | None = None
+                 ) -> list[dict[str, Any]]:
+    """The code entries of ``history`` that the weights of ``step`` were trained under: those
+    recorded before it (an entry at a step names the code of the steps after it)."""
+    return [e for e in history
+            if e.get("kind") == CODE_KIND and (step is None or e["step"] < step)]
+
+
+def code_at(history: Sequence[dict[str, Any]], step: int | None = None) -> dict[str, Any] | None:
+    """The code identity the weights of ``step`` (the last, by default) were trained with: that
+    of the newest code entry before it; None when none was recorded."""
+    entries = code_entries(history, step)
+    return entries[-1]["new"] if entries else None
 
 
 def read_history(workdir: epath.PathLike, up_to_step: int | None = None) -> list[dict[str, Any]]:

@@ -1,181 +1,152 @@
-"""Cloud TPU VM launcher: prints (default) or runs the ``gcloud`` commands of a BYOL run.
+"""``byol-launch ENGINE``: prints the task definition of a BYOL run for an engine that recovers
+preempted jobs by itself (:mod:`byol_flax.cloud.tasks`).
 
-    python -m byol_flax.cloud.launch ACTION --tpu=NAME --zone=ZONE --accelerator-type=v4-64 \\
-        --config=byol_imagenet:r50x1 --workdir=gs://BUCKET/run [--spot] [--run]
+    byol-launch skypilot --config=byol_imagenet:r50x1,slice=v4-64 --workdir=gs://BUCKET/run \\
+        --accelerator=tpu-v4-64 --repo=https://github.com/OWNER/byol_flax.git > run.sky.yaml
+    sky jobs launch run.sky.yaml
 
-Actions: ``create`` (the TPU VM slice, optionally spot/preemptible), ``install`` (Python 3.11 in
-a virtual environment, clone this repository and install it with JAX for TPU on every worker, at
-the exact releases of the repository's ``constraints.txt``), ``train`` (start the same training
-command on every worker, in the background, logging to ``~/byol_train.log``), ``logs`` (follow
-worker 0's log), ``relaunch`` (after a preemption: delete, create, install, train against the
-same workdir, which resumes from its newest checkpoint), ``delete``, and ``up`` (create + install
-+ train). Without ``--run`` nothing is executed: the commands are printed, one per line. A bad
-flag, a missing ``gcloud`` or a failed command is one line naming it.
+    byol-launch xpk --config=byol_imagenet:r50x1,slice=v5p-256 --workdir=gs://BUCKET/run \\
+        --accelerator=v5p-256 --cluster=CLUSTER --docker_image=IMAGE
+
+``skypilot`` prints a SkyPilot managed-job YAML (spot by default; SkyPilot recreates a preempted
+TPU slice or GPU cluster, installs the project at the pinned commit again and reruns the
+training command, which resumes from the newest checkpoint of the gs:// workdir). ``xpk`` prints
+the ``xpk workload create`` command of a GKE workload (large slices, multi-slice; its JobSet
+restarts up to ``--max_restarts`` times). The commit defaults to the running code's
+(:mod:`byol_flax.runtime.code_identity`); a checkout with uncommitted changes is refused unless
+``--commit`` names one. Nothing is executed.
+
+The former ``gcloud compute tpus tpu-vm`` actions and their relaunch loop are retired: SkyPilot
+creates, sets up, recovers, tails (``sky jobs logs``) and deletes on-demand and spot slices alike,
+so there is nothing left that printing gcloud commands adds.
 """
 
-import dataclasses
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 
+from byol_flax.cloud import tasks
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice
-from byol_flax.errors import UserError
 from byol_flax.runtime import console
 
-DEFAULT_REPO = "https://github.com/byol-flax/byol_flax.git"
-# TPU VM software versions by chip family (Google's TPU VM images).
-RUNTIME_BY_FAMILY = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base",
-                     "v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
-                     "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
-                     "v6e": "v2-alpha-tpuv6e"}
-LOG_FILE = "~/byol_train.log"
-CHECKOUT = "~/byol_flax"
-# The images ship Python 3.10; the project needs 3.11+, installed into its own environment.
-VENV = "~/byol_venv"
-# The tested releases (the CI's); jax[tpu] adds the libtpu that the pinned jax requires.
-CONSTRAINTS = f"{CHECKOUT}/constraints.txt"
-ACTIONS = ("create", "install", "train", "logs", "relaunch", "delete", "up")
-
-
-class LaunchError(UserError, RuntimeError):
-    """A ``gcloud`` command of ``--run`` failed (gcloud printed why)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Launch:
-    tpu: str
-    zone: str
-    accelerator_type: str
-    config: str
-    workdir: str
-    project: str | None = None
-    runtime_version: str | None = None  # default: by chip family
-    capacity: str = "on-demand"  # or "spot" / "preemptible"
-    repo: str = DEFAULT_REPO
-    overrides: tuple[str, ...] = ()
-
-    def _gcloud(self, verb: str, *args: str) -> list[str]:
-        command = ["gcloud", "compute", "tpus", "tpu-vm", verb, self.tpu, f"--zone={self.zone}"]
-        if self.project:
-            command.append(f"--project={self.project}")
-        return command + list(args)
-
-    def _on_workers(self, remote: str, worker: str = "all") -> list[str]:
-        return self._gcloud("ssh", f"--worker={worker}", f"--command={remote}")
-
-    def create(self) -> list[list[str]]:
-        extra = {"spot": ["--spot"], "preemptible": ["--preemptible"]}.get(self.capacity, [])
-        runtime = self.runtime_version or RUNTIME_BY_FAMILY[self.accelerator_type.split("-")[0]]
-        return [self._gcloud("create", f"--accelerator-type={self.accelerator_type}",
-                             f"--version={runtime}", *extra)]
-
-    def install(self) -> list[list[str]]:
-        remote = ("sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv"
-                  f" && python3.11 -m venv {VENV}"
-                  f" && (git clone --depth 1 {self.repo} {CHECKOUT} || git -C {CHECKOUT} pull)"
-                  f' && {VENV}/bin/pip install -c {CONSTRAINTS} "jax[tpu]" -e {CHECKOUT}')
-        return [self._on_workers(remote)]
-
-    def train(self) -> list[list[str]]:
-        multi_host = ("--distributed",) if hosts_in_slice(self.accelerator_type) > 1 else ()
-        args = " ".join(shlex.quote(a) for a in (f"--config={self.config}",
-                                                 f"--workdir={self.workdir}", *multi_host,
-                                                 *self.overrides))
-        remote = (f"cd {CHECKOUT} && nohup {VENV}/bin/python -m byol_flax.main {args} "
-                  f"< /dev/null > {LOG_FILE} 2>&1 &")
-        return [self._on_workers(remote)]
-
-    def logs(self) -> list[list[str]]:
-        return [self._on_workers(f"tail -f {LOG_FILE}", worker="0")]
-
-    def delete(self) -> list[list[str]]:
-        return [self._gcloud("delete", "--quiet")]
-
-    def up(self) -> list[list[str]]:
-        return self.create() + self.install() + self.train()
-
-    def relaunch(self) -> list[list[str]]:
-        return self.delete() + self.up()
-
-    def commands(self, action: str) -> list[list[str]]:
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}; choose from {ACTIONS}")
-        return getattr(self, action)()
-
+ENGINES = ("skypilot", "xpk")
 
 # The command's own flags (console.run_command): importing this module defines no global absl
 # flag (its --config is a plain string, not byol_flax.main's config flag).
 COMMAND_FLAGS = flags.FlagValues()
-_TPU = flags.DEFINE_string("tpu", None, "TPU VM name", flag_values=COMMAND_FLAGS)
-_ZONE = flags.DEFINE_string("zone", None, "e.g. us-central2-b", flag_values=COMMAND_FLAGS)
-_ACCELERATOR_TYPE = flags.DEFINE_string("accelerator-type", None, "e.g. v4-8, v4-64, v3-512",
-                                        flag_values=COMMAND_FLAGS)
-_CONFIG = flags.DEFINE_string("config", None,
-                              "config name or module and argument, e.g. byol_imagenet:r50x1",
-                              flag_values=COMMAND_FLAGS)
-_WORKDIR = flags.DEFINE_string("workdir", None, "gs://BUCKET/PATH (shared by workers)",
-                               flag_values=COMMAND_FLAGS)
-_PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's)",
-                               flag_values=COMMAND_FLAGS)
-_RUNTIME_VERSION = flags.DEFINE_string(
-    "runtime-version", None, "TPU VM image (default: by chip family, e.g. tpu-ubuntu2204-base "
-    "for v4)", flag_values=COMMAND_FLAGS)
-_SPOT = flags.DEFINE_boolean("spot", False, "create a spot TPU VM", flag_values=COMMAND_FLAGS)
-_PREEMPTIBLE = flags.DEFINE_boolean("preemptible", False, "create a preemptible TPU VM",
-                                    flag_values=COMMAND_FLAGS)
-_REPO = flags.DEFINE_string("repo", DEFAULT_REPO, "git URL cloned on every worker",
-                            flag_values=COMMAND_FLAGS)
+_F = COMMAND_FLAGS
+_CONFIG = flags.DEFINE_string("config", None, "config of byol-train, e.g. "
+                              "byol_imagenet:r50x1,slice=v4-64", flag_values=_F)
+_WORKDIR = flags.DEFINE_string("workdir", None, "gs://BUCKET/PATH: checkpoints, logs, lease",
+                               flag_values=_F)
+_ACCELERATOR = flags.DEFINE_string("accelerator", None, "TPU slice (tpu-v4-64, v5p-256) or GPUs "
+                                   "per node (H100:8)", flag_values=_F)
+_NAME = flags.DEFINE_string("name", "byol", "job / workload name", flag_values=_F)
 _OVERRIDE = flags.DEFINE_multi_string(
-    "override", [], "extra flag passed to byol_flax.main, e.g. "
-    "--override=--config.data.dir=gs://BUCKET/imagenet", flag_values=COMMAND_FLAGS)
-_RUN = flags.DEFINE_boolean("run", False, "execute the commands (default: print them)",
-                            flag_values=COMMAND_FLAGS)
-flags.mark_flags_as_required(["tpu", "zone", "accelerator-type", "config", "workdir"],
-                             flag_values=COMMAND_FLAGS)
-flags.mark_bool_flags_as_mutual_exclusive(["spot", "preemptible"], flag_values=COMMAND_FLAGS)
+    "override", [], "extra flag of byol-train, e.g. "
+    "--override=--config.data.dir=gs://BUCKET/imagenet", flag_values=_F)
+_COMMIT = flags.DEFINE_string("commit", None, "git commit to install (skypilot; default: the "
+                              "running checkout's, which must have no uncommitted changes)",
+                              flag_values=_F)
+_ZONE = flags.DEFINE_string("zone", None, "zone (both engines; default: theirs)", flag_values=_F)
+# SkyPilot.
+_REPO = flags.DEFINE_string("repo", None, "git URL SkyPilot clones at --commit", flag_values=_F)
+_NUM_NODES = flags.DEFINE_integer("num_nodes", 1, "GPU nodes (a TPU slice is one node)",
+                                  flag_values=_F)
+_SPOT = flags.DEFINE_boolean("spot", True, "spot capacity (--nospot: on-demand)", flag_values=_F)
+_STRATEGY = flags.DEFINE_enum("recovery_strategy", "FAILOVER", tasks.RECOVERY_STRATEGIES,
+                              "SkyPilot job_recovery strategy", flag_values=_F)
+_MAX_RESTARTS_ON_ERRORS = flags.DEFINE_integer(
+    "max_restarts_on_errors", 3, "restarts after the run itself failed (preemptions are "
+    "always recovered)", flag_values=_F)
+_CLOUD = flags.DEFINE_string("cloud", "gcp", "SkyPilot cloud ('' lets SkyPilot choose)",
+                             flag_values=_F)
+_REGION = flags.DEFINE_string("region", None, "SkyPilot region", flag_values=_F)
+_RUNTIME_VERSION = flags.DEFINE_string("runtime_version", None, "TPU VM image (default: by chip "
+                                       "family)", flag_values=_F)
+# xpk.
+_CLUSTER = flags.DEFINE_string("cluster", None, "xpk GKE cluster", flag_values=_F)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (xpk multi-slice)",
+                                   flag_values=_F)
+_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 10, "JobSet restarts (xpk)", flag_values=_F)
+_DOCKER_IMAGE = flags.DEFINE_string("docker_image", None, "image with byol_flax installed (xpk; "
+                                    "default: the checkout copied into --base_docker_image)",
+                                    flag_values=_F)
+_BASE_DOCKER_IMAGE = flags.DEFINE_string("base_docker_image", tasks.BASE_DOCKER_IMAGE,
+                                         "xpk base image", flag_values=_F)
+_PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (xpk)", flag_values=_F)
 
-
-@flags.validator("accelerator-type", flag_values=COMMAND_FLAGS)
-def _known_accelerator_type(value: str | None) -> bool:
-    """An unknown accelerator type is a flag error, before anything runs."""
-    if value is not None:
-        try:
-            devices_in_slice(value)
-        except ValueError as error:
-            raise flags.ValidationError(str(error)) from error
-    return True
+COMMON = ("config", "workdir", "accelerator", "name", "override", "zone")
+ENGINE_FLAGS = {
+    "skypilot": COMMON + ("commit", "repo", "num_nodes", "spot", "recovery_strategy",
+                          "max_restarts_on_errors", "cloud", "region", "runtime_version"),
+    "xpk": COMMON + ("cluster", "num_slices", "max_restarts", "docker_image",
+                     "base_docker_image", "project"),
+}
+REQUIRED = {"skypilot": ("config", "workdir", "accelerator", "repo"),
+            "xpk": ("config", "workdir", "accelerator", "cluster")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``byol-launch ACTION``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
+    """``byol-launch ENGINE``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
     (returns the exit status; :func:`byol_flax.runtime.console.run_command`)."""
     return console.run_command(_main, __name__, flag_values=COMMAND_FLAGS, argv=argv)
 
 
-def _main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[1] not in ACTIONS:
+def given_flags(engine: str) -> str:
+    """The command line that reproduces this output: the flags given, in definition order."""
+    given = [COMMAND_FLAGS[name].serialize() for name in ENGINE_FLAGS[engine]
+             if COMMAND_FLAGS[name].present]
+    return shlex.join(["byol-launch", engine, *[arg for text in given
+                                                for arg in text.splitlines()]])
+
+
+def _check_flags(argv: list[str]) -> str:
+    if len(argv) != 2 or argv[1] not in ENGINES:
         given = f"got {argv[1:]}" if len(argv) != 2 else f"got {argv[1]!r}"
-        raise app.UsageError(f"expected one action of {', '.join(ACTIONS)}; {given}")
-    action, workdir, accelerator_type = argv[1], _WORKDIR.value, _ACCELERATOR_TYPE.value
-    if not workdir.startswith("gs://"):
-        print(f"warning: --workdir={workdir} is not gs://; workers do not share local "
-              "disks, so checkpoints would not survive a relaunch", file=sys.stderr)
-    capacity = "spot" if _SPOT.value else "preemptible" if _PREEMPTIBLE.value else "on-demand"
-    launch = Launch(tpu=_TPU.value, zone=_ZONE.value, accelerator_type=accelerator_type,
-                    config=_CONFIG.value, workdir=workdir, project=_PROJECT.value,
-                    runtime_version=_RUNTIME_VERSION.value, capacity=capacity,
-                    repo=_REPO.value, overrides=tuple(_OVERRIDE.value))
-    print(f"# {accelerator_type}: {hosts_in_slice(accelerator_type)} worker(s), "
-          f"{devices_in_slice(accelerator_type)} JAX devices", file=sys.stderr)
-    for command in launch.commands(action):
-        print(shlex.join(command), flush=True)
-        if _RUN.value:
-            if subprocess.run(command).returncode:  # gcloud printed why
-                raise LaunchError(f"{shlex.join(command[:5])} ... failed (its output is above); "
-                                  "the commands after it were not run")
+        raise app.UsageError(f"expected one engine of {', '.join(ENGINES)}; {given}")
+    engine = argv[1]
+    foreign = [name for name in COMMAND_FLAGS if COMMAND_FLAGS[name].present
+               and name not in ENGINE_FLAGS[engine] and COMMAND_FLAGS[name].name == name]
+    if foreign:
+        raise app.UsageError(f"--{foreign[0]} is not a flag of {engine}")
+    missing = [name for name in REQUIRED[engine] if COMMAND_FLAGS[name].value is None]
+    if missing:
+        raise app.UsageError(f"{engine} needs --{missing[0]}")
+    return engine
+
+
+def _main(argv: list[str]) -> int:
+    engine = _check_flags(argv)
+    accelerator = tasks.parse_accelerator(_ACCELERATOR.value)
+    overrides = tuple(_OVERRIDE.value)
+    if engine == "skypilot":
+        commit = _COMMIT.value or tasks.pinned_commit()
+        task = tasks.SkyTask(
+            config=_CONFIG.value, workdir=_WORKDIR.value, accelerator=accelerator,
+            repo=_REPO.value, commit=commit, name=_NAME.value, num_nodes=_NUM_NODES.value,
+            use_spot=_SPOT.value, strategy=_STRATEGY.value,
+            max_restarts_on_errors=_MAX_RESTARTS_ON_ERRORS.value, cloud=_CLOUD.value or None,
+            region=_REGION.value, zone=_ZONE.value, runtime_version=_RUNTIME_VERSION.value,
+            overrides=overrides)
+        print(task.to_yaml(header=f"# Generated by: {given_flags(engine)}\n"
+                                  "# Run and recover: sky jobs launch THIS_FILE\n"), end="")
+    else:
+        workload = tasks.XpkWorkload(
+            config=_CONFIG.value, workdir=_WORKDIR.value, accelerator=accelerator,
+            cluster=_CLUSTER.value, name=_NAME.value, num_slices=_NUM_SLICES.value,
+            max_restarts=_MAX_RESTARTS.value, docker_image=_DOCKER_IMAGE.value,
+            base_docker_image=_BASE_DOCKER_IMAGE.value, project=_PROJECT.value,
+            zone=_ZONE.value, overrides=overrides)
+        if not workload.docker_image:
+            print("# ships the checkout it is run from (--script-dir=.): run it from the "
+                  "repository root", file=sys.stderr)
+        print(f"# Generated by: {given_flags(engine)}\n{shlex.join(workload.argv())}")
+    if accelerator.kind == "tpu":
+        print(f"# {accelerator.name}: {hosts_in_slice(accelerator.name)} host(s), "
+              f"{devices_in_slice(accelerator.name)} JAX devices", file=sys.stderr)
     return 0
 
 

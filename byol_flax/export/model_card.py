@@ -3,8 +3,9 @@
 It records what a release of a self-supervised encoder must say (the documentation points of
 ``byol_wiki.txt``): pre-training data source with its manifest checksum, augmentation recipe,
 architecture and parameter count, checkpoint, objective and predictor variant, steps and epochs,
-the whole pre-training config, every evaluation result with its splits, and the intended uses,
-out-of-scope uses and known failure domains that only the person releasing it can state.
+the whole pre-training config, every evaluation result with its splits, the code (version and
+commit) the checkpoint was trained with and every change of it on resume, and the intended
+uses, out-of-scope uses and known failure domains that only the person releasing it can state.
 
 Text that comes from files or flags (the uses, names of evaluations, any config value) is
 rendered inert: control characters and line breaks are shown escaped and Markdown/HTML markup
@@ -24,6 +25,7 @@ from typing import Any
 
 from etils import epath
 
+from byol_flax.checkpointing.config_changes import CODE_KIND, code_at, code_entries
 from byol_flax.data.records import MANIFEST_NAME
 from byol_flax.export.encoder import (
     RANDOM_PREFIX,
@@ -34,6 +36,7 @@ from byol_flax.export.encoder import (
     load_source,
 )
 from byol_flax.models.byol import count_params
+from byol_flax.runtime.code_identity import describe
 from byol_flax.runtime.outputs import check_output_dir
 
 CARD_JSON = "model_card.json"
@@ -131,6 +134,10 @@ def build_model_card(pretrained: PretrainedEncoder, *, intended_use: str = "",
         # Config keys changed on resume with --allow_config_change (and runtime changes), in
         # order: the recipe actually trained is the config above as changed at these steps.
         "config_history": config.get("config_history", []),
+        # The code the checkpoint's step was trained with (None for checkpoints written before
+        # code was recorded) and each start or change of it before that step.
+        "code": code_at(config.get("config_history", []), step),
+        "code_history": code_entries(config.get("config_history", []), step),
         "pretrain_config": config,
     }
 
@@ -165,12 +172,28 @@ def _number(value: Any) -> str:
 
 
 def _history_rows(history: list[dict[str, Any]]) -> list[str]:
+    history = [h for h in history if h.get("kind") != CODE_KIND]  # in the code section
     if not history:
         return ["None: trained start to end with the config above."]
     rows = ["| step | kind | key | old | new |", "|---|---|---|---|---|"]
     rows += [f"| {inert_text(h.get('step'))} | {inert_text(h.get('kind'))} | "
              f"{inert_text(h.get('key'))} | {inert_code(h.get('old'))} | "
              f"{inert_code(h.get('new'))} |" for h in history]
+    return rows
+
+
+def _code_rows(card: dict[str, Any]) -> list[str]:
+    """The code trained with, then each recorded start or change of it (step, old -> new)."""
+    entries = card.get("code_history") or []
+    if not card.get("code"):
+        return ["Not recorded: the checkpoint was written before runs recorded their code."]
+    rows = [f"- Trained with {inert_text(describe(card['code']))}; in full "
+            f"{inert_code(card['code'])}."]
+    for h in entries:
+        change = (f"{inert_text(describe(h.get('old')))} -> " if h.get("old") else
+                  "recorded from here on: ")
+        rows.append(f"- Step {inert_text(h.get('step'))}: {change}"
+                    f"{inert_text(describe(h.get('new')))}.")
     return rows
 
 
@@ -219,6 +242,9 @@ def render_markdown(card: dict[str, Any]) -> str:
         "",
         "## Config changes during pre-training",
         *_history_rows(card.get("config_history", [])),
+        "",
+        "## Code",
+        *_code_rows(card),
         "",
         "## Evaluations",
         *_evaluation_rows(card),
