@@ -14,16 +14,20 @@ Each "host" is the real entry point (``python -m byol_flax.main``, the digits wi
    and vm2's final state against the uninterrupted run's, bitwise.
 2. **Partitioned holder.** A run on vm1 is frozen (SIGSTOP) after step 10; vm3 takes over and
    finishes; vm1 is thawed (SIGCONT). Reported: vm1's exit status and its one line within 90 s,
-   whether anything in the workdir changed after the thaw (every file's size, mtime and bytes),
-   and vm3's final state against the uninterrupted run's, bitwise.
+   what it wrote after the thaw (every file's size, mtime and bytes compared; the log file's
+   records stamped before the freeze are a write the freeze interrupted, which completes when
+   the process continues, and are not counted), and vm3's final state against the
+   uninterrupted run's, bitwise.
 
 The test suite runs both with a 10 s window (tests/test_relaunch.py); this script's default is
 the config's (``checkpoint.lease_stale_after_seconds``, 60 s).
 """
 
 import argparse
+import datetime
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -65,6 +69,40 @@ def workdir_snapshot(workdir: Path) -> dict[str, tuple[int, int, str]]:
     return out
 
 
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+
+
+def records_after(text: str, moment: float) -> list[str]:
+    """The log lines of ``text`` logged after ``moment`` (a line without a time stamp, such as a
+    traceback's, belongs to the record above it)."""
+    late, current = [], 0.0
+    for line in text.splitlines():
+        if match := LOG_TIME.match(line):
+            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+            current = stamp.timestamp() + int(match.group(2)) / 1000
+        if current > moment:
+            late.append(line)
+    return late
+
+
+def writes_after_thaw(before: dict[str, tuple[int, int, str]], workdir: Path,
+                      frozen_at: float) -> list[str]:
+    """What the thawed holder wrote: any file changed since ``before``, except the log file's
+    records stamped before the freeze (a write in progress when the process stopped completes
+    when it continues: no check can come between a write that started and its end)."""
+    after = workdir_snapshot(workdir)
+    changed = sorted(name for name in before.keys() | after.keys()
+                     if before.get(name) != after.get(name))
+    written = []
+    for name in changed:
+        if name == "log.txt" and name in before and name in after:
+            grown = (workdir / name).read_bytes()[before[name][0]:].decode(errors="replace")
+            written += [f"log.txt: {line}" for line in records_after(grown, frozen_at)]
+        else:
+            written.append(name)
+    return written
+
+
 def _stale_flag(stale_after: float | None) -> tuple[str, ...]:
     return () if stale_after is None else (
         f"--config.checkpoint.lease_stale_after_seconds={stale_after}",)
@@ -81,19 +119,20 @@ def uninterrupted(suite: Suite, stale_after: float | None) -> dict[str, Any]:
 
 
 def _start_and_stop(suite: Suite, workdir: Path, host: str, stale_after: float | None,
-                    how: signal.Signals) -> Run:
+                    how: signal.Signals) -> tuple[Run, float]:
+    """The run on ``host`` sent ``how`` after step KILL_AFTER_STEP; the time it was sent."""
     run = suite.start(workdir, *_stale_flag(stale_after), program=on_host(host))
     run.wait_for(lambda: run.last_step >= KILL_AFTER_STEP)
     assert run.process.poll() is None, run.text[-3000:]
     run.process.send_signal(how)
-    return run
+    return run, time.time()
 
 
 def vanished_holder(suite: Suite, stale_after: float | None) -> dict[str, Any]:
     """kill -9 on vm1, relaunched at once on vm2."""
     workdir = suite.root / "vanished"
     started = time.perf_counter()
-    first = _start_and_stop(suite, workdir, "vm1", stale_after, signal.SIGKILL)
+    first, _ = _start_and_stop(suite, workdir, "vm1", stale_after, signal.SIGKILL)
     first.finish()
     relaunched = suite.run(workdir, *_stale_flag(stale_after), program=on_host("vm2"))
     seconds = time.perf_counter() - started
@@ -107,7 +146,7 @@ def vanished_holder(suite: Suite, stale_after: float | None) -> dict[str, Any]:
 def partitioned_holder(suite: Suite, stale_after: float | None) -> dict[str, Any]:
     """SIGSTOP on vm1, vm3 takes over and finishes, then vm1 is thawed."""
     workdir = suite.root / "partitioned"
-    frozen = _start_and_stop(suite, workdir, "vm1", stale_after, signal.SIGSTOP)
+    frozen, frozen_at = _start_and_stop(suite, workdir, "vm1", stale_after, signal.SIGSTOP)
     try:
         successor = suite.run(workdir, *_stale_flag(stale_after), program=on_host("vm3"))
         before = workdir_snapshot(workdir)
@@ -119,9 +158,7 @@ def partitioned_holder(suite: Suite, stale_after: float | None) -> dict[str, Any
             status = None
         stopped_after = time.perf_counter() - thawed
         time.sleep(1.0)  # anything a stopped holder's leftovers might still write
-        changed = sorted(name for name, value in workdir_snapshot(workdir).items()
-                         if before.get(name) != value) + sorted(before.keys() -
-                                                                workdir_snapshot(workdir).keys())
+        changed = writes_after_thaw(before, workdir, frozen_at)
     finally:
         if frozen.process.poll() is None:
             frozen.process.send_signal(signal.SIGCONT)

@@ -177,12 +177,17 @@ def test_byol_train_under_srun_with_two_tasks_trains_to_the_end(data_dir, tmp_pa
     from tests.test_train_driver import env as driver_env
 
     workdir, port = tmp_path / "slurm", free_slurm_port()
+    # stderr to files: a pipe read only after the other process ends fills up and stalls a
+    # verbose process, and with it the collective the other one waits in.
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
     processes = [subprocess.Popen(entry_point(data_dir, workdir),
                                   env={**driver_env(), **{k: v for k, v in slurm_env(rank, port)
                                                           .items() if k.startswith("SLURM_")}},
-                                  cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for rank in range(2)]
-    errors = [process.communicate(timeout=600)[1] for process in processes]
+                                  cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=logs[rank].open("w")) for rank in range(2)]
+    for process in processes:
+        process.wait(timeout=600)
+    errors = [log.read_text() for log in logs]
     for rank, (process, err) in enumerate(zip(processes, errors)):
         assert process.returncode == 0, err[-3000:]
         assert f"multi-process: SLURM, 2 processes, this is {rank}" in err

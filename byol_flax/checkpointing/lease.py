@@ -321,13 +321,13 @@ class WorkdirLease:
                 record = _parse(self._store.read()[0])
             except Exception:  # noqa: BLE001  (the line must come out whatever storage says)
                 record = {}
-            holder = (_holder(record) if record and record.get("host")
-                      else "another run (the lease is free again: that run has finished)"
-                      if record is None else "another run")
+            holder = (f"by {_holder(record)}" if record and record.get("host")
+                      else "by another run, which has finished since" if record is None
+                      else "by another run")
             error = LeaseLostError(
-                f"the lease of {self.path.parent} was taken over by {holder} (this run was "
-                f"silent for longer than {self.stale_after:.0f} s); stopping without writing "
-                "anything more, the new holder continues from the newest checkpoint")
+                f"the lease of {self.path.parent} was taken over {holder} while this run was "
+                f"silent for longer than {self.stale_after:.0f} s; this run stops without "
+                "writing anything more (the new holder continues from the newest checkpoint)")
             sys.__stderr__.write(f"error: LeaseLostError: {error}\n")
             sys.__stderr__.flush()
             os._exit(LOST_EXIT_STATUS)
