@@ -27,3 +27,14 @@ from tests.helpers import tiny_config  # noqa: E402
 def config():
     return tiny_config()
 
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """The bundled digits as ArrayRecord shards (100 held out), converted once per session; a
+    module's own ``data_dir`` fixture takes precedence."""
+    from byol_flax.data.convert import digits
+
+    out = tmp_path_factory.mktemp("digits")
+    assert digits.main(["--out", str(out), "--holdout-count", "100", "--no-progress"]) == 0
+    return str(out)

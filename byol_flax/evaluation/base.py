@@ -26,10 +26,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import byol_flax.evaluation.classifier as clf
+from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.data.augment import EVAL_RESIZE_RATIO
 from byol_flax.data.pipeline import OpenedSplit, open_split
 from byol_flax.data.records import DataError
 from byol_flax.evaluation.features import extract_features
+from byol_flax.evaluation.resumable import UnitCheckpoints, measured_settings, settings_digest
 from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.runtime.registry import Registry
 
@@ -54,12 +56,18 @@ SPLIT_KEYS = ("train_split", "selection_split", "test_split")  # of config.data
 
 
 class SweepStore:
-    """One JSON file per finished sweep point under ``directory`` (the evaluation workdir)."""
+    """One JSON file per finished sweep point under ``directory`` (the evaluation workdir), and
+    where the training units of unfinished points checkpoint: ``checkpoints`` (None: nowhere)
+    with the CLI's SIGTERM flag ``termination``."""
 
-    def __init__(self, directory: epath.PathLike | None):
+    def __init__(self, directory: epath.PathLike | None, *,
+                 checkpoints: epath.PathLike | None = None,
+                 termination: TerminationGuard | None = None):
         self._directory = epath.Path(directory) if directory else None
         if self._directory:
             self._directory.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = epath.Path(checkpoints) if checkpoints else None
+        self.termination = termination
 
     def _path(self, name: str, point: dict[str, Any]) -> epath.Path | None:
         if not self._directory:
@@ -179,32 +187,57 @@ class Context:
         return np.arange(min(self.train_limit, self.train.num_records)) if self.train_limit \
             else None
 
+    def unit_checkpoints(self, name: str, points: Sequence[dict[str, Any]], total_steps: int
+                         ) -> UnitCheckpoints:
+        """The checkpoints of the training unit fitting ``points`` (one unit of sweep ``name``
+        at a time: another point's finished unit there is replaced)."""
+        directory = self.store.checkpoints / name if self.store.checkpoints else None
+        record = {"unit": name, "encoder": self.identity, "points": list(points),
+                  "config": measured_settings(self.config), "total_steps": total_steps}
+        return UnitCheckpoints(directory, record, every_steps=self.config.checkpoint_every_steps,
+                               total_steps=total_steps, termination=self.store.termination)
+
+    def discard_checkpoints(self, name: str) -> None:
+        """Removes sweep ``name``'s training checkpoints once its result is computed."""
+        if self.store.checkpoints and jax.process_index() == 0:
+            if (self.store.checkpoints / name).exists():
+                (self.store.checkpoints / name).rmtree()
+
 
 # A protocol: evaluates the context's encoder, returns :func:`result`'s dict.
 ProtocolFn = Callable[[Context], dict[str, Any]]
 
 
 def sweep(ctx: Context, name: str, points: Sequence[dict[str, Any]],
-          fit: Callable[[dict[str, Any]], Any], score: Callable[[Any], Scores], *, metric: str
+          fit: Callable[[dict[str, Any]], Any], score: Callable[[Any], Scores], *, metric: str,
+          fit_all: Callable[[list[dict[str, Any]]], list[Any]] | None = None
           ) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
     """Fits every point, scores it on the selection split, returns (best point, its model or
-    None if it was scored by an earlier run, all rows). Ties go to the earlier point."""
+    None if it was scored by an earlier run, all rows). Ties go to the earlier point.
+
+    ``fit_all`` fits every point not stored yet in one go (linear evaluation's heads share one
+    pass), returning a model or a ``FloatingPointError`` per point; else ``fit`` fits each."""
     rows, best = [], None
-    # Everything that changes a point's score: the encoder and the whole evaluation config.
-    settings = ctx.config.to_dict()
-    settings.pop("name")
-    settings = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for point in points:
-        key = {"encoder": ctx.identity, "config": settings.hexdigest(), **point}
+    # Everything that changes a point's score: the encoder and the evaluation config.
+    digest = settings_digest(ctx.config)
+    keys = [{"encoder": ctx.identity, "config": digest, **point} for point in points]
+    fitted: dict[int, Any] = {}
+    if fit_all is not None:
+        missing = [i for i, key in enumerate(keys) if ctx.store.get(name, key) is None]
+        if missing:
+            fitted = dict(zip(missing, fit_all([points[i] for i in missing]), strict=True))
+    for index, (point, key) in enumerate(zip(points, keys, strict=True)):
         selection = ctx.store.get(name, key)
         model = None
         if selection is None:
             try:
-                model = fit(point)
+                model = fitted.pop(index) if index in fitted else fit(point)
+                if isinstance(model, FloatingPointError):
+                    raise model
                 selection = score(model)
             except FloatingPointError as error:  # a diverging point loses; the sweep goes on
                 logging.warning("%s %s diverged: %s", name, point, error)
-                selection = {metric: float("-inf"), "diverged": 1.0}
+                model, selection = None, {metric: float("-inf"), "diverged": 1.0}
             ctx.store.put(name, key, selection)
         logging.info("%s %s: selection %s", name, point, selection)
         rows.append({"point": point, "selection": selection})

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from byol_flax.data.augment import normalize, to_unit_float
+from byol_flax.evaluation.resumable import UnitCheckpoints
 from byol_flax.runtime.xla import speed_up_tracing
 from byol_flax.sharding import replicate, shard_batch
 
@@ -184,14 +185,17 @@ def train_classifier(classifier: Classifier, batches: Iterator[dict[str, np.ndar
                      spec: SgdSpec, learning_rate: float, weight_decay: float = 0.0,
                      train_encoder: bool, mesh: Mesh, seed: int,
                      augment: DeviceAugment | None = None, tclip_alpha: float = 0.0,
-                     tclip_beta: float = 0.0) -> Classifier:
+                     tclip_beta: float = 0.0, checkpoints: UnitCheckpoints | None = None
+                     ) -> Classifier:
     """``spec.total_steps`` SGD steps on host batches {"image" uint8, "label"}; updates and
     returns ``classifier``.
 
     Frozen encoder (``train_encoder=False``): the encoder runs in inference mode (BatchNorm uses
     and keeps its running statistics) and only the head's parameters are differentiated and
     updated, so the encoder's state is bit-for-bit what it was. The step is compiled once per
-    (model, spec), whatever the learning rate and weight decay.
+    (model, spec), whatever the learning rate and weight decay. With ``checkpoints`` (then
+    ``batches`` is a Grain iterator, whose position is saved) training resumes where a stopped
+    run saved and saves as it goes.
     """
     if train_encoder:
         classifier.train()
@@ -202,21 +206,33 @@ def train_classifier(classifier: Classifier, batches: Iterator[dict[str, np.ndar
     graphdef, trainable, frozen = nnx.split(classifier, wrt, ...)
     # Copies: the step donates its inputs, and a cloned encoder shares arrays with the original.
     trainable, frozen = jax.tree.map(jnp.copy, replicate((trainable, frozen), mesh))
-    opt_state = spec.build(0.0).init(trainable)
+    tree = {"trainable": trainable, "frozen": frozen,
+            "opt_state": spec.build(0.0).init(trainable),
+            "rng": jax.random.key_data(jax.random.key(seed)), "loss": jnp.zeros(())}
+    start = 0
+    if checkpoints is not None:
+        resumed = checkpoints.restore(replicate(tree, mesh))
+        tree, start = resumed.tree, resumed.step
+        if resumed.data_state is not None:
+            batches.set_state(resumed.data_state)
     hparams = jnp.asarray([learning_rate, weight_decay], jnp.float32)
-    base_key = jax.random.key(seed)
-    value = jnp.zeros(())
-    for index in range(spec.total_steps):
+    base_key = jax.random.wrap_key_data(tree["rng"])
+    for index in range(start, spec.total_steps):
         batch = next(batches)
         sharded = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
         trainable, frozen, opt_state, value = _classifier_step(
-            trainable, frozen, opt_state, sharded["image"], sharded["label"],
-            jax.random.fold_in(base_key, index), hparams, graphdef=graphdef, spec=spec,
-            augment=augment, tclip=(tclip_alpha, tclip_beta))
+            tree["trainable"], tree["frozen"], tree["opt_state"], sharded["image"],
+            sharded["label"], jax.random.fold_in(base_key, index), hparams, graphdef=graphdef,
+            spec=spec, augment=augment, tclip=(tclip_alpha, tclip_beta))
+        tree = {**tree, "trainable": trainable, "frozen": frozen, "opt_state": opt_state,
+                "loss": value}
+        if checkpoints is not None:
+            checkpoints.maybe_save(index + 1, tree, batches.get_state)
+    value = tree["loss"]
     if not np.isfinite(float(value)):
         raise FloatingPointError(f"classifier loss is {float(value)} after {spec.total_steps} "
                                  f"steps at learning rate {learning_rate}: lower it")
-    nnx.update(classifier, trainable, frozen)
+    nnx.update(classifier, tree["trainable"], tree["frozen"])
     return classifier
 
 

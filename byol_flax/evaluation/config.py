@@ -39,6 +39,11 @@ def eval_base_config() -> ml_collections.ConfigDict:
     # Pre-training augmentations for linear.augment="pretrain" (Table 7 variant): T of Table 6.
     config.augment = default_augment_config()
     config.feature_batch_size = 1024  # forward passes for features and accuracy (global batch)
+    # Protocols that train (linear heads, fine-tuning) checkpoint their unit every this many
+    # steps under <workdir>/checkpoints, at its end and on SIGTERM; a re-run of the command
+    # resumes there (0: only at the end and on SIGTERM). Runtime role
+    # (byol_flax.evaluation.resumable.EVAL_KEY_ROLES): stored results stay valid when it changes.
+    config.checkpoint_every_steps = 1000
 
     # Appendix D.1, linear evaluation: frozen encoder (weights and BatchNorm statistics),
     # cross-entropy, SGD + Nesterov momentum 0.9, 80 epochs, batch 1024, no weight decay, LR swept.
@@ -126,6 +131,7 @@ def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int)
          "must differ from data.test_split: hyper-parameters are never chosen on test"),
         (config.data.train_split not in (config.data.test_split, config.data.selection_split),
          "data.train_split", "must differ from data.test_split and data.selection_split"),
+        (config.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0"),
         (config.linear.epochs > 0, "linear.epochs", "must be positive"),
         (all(e > 0 for e in config.semi_supervised.epochs), "semi_supervised.epochs",
          "must be positive"),

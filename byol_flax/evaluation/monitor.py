@@ -6,6 +6,8 @@ Every ``config.monitor.every_steps`` steps and at the last step (after that step
 online encoder (and online classifier) as its subject, and reports the ``test`` metrics of each
 as the scalars ``<name>/<metric>``. A failing evaluator does not end a long run unless
 ``config.monitor.errors_are_fatal``; a pending SIGTERM skips the evaluators still to run.
+The evaluators of one step share the encoder's features (:func:`sharing_features`): one encoder
+pass per split and step, however many of them read it.
 """
 
 import json
@@ -21,6 +23,7 @@ from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.evaluation.base import Evaluator, ProtocolEvaluator, reads_monitor_data
 from byol_flax.evaluation.config import monitor_eval_config
 from byol_flax.evaluation.evaluators import EVALUATORS
+from byol_flax.evaluation.features import FeatureStore, sharing_features
 from byol_flax.export.encoder import PretrainedEncoder
 
 
@@ -88,18 +91,20 @@ class Monitor:
         if not self.due(step):
             return None
         scalars: dict[str, float] = {}
-        for evaluator in self.evaluators:
-            if self._termination.requested:
-                logging.warning("step %d: SIGTERM pending, monitors %s skipped", step,
-                                evaluator.name)
-                break
-            try:
-                scalars.update(evaluator.run(state))
-            except Exception:
-                if self._errors_are_fatal:
-                    raise
-                logging.exception("step %d: monitor %s failed; training continues "
-                                  "(config.monitor.errors_are_fatal makes this fatal)", step,
-                                  evaluator.name)
-                scalars[f"monitor_errors/{evaluator.name}"] = 1.0
+        # Held for this step only: the next step's encoder is another.
+        with sharing_features(FeatureStore()):
+            for evaluator in self.evaluators:
+                if self._termination.requested:
+                    logging.warning("step %d: SIGTERM pending, monitors %s skipped", step,
+                                    evaluator.name)
+                    break
+                try:
+                    scalars.update(evaluator.run(state))
+                except Exception:
+                    if self._errors_are_fatal:
+                        raise
+                    logging.exception("step %d: monitor %s failed; training continues "
+                                      "(config.monitor.errors_are_fatal makes this fatal)", step,
+                                      evaluator.name)
+                    scalars[f"monitor_errors/{evaluator.name}"] = 1.0
         return scalars

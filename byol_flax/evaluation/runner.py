@@ -1,4 +1,6 @@
-"""Runs one evaluation protocol on one source and records the result (the CLI's body)."""
+"""Runs one evaluation protocol on one source and records the result (the CLI's body): finished
+sweep points under ``<workdir>/sweep``, the unfinished training unit's checkpoints under
+``<workdir>/checkpoints`` (:mod:`byol_flax.evaluation.resumable`)."""
 
 import json
 import logging
@@ -8,6 +10,7 @@ import ml_collections
 from clu import metric_writers
 from etils import epath
 
+from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.evaluation.base import SweepStore
 from byol_flax.evaluation.config import validate_eval_config
 from byol_flax.evaluation.evaluators import build_evaluator
@@ -25,8 +28,15 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     workdir = claim_output_dir(workdir, "evaluation", inputs=[export_read])
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     pretrained = load_source(source, seed=config.seed, image_size=config.data.image_size)
-    evaluator = build_evaluator(config, make_mesh(), store=SweepStore(workdir / "sweep"))
-    result = evaluator.run(pretrained)
+    # SIGTERM ends a training unit with a checkpoint (EvaluationStopped); the same command then
+    # resumes it. Under jax.distributed Orbax's preemption sync point does that instead.
+    termination = TerminationGuard(enabled=jax.process_count() == 1)
+    try:
+        store = SweepStore(workdir / "sweep", checkpoints=workdir / "checkpoints",
+                           termination=termination)
+        result = build_evaluator(config, make_mesh(), store=store).run(pretrained)
+    finally:
+        termination.restore()
     (workdir / model_card.RESULTS_NAME).write_text(json.dumps(result, indent=2, sort_keys=True))
 
     writer = metric_writers.create_default_writer(workdir,

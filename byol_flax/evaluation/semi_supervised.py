@@ -48,17 +48,21 @@ def _set_batchnorm_decay(module: nnx.Module, decay: float) -> None:
 
 def fine_tune(ctx: Context, opened: OpenedSplit, indices: np.ndarray | None, *,
               learning_rate: float, weight_decay: float, steps: int, batch_size: int,
-              section: ml_collections.ConfigDict, batchnorm_decay: float) -> clf.Classifier:
+              section: ml_collections.ConfigDict, batchnorm_decay: float,
+              unit: tuple[str, dict[str, Any]]) -> clf.Classifier:
     """Whole network (encoder + zero-initialised head) trained with spatial augmentation (also
-    the transfer fine-tuning of E.3)."""
+    the transfer fine-tuning of E.3), checkpointed as the training unit ``unit`` (sweep name,
+    point) so that a stopped run resumes it."""
     model = clf.Classifier(nnx.clone(ctx.pretrained.encoder), ctx.num_classes,
                            seed=ctx.config.seed)
     _set_batchnorm_decay(model, batchnorm_decay)
     batches = iter(labelled_dataset(ctx.config, opened, indices=indices, batch_size=batch_size,
                                     augment=True, seed=ctx.config.seed, **this_process()))
-    return clf.train_classifier(model, batches, spec=clf.sgd_spec(section, steps),
-                                learning_rate=learning_rate, weight_decay=weight_decay,
-                                train_encoder=True, mesh=ctx.mesh, seed=ctx.config.seed)
+    with ctx.unit_checkpoints(unit[0], [unit[1]], steps) as checkpoints:
+        return clf.train_classifier(model, batches, spec=clf.sgd_spec(section, steps),
+                                    learning_rate=learning_rate, weight_decay=weight_decay,
+                                    train_encoder=True, mesh=ctx.mesh, seed=ctx.config.seed,
+                                    checkpoints=checkpoints)
 
 
 @protocol("semi_supervised")
@@ -76,11 +80,14 @@ def run_semi_supervised(ctx: Context) -> dict[str, Any]:
     def fit(point):
         return fine_tune(ctx, ctx.train, subset, learning_rate=point["learning_rate"],
                          weight_decay=cfg.weight_decay, steps=int(point["epochs"] * per_epoch),
-                         batch_size=batch, section=cfg, batchnorm_decay=cfg.batchnorm_decay)
+                         batch_size=batch, section=cfg, batchnorm_decay=cfg.batchnorm_decay,
+                         unit=("semi_supervised", point))
 
     selected, model, rows = sweep(ctx, "semi_supervised", points, fit,
                                   lambda m: ctx.classifier_scores(m, ctx.selection), metric="top1")
     model = model or fit(selected)
-    return result(ctx, "semi_supervised", rows, selected, ctx.classifier_scores(model, ctx.test),
+    test = ctx.classifier_scores(model, ctx.test)
+    ctx.discard_checkpoints("semi_supervised")
+    return result(ctx, "semi_supervised", rows, selected, test,
                   labelled_examples=len(subset), label_fraction=cfg.label_fraction,
                   split_file=cfg.split_file, batch_size=batch)

@@ -41,7 +41,8 @@ def run_transfer_finetune(ctx: Context) -> dict[str, Any]:
         return fine_tune(ctx, opened, subset, learning_rate=point["learning_rate"],
                          weight_decay=point["weight_decay"] / point["learning_rate"],
                          steps=cfg.steps, batch_size=batch, section=cfg,
-                         batchnorm_decay=finetune_batchnorm_decay(epoch_steps))
+                         batchnorm_decay=finetune_batchnorm_decay(epoch_steps),
+                         unit=("transfer_finetune", {**point, "split": opened.split}))
 
     selected, model, rows = sweep(ctx, "transfer_finetune", finetune_grid(cfg), fit,
                                   lambda m: ctx.classifier_scores(m, ctx.selection),
@@ -56,6 +57,7 @@ def run_transfer_finetune(ctx: Context) -> dict[str, Any]:
     else:
         model = model or fit(selected)
     test = ctx.classifier_scores(model, ctx.test)
+    ctx.discard_checkpoints("transfer_finetune")
     return result(ctx, "transfer_finetune", rows, selected, test, metric=cfg.metric,
                   refit_on_train_and_selection=cfg.refit_on_train_and_selection,
                   steps=cfg.steps, batch_size=batch)
