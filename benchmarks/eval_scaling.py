@@ -16,6 +16,7 @@ On the digits (a smoke pre-training of ``digits_cpu`` first), with the paper's a
 
 import argparse
 import json
+import resource
 import shutil
 import signal
 import subprocess
@@ -41,13 +42,23 @@ def evaluate(data: Path, source: Path, workdir: Path, *extra: str, fresh: bool =
                             stderr=subprocess.PIPE, text=True), time.perf_counter()
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def finish(run: tuple[subprocess.Popen, float], workdir: Path | None = None) -> dict[str, Any]:
+    """Waits for the command: exit status, wall and CPU seconds (the CPU time of the finished
+    child: comparable on a loaded machine, where wall time is not), its test metrics."""
     process, started = run
+    cpu_before = _children_cpu()
     out, err = process.communicate()
     seconds = time.perf_counter() - started
+    cpu = _children_cpu() - cpu_before
     results = workdir / "results.json" if workdir else None
     test = json.loads(results.read_text())["test"] if results and results.exists() else None
-    return {"exit": process.returncode, "seconds": round(seconds, 1), "test": test,
+    return {"exit": process.returncode, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+            "test": test,
             "last_line": (err.strip().splitlines() or [""])[-1][:300]}
 
 
@@ -71,7 +82,8 @@ def grid_against_one(data: Path, pretrained: Path, root: Path) -> dict[str, Any]
                           f"--config.linear.learning_rates=({chosen['learning_rate']},)"),
                  root / "one")
     return {"grid": grid, "one_lr": one, "selected": chosen,
-            "ratio": round(grid["seconds"] / one["seconds"], 2)}
+            "ratio": round(grid["seconds"] / one["seconds"], 2),
+            "cpu_ratio": round(grid["cpu_seconds"] / one["cpu_seconds"], 2)}
 
 
 def stopped_and_resumed(data: Path, pretrained: Path, root: Path) -> dict[str, Any]:
@@ -87,6 +99,7 @@ def stopped_and_resumed(data: Path, pretrained: Path, root: Path) -> dict[str, A
     return {"uninterrupted": uninterrupted, "stopped": stopped,
             "stopped_at_step": saved[-1] if saved else None, "resumed": resumed,
             "resumed_share": round(resumed["seconds"] / uninterrupted["seconds"], 2),
+            "resumed_cpu_share": round(resumed["cpu_seconds"] / uninterrupted["cpu_seconds"], 2),
             "same_test_metrics": resumed["test"] == uninterrupted["test"]}
 
 

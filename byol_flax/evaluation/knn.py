@@ -75,6 +75,9 @@ def knn_neighbours(bank: np.ndarray, queries: jax.Array, *, k: int,
             rows = _unit(rows)
         padded = np.zeros((rows.shape[1], chunk_rows), np.float32)
         padded[:, :len(rows)] = rows.T
+        # The previous chunk's merges finish before this chunk goes to the device: dispatch is
+        # asynchronous, and a loop running ahead would hold every chunk (the whole bank) at once.
+        jax.block_until_ready(running)
         chunk = jnp.asarray(padded)
         running = [_merge_chunk(values, indices, block, chunk, jnp.int32(offset),
                                 jnp.int32(len(rows)), k=k)
