@@ -155,3 +155,35 @@ def test_the_disk_cache_reuses_features_and_recomputes_a_stale_entry(monitored, 
     changed = extract(cache, module=other)
     assert len(passes) == 4 and len(list((tmp_path / "features").glob("*.json"))) == 2
     assert not np.array_equal(changed[0], in_memory[0])
+
+
+def test_the_commands_context_reads_features_through_its_disk_cache(monitored, tmp_path,
+                                                                     monkeypatch):
+    """The evaluation command's store (runner: ``features_cache``) serves ``Context.features``;
+    a later command on the same workdir (a re-run, another protocol) reads the features from
+    disk without an encoder pass, equal to an uncached extraction."""
+    config, graphdef, state = monitored
+    mesh = make_mesh()
+    evaluation = build_state_evaluators(config, mesh, graphdef)[0]._evaluator._config  # noqa: SLF001
+    subject = PretrainedEncoder(nnx.merge(graphdef, state).online.encoder, {},
+                                {"kind": "training"})
+    passes = []
+    real_rows = features._feature_rows
+    monkeypatch.setattr(features, "_feature_rows",
+                        lambda *a, **k: passes.append(1) or real_rows(*a, **k))
+
+    def context(store):
+        return base.Context(evaluation, subject, mesh, store, "subject")
+
+    uncached = context(base.SweepStore(None))
+    expected = uncached.features(uncached.test, limit=16)
+    cached = lambda: context(base.SweepStore(None, features=features.FeatureStore(
+        FeatureCache(tmp_path / "features"))))
+    first = cached()
+    np.testing.assert_array_equal(first.features(first.test, limit=16)[0], expected[0])
+    before = len(passes)
+    again = cached()
+    got = again.features(again.test, limit=16)
+    assert len(passes) == before  # read from disk
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])

@@ -30,7 +30,7 @@ from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.data.augment import EVAL_RESIZE_RATIO
 from byol_flax.data.pipeline import OpenedSplit, open_split
 from byol_flax.data.records import DataError
-from byol_flax.evaluation.features import extract_features
+from byol_flax.evaluation.features import FeatureStore, extract_features
 from byol_flax.evaluation.resumable import UnitCheckpoints, measured_settings, settings_digest
 from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.runtime.registry import Registry
@@ -62,8 +62,10 @@ class SweepStore:
 
     def __init__(self, directory: epath.PathLike | None, *,
                  checkpoints: epath.PathLike | None = None,
-                 termination: TerminationGuard | None = None):
+                 termination: TerminationGuard | None = None,
+                 features: FeatureStore | None = None):
         self._directory = epath.Path(directory) if directory else None
+        self.features = features  # the CLI's: frozen features kept for re-runs (on disk)
         if self._directory:
             self._directory.mkdir(parents=True, exist_ok=True)
         self.checkpoints = epath.Path(checkpoints) if checkpoints else None
@@ -161,6 +163,10 @@ class Context:
                  resize_ratio: float = EVAL_RESIZE_RATIO) -> tuple[np.ndarray, np.ndarray]:
         """Frozen features of ``opened``, computed once per split and view for this subject (a
         protocol scoring selection and test on one split computes them once)."""
+        if self.store.features is not None:
+            return self.store.features.features(
+                self.pretrained.encoder, opened, self.config, self.mesh, identity=self.identity,
+                limit=limit, resize_ratio=resize_ratio)
         key = json.dumps([opened.data_dir, opened.split, limit, resize_ratio])
         if key not in self._features:
             apply, state = clf.make_inference_fn(self.pretrained.encoder, self.mesh)

@@ -44,6 +44,11 @@ def eval_base_config() -> ml_collections.ConfigDict:
     # resumes there (0: only at the end and on SIGTERM). Runtime role
     # (byol_flax.evaluation.resumable.EVAL_KEY_ROLES): stored results stay valid when it changes.
     config.checkpoint_every_steps = 1000
+    # Frozen features of each split kept under <workdir>/features as memory maps, keyed by the
+    # encoder's fingerprint, split and view: a re-run (a resumed command, another protocol
+    # pointed at the same workdir) reads them instead of running the encoder again; False keeps
+    # them in memory only. Runtime role, like checkpoint_every_steps.
+    config.features_cache = True
 
     # Appendix D.1, linear evaluation: frozen encoder (weights and BatchNorm statistics),
     # cross-entropy, SGD + Nesterov momentum 0.9, 80 epochs, batch 1024, no weight decay, LR swept.

@@ -43,7 +43,8 @@ from byol_flax.errors import UserError
 # Roles of the evaluation config's own keys (byol_flax.evaluation.config): runtime keys change
 # nothing measured, so neither stored sweep points nor checkpoints compare them. Every other key
 # is trained.
-EVAL_KEY_ROLES: dict[str, Role] = {"name": Role.RUNTIME, "checkpoint_every_steps": Role.RUNTIME}
+EVAL_KEY_ROLES: dict[str, Role] = {"name": Role.RUNTIME, "checkpoint_every_steps": Role.RUNTIME,
+                                   "features_cache": Role.RUNTIME}
 
 
 class EvaluationStopped(UserError, RuntimeError):

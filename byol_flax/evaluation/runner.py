@@ -14,6 +14,8 @@ from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.evaluation.base import SweepStore
 from byol_flax.evaluation.config import validate_eval_config
 from byol_flax.evaluation.evaluators import build_evaluator
+from byol_flax.evaluation.feature_cache import FeatureCache
+from byol_flax.evaluation.features import FeatureStore
 from byol_flax.export import model_card
 from byol_flax.export.encoder import ENCODER_CONFIG_NAME, load_source
 from byol_flax.runtime.outputs import claim_output_dir
@@ -32,8 +34,10 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     # resumes it. Under jax.distributed Orbax's preemption sync point does that instead.
     termination = TerminationGuard(enabled=jax.process_count() == 1)
     try:
+        features = (FeatureStore(FeatureCache(workdir / "features")) if config.features_cache
+                    else None)
         store = SweepStore(workdir / "sweep", checkpoints=workdir / "checkpoints",
-                           termination=termination)
+                           termination=termination, features=features)
         result = build_evaluator(config, make_mesh(), store=store).run(pretrained)
     finally:
         termination.restore()
