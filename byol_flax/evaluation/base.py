@@ -124,9 +124,9 @@ class Context:
     # Splits opened ahead, by config key ("train_split", ...): a monitor opens them once at
     # start-up (ProtocolEvaluator.open_splits) instead of at every run.
     opened_splits: dict[str, OpenedSplit] = dataclasses.field(default_factory=dict, repr=False)
-    # Frozen features already extracted for this subject, by (split, limit, view).
-    _features: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(
-        default_factory=dict, repr=False)
+    # Frozen features of this subject, extracted once per split and view: the store's (the
+    # command's, kept on disk) or this context's own, in memory.
+    _features: FeatureStore = dataclasses.field(default_factory=FeatureStore, repr=False)
 
     def _split(self, key: str) -> OpenedSplit:
         if key in self.opened_splits:
@@ -163,17 +163,9 @@ class Context:
                  resize_ratio: float = EVAL_RESIZE_RATIO) -> tuple[np.ndarray, np.ndarray]:
         """Frozen features of ``opened``, computed once per split and view for this subject (a
         protocol scoring selection and test on one split computes them once)."""
-        if self.store.features is not None:
-            return self.store.features.features(
-                self.pretrained.encoder, opened, self.config, self.mesh, identity=self.identity,
-                limit=limit, resize_ratio=resize_ratio)
-        key = json.dumps([opened.data_dir, opened.split, limit, resize_ratio])
-        if key not in self._features:
-            apply, state = clf.make_inference_fn(self.pretrained.encoder, self.mesh)
-            self._features[key] = extract_features(
-                apply, state, opened, self.config, self.mesh,
-                batch_size=self.config.feature_batch_size, limit=limit, resize_ratio=resize_ratio)
-        return self._features[key]
+        return (self.store.features or self._features).features(
+            self.pretrained.encoder, opened, self.config, self.mesh, identity=self.identity,
+            limit=limit, resize_ratio=resize_ratio)
 
     def classifier_scores(self, model: nnx.Module, opened: OpenedSplit) -> Scores:
         """Accuracies of a network mapping images to logits on (the first ``eval_limit`` of)
