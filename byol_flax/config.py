@@ -22,8 +22,15 @@ from byol_flax.data.imagenet import IMAGENET_TRAIN_EXAMPLES  # noqa: F401 - re-e
 from byol_flax.errors import UserError
 from byol_flax.losses import NORMALIZATIONS
 from byol_flax.models.conv import CONV_IMPLEMENTATIONS
+from byol_flax.models.encoders import ENCODERS, WIDTH_MULTIPLIERS, is_vit
 from byol_flax.models.predictors import PREDICTORS
-from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS
+from byol_flax.models.vit import (
+    PATCH_SIZE_BY_STEM,
+    POOLINGS,
+    POSITION_EMBEDDINGS,
+    effective_patch_size,
+)
+from byol_flax.optim import OPTIMIZERS
 
 
 class Role(enum.StrEnum):
@@ -70,6 +77,16 @@ def base_config() -> ml_collections.ConfigDict:
          "zero_init_residual": False})
     _declare(Role.TRAINED, "model", in_step=True)
     _declare(Role.INIT, "model.encoder.zero_init_residual")
+    # Vision Transformers only (byol_flax.models.vit; ignored by ResNets at these values).
+    # patch_size: 0 = by stem (16 px for "imagenet", 4 px for "small"). pooling: "token" (the
+    # class token, MoCo v3) or "mean" (of the patch tokens). position_embedding: "sincos" (fixed,
+    # MoCo v3) or "learned" (timm). freeze_patch_projection: keep the random patch projection
+    # fixed, MoCo v3's stability measure (byol_vit_imagenet sets it).
+    config.model.encoder.patch_size = 0
+    config.model.encoder.num_heads = 0  # 0: the size's (timm's: ViT-S 6, ViT-B 12)
+    config.model.encoder.pooling = "token"
+    config.model.encoder.position_embedding = "sincos"
+    config.model.encoder.freeze_patch_projection = False
     config.model.projector = ml_collections.ConfigDict(
         {"hidden_size": 4096, "output_size": 256, "depth": 2})
     # kind: a name in byol_flax.models.predictors.PREDICTORS (mlp, linear, identity,
@@ -107,10 +124,17 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.optimizer = ml_collections.ConfigDict()
     _declare(Role.TRAINED, "optimizer", "target", "loss", "training", in_step=True)
+    # "lars" (Appendix A) or "adamw" (MoCo v3's for ViTs: byol_vit_imagenet); the LR schedule,
+    # weight decay, exclusions and multipliers below apply to both.
+    config.optimizer.kind = "lars"
     config.optimizer.base_learning_rate = 0.2  # scaled by batch_size / 256
     config.optimizer.weight_decay = 1.5e-6
     config.optimizer.momentum = 0.9
     config.optimizer.trust_coefficient = 1e-3  # LARS eta
+    # AdamW's moment decays and epsilon (PyTorch's defaults, which MoCo v3 keeps).
+    config.optimizer.adam_b1 = 0.9
+    config.optimizer.adam_b2 = 0.999
+    config.optimizer.adam_eps = 1e-8
     # Appendix A: biases and BatchNorm parameters skip both LARS adaptation and weight decay.
     config.optimizer.exclude_bias_and_norm = True
     # Appendix J.1: learning-rate multipliers lambda (predictor) and mu (projector).
@@ -155,6 +179,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.local_cache_dir = "/tmp/byol_flax_data"
     config.data.train_split = "train"
     config.data.image_size = 224  # crop size fed to the network (Appendix C)
+    # What the encoder is built for (a ViT's position embedding): tied to data.image_size (a
+    # reference: setting either sets both), recorded in config.model so exports rebuild it.
+    config.model.encoder.image_size = config.data.get_ref("image_size")
     _declare(Role.TRAINED, "data.train_split", "data.image_size")
     config.data.num_classes = 0  # if set, must equal the manifest's number of label names
     config.data.source_image_size = ()  # if set, must equal the manifest's recorded (H, W)
@@ -299,6 +326,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
         (config.training.epochs > 0, "training.epochs", "must be positive"),
         (0 <= config.training.warmup_epochs < config.training.epochs, "training.warmup_epochs",
          "must be >= 0 and shorter than training.epochs"),
+        (config.optimizer.kind in OPTIMIZERS, "optimizer.kind",
+         f"must be one of {list(OPTIMIZERS)}"),
         (config.optimizer.base_learning_rate > 0, "optimizer.base_learning_rate",
          "must be positive"),
         (config.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0"),
@@ -327,6 +356,19 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "model.encoder.width_multiplier", f"must be one of {WIDTH_MULTIPLIERS}"),
         (config.model.encoder.stem in ("imagenet", "small"), "model.encoder.stem",
          "must be 'imagenet' or 'small'"),
+        (config.model.encoder.pooling in POOLINGS, "model.encoder.pooling",
+         f"must be one of {list(POOLINGS)}"),
+        (config.model.encoder.position_embedding in POSITION_EMBEDDINGS,
+         "model.encoder.position_embedding", f"must be one of {list(POSITION_EMBEDDINGS)}"),
+        (config.model.encoder.patch_size >= 0, "model.encoder.patch_size",
+         "must be >= 0 (0: by stem)"),
+        (config.model.encoder.num_heads >= 0, "model.encoder.num_heads",
+         "must be >= 0 (0: the encoder's)"),
+        (not is_vit(config.model.encoder.name) or config.model.encoder.stem not in
+         PATCH_SIZE_BY_STEM or config.data.image_size % effective_patch_size(
+             config.model.encoder.stem, config.model.encoder.patch_size) == 0,
+         "data.image_size", f"must be a multiple of the ViT's patch size (model.encoder.patch_size,"
+         f" or by stem {PATCH_SIZE_BY_STEM})"),
         (config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
          "must be float32 or bfloat16: float16 needs loss scaling, which byol_flax does not do; "
          "use bfloat16 (A100, H100 and TPU support it)"),

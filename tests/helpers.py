@@ -22,6 +22,16 @@ def tiny_config(batch_size: int = 16):
     return config
 
 
+def tiny_vit_config(batch_size: int = 16, **encoder):
+    """:func:`tiny_config` with vit_micro (4-px patches of the 32-px stem: 16 tokens and a class
+    token at 16 px) and ``encoder`` options (pooling, position_embedding, ...)."""
+    config = tiny_config(batch_size)
+    config.data.image_size = TINY_IMAGE_SIZE
+    config.model.encoder.name = "vit_micro"
+    config.model.encoder.update(encoder)
+    return config
+
+
 def make_views(batch_size: int, seed: int = 0, size: int = TINY_IMAGE_SIZE) -> dict:
     """Two random 'views' of a batch; distinct but correlated, like two augmentations."""
     rng = np.random.default_rng(seed)

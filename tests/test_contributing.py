@@ -10,8 +10,8 @@ import numpy as np
 from flax import nnx
 
 from byol_flax.config import validate_config
+from byol_flax.models.encoders import ENCODERS, build_encoder
 from byol_flax.models.predictors import PREDICTORS
-from byol_flax.models.resnet import ENCODERS, build_encoder
 from tests.helpers import tiny_config
 
 GUIDE = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"

@@ -18,8 +18,8 @@ from byol_flax.models.conv import (
     conv_via_patches,
     materialise,
 )
+from byol_flax.models.encoders import build_encoder
 from byol_flax.models.init import init_module
-from byol_flax.models.resnet import build_encoder
 from byol_flax.runtime import xla as runtime
 from tests.helpers import metrics_by_step
 from tests.test_train_driver import SHRINK, data_dir  # noqa: F401 (a fixture)
@@ -347,7 +347,7 @@ def test_tracing_the_step_does_not_scan_the_trace_for_error_messages(config, mon
 def test_encoders_without_convolutions_build_with_auto_and_refuse_another_choice():
     """A user-registered encoder need not know about conv implementations (CONTRIBUTING's
     example does not); asking it for a specific one is an error naming the encoder."""
-    from byol_flax.models.resnet import ENCODERS
+    from byol_flax.models.encoders import ENCODERS
 
     class NoConvEncoder(nnx.Module):
         def __init__(self, *, width_multiplier, stem, bn, dtype, rngs):

@@ -20,8 +20,9 @@ torch = pytest.importorskip("torch", reason="the PyTorch export's tests need tor
 
 from byol_flax.export import encoder as export  # noqa: E402
 from byol_flax.export import model_card, torch_format, torch_resnet  # noqa: E402
+from byol_flax.models.encoders import build_encoder  # noqa: E402
 from byol_flax.models.init import init_module  # noqa: E402
-from byol_flax.models.resnet import BatchNormConfig, build_encoder  # noqa: E402
+from byol_flax.models.resnet import BatchNormConfig  # noqa: E402
 from byol_flax.runtime import outputs  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
@@ -292,7 +293,7 @@ def test_flipped_bytes_in_a_torch_export_are_named(tmp_path):
 
 def test_the_torch_loaders_limits_are_the_packages():
     from byol_flax.export.encoder import MAX_PARAMETERS
-    from byol_flax.models.resnet import WIDTH_MULTIPLIERS
+    from byol_flax.models.encoders import WIDTH_MULTIPLIERS
     assert torch_resnet.LIMITS["parameters"] == MAX_PARAMETERS
     assert torch_resnet.LIMITS["width_multiplier"] == max(WIDTH_MULTIPLIERS)
     assert torch_resnet.FORMAT_VERSION == torch_format.FORMAT_VERSION

@@ -40,10 +40,22 @@ from byol_flax.errors import UserError
 from byol_flax.runtime.code_identity import code_identity, describe, same_code
 
 # Trained keys added after checkpoints were written without them, each with the value that
-# reproduces what those runs did: a saved config that lacks the key compares as this value, so
-# a resume of an older checkpoint is not refused for a key it could not have had.
-KEYS_ADDED_LATER = {
+# reproduces what those runs did (or a function of the record giving it): a saved config that
+# lacks the key compares as this value, so a resume of an older checkpoint is not refused for a
+# key it could not have had.
+KEYS_ADDED_LATER: dict[str, Any] = {
     "augment.crop_reduced_decode": False,  # full-resolution decoding, as before the key existed
+    # The Vision Transformer options, at the values that leave a ResNet as it was.
+    "model.encoder.patch_size": 0,
+    "model.encoder.num_heads": 0,
+    "model.encoder.pooling": "token",
+    "model.encoder.position_embedding": "sincos",
+    "model.encoder.freeze_patch_projection": False,
+    "model.encoder.image_size": lambda record: record.get("data.image_size"),
+    "optimizer.kind": "lars",  # AdamW's keys: unused by LARS, at their defaults
+    "optimizer.adam_b1": 0.9,
+    "optimizer.adam_b2": 0.999,
+    "optimizer.adam_eps": 1e-8,
 }
 DATA_IDENTITY_KEY = "data.manifest_sha256"
 HISTORY_NAME = "config_history.jsonl"
@@ -90,8 +102,9 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[dict[str
     """Every key whose value differs between two run records, with its kind."""
     old, new = _record_keys(saved), _record_keys(current)
     for key, value in KEYS_ADDED_LATER.items():
-        old.setdefault(key, value)
-        new.setdefault(key, value)
+        for record in (old, new):
+            if key not in record:
+                record[key] = value(record) if callable(value) else value
     out = []
     for key in sorted(old.keys() | new.keys()):
         if old.get(key) != new.get(key):

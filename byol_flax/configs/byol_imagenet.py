@@ -54,11 +54,20 @@ def get_config(arg: str | None = None, *, batch_size: int = 4096, epochs: float 
     splits their batch and ``smoke=True`` still shrinks their schedule."""
     options = common.parse_arg(arg, positional="encoder", encoder="r50x1", slice="",
                                max_per_device=DEFAULT_MAX_PER_DEVICE_BATCH)
+    config = imagenet_config(arg, options, batch_size=batch_size, epochs=epochs)
+    config.model.encoder.name, config.model.encoder.width_multiplier = parse_encoder(
+        options.encoder)
+    return common.finish(config, options)
+
+
+def imagenet_config(arg: str | None, options: ml_collections.ConfigDict, *, batch_size: int,
+                    epochs: float) -> ml_collections.ConfigDict:
+    """The paper's ImageNet run (Appendix J.1) at ``batch_size`` for ``epochs``, split over the
+    ``options.slice`` (``slice``/``max_per_device`` of the argument ``arg``), in bfloat16; the
+    encoder and smoke are the caller's."""
     config = base_config()  # the defaults are Appendix J.1
     config.training.batch_size = batch_size
     config.training.epochs = epochs
-    config.model.encoder.name, config.model.encoder.width_multiplier = parse_encoder(
-        options.encoder)
     config.training.num_train_examples = IMAGENET_TRAIN_EXAMPLES
     config.data.num_classes = 1000
     config.model.compute_dtype = ACCELERATOR_COMPUTE_DTYPE
@@ -69,4 +78,4 @@ def get_config(arg: str | None = None, *, batch_size: int = 4096, epochs: float 
         except ValueError as error:  # an unknown slice, a batch it cannot split: the argument's
             raise common.ConfigArgumentError(f"config argument {arg!r}: {error}") from error
         config.training.accumulation_steps = plan.accumulation_steps
-    return common.finish(config, options)
+    return config

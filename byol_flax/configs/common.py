@@ -14,15 +14,18 @@ from typing import Any
 import ml_collections
 
 from byol_flax.errors import UserError
+from byol_flax.models.encoders import is_vit
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
-# A full-size model becomes this one under smoke (the tests' tiny model): resnet_tiny with the
-# 32-px stem and small heads. A config already on resnet_tiny (the CPU configs) keeps its model,
-# so the demo's smoke run trains the demo's network on less data.
+# A full-size model becomes this one under smoke (the tests' tiny model): resnet_tiny (vit_micro
+# for a Vision Transformer) with the 32-px stem and small heads. A config already on the tiny
+# encoder (the CPU configs) keeps its model, so the demo's smoke run trains the demo's network on
+# less data.
 SMOKE_MODEL = {"model.encoder.name": "resnet_tiny", "model.encoder.stem": "small",
                "model.projector.hidden_size": 64, "model.projector.output_size": 32,
                "model.predictor.hidden_size": 64}
+SMOKE_VIT_ENCODER = "vit_micro"
 # Pre-training: 8-px crops, batch 32, two "epochs" of 128 examples (8 steps, 4 of warm-up), every
 # cadence (checkpoint, log, monitors) inside those steps, monitors on 256 examples.
 SMOKE_PRETRAINING = {
@@ -105,8 +108,13 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "protocol" in config:  # the evaluation schema (byol_flax/evaluation/config.py)
         overrides = SMOKE_EVALUATION
     else:
-        tiny = config.model.encoder.name == SMOKE_MODEL["model.encoder.name"]
-        overrides = {**({} if tiny else SMOKE_MODEL), **SMOKE_PRETRAINING}
+        vit = is_vit(config.model.encoder.name)
+        tiny_name = SMOKE_VIT_ENCODER if vit else SMOKE_MODEL["model.encoder.name"]
+        model = {**SMOKE_MODEL, "model.encoder.name": tiny_name}
+        if vit:  # the ViT's own size (heads, patch) by the tiny encoder's defaults
+            model.update({"model.encoder.num_heads": 0, "model.encoder.patch_size": 0})
+        tiny = config.model.encoder.name == tiny_name
+        overrides = {**({} if tiny else model), **SMOKE_PRETRAINING}
     config.update_from_flattened_dict(overrides)
     return config
 

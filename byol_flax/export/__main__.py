@@ -8,9 +8,13 @@ Reload with ``byol_flax.export.encoder.load_encoder(DIR)``.
 
 ``--source=`` instead of ``--workdir=`` exports anything the evaluation's ``--source`` names
 (an export directory, e.g. an imported official checkpoint, or a pre-training workdir).
-``--format=torch`` writes ``encoder.safetensors`` (torchvision's ResNet keys, see
-:mod:`byol_flax.export.torch_format`) and the model card instead; reload with
-``byol_flax.export.torch_resnet.load_torch_encoder(DIR)``.
+``--format=torch`` writes ``encoder.safetensors`` and the model card instead: a ResNet under
+torchvision's keys (:mod:`byol_flax.export.torch_format`; reload with
+``byol_flax.export.torch_resnet.load_torch_encoder(DIR)``), a Vision Transformer under timm's
+``VisionTransformer`` keys (:mod:`byol_flax.export.timm_vit`; reload with
+``timm.models.vision_transformer.VisionTransformer(**arch)`` and
+``load_state_dict(safetensors.torch.load_file(FILE), strict=True)``, or
+``byol_flax.export.torch_vit.build_timm_model(DIR)``).
 """
 
 from absl import app, flags
@@ -25,7 +29,9 @@ _SOURCE = flags.DEFINE_string("source", None, "Instead of --workdir: an export d
 _FORMAT = flags.DEFINE_enum("format", "byol_flax", ["byol_flax", "torch"],
                             "byol_flax: Orbax arrays + encoder_config.json (load_encoder); torch: "
                             "encoder.safetensors with torchvision's ResNet keys "
-                            "(torch_resnet.load_torch_encoder).")
+                            "(torch_resnet.load_torch_encoder) or, for a ViT, timm's "
+                            "VisionTransformer keys (timm VisionTransformer(**arch) + "
+                            "load_state_dict(strict=True); torch_vit.build_timm_model).")
 _OUT = flags.DEFINE_string("out", None, "Export directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _RESULTS = flags.DEFINE_list("results", [], "Evaluation workdirs whose results.json to record.")

@@ -44,9 +44,9 @@ from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.config import base_config, value_at
 from byol_flax.errors import UserError
 from byol_flax.models.byol import build_encoder_from_config, build_heads, build_online_classifier
+from byol_flax.models.encoders import ENCODERS, WIDTH_MULTIPLIERS
 from byol_flax.models.init import init_module
 from byol_flax.models.predictors import PREDICTORS
-from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS, ResNet
 from byol_flax.runtime.outputs import check_output_dir, write_marker
 
 # 2: per-array sha256 checksums in encoder_config.json (1 had none; the package was never
@@ -76,7 +76,7 @@ class SourceError(UserError, ValueError):
 class PretrainedEncoder:
     """An encoder and where it came from (recorded in results and model cards)."""
 
-    encoder: ResNet
+    encoder: nnx.Module  # a ResNet or VisionTransformer (byol_flax.models.encoders)
     model_config: dict[str, Any]  # config.model of the pre-training run (JSON form)
     origin: dict[str, Any]  # {"kind": "export" | "pretraining" | "random", "path", "step", ...}
     pretrain_config: dict[str, Any] | None = None  # the whole pre-training config, if known
@@ -107,7 +107,7 @@ def _build(build: Callable[[], Any], abstract: bool) -> Any:
 
 
 def encoder_from_model_config(model_config: dict[str, Any], *, seed: int = 0,
-                              abstract: bool = False) -> ResNet:
+                              abstract: bool = False) -> nnx.Module:
     """Builds (randomly initialised, or shape-only with ``abstract``) the encoder a
     pre-training ``config.model`` describes."""
     config = ml_collections.ConfigDict(model_config)
@@ -150,7 +150,7 @@ def fingerprint(module: nnx.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_encoder(export_dir: epath.PathLike) -> ResNet:
+def load_encoder(export_dir: epath.PathLike) -> nnx.Module:
     """The documented loader: an exported encoder as an ``nnx.Module`` (call ``.eval()``).
 
     Input: images normalised as in pre-training (``byol_flax.data.augment.normalize`` of [0, 1]

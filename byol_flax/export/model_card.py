@@ -23,7 +23,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 from etils import epath
+from flax import nnx
 
 from byol_flax.checkpointing.config_changes import CODE_KIND, code_at, code_entries
 from byol_flax.data.records import MANIFEST_NAME
@@ -36,6 +38,7 @@ from byol_flax.export.encoder import (
     load_source,
 )
 from byol_flax.models.byol import count_params
+from byol_flax.models.vit import FrozenParam
 from byol_flax.runtime.code_identity import describe
 from byol_flax.runtime.outputs import check_output_dir
 
@@ -112,6 +115,9 @@ def build_model_card(pretrained: PretrainedEncoder, *, intended_use: str = "",
             "encoder": model["encoder"],
             "representation_size": pretrained.encoder.num_features,
             "encoder_parameters": count_params(pretrained.encoder),
+            # A ViT's untrained arrays (the sin-cos position embedding, a frozen patch projection)
+            "frozen_parameters": sum(x.size for x in jax.tree.leaves(
+                nnx.state(pretrained.encoder, FrozenParam))),
             "batchnorm": model.get("batchnorm"),
             "compute_dtype": model.get("compute_dtype"),
         },
@@ -199,8 +205,8 @@ def _code_rows(card: dict[str, Any]) -> list[str]:
 
 def _loader(card: dict[str, Any]) -> str:
     if card.get("export", {}).get("format") == "torch":
-        from byol_flax.export.torch_format import LOADER
-        return LOADER
+        from byol_flax.export.torch_format import loader_text
+        return loader_text(card["export"])
     return ("`from byol_flax.export.encoder import load_encoder; encoder = load_encoder(DIR); "
             "encoder.eval()`")
 
@@ -224,7 +230,10 @@ def render_markdown(card: dict[str, Any]) -> str:
         "## Architecture",
         f"- Encoder: {inert_code(arch['encoder'])}, representation size "
         f"{inert_text(arch['representation_size'])}, {arch['encoder_parameters']:,} parameters "
-        f"(BatchNorm statistics excluded), compute dtype {inert_text(arch['compute_dtype'])}.",
+        f"(BatchNorm statistics excluded"
+        + (f"; {arch['frozen_parameters']:,} more fixed, not trained" if arch.get(
+            "frozen_parameters") else "")
+        + f"), compute dtype {inert_text(arch['compute_dtype'])}.",
         f"- Load it: {_loader(card)}.",
         "",
         "## Objective",

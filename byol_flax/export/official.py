@@ -54,7 +54,7 @@ from byol_flax.export.encoder import (
     parameter_count,
 )
 from byol_flax.export.safe_pickle import UnsafePickleError, shown
-from byol_flax.models.resnet import ENCODERS, WIDTH_MULTIPLIERS
+from byol_flax.models.encoders import ENCODERS, WIDTH_MULTIPLIERS
 
 __all__ = ["ALLOWED_GLOBALS", "MAX_PARAMETERS", "OfficialCheckpointError", "UnsafePickleError",
            "describe_architecture", "import_official", "map_official",

@@ -1,5 +1,7 @@
 """The PyTorch export: our encoder's arrays under torchvision's ResNet state-dict keys, in one
-``encoder.safetensors`` (``python -m byol_flax.export --format=torch``).
+``encoder.safetensors`` (``python -m byol_flax.export --format=torch``); a Vision Transformer is
+written under timm's ``VisionTransformer`` keys instead (:mod:`byol_flax.export.timm_vit`, same
+file name and metadata conventions, ``"layout": "timm"`` in the metadata).
 
 Written with NumPy alone (no torch here): convolution kernels HWIO -> OIHW, BatchNorm
 ``scale``/``bias``/``mean``/``var`` -> ``weight``/``bias``/``running_mean``/``running_var`` plus
@@ -28,6 +30,7 @@ from safetensors.numpy import save_file
 from byol_flax.errors import UserError
 from byol_flax.export.encoder import PretrainedEncoder, array_checksums, write_atomically
 from byol_flax.models.resnet import ResNet
+from byol_flax.models.vit import VisionTransformer
 
 WEIGHTS_NAME = "encoder.safetensors"
 METADATA_KEY = "byol_flax"
@@ -78,10 +81,14 @@ def architecture(pretrained: PretrainedEncoder) -> dict[str, Any]:
     """What the safetensors metadata records: the constructor arguments of
     :class:`byol_flax.export.torch_resnet.ResNet` (under ``"architecture"``) and notes."""
     encoder, config = pretrained.encoder, pretrained.model_config.get("encoder", {})
+    if isinstance(encoder, VisionTransformer):
+        from byol_flax.export import timm_vit  # it imports this module's constants
+        return timm_vit.architecture(pretrained)
     name = config.get("name", type(encoder).__name__)
     if not isinstance(encoder, ResNet):
         raise TorchExportError(f"encoder {name!r} is a {type(encoder).__name__}, not "
-                               "byol_flax.models.resnet.ResNet: only ResNets export to torch")
+                               "byol_flax.models.resnet.ResNet or byol_flax.models.vit."
+                               "VisionTransformer: only those export to torch")
     stages = _stages(encoder, name)
     bottleneck = len(stages[0][0].convs) == 3
     multiplier = int(config.get("width_multiplier", 1))
@@ -114,7 +121,11 @@ def architecture(pretrained: PretrainedEncoder) -> dict[str, Any]:
 
 
 def torch_arrays(pretrained: PretrainedEncoder) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(torchvision-keyed arrays, architecture) of the encoder; no ``fc.*``."""
+    """(torchvision-keyed arrays, architecture) of the encoder; no ``fc.*``. A ViT's are
+    timm-keyed (:func:`byol_flax.export.timm_vit.timm_arrays`)."""
+    if isinstance(pretrained.encoder, VisionTransformer):
+        from byol_flax.export import timm_vit
+        return timm_vit.timm_arrays(pretrained)
     arch = architecture(pretrained)
     encoder = pretrained.encoder
     arrays = {"conv1.weight": _conv_array(encoder.stem_conv),
@@ -143,6 +154,15 @@ def save_torch_weights(pretrained: PretrainedEncoder, path: epath.PathLike) -> d
 LOADER = ("`from byol_flax.export.torch_resnet import load_torch_encoder; "
           "model = load_torch_encoder(DIR)` (eval mode; NCHW normalised images -> "
           f"representation); `{WEIGHTS_NAME}` has torchvision's ResNet keys without `fc.*`")
+
+
+def loader_text(export: dict[str, Any]) -> str:
+    """How to load the export whose metadata is ``export`` (the model card's line)."""
+    if export.get("layout") == "timm":
+        from byol_flax.export import timm_vit
+        return (f"{timm_vit.LOADER}; `{WEIGHTS_NAME}` has timm's VisionTransformer keys without "
+                "`head.*`")
+    return LOADER
 
 
 def export_torch(pretrained: PretrainedEncoder, out_dir: epath.PathLike,

@@ -281,14 +281,9 @@ def _file_shapes(path: str) -> dict[str, tuple[int, ...]]:
         return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
-def load_torch_encoder(path: str | os.PathLike, *, padding: Padding = "same") -> ResNet:
-    """An ``encoder.safetensors`` (or the export directory holding it) as a ``torch.nn.Module``
-    in eval mode: NCHW normalised float32 images -> representation (B, D).
-
-    ``padding="same"`` gives our encoder's features; ``"symmetric"`` gives what a stock
-    torchvision ResNet computes with these weights (see the module docstring). The file is
-    checked first (module docstring): :class:`ExportFileError` names what does not fit.
-    """
+def weights_file(path: str | os.PathLike) -> str:
+    """The ``encoder.safetensors`` at ``path`` (the file, or the export directory holding it),
+    checked to be a regular file."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, WEIGHTS_NAME)
@@ -297,6 +292,18 @@ def load_torch_encoder(path: str | os.PathLike, *, padding: Padding = "same") ->
                                 "byol_flax.export --format=torch")
     if not os.path.isfile(path):
         raise ExportFileError(f"{path} is not a regular file")
+    return path
+
+
+def load_torch_encoder(path: str | os.PathLike, *, padding: Padding = "same") -> ResNet:
+    """An ``encoder.safetensors`` (or the export directory holding it) as a ``torch.nn.Module``
+    in eval mode: NCHW normalised float32 images -> representation (B, D).
+
+    ``padding="same"`` gives our encoder's features; ``"symmetric"`` gives what a stock
+    torchvision ResNet computes with these weights (see the module docstring). The file is
+    checked first (module docstring): :class:`ExportFileError` names what does not fit.
+    """
+    path = weights_file(path)
     architecture = read_architecture(path)
     with torch.device("meta"):  # shapes only: nothing allocated yet
         shapes = {key: tuple(value.shape) for key, value in

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
+from byol_flax.models.encoders import ENCODER_CONTEXT, ENCODER_OPTIONS, build_encoder
 from byol_flax.models.heads import MLP
 from byol_flax.models.predictors import apply_predictor, build_predictor
-from byol_flax.models.resnet import CONV_INIT, BatchNormConfig, build_encoder
+from byol_flax.models.resnet import CONV_INIT, BatchNormConfig
 
 
 class ByolNetwork(nnx.Module):
@@ -44,11 +45,12 @@ def _batchnorm_and_dtype(config: ConfigDict) -> tuple[BatchNormConfig, Any]:
 def build_encoder_from_config(config: ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
     """The encoder f of the ``model`` section of a config."""
     bn, dtype = _batchnorm_and_dtype(config)
-    return build_encoder(config.encoder.name, width_multiplier=config.encoder.width_multiplier,
-                         stem=config.encoder.stem, bn=bn, dtype=dtype,
-                         conv_implementation=config.get("conv_implementation", "auto"),
-                         zero_init_residual=config.encoder.get("zero_init_residual", False),
-                         rngs=rngs)
+    encoder = config.encoder
+    options = {key: encoder.get(key, default) for key, default in ENCODER_OPTIONS.items()}
+    options["conv_implementation"] = config.get("conv_implementation", "auto")
+    options.update({key: encoder[key] for key in ENCODER_CONTEXT if key in encoder})
+    return build_encoder(encoder.name, width_multiplier=encoder.width_multiplier,
+                         stem=encoder.stem, bn=bn, dtype=dtype, rngs=rngs, **options)
 
 
 def build_heads(config: ConfigDict, num_features: int, *, rngs: nnx.Rngs

@@ -8,7 +8,6 @@ representation y taken after the final global average pool (2048 x width for bot
 
 import dataclasses
 import functools
-import inspect
 from typing import Any, Literal
 
 import jax
@@ -16,7 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from byol_flax.models.conv import conv_function
-from byol_flax.runtime.registry import Registry
 
 Stem = Literal["imagenet", "small"]
 
@@ -131,59 +129,3 @@ class ResNet(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return jnp.mean(x, axis=(1, 2))
-
-
-ENCODERS: Registry = Registry("encoder")
-WIDTH_MULTIPLIERS = (1, 2, 3, 4)  # Table 9's widths
-
-_BASIC_CHANNELS = (64, 128, 256, 512)
-_BOTTLENECK_CHANNELS = (256, 512, 1024, 2048)
-_DEPTHS = {
-    18: ((2, 2, 2, 2), False),
-    34: ((3, 4, 6, 3), False),
-    50: ((3, 4, 6, 3), True),
-    101: ((3, 4, 23, 3), True),
-    152: ((3, 8, 36, 3), True),
-    200: ((3, 24, 36, 3), True),
-}
-
-for _depth, (_blocks, _bottleneck) in _DEPTHS.items():
-    ENCODERS.register(f"resnet{_depth}")(functools.partial(
-        ResNet, blocks_per_stage=_blocks, bottleneck=_bottleneck,
-        stage_channels=_BOTTLENECK_CHANNELS if _bottleneck else _BASIC_CHANNELS))
-
-# A four-stage basic-block net with one block per stage: the same code path as the real
-# encoders at a size that compiles in seconds on a CPU (tests, smoke runs).
-ENCODERS.register("resnet_tiny")(functools.partial(
-    ResNet, blocks_per_stage=(1, 1, 1, 1), stage_channels=(8, 16, 32, 64), bottleneck=False,
-    stem_channels=8))
-
-
-def build_encoder(name: str, *, width_multiplier: int = 1, stem: Stem = "imagenet",
-                  bn: BatchNormConfig = BatchNormConfig(), dtype: Any = None,
-                  conv_implementation: str = "auto", zero_init_residual: bool = False,
-                  rngs: nnx.Rngs) -> ResNet:
-    """Builds the encoder registered as ``name`` (``resnet50``, ``resnet18``, ...).
-
-    ``conv_implementation``: see :mod:`byol_flax.models.conv` (numerics equal, speed differs).
-    ``zero_init_residual``: see :class:`ResidualBlock`. Encoders registered by users receive
-    either option only if their constructor takes it, by name or as ``**options`` (a non-default
-    value they cannot take is an error).
-    """
-    if width_multiplier not in WIDTH_MULTIPLIERS:
-        raise ValueError(f"encoder width_multiplier must be one of {WIDTH_MULTIPLIERS}, got "
-                         f"{width_multiplier!r}")
-    constructor = ENCODERS.get(name)
-    options = {}
-    target = constructor.func if isinstance(constructor, functools.partial) else constructor
-    accepted = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    for key, value, default in (("conv_implementation", conv_implementation, "auto"),
-                                ("zero_init_residual", zero_init_residual, False)):
-        if key in accepted or takes_any:
-            options[key] = value
-        elif value != default:  # an encoder registered by a user, without that option
-            raise ValueError(f"encoder {name!r} does not take {key} (got {value!r}); leave it at "
-                             f"{default!r}")
-    return constructor(width_multiplier=width_multiplier, stem=stem, bn=bn, dtype=dtype,
-                       rngs=rngs, **options)
