@@ -4,12 +4,16 @@ For the step (ResNet-50, 224 px, the paper's heads, LARS, EMA target, bfloat16 c
 default as the accelerator configs use), from ``--batch`` up by doubling until the device runs
 out of memory or ``--max-batch``: compile seconds, images/s per chip, model FLOPs utilisation
 (the compiled step's FLOPs x steps/s over the chip's peak, :data:`PEAK_TFLOPS`) and peak device
-memory. Then the host input pipeline at the same size (JPEG decode + two random resized crops +
-flips, Grain, on sample 500x375 images this script writes): images/s in one worker process and
-with one worker process per core, and the number of host cores one chip's step consumes.
+memory. Then one point of the same step with a Vision Transformer encoder (ViT-S/16 at 224 px,
+timm's sizes, AdamW as MoCo v3 trains it: ``benchmarks/train_step.py``'s ViT recipe; per-device
+``--vit-batch``, halved on running out of memory). Then the host input pipeline at the ResNet's
+size (JPEG decode + two random resized crops + flips, Grain, on sample 500x375 images this script
+writes): images/s in one worker process and with one worker process per core, and the number of
+host cores one chip's step consumes.
 
     python benchmarks/accelerator.py                       # ResNet-50, 224 px, per-device 32..
     python benchmarks/accelerator.py --tiny                # seconds on a CPU (the test suite)
+    python benchmarks/accelerator.py --skip-vit            # the ResNet and the host only
 
 Prints a markdown table and a final JSON line. On a CPU the "chip" is the host and its peak the
 measured float32 matmul rate (``train_step.matmul_peak_gflops``).
@@ -69,7 +73,7 @@ def measure_step(args: argparse.Namespace, per_device_batch: int) -> dict:
     """One batch size: compile, then ``args.steps`` timed steps on fixed random views."""
     batch = per_device_batch * jax.device_count()
     _, state, step, mesh = train_step.build_step(args.encoder, args.stem, batch,
-                                                 dtype=args.dtype)
+                                                 dtype=args.dtype, image_size=args.image_size)
     (views,) = train_step.random_views(batch, args.image_size, mesh, count=1)
     start = time.perf_counter()
     compiled = step.lower(state, views).compile()
@@ -88,6 +92,35 @@ def measure_step(args: argparse.Namespace, per_device_batch: int) -> dict:
             "step_tflop": flops / 1e12 if flops else None, "loss": loss,
             "peak_device_memory_gib": round(memory["peak_bytes_in_use"] / 2**30, 2)
             if "peak_bytes_in_use" in memory else None}
+
+
+def rate_row(row: dict, peak: float | None, chips: float) -> dict:
+    """``row`` with images/s per chip and model FLOPs utilisation against ``peak`` per device."""
+    row["images_per_second_per_chip"] = row["global_batch"] / row["step_seconds"] / chips
+    row["mfu"] = (row["step_tflop"] / row["step_seconds"] / (peak * jax.device_count())
+                  if row["step_tflop"] and peak else None)
+    return row
+
+
+def measure_vit(args: argparse.Namespace, peak: float | None, chips: float) -> dict:
+    """The ViT point: per-device ``args.vit_batch``, halved until it fits in device memory."""
+    vit_args = argparse.Namespace(**{**vars(args), "encoder": args.vit_encoder,
+                                     "stem": args.vit_stem, "image_size": args.vit_image_size})
+    rows, batch = [], args.vit_batch
+    while batch >= 1 and not rows:
+        try:
+            rows.append(rate_row(measure_step(vit_args, batch), peak, chips))
+        except Exception as error:
+            if not _out_of_memory(error):
+                raise
+            print(f"{args.vit_encoder} per-device batch {batch}: out of device memory", flush=True)
+            batch //= 2
+    for row in rows:
+        print(f"{args.vit_encoder} per-device batch {row['per_device_batch']}: "
+              f"{row['images_per_second_per_chip']:.1f} img/s per chip, MFU "
+              f"{row['mfu'] or float('nan'):.3f}", flush=True)
+    return {"encoder": args.vit_encoder, "stem": args.vit_stem, "image_size": args.vit_image_size,
+            "optimizer": train_step.recipe(args.vit_encoder)["optimizer"], "rows": rows}
 
 
 def measure_host_pipeline(args: argparse.Namespace) -> dict:
@@ -133,21 +166,19 @@ def run(args: argparse.Namespace) -> dict:
                 raise
             print(f"per-device batch {batch}: out of device memory", flush=True)
             break
-        row["images_per_second_per_chip"] = row["global_batch"] / row["step_seconds"] / chips
-        row["mfu"] = (row["step_tflop"] / row["step_seconds"] / (peak * jax.device_count())
-                      if row["step_tflop"] and peak else None)
-        rows.append(row)
+        rows.append(rate_row(row, peak, chips))
         print(f"per-device batch {batch}: {row['images_per_second_per_chip']:.1f} img/s per "
               f"chip, MFU {row['mfu'] or float('nan'):.3f}", flush=True)
         batch *= 2
     best = max(rows, key=lambda r: r["images_per_second_per_chip"]) if rows else None
+    vit = measure_vit(args, peak, chips) if not args.skip_vit else None
     host = measure_host_pipeline(args) if not args.skip_host else None
     result = {
         "benchmark": "accelerator", "device_kind": kind, "devices": jax.device_count(),
         "chips": chips, "platform": jax.default_backend(), "jax": jax.__version__,
         "encoder": args.encoder, "stem": args.stem, "image_size": args.image_size,
         "dtype": args.dtype, "peak_tflops_per_device": peak, "peak_source": peak_source,
-        "rows": rows, "best": best, "host": host,
+        "rows": rows, "best": best, "vit": vit, "host": host,
         "paper_images_per_second_per_v3_chip": round(PAPER_IMAGES_PER_SECOND_PER_V3_CHIP, 1)}
     if best and host:
         chip_rate = best["images_per_second_per_chip"]
@@ -156,19 +187,28 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def print_rows(rows: list[dict]) -> None:
+    print("| per-device batch | images/s per chip | MFU | compile s | step TFLOP | peak device "
+          "memory GiB |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        tflop = f"{row['step_tflop']:.2f}" if row["step_tflop"] else "-"
+        print(f"| {row['per_device_batch']} | {row['images_per_second_per_chip']:.1f} | {mfu} | "
+              f"{row['compile_seconds']} | {tflop} | {row['peak_device_memory_gib'] or '-'} |")
+
+
 def print_table(result: dict) -> None:
     print(f"\n{result['devices']}x {result['device_kind']} ({result['platform']}, jax "
           f"{result['jax']}); {result['encoder']} {result['image_size']} px {result['dtype']}; "
           f"peak {result['peak_tflops_per_device'] or float('nan'):.4g} TFLOP/s per device "
           f"({result['peak_source']})")
-    print("| per-device batch | images/s per chip | MFU | compile s | step TFLOP | peak device "
-          "memory GiB |")
-    print("|---|---|---|---|---|---|")
-    for row in result["rows"]:
-        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
-        tflop = f"{row['step_tflop']:.2f}" if row["step_tflop"] else "-"
-        print(f"| {row['per_device_batch']} | {row['images_per_second_per_chip']:.1f} | {mfu} | "
-              f"{row['compile_seconds']} | {tflop} | {row['peak_device_memory_gib'] or '-'} |")
+    print_rows(result["rows"])
+    vit = result["vit"]
+    if vit:
+        print(f"\n{vit['encoder']} ({vit['stem']} stem) {vit['image_size']} px {result['dtype']}, "
+              f"{vit['optimizer']}:")
+        print_rows(vit["rows"])
     host = result["host"]
     if host:
         print(f"\nHost pipeline at {result['image_size']} px: {host['per_core_images_per_second']}"
@@ -191,9 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host-batch", type=int, default=32)
     parser.add_argument("--host-batches", type=int, default=16)
     parser.add_argument("--skip-host", action="store_true")
+    parser.add_argument("--vit-encoder", default="vit_small")
+    parser.add_argument("--vit-stem", default="imagenet", help="imagenet: 16-px patches")
+    parser.add_argument("--vit-image-size", type=int, default=224)
+    parser.add_argument("--vit-batch", type=int, default=256,
+                        help="the ViT point's per-device batch (halved until it fits)")
+    parser.add_argument("--skip-vit", action="store_true")
     parser.add_argument("--tiny", action="store_true",
-                        help="resnet_tiny at 32 px in float32, one per-device batch of 2, 2 "
-                        "steps: a CPU smoke run of every part (the test suite's)")
+                        help="resnet_tiny and vit_micro (4-px patches) at 32 px in float32, "
+                        "one per-device batch of 2, 2 steps: a CPU smoke run of every part (the "
+                        "test suite's)")
     parser.add_argument("--json-out", type=Path)
     return parser
 
@@ -204,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         # float32: bfloat16 is emulated on a CPU (slower to compile and run, not smaller).
         args.encoder, args.stem, args.image_size, args.dtype = "resnet_tiny", "small", 32, "float32"
         args.batch, args.max_batch, args.steps = 2, 2, 2
+        args.vit_encoder, args.vit_stem, args.vit_image_size, args.vit_batch = (
+            "vit_micro", "small", 32, 2)
         args.host_images, args.host_batch, args.host_batches = 64, 8, 6
     result = run(args)
     print_table(result)

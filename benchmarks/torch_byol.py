@@ -7,8 +7,15 @@ EMA copy without gradients, LARS with the paper's exclusions), in the style of b
 solo-learn: ``nn.Module``s, ``copy.deepcopy`` for the target, ``torch._foreach`` EMA, a LARS
 ``torch.optim.Optimizer``, channels-last tensors, optionally ``torch.compile``.
 
+Vision Transformers (encoder names ``vit_*``, :func:`vit_encoder`): timm's
+``VisionTransformer`` (class token after the final norm, no classifier) with MoCo v3's fixed
+sin-cos position embedding, as ``byol_flax.models.vit`` builds them by default, and AdamW with
+weight decay off for biases, norms, the class token and the position embedding (timm's
+``no_weight_decay``, as ``byol_flax.optim`` does), as MoCo v3 trains them.
+
 Not a dependency of the package: install the optional extra ``pip install -e '.[torch]'``
-(pins the CPU build ``torch==2.13.0``).
+(torch, and timm for the ViTs; pinned in ``pyproject.toml``). Imports neither JAX nor
+``byol_flax``: its process's memory is PyTorch's alone.
 """
 
 import copy
@@ -79,10 +86,55 @@ def mlp(in_features: int, hidden: int = 4096, out: int = 256) -> nn.Sequential:
                          nn.ReLU(inplace=True), nn.Linear(hidden, out, bias=False))
 
 
+# name -> (embed_dim, depth, num_heads): byol_flax.models.vit.VIT_SIZES (timm's ViT-Ti/S/B/L;
+# vit_micro is byol_flax's CPU-sized net), repeated so that this process does not import JAX;
+# benchmarks/train_step.py checks that both sides build the same network.
+VIT_SIZES = {"vit_micro": (64, 4, 4), "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6),
+             "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
+VIT_PATCH_SIZE_BY_STEM = {"imagenet": 16, "small": 4}  # byol_flax.models.vit's, for patch_size 0
+VIT_NO_WEIGHT_DECAY = ("cls_token", "pos_embed")  # timm's VisionTransformer.no_weight_decay()
+
+
+def sincos_position_embedding(grid: int, width: int) -> torch.Tensor:
+    """(1, 1 + grid^2, width): MoCo v3's fixed 2-D sin-cos embedding with a zero row for the
+    class token, as ``byol_flax.models.vit.sincos_position_embedding`` builds it."""
+    quarter = width // 4
+    omega = 1.0 / 10_000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
+                                torch.arange(grid, dtype=torch.float32), indexing="ij")
+    col_angles, row_angles = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    patches = torch.cat([col_angles.sin(), col_angles.cos(), row_angles.sin(),
+                         row_angles.cos()], dim=1)
+    return torch.cat([torch.zeros(1, width), patches])[None]
+
+
+def vit_encoder(name: str, image_size: int, stem: str) -> nn.Module:
+    """timm's ViT without classifier (class token after the final LayerNorm), MoCo v3's init and
+    fixed sin-cos position embedding: byol_flax.models.vit's defaults for ``name``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    width, depth, heads = VIT_SIZES[name]
+    patch_size = VIT_PATCH_SIZE_BY_STEM[stem]
+    model = VisionTransformer(img_size=image_size, patch_size=patch_size, embed_dim=width,
+                              depth=depth, num_heads=heads, num_classes=0, global_pool="token",
+                              weight_init="moco")
+    with torch.no_grad():
+        model.pos_embed.copy_(sincos_position_embedding(image_size // patch_size, width))
+    model.pos_embed.requires_grad_(False)  # fixed: no gradient, update, decay or EMA (MoCo v3)
+    return model
+
+
+def build_encoder(name: str, stem: str, image_size: int) -> nn.Module:
+    """``resnet<depth>`` or ``vit_<size>``, as byol_flax's encoder registry names them."""
+    if name.startswith("vit"):
+        return vit_encoder(name, image_size, stem)
+    return ResNet(int(name.removeprefix("resnet")), stem)
+
+
 class OnlineNetwork(nn.Module):
-    def __init__(self, depth: int, stem: str):
+    def __init__(self, encoder: nn.Module):
         super().__init__()
-        self.encoder = ResNet(depth, stem)
+        self.encoder = encoder
         self.projector = mlp(self.encoder.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +177,26 @@ class LARS(torch.optim.Optimizer):
 
 def lars_param_groups(*modules: nn.Module) -> list[dict]:
     """Biases and BatchNorm parameters (every 1-d tensor here) excluded, as in Appendix A."""
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.ndim > 1]},
             {"params": [p for p in params if p.ndim <= 1], "exclude": True}]
+
+
+def adamw_param_groups(*modules: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay off for biases and norms (every 1-d tensor here) and for timm's
+    ``no_weight_decay`` (class token, position embedding), as ``byol_flax.optim`` masks it."""
+    named = [(name, p) for m in modules for name, p in m.named_parameters() if p.requires_grad]
+    undecayed = [p.ndim <= 1 or name.rsplit(".", 1)[-1] in VIT_NO_WEIGHT_DECAY
+                 for name, p in named]
+    return [{"params": [p for (_, p), skip in zip(named, undecayed) if not skip],
+             "weight_decay": weight_decay},
+            {"params": [p for (_, p), skip in zip(named, undecayed) if skip],
+             "weight_decay": 0.0}]
+
+
+def trainable_parameters(*modules: nn.Module) -> int:
+    """Scalars the optimizer updates (frozen tensors excluded): the count both sides compare."""
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
 
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -135,16 +204,34 @@ def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class BYOL:
-    """Online network, predictor, EMA target and LARS; ``step(view1, view2)`` is one update."""
+    """Online network, predictor, EMA target and LARS (or AdamW); ``step(view1, view2)`` is one
+    update. ResNets take channels-last views (``memory_format``), ViTs timm's contiguous NCHW."""
 
-    def __init__(self, depth: int = 18, stem: str = "small", lr: float = 0.1,
+    def __init__(self, encoder: str = "resnet18", stem: str = "small", image_size: int = 32,
+                 optimizer: str = "lars", lr: float = 0.1, weight_decay: float = 1.5e-6,
                  tau: float = 0.996, compile_mode: str | None = None):
-        self.online = OnlineNetwork(depth, stem).to(memory_format=torch.channels_last)
+        self.memory_format = (torch.contiguous_format if encoder.startswith("vit")
+                              else torch.channels_last)
+        self.online = OnlineNetwork(build_encoder(encoder, stem, image_size)).to(
+            memory_format=self.memory_format)
         self.predictor = mlp(256)
         self.target = copy.deepcopy(self.online)
+        # The EMA pairs: the online network's trained tensors (fixed ones stay equal anyway).
+        pairs = [(o, t) for o, t in zip(self.online.parameters(), self.target.parameters())
+                 if o.requires_grad]
+        self.ema_online, self.ema_target = [o for o, _ in pairs], [t for _, t in pairs]
         for p in self.target.parameters():
             p.requires_grad_(False)
-        self.optimizer = LARS(lars_param_groups(self.online, self.predictor), lr=lr)
+        if optimizer == "lars":
+            self.optimizer = LARS(lars_param_groups(self.online, self.predictor), lr=lr,
+                                  weight_decay=weight_decay)
+        elif optimizer == "adamw":  # PyTorch's defaults (betas 0.9/0.999, eps 1e-8), as MoCo v3
+            self.optimizer = torch.optim.AdamW(
+                adamw_param_groups(self.online, self.predictor, weight_decay=weight_decay),
+                lr=lr, fused=True)  # fused: PyTorch's fastest AdamW, CPU included
+        else:
+            raise ValueError(f"optimizer must be 'lars' or 'adamw', got {optimizer!r}")
+        self.trainable_parameters = trainable_parameters(self.online, self.predictor)
         self.tau = tau
         self.forward_online, self.forward_target = self.online, self.target
         if compile_mode is not None:
@@ -163,6 +250,5 @@ class BYOL:
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
-            online, target = list(self.online.parameters()), list(self.target.parameters())
-            torch._foreach_lerp_(target, online, 1 - self.tau)
+            torch._foreach_lerp_(self.ema_target, self.ema_online, 1 - self.tau)
         return loss.detach()

@@ -1,13 +1,25 @@
 """The BYOL train step: images/s, compile seconds, peak RSS, FLOPs and the fraction of a measured
 matmul peak, for our jitted step and (optionally) the same step in plain PyTorch.
 
-Presets (the two sizes docs/performance.md reports; every field can be overridden by its flag):
+Presets (sizes whose step takes seconds on a 2-core CPU; every field can be overridden by its flag):
   ``--model resnet18``: ResNet-18, 32-px (small-image) stem, 32x32 inputs, global batch 128;
-  ``--model resnet50``: ResNet-50, ImageNet stem, 64x64 inputs, global batch 32.
-Paper heads (4096 -> 256), LARS, EMA target, float32 unless ``--dtype``.
+  ``--model resnet50``: ResNet-50, ImageNet stem, 64x64 inputs, global batch 32;
+  ``--model vit_micro``: byol_flax's CPU-sized ViT (width 64, depth 4), 4-px patches ("small"
+  stem), 32x32 inputs, global batch 128;
+  ``--model vit_small``: ViT-S/16 (timm's: 6 heads), 16-px patches ("imagenet" stem), 64x64
+  inputs (16 patches + class token; 224 px is the accelerator's size), global batch 32.
+Paper heads (4096 -> 256), EMA target, float32 unless ``--dtype``. The optimizer and target decay
+are the encoder's recipe unless ``--optimizer`` / ``--base-lr`` / ``--weight-decay`` / ``--tau``:
+ResNets the paper's (LARS, base LR 0.2, decay 1.5e-6, tau 0.996), ViTs MoCo v3's for BYOL
+(AdamW, base LR 1e-4, decay 0.03, tau 0.99: byol_flax/configs/byol_vit_imagenet.py); the LR is
+base x batch / 256 on both sides (ours warms up to it over 10 steps; the cost does not change).
+ViTs use the config's defaults (fixed sin-cos position embedding, trained patch projection); the
+PyTorch side is timm's ``VisionTransformer`` built to match (``benchmarks/torch_byol.py``), and
+the comparison fails unless both sides report the same architecture and trainable parameters.
 
     python benchmarks/train_step.py --model resnet18                 # our step only
     python benchmarks/train_step.py --model resnet50 --compare-torch --rounds 2
+    python benchmarks/train_step.py --model vit_small --compare-torch --rounds 1
 
 ``--compare-torch`` (needs the ``torch`` extra: ``pip install -e '.[torch]'``) runs each variant
 (ours, torch eager, torch.compile) in its own process, in rotated order for ``--rounds`` rounds
@@ -30,7 +42,10 @@ from pathlib import Path
 PRESETS = {
     "resnet18": {"encoder": "resnet18", "stem": "small", "image_size": 32, "batch": 128},
     "resnet50": {"encoder": "resnet50", "stem": "imagenet", "image_size": 64, "batch": 32},
+    "vit_micro": {"encoder": "vit_micro", "stem": "small", "image_size": 32, "batch": 128},
+    "vit_small": {"encoder": "vit_small", "stem": "imagenet", "image_size": 64, "batch": 32},
 }
+RECIPE_KEYS = ("optimizer", "base_lr", "weight_decay", "tau")
 IMPLEMENTATIONS = ("jax", "torch-eager", "torch-compile")
 
 
@@ -91,9 +106,31 @@ def time_steps(run_step, steps: int, memory: dict) -> tuple[float, list[float]]:
     return first, times
 
 
+def recipe(encoder: str, optimizer: str | None = None) -> dict:
+    """The encoder's optimizer and target decay, both sides' (``RECIPE_KEYS``): the paper's LARS
+    for ResNets, MoCo v3's AdamW for ViTs (``optimizer`` picks the other)."""
+    from byol_flax.config import base_config
+    from byol_flax.configs import byol_vit_imagenet as vit_recipe
+    from byol_flax.models.encoders import is_vit
+
+    defaults = base_config()
+    kind = optimizer or ("adamw" if is_vit(encoder) else "lars")
+    base_lr, weight_decay = ((vit_recipe.BASE_LEARNING_RATE, vit_recipe.WEIGHT_DECAY)
+                             if kind == "adamw" else
+                             (defaults.optimizer.base_learning_rate,
+                              defaults.optimizer.weight_decay))
+    return {"optimizer": kind, "base_lr": base_lr, "weight_decay": weight_decay,
+            "tau": vit_recipe.BASE_EMA if is_vit(encoder) else defaults.target.base_ema}
+
+
 def build_step(encoder: str, stem: str, batch: int, *, dtype: str = "float32",
-               conv: str = "auto", total_steps: int = 1000, warmup_steps: int = 10):
-    """(graphdef, replicated state, jitted step, mesh) of the paper's step for this encoder."""
+               conv: str = "auto", total_steps: int = 1000, warmup_steps: int = 10,
+               image_size: int = 224, settings: dict | None = None):
+    """(graphdef, replicated state, jitted step, mesh) of the paper's step for this encoder.
+
+    ``image_size``: what a ViT's position embedding is built for (a ResNet takes any);
+    ``settings``: :func:`recipe`'s keys, by default the encoder's recipe.
+    """
     from flax import nnx
 
     from byol_flax.config import base_config
@@ -102,12 +139,18 @@ def build_step(encoder: str, stem: str, batch: int, *, dtype: str = "float32",
     from byol_flax.train_state import create_train_state
     from byol_flax.train_step import StepOptions, make_train_step
 
+    settings = settings or recipe(encoder)
     config = base_config()
     config.model.encoder.name = encoder
     config.model.encoder.stem = stem
+    config.data.image_size = image_size  # model.encoder.image_size follows it
     config.model.compute_dtype = dtype
     config.model.conv_implementation = conv
     config.training.batch_size = batch
+    config.optimizer.kind = settings["optimizer"]
+    config.optimizer.base_learning_rate = settings["base_lr"]
+    config.optimizer.weight_decay = settings["weight_decay"]
+    config.target.base_ema = settings["tau"]
     mesh = make_mesh()
     lr, tau = build_schedules(config, total_steps=total_steps, warmup_steps=warmup_steps)
     graphdef, state = nnx.split(create_train_state(config, lr))
@@ -127,6 +170,29 @@ def random_views(batch: int, image_size: int, mesh, count: int) -> list[dict]:
                          for view in ("view1", "view2")}, mesh) for _ in range(count)]
 
 
+def architecture(features: int, trainable: int, vit: tuple[int, int, int] | None) -> dict:
+    """What both sides report about the network they built; ``compare`` requires them equal.
+    ``vit``: (heads, patch size, tokens) of a ViT (its heads do not change the parameters)."""
+    return {"features": features, "trainable_parameters": trainable,
+            **(dict(zip(("heads", "patch_size", "tokens"), vit)) if vit else {})}
+
+
+def jax_architecture(graphdef, state) -> dict:
+    """Trainable parameters (``nnx.Param``: the optimizer's) of the online network, predictor
+    included; frozen arrays (a ViT's sin-cos position embedding) are not ``nnx.Param``."""
+    import jax
+    from flax import nnx
+
+    from byol_flax.models.vit import VisionTransformer
+
+    online = nnx.merge(graphdef, state).online
+    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(online, nnx.Param)))
+    encoder = online.encoder
+    vit = ((encoder.num_heads, encoder.patch_size, 1 + encoder.grid[0] * encoder.grid[1])
+           if isinstance(encoder, VisionTransformer) else None)
+    return architecture(encoder.num_features, trainable, vit)
+
+
 def run_jax(args: argparse.Namespace) -> dict:
     from byol_flax.runtime.memory import release_free_heap
     from byol_flax.runtime.xla import configure_xla_flags
@@ -140,8 +206,11 @@ def run_jax(args: argparse.Namespace) -> dict:
         lambda event, seconds, **_: compiles.append(seconds)
         if event == "/jax/core/compile/backend_compile_duration" else None)
 
-    _, state, step, mesh = build_step(args.encoder, args.stem, args.batch, dtype=args.dtype,
-                                      conv=args.conv)
+    graphdef, state, step, mesh = build_step(args.encoder, args.stem, args.batch,
+                                             dtype=args.dtype, conv=args.conv,
+                                             image_size=args.image_size,
+                                             settings={k: getattr(args, k) for k in RECIPE_KEYS})
+    built = jax_architecture(graphdef, state)
     (batch,) = random_views(args.batch, args.image_size, mesh, count=1)
     start = time.perf_counter()
     lowered = step.lower(state, batch)
@@ -167,6 +236,7 @@ def run_jax(args: argparse.Namespace) -> dict:
         "step_gflop": flops / 1e9 if flops else None,
         "compilations": step._cache_size(), "backend_compile_seconds": sum(compiles),
         "matmul_peak_gflops": matmul_peak_gflops(), "loss": holder["loss"],
+        "architecture": built,
     }
 
 
@@ -177,10 +247,16 @@ def run_torch(args: argparse.Namespace, compiled: bool) -> dict:
     from torch_byol import BYOL
 
     torch.manual_seed(0)
-    model = BYOL(depth=int(args.encoder.removeprefix("resnet")), stem=args.stem,
+    model = BYOL(encoder=args.encoder, stem=args.stem, image_size=args.image_size,
+                 optimizer=args.optimizer, lr=args.base_lr * args.batch / 256,
+                 weight_decay=args.weight_decay, tau=args.tau,
                  compile_mode="default" if compiled else None)
     shape = (args.batch, 3, args.image_size, args.image_size)
-    views = [torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(2)]
+    views = [torch.randn(shape).to(memory_format=model.memory_format) for _ in range(2)]
+    encoder = model.online.encoder
+    vit = ((encoder.blocks[0].attn.num_heads, encoder.patch_embed.patch_size[0],
+            encoder.pos_embed.shape[1]) if args.encoder.startswith("vit") else None)
+    built = architecture(encoder.num_features, model.trainable_parameters, vit)
     holder = {}
 
     def run_step():
@@ -190,7 +266,7 @@ def run_torch(args: argparse.Namespace, compiled: bool) -> dict:
     first, times = time_steps(run_step, args.steps, memory)
     return {**memory, "device": f"cpu ({torch.get_num_threads()} threads)", "platform": "cpu",
             "versions": f"torch {torch.__version__}", "first_step_seconds": first,
-            "times": times, "loss": holder["loss"]}
+            "times": times, "loss": holder["loss"], "architecture": built}
 
 
 def summarise(impl: str, args: argparse.Namespace, raw: dict) -> dict:
@@ -198,6 +274,7 @@ def summarise(impl: str, args: argparse.Namespace, raw: dict) -> dict:
     return {
         "benchmark": "train_step", "impl": impl, "encoder": args.encoder, "stem": args.stem,
         "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
+        **{key: getattr(args, key) for key in RECIPE_KEYS},
         "conv": args.conv if impl == "jax" else None, "host": host_description(),
         **{k: v for k, v in raw.items() if k not in ("times", "compile_seconds")},
         "step_seconds": [round(t, 4) for t in raw["times"]],
@@ -226,7 +303,8 @@ def compare(args: argparse.Namespace) -> dict:
     runs: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
     passthrough = [f"--encoder={args.encoder}", f"--stem={args.stem}", f"--batch={args.batch}",
                    f"--image-size={args.image_size}", f"--steps={args.steps}",
-                   f"--dtype={args.dtype}", f"--conv={args.conv}"]
+                   f"--dtype={args.dtype}", f"--conv={args.conv}",
+                   *(f"--{key.replace('_', '-')}={getattr(args, key)}" for key in RECIPE_KEYS)]
     for round_index in range(args.rounds):
         order = IMPLEMENTATIONS[round_index % 3:] + IMPLEMENTATIONS[:round_index % 3]
         for impl in order:
@@ -243,6 +321,9 @@ def compare(args: argparse.Namespace) -> dict:
         return values[len(values) // 2] if len(values) % 2 else sum(
             values[len(values) // 2 - 1:len(values) // 2 + 1]) / 2
 
+    built = {impl: results[0]["architecture"] for impl, results in runs.items()}
+    if len({json.dumps(b, sort_keys=True) for b in built.values()}) != 1:
+        raise RuntimeError(f"the two sides built different networks: {built}")
     ours = runs["jax"]
     flops, peak = ours[0]["step_gflop"], median([r["matmul_peak_gflops"] for r in ours])
     rows = {}
@@ -263,6 +344,7 @@ def compare(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "train_step_vs_pytorch", "encoder": args.encoder, "stem": args.stem,
         "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
+        **{key: getattr(args, key) for key in RECIPE_KEYS}, "architecture": built["jax"],
         "host": ours[0]["host"], "device": ours[0]["device"], "rounds": args.rounds,
         "steps_per_round": args.steps, "step_gflop": round(flops, 1) if flops else None,
         "matmul_peak_gflops": round(peak, 1), "results": rows,
@@ -284,7 +366,7 @@ def print_table(result: dict) -> None:
     header = (f"{'impl':<14} {'images/s':>9} {'compile s':>10} {'peak RSS MiB':>13} "
               f"{'of matmul peak':>15}")
     print(f"{result['encoder']} {result['image_size']}px batch {result['batch']} "
-          f"{result['dtype']} on {result['device']} ({result['host']})")
+          f"{result['dtype']} {result['optimizer']} on {result['device']} ({result['host']})")
     print(header)
     for impl, row in rows.items():
         fraction = row.get("fraction_of_matmul_peak")
@@ -306,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--dtype", default="float32", help="our compute dtype (torch: float32)")
     parser.add_argument("--conv", default="auto", help="config.model.conv_implementation")
+    parser.add_argument("--optimizer", choices=("lars", "adamw"),
+                        help="both sides' (default: the encoder's recipe, see above)")
+    parser.add_argument("--base-lr", type=float, help="LR = this x batch / 256 (default: recipe)")
+    parser.add_argument("--weight-decay", type=float, help="default: the recipe's")
+    parser.add_argument("--tau", type=float, help="target EMA decay (default: the recipe's)")
     parser.add_argument("--no-xla-flags", action="store_true",
                         help="do not add byol_flax.runtime.xla's XLA:CPU flags")
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, default="jax")
@@ -320,6 +407,11 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in PRESETS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if any(getattr(args, key) is None for key in RECIPE_KEYS):  # imports byol_flax: --compare-torch
+        settings = recipe(args.encoder, args.optimizer)  # passes all, so torch processes do not
+        for key in RECIPE_KEYS:
+            if getattr(args, key) is None:
+                setattr(args, key, settings[key])
     result = compare(args) if args.compare_torch else worker(args)
     print_table(result)
     print(json.dumps(result))

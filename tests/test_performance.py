@@ -394,6 +394,8 @@ def test_accelerator_benchmark_runs_every_part_at_tiny_size(tmp_path):
     assert row["per_device_batch"] == 2 and row["compile_seconds"] > 0 and row["step_tflop"] > 0
     assert 0 < row["mfu"] < 1 and row["images_per_second_per_chip"] > 0
     assert np.isfinite(row["loss"])
+    (vit_row,) = result["vit"]["rows"]  # the ViT point (vit_micro at tiny size)
+    assert vit_row["step_tflop"] > 0 and np.isfinite(vit_row["loss"])
     host = result["host"]
     assert 0 < host["per_core_images_per_second"] and 0 < host["per_host_images_per_second"]
     assert result["host_cores_per_chip"] == pytest.approx(
