@@ -75,13 +75,14 @@ POINTS: dict[str, tuple[str, dict]] = {
         "optimizer.base_learning_rate": 2.0, "target.base_ema": 0.9})),
     # A Vision Transformer (vit_micro: 4 blocks, 4 heads, width 64 x 2, 4-px patches, so 16
     # tokens and a class token at 16 px) in place of the ResNet, on the chosen recipe: as it is
-    # (LARS), then with MoCo v3's optimizer (AdamW, a longer warm-up, weight decay 0.05) and
-    # its frozen random patch projection.
+    # (LARS), with MoCo v3's optimizer (AdamW, a tenth of training as warm-up) at two peak LRs,
+    # and at the demo's 160 epochs (the recipe `byol-train --config=digits_cpu
+    # --config.model.encoder.name=vit_micro` runs).
     "vit_e80": ("digits", _epochs(80.0, **_VIT)),
     "vit_e80_adamw": ("digits", _epochs(80.0, **_VIT, **_ADAMW)),
-    "vit_e80_adamw_frozen": ("digits", _epochs(80.0, **_VIT, **_ADAMW, **{
-        "model.encoder.freeze_patch_projection": True})),
-    "vit_e160_adamw": ("digits", _epochs(160.0, **_VIT, **_ADAMW)),
+    "vit_e80_adamw_lr5e-4": ("digits", _epochs(80.0, **_VIT, **{
+        **_ADAMW, "optimizer.base_learning_rate": 5e-4})),
+    "vit_e160": ("digits", _epochs(160.0, **_VIT)),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"

@@ -356,19 +356,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
          "model.encoder.width_multiplier", f"must be one of {WIDTH_MULTIPLIERS}"),
         (config.model.encoder.stem in ("imagenet", "small"), "model.encoder.stem",
          "must be 'imagenet' or 'small'"),
-        (config.model.encoder.pooling in POOLINGS, "model.encoder.pooling",
-         f"must be one of {list(POOLINGS)}"),
-        (config.model.encoder.position_embedding in POSITION_EMBEDDINGS,
-         "model.encoder.position_embedding", f"must be one of {list(POSITION_EMBEDDINGS)}"),
-        (config.model.encoder.patch_size >= 0, "model.encoder.patch_size",
-         "must be >= 0 (0: by stem)"),
-        (config.model.encoder.num_heads >= 0, "model.encoder.num_heads",
-         "must be >= 0 (0: the encoder's)"),
-        (not is_vit(config.model.encoder.name) or config.model.encoder.stem not in
-         PATCH_SIZE_BY_STEM or config.data.image_size % effective_patch_size(
-             config.model.encoder.stem, config.model.encoder.patch_size) == 0,
-         "data.image_size", f"must be a multiple of the ViT's patch size (model.encoder.patch_size,"
-         f" or by stem {PATCH_SIZE_BY_STEM})"),
+        *_vit_checks(config),
         (config.model.compute_dtype in ("float32", "bfloat16"), "model.compute_dtype",
          "must be float32 or bfloat16: float16 needs loss scaling, which byol_flax does not do; "
          "use bfloat16 (A100, H100 and TPU support it)"),
@@ -390,6 +378,22 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int) -> N
     for ok, key, problem in checks:
         if not ok:
             raise ConfigError(f"config.{key}={value_at(config, key)!r} {problem}")
+
+
+def _vit_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]]:
+    """validate_config's checks of the Vision Transformer keys (byol_flax.models.vit)."""
+    encoder = config.model.encoder
+    return [
+        (encoder.pooling in POOLINGS, "model.encoder.pooling", f"must be one of {list(POOLINGS)}"),
+        (encoder.position_embedding in POSITION_EMBEDDINGS, "model.encoder.position_embedding",
+         f"must be one of {list(POSITION_EMBEDDINGS)}"),
+        (encoder.patch_size >= 0, "model.encoder.patch_size", "must be >= 0 (0: by stem)"),
+        (encoder.num_heads >= 0, "model.encoder.num_heads", "must be >= 0 (0: the encoder's)"),
+        (not is_vit(encoder.name) or encoder.stem not in PATCH_SIZE_BY_STEM
+         or config.data.image_size % effective_patch_size(encoder.stem, encoder.patch_size) == 0,
+         "data.image_size", "must be a multiple of the ViT's patch size (model.encoder.patch_size,"
+         f" or by stem {PATCH_SIZE_BY_STEM})"),
+    ]
 
 
 def value_at(config: ml_collections.ConfigDict, dotted: str) -> Any:

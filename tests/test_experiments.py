@@ -9,6 +9,7 @@ import pytest
 from byol_flax.config import ConfigError, training_steps, validate_config
 from byol_flax.configs import byol_imagenet, common
 from byol_flax.evaluation.config import validate_eval_config
+from byol_flax.models.encoders import is_vit
 
 MODULES = sorted(p.stem for p in (Path(__file__).parents[1] / "byol_flax" / "configs").glob("*.py")
                  if p.stem not in ("__init__", "common"))  # common: what the modules share
@@ -187,13 +188,17 @@ def test_every_module_shrinks_to_smoke_size_last(name):
         return
     validate_config(small, num_devices=8)
     assert training_steps(small, 1_000_000) == (8, 4)  # batch 32 on 128-example "epochs"
-    assert (small.data.image_size, small.model.encoder.name) == (8, "resnet_tiny")
+    tiny = "vit_micro" if is_vit(full.model.encoder.name) else "resnet_tiny"
+    assert (small.data.image_size, small.model.encoder.name) == (8, tiny)
 
 
 def test_smoke_keeps_a_cpu_sized_model_and_replaces_a_full_size_one():
     from byol_flax.configs import digits_cpu
 
-    assert digits_cpu.get_config("smoke=True").model == digits_cpu.get_config().model
+    smoke, full = digits_cpu.get_config("smoke=True").model, digits_cpu.get_config().model
+    assert (smoke.encoder.image_size, full.encoder.image_size) == (8, 16)  # data.image_size's
+    full.encoder.image_size = 8
+    assert smoke == full
     tiny = byol_imagenet.get_config("r200x2,smoke=True").model
     assert (tiny.encoder.name, tiny.encoder.stem, tiny.encoder.width_multiplier) == (
         "resnet_tiny", "small", 2)

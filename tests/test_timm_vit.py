@@ -123,9 +123,8 @@ def test_a_tampered_vit_export_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(torch_vit.ExportFileError,
                        match="is damaged: tensor blocks.1.attn.qkv.weight differs"):
         torch_vit.build_timm_model(path)
-    assert (torch_vit.WEIGHTS_NAME, torch_vit.METADATA_KEY, torch_vit.FORMAT_VERSION,
-            torch_vit.LAYOUT) == (torch_format.WEIGHTS_NAME, torch_format.METADATA_KEY,
-                                  torch_format.FORMAT_VERSION, timm_vit.LAYOUT)
+    # The loader's names are torch_resnet's, which tests/test_torch_export.py ties to the writer's.
+    assert torch_vit.LAYOUT == timm_vit.LAYOUT
     assert torch_vit.LIMITS["parameters"] == export.MAX_PARAMETERS
 
 

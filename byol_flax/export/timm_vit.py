@@ -35,7 +35,7 @@ from flax import nnx
 
 from byol_flax.config import flatten_dotted
 from byol_flax.export.encoder import PretrainedEncoder
-from byol_flax.export.torch_format import FORMAT_VERSION, INPUT_NOTE, TorchExportError
+from byol_flax.export.torch_common import FORMAT_VERSION, INPUT_NOTE, TorchExportError
 from byol_flax.models.vit import MLP_RATIO, VisionTransformer
 
 LAYOUT = "timm"  # the metadata's "layout": what tells a ViT export from a ResNet one

@@ -27,28 +27,26 @@ from etils import epath
 from flax import nnx
 from safetensors.numpy import save_file
 
-from byol_flax.errors import UserError
+from byol_flax.export import timm_vit
 from byol_flax.export.encoder import PretrainedEncoder, array_checksums, write_atomically
+from byol_flax.export.torch_common import (
+    FORMAT_VERSION,
+    INPUT_NOTE,
+    METADATA_KEY,
+    WEIGHTS_NAME,
+    TorchExportError,
+)
 from byol_flax.models.resnet import ResNet
 from byol_flax.models.vit import VisionTransformer
 
-WEIGHTS_NAME = "encoder.safetensors"
-METADATA_KEY = "byol_flax"
-FORMAT_VERSION = 2  # 2: a sha256 per tensor under "checksums" (torch_resnet verifies them)
 PADDING_NOTE = ("XLA SAME: per side of n pixels, total = max((ceil(n/s)-1)*s + k - n, 0), "
                 "total//2 before and the rest after (max-pool pads with -inf); torchvision pads "
                 "k//2 (max-pool 1) on both sides, which differs for strided layers on even "
                 "sizes: load with byol_flax.export.torch_resnet.load_torch_encoder for our "
                 "features")
-INPUT_NOTE = ("NCHW float32 RGB, x/255 normalised with ImageNet mean (0.485, 0.456, 0.406) and "
-              "std (0.229, 0.224, 0.225), as byol_flax.data.augment.normalize")
 # torchvision's bottleneck ResNets: blocks per stage -> constructor name.
 TORCHVISION_BOTTLENECK = {(3, 4, 6, 3): "resnet50", (3, 4, 23, 3): "resnet101",
                           (3, 8, 36, 3): "resnet152"}
-
-
-class TorchExportError(UserError, ValueError):
-    """The encoder cannot be written as a torchvision-layout ResNet."""
 
 
 def _norm_arrays(prefix: str, norm: nnx.BatchNorm) -> dict[str, np.ndarray]:
@@ -82,7 +80,6 @@ def architecture(pretrained: PretrainedEncoder) -> dict[str, Any]:
     :class:`byol_flax.export.torch_resnet.ResNet` (under ``"architecture"``) and notes."""
     encoder, config = pretrained.encoder, pretrained.model_config.get("encoder", {})
     if isinstance(encoder, VisionTransformer):
-        from byol_flax.export import timm_vit  # it imports this module's constants
         return timm_vit.architecture(pretrained)
     name = config.get("name", type(encoder).__name__)
     if not isinstance(encoder, ResNet):
@@ -124,7 +121,6 @@ def torch_arrays(pretrained: PretrainedEncoder) -> tuple[dict[str, np.ndarray], 
     """(torchvision-keyed arrays, architecture) of the encoder; no ``fc.*``. A ViT's are
     timm-keyed (:func:`byol_flax.export.timm_vit.timm_arrays`)."""
     if isinstance(pretrained.encoder, VisionTransformer):
-        from byol_flax.export import timm_vit
         return timm_vit.timm_arrays(pretrained)
     arch = architecture(pretrained)
     encoder = pretrained.encoder
@@ -159,7 +155,6 @@ LOADER = ("`from byol_flax.export.torch_resnet import load_torch_encoder; "
 def loader_text(export: dict[str, Any]) -> str:
     """How to load the export whose metadata is ``export`` (the model card's line)."""
     if export.get("layout") == "timm":
-        from byol_flax.export import timm_vit
         return (f"{timm_vit.LOADER}; `{WEIGHTS_NAME}` has timm's VisionTransformer keys without "
                 "`head.*`")
     return LOADER
