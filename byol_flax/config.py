@@ -113,7 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
     # continue pre-training released or earlier weights on other data or with another recipe.
     # The target starts as the copy of the loaded online network, the optimizer state fresh and
     # the step at 0 (byol_flax.init_from). The export's encoder and BatchNorm settings
-    # must equal model.encoder / model.batchnorm. "" = random init.
+    # must equal model.encoder / model.batchnorm. Or a timm ViT checkpoint (a .safetensors
+    # file with timm's keys, e.g. a Hugging Face model.safetensors) for a ViT encoder of the same
+    # shapes (docs/vit.md). "" = random init.
     # init_from_heads: also load the projector and predictor when the export kept them (they
     # must then have this config's shapes); the online classifier always starts fresh.
     # Initialisation only: a resumed run takes its weights from its checkpoint, so neither key
