@@ -10,6 +10,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# Triton (loaded by torch 2.14's CUDA build when timm or torch._dynamo is imported) crashes the
+# process when it loads after TensorFlow 2.21 (which CLU's writers import), and loads fine
+# before it: measured with `python -c "import tensorflow; import triton"` (segmentation fault)
+# against the reverse order. The timm and PyTorch export tests share a process with training
+# code, so triton comes first. (Absent without the torch extra.)
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+
 from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()  # the entry points' XLA:CPU flags, so tests run what users run
