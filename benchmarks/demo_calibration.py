@@ -76,18 +76,21 @@ POINTS: dict[str, tuple[str, dict]] = {
     # A Vision Transformer (vit_micro: 4 blocks, 4 heads, width 64 x 2, 4-px patches, so 16
     # tokens and a class token at 16 px) in place of the ResNet, on the chosen recipe: as it is
     # (LARS), with MoCo v3's optimizer (AdamW, a tenth of training as warm-up) at two peak LRs,
-    # and at the demo's 160 epochs (the recipe `byol-train --config=digits_cpu
-    # --config.model.encoder.name=vit_micro` runs).
+    # at the demo's 160 epochs (the recipe `byol-train --config=digits_cpu
+    # --config.model.encoder.name=vit_micro` runs), and with mean pooling.
     "vit_e80": ("digits", _epochs(80.0, **_VIT)),
     "vit_e80_adamw": ("digits", _epochs(80.0, **_VIT, **_ADAMW)),
     "vit_e80_adamw_lr5e-4": ("digits", _epochs(80.0, **_VIT, **{
         **_ADAMW, "optimizer.base_learning_rate": 5e-4})),
     "vit_e160": ("digits", _epochs(160.0, **_VIT)),
+    # The representation as the mean of the patch tokens instead of the class token.
+    "vit_e80_mean": ("digits", _epochs(80.0, **_VIT, **{"model.encoder.pooling": "mean"})),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
 # (point, seed) runs that shared the 2 cores with test runs: their times are inflated (marked *).
-SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2)}
+SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2),
+                  *((point, 0) for point in POINTS if point.startswith("vit_"))}
 # Table column -> (evaluation of the run, metric): the demo report's methods.
 COLUMNS = {name.removesuffix("_top1"): method for name, method in report.METHODS.items()}
 
