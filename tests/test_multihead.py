@@ -36,16 +36,18 @@ def image_batches(data_dir: str):
 
 
 def test_each_head_is_its_single_lr_run_and_the_per_lr_classifier(data_dir):
-    """Head of LR 0.5 in a 3-head pass == a 1-head pass of 0.5 (bitwise on CPU) == the per-LR
-    path's Classifier head (float tolerance: another program computes the same steps)."""
+    """Head of LR 0.5 in a 3-head pass == a 1-head pass of 0.5 == the per-LR path's Classifier
+    head. The first is the same steps in a batched program: bitwise on a Xeon, 1.2e-5 relative
+    (3.7e-9 absolute) on an AMD EPYC, where XLA:CPU orders the batched matmul's sums
+    differently; the second is another program (float tolerance)."""
     encoder, mesh, spec = tiny_encoder(), make_mesh(), clf.SgdSpec(total_steps=STEPS)
     common = dict(num_classes=10, spec=spec, mesh=mesh, seed=0, checkpoints=no_checkpoints())
     grid, _ = heads.train_heads(nnx.clone(encoder), image_batches(data_dir),
                                 learning_rates=[0.05, 0.5, 2.0], **common)
     single, _ = heads.train_heads(nnx.clone(encoder), image_batches(data_dir),
                                   learning_rates=[0.5], **common)
-    np.testing.assert_array_equal(grid["kernel"][1], single["kernel"][0])
-    np.testing.assert_array_equal(grid["bias"][1], single["bias"][0])
+    np.testing.assert_allclose(grid["kernel"][1], single["kernel"][0], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(grid["bias"][1], single["bias"][0], rtol=1e-5, atol=1e-8)
     old = clf.train_classifier(clf.Classifier(nnx.clone(encoder), 10), image_batches(data_dir),
                                spec=spec, learning_rate=0.5, train_encoder=False, mesh=mesh,
                                seed=0)

@@ -35,6 +35,7 @@ from flax import nnx
 hk = pytest.importorskip("haiku", reason="dm-haiku (the dev extra) is the official reference")
 from haiku._src import data_structures  # noqa: E402  (the release's frozendict)
 
+from byol_flax.config import base_config  # noqa: E402
 from byol_flax.export import official  # noqa: E402
 from byol_flax.export.encoder import load_export, load_source  # noqa: E402
 from byol_flax.models.byol import count_params  # noqa: E402
@@ -50,6 +51,14 @@ OFFICIAL = {18: ((2, 2, 2, 2), False, (64, 128, 256, 512), 64),
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "release_tiny_dill032.pkl"
 FIXTURE_SEED = 20200613
 FIXTURE_SIZES = {"depth": "_tiny", "hidden": 16, "output": 8, "num_classes": 5}
+
+
+def official_encoder(name: str, width: int) -> dict:
+    """config.model.encoder of an imported release: the ResNet with the ImageNet stem, the other
+    keys (ViT options, the 224-px image size) at their defaults."""
+    encoder = base_config().model.encoder.to_dict()
+    encoder.update(name=name, width_multiplier=width, stem="imagenet", zero_init_residual=False)
+    return encoder
 
 
 def official_forward(images, *, depth, width, hidden, output, num_classes, is_training):
@@ -215,8 +224,7 @@ def test_imported_official_resnet50_computes_what_haiku_computes(tmp_path, relea
     SAME pads unevenly, is the command's test below)."""
     path, images, reference = make_release(tmp_path, 50, 32)
     imported = official.import_official(path)
-    assert imported.model_config["encoder"] == {"name": "resnet50", "width_multiplier": 1,
-                                                "stem": "imagenet", "zero_init_residual": False}
+    assert imported.model_config["encoder"] == official_encoder("resnet50", 1)
     assert imported.origin["step"] == 300_000
     assert len(imported.origin["sha256"]) == 64
     # Appendix D.2, Table 9: ResNet-50 1x has 24M weights.
@@ -254,8 +262,7 @@ def test_resnet200x2_names_and_shapes_map_without_allocating(release_classes):
     params, state = jax.eval_shape(
         lambda: network.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), True))
     model, modules = official.map_official(params, state, abstract=True)
-    assert model["encoder"] == {"name": "resnet200", "width_multiplier": 2, "stem": "imagenet",
-                                "zero_init_residual": False}
+    assert model["encoder"] == official_encoder("resnet200", 2)
     assert modules["encoder"].num_features == 4096
     assert (model["projector"]["hidden_size"], model["projector"]["output_size"],
             model["predictor"]["hidden_size"]) == (4096, 256, 4096)
@@ -399,8 +406,7 @@ def test_a_release_file_written_by_dill_0_3_2_imports_as_the_official_network(ti
     assert content["step"] == 300_000
     np.testing.assert_array_equal(content["rng"], np.array([0, 42], np.uint32))
     imported = official.import_official(FIXTURE)
-    assert imported.model_config["encoder"] == {"name": "resnet_tiny", "width_multiplier": 1,
-                                                "stem": "imagenet", "zero_init_residual": False}
+    assert imported.model_config["encoder"] == official_encoder("resnet_tiny", 1)
     assert imported.origin["step"] == 300_000
     assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(nnx.state(
         imported.encoder)))  # every array from the file, none left shape-only
