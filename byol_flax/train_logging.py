@@ -175,6 +175,10 @@ class TrainingLogger:
         self._timer = (now, step)
         lease.fence()  # a run whose workdir was taken over writes nothing more
         self._writer.write_scalars(step, scalars)
+        # Flushed now: TensorBoard's writer otherwise keeps events buffered for its background
+        # thread, which a frozen-then-thawed run would flush after its fence (the relaunch
+        # benchmark saw its events file written after the thaw).
+        self._writer.flush()
         if self._file is not None:
             self._file.write(step, scalars)
         warn_on_collapse(step, scalars)
@@ -187,6 +191,7 @@ class TrainingLogger:
         """The monitor's results of ``step``: written, and added to :attr:`scalars`."""
         lease.fence()
         self._writer.write_scalars(step, results)
+        self._writer.flush()
         self.scalars.update(results)
         if self._file is not None:
             self._file.write(step, results)
