@@ -53,6 +53,7 @@ from byol_flax.export.torch_format import FORMAT_VERSION, METADATA_KEY
 from byol_flax.models.byol import build_encoder_from_config, build_online_network
 from byol_flax.models.vit import VisionTransformer, sincos_position_embedding
 from byol_flax.runtime import console
+from byol_flax.storage import files, json_files, schemas
 from byol_flax.train_state import TrainState
 
 # What the export's encoder must share with config.model (dotted within it): the architecture,
@@ -169,9 +170,10 @@ def _check_timm_metadata(text: str, encoder: VisionTransformer, where: str) -> d
     """Our metadata in a timm file (``byol_flax.export --format=torch``): a ViT export whose
     heads and pooling are the config's; returns it (its checksums are verified on load)."""
     try:
-        meta = json.loads(text)
-    except ValueError as error:
-        raise InitFromError(f"{where}: metadata {METADATA_KEY!r} is not JSON: {error}") from None
+        meta = json_files.loads(text, name=f"{where}: metadata {METADATA_KEY!r}",
+                                spec=schemas.SAFETENSORS_METADATA)
+    except files.StorageError as error:
+        raise InitFromError(str(error)) from None
     if not isinstance(meta, dict) or meta.get("layout") != timm_vit.LAYOUT \
             or meta.get("format_version") != FORMAT_VERSION:
         raise InitFromError(f"{where}: metadata {METADATA_KEY!r} is not that of a format "
@@ -200,6 +202,10 @@ def _check_timm_file(model: ml_collections.ConfigDict, path: epath.Path, key: st
         raise InitFromError(f"{key}: a {TIMM_SUFFIX} file is a timm Vision Transformer "
                             f"checkpoint, and model.encoder.name={model.encoder.name!r} is not a "
                             "ViT; a ResNet starts from an export directory")
+    try:
+        files.check_regular(path, what=f"{key} file")
+    except files.StorageError as error:
+        raise InitFromError(str(error)) from None
     try:
         with safe_open(os.fspath(path), framework="np") as handle:
             metadata = handle.metadata() or {}
@@ -253,6 +259,10 @@ def _read_timm_arrays(source: InitSource, encoder: VisionTransformer, key: str
             tensors = {name: handle.get_tensor(name) for name in names}
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise InitFromError(f"{key}: {source.path} cannot be read: {_one_line(error)}") from None
+    for name in sorted(tensors):
+        if not np.all(np.isfinite(tensors[name])):
+            raise InitFromError(f"{key}: tensor {name} of {source.path} holds NaN or infinite "
+                                "values: not a trained encoder to start from")
     checksums = source.meta[CHECKSUMS_KEY]
     for name in sorted(tensors) if checksums is not None else ():
         digest = hashlib.sha256(np.ascontiguousarray(tensors[name]).tobytes()).hexdigest()

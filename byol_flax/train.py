@@ -41,6 +41,7 @@ from byol_flax.runtime import console
 from byol_flax.runtime.memory import release_free_heap
 from byol_flax.runtime.outputs import OutputDirError, claim_output_dir
 from byol_flax.sharding import make_mesh, replicate, replicated_sharding, shard_batch
+from byol_flax.storage import files
 from byol_flax.train_logging import TrainingLogger, check_finite
 from byol_flax.train_state import create_train_state
 from byol_flax.train_step import StepFn, StepOptions, make_train_step
@@ -160,10 +161,10 @@ def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
                                run)
     text = config.to_json_best_effort(indent=2)
     path = workdir / config_changes.CONFIG_NAME
-    if path.exists() and path.read_text() != text and not changes:
+    if files.exists(path) and files.read_text(path, what="config") != text and not changes:
         logging.warning("%s differed from this run's config and was rewritten (no checkpoint "
                         "recorded the old one)", path)
-    path.write_text(text)
+    files.write_text(path, text, what="config")
 
 
 def _init_source(config: ml_collections.ConfigDict, workdir: epath.Path) -> InitSource | None:

@@ -22,6 +22,7 @@ from byol_flax.checkpointing import lease
 from byol_flax.collapse import warn_on_collapse
 from byol_flax.errors import UserError
 from byol_flax.runtime import console
+from byol_flax.storage import files, json_files
 from byol_flax.train_step import Metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,6 +83,10 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+# One line per logging step: 1000 epochs of ImageNet at one line per 100 steps is ~3 MB.
+METRICS_MAX_BYTES = 1 << 30
+
+
 class MetricsFile:
     """``<workdir>/metrics.jsonl``: one JSON object per logging step (``step`` and every scalar
     written to TensorBoard for it) and one per monitoring step (``step`` and the monitors'
@@ -95,18 +100,16 @@ class MetricsFile:
 
     def __init__(self, workdir: epath.Path, resumed_step: int):
         path = workdir / METRICS_FILE
-        if path.exists():
-            text = path.read_text()
+        if files.exists(path):
+            text = files.read_text(path, what="metrics file", max_bytes=METRICS_MAX_BYTES)
             kept = "".join(line for line in text.splitlines(keepends=True)
                            if line.endswith("\n") and _logged_step(line) <= resumed_step)
             if kept != text:  # written beside it and renamed: a kill now loses nothing
-                staged = workdir / f".{METRICS_FILE}.tmp"
-                staged.write_text(kept)
-                staged.replace(path)
-        self._file = path.open("a")
+                files.write_text(path, kept, what="metrics file")
+        self._file = files.open_append(path, what="metrics file")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._file.write(json_files.dumps({"step": step, **scalars}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -208,8 +211,8 @@ class TrainingLogger:
         if not (self._is_chief and self.scalars):
             return
         lease.fence()
-        (workdir / "final_metrics.json").write_text(
-            json.dumps(self.scalars, indent=2, sort_keys=True))
+        json_files.write(workdir / "final_metrics.json", self.scalars, indent=2, sort_keys=True,
+                         what="final metrics")
         shown = ["loss", *sorted(k for k in self.scalars if k.startswith("knn/")),
                  "online_classifier/top1", "collapse/projection_effective_rank"]
         console.stage("pre-training stopped at step %d of %d: %s", self._step, self._total_steps,

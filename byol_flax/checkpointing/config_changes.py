@@ -38,6 +38,7 @@ from byol_flax.config import Role, flatten_dotted, role_of
 from byol_flax.data.records import manifest_path
 from byol_flax.errors import UserError
 from byol_flax.runtime.code_identity import code_identity, describe, same_code
+from byol_flax.storage import files, json_files, schemas
 
 # Trained keys added after checkpoints were written without them, each with the value that
 # reproduces what those runs did (or a function of the record giving it): a saved config that
@@ -70,7 +71,7 @@ class ConfigChangeError(UserError, ValueError):
 
 def manifest_sha256(data_dir: str) -> str:
     """The data's identity: the sha256 of its manifest (which holds every shard's sha256)."""
-    return hashlib.sha256(manifest_path(data_dir).read_bytes()).hexdigest()
+    return hashlib.sha256(files.read_bytes(manifest_path(data_dir), what="manifest")).hexdigest()
 
 
 def run_record(config_json: str, data_identity: str) -> dict[str, Any]:
@@ -130,6 +131,25 @@ def check_resume(saved: dict[str, Any], current: dict[str, Any], *, step: int, w
     return changes
 
 
+_HISTORY_ENTRY = schemas.Obj({"step": int, "kind": str})
+
+
+def _history_lines(path: epath.Path) -> list[str]:
+    """The non-empty lines of the history file (none when it does not exist)."""
+    if not files.exists(path):
+        return []
+    text = files.read_text(path, what="config history")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _entry(line: str, path: epath.Path) -> dict[str, Any]:
+    return json_files.loads(line, name=f"config history {path}", spec=_HISTORY_ENTRY)
+
+
+def _write_history(path: epath.Path, lines: Sequence[str]) -> None:
+    files.write_text(path, "".join(line + "\n" for line in lines), what="config history")
+
+
 def record_changes(workdir: epath.Path, step: int, changes: Sequence[dict[str, Any]]) -> None:
     """Appends accepted changes to the workdir's config history (one JSON object per line)."""
     if not changes:
@@ -138,8 +158,7 @@ def record_changes(workdir: epath.Path, step: int, changes: Sequence[dict[str, A
     lines = [json.dumps({"step": step, "time": now, **change}, sort_keys=True, default=str)
              for change in changes]
     path = workdir / HISTORY_NAME
-    previous = path.read_text() if path.exists() else ""
-    path.write_text(previous + "".join(line + "\n" for line in lines))  # gs:// has no append
+    _write_history(path, _history_lines(path) + lines)  # gs:// has no append
     for change in changes:
         logging.warning("config change at step %d (%s): %s: %r -> %r", step, change["kind"],
                         change["key"], change["old"], change["new"])
@@ -152,10 +171,9 @@ def record_init(workdir: epath.Path, key: str, value: Any) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     entry = {"step": 0, "time": now, "kind": INIT_KIND, "key": key, "old": None, "new": value}
     path = workdir / HISTORY_NAME
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line).get("kind") != INIT_KIND]
+    kept = [line for line in _history_lines(path) if _entry(line, path)["kind"] != INIT_KIND]
     kept.append(json.dumps(entry, sort_keys=True, default=str))
-    path.write_text("".join(line + "\n" for line in kept))
+    _write_history(path, kept)
 
 
 def _now() -> str:
@@ -184,14 +202,13 @@ def record_code(workdir: epath.Path, step: int, saved: dict[str, Any] | None,
     else:
         entry = None
     path = workdir / HISTORY_NAME
-    lines = [line for line in (path.read_text().splitlines() if path.exists() else [])
-             if line.strip()]
+    lines = _history_lines(path)
     kept = [line for line in lines
-            if not (json.loads(line).get("kind") == CODE_KIND and json.loads(line)["step"] == step)]
+            if not (_entry(line, path)["kind"] == CODE_KIND and _entry(line, path)["step"] == step)]
     if entry is not None:
         kept.append(json.dumps(entry, sort_keys=True, default=str))
     if kept != lines:
-        path.write_text("".join(line + "\n" for line in kept))
+        _write_history(path, kept)
     return entry
 
 
@@ -213,7 +230,5 @@ def code_at(history: Sequence[dict[str, Any]], step: int | None = None) -> dict[
 def read_history(workdir: epath.PathLike, up_to_step: int | None = None) -> list[dict[str, Any]]:
     """The workdir's recorded config changes (those made at or before ``up_to_step``)."""
     path = epath.Path(workdir) / HISTORY_NAME
-    if not path.exists():
-        return []
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = [_entry(line, path) for line in _history_lines(path)]
     return [e for e in entries if up_to_step is None or e["step"] <= up_to_step]

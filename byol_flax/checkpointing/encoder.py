@@ -8,12 +8,12 @@ and predictor stay there. Building the ``nnx.Module`` from them is the caller's 
 """
 
 import dataclasses
-import json
 from typing import Any
 
 from etils import epath
 
 from byol_flax.checkpointing import DamagedCheckpointError, config_changes, read_verified
+from byol_flax.storage import json_files, schemas
 
 ENCODER_PREFIX = ("online", "encoder")  # where the encoder lives in the saved TrainState
 
@@ -45,8 +45,9 @@ def read_encoder(workdir: epath.PathLike, step: int | None = None) -> EncoderChe
     model_file = directory / str(step) / "model_config" / "metadata"
     try:
         # {"model": config.model, "target": {...}}, as Checkpointer saves it.
-        model_config = json.loads(model_file.read_text())["model"]
-    except (OSError, ValueError, KeyError) as error:
+        model_config = json_files.read(model_file, spec=schemas.Obj({"model": dict}),
+                                       what="checkpoint metadata")["model"]
+    except OSError as error:
         raise DamagedCheckpointError(f"{model_file}: the model config of checkpoint step {step} "
                                      f"cannot be read: {error}") from error
     pretrain_config = {**run["config"],

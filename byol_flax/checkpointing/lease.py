@@ -40,10 +40,12 @@ from etils import epath
 
 from byol_flax.errors import UserError
 from byol_flax.runtime import console
+from byol_flax.storage import files, json_files, schemas
 
 LEASE_NAME = "lease.json"
 HEARTBEATS_PER_WINDOW = 6
 LOST_EXIT_STATUS = 1  # like every other stop on a user-facing error (runtime.console)
+LEASE_MAX_BYTES = 64 * 1024  # a record is ~300 bytes
 
 
 class WorkdirBusyError(UserError, OSError):
@@ -78,9 +80,13 @@ class _LocalStore:
 
     def read(self) -> tuple[str | None, Any]:
         try:
-            text = self.path.read_text()
+            data = files.read_bytes(self.path, max_bytes=LEASE_MAX_BYTES, what="lease file")
         except FileNotFoundError:
             return None, None
+        except files.StorageError as error:  # a FIFO, device or huge file: never a lease
+            raise WorkdirBusyError(f"{error}; it is not a lease this project wrote: remove it "
+                                   "to use the workdir") from None
+        text = data.decode("utf-8", "replace")  # undecodable: a damaged record (_parse)
         return text, text
 
     @contextlib.contextmanager
@@ -99,9 +105,7 @@ class _LocalStore:
             if text is None:
                 self.path.unlink(missing_ok=True)
                 return None
-            staged = self.path.with_name(f"{LEASE_NAME}.{secrets.token_hex(4)}.tmp")
-            staged.write_text(text)
-            staged.replace(self.path)
+            files.write_text(self.path, text, what="lease file")
             return text
 
 
@@ -132,8 +136,12 @@ class _GcsStore:
         blob = self.bucket.get_blob(self.blob_name)
         if blob is None:
             return None, None
+        if (blob.size or 0) > LEASE_MAX_BYTES:
+            raise WorkdirBusyError(f"lease file {self.url} is {blob.size:,} bytes, not a lease "
+                                   "this project wrote: remove it to use the workdir")
         try:
-            text = blob.download_as_bytes(if_generation_match=blob.generation).decode()
+            text = blob.download_as_bytes(if_generation_match=blob.generation).decode(
+                "utf-8", "replace")
         except (exceptions.NotFound, exceptions.PreconditionFailed):
             return self.read()  # changed between the two requests: read again
         return text, blob.generation
@@ -165,6 +173,15 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (``pid:[4026531836]``): a holder in another one (a
+    container on the same host) has a pid this process cannot look up."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _process_start(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), which tells a live holder
     from a later process that reuses its pid."""
@@ -176,8 +193,7 @@ def _process_start(pid: int) -> str | None:
 
 
 def _read_text(path: str) -> str:
-    with open(path) as file:
-        return file.read().strip()
+    return files.read_text(path, max_bytes=4096, what="kernel file").strip()
 
 
 def _iso(seconds: float) -> str:
@@ -186,13 +202,13 @@ def _iso(seconds: float) -> str:
 
 
 def _parse(text: str | None) -> dict[str, Any] | None:
+    """The lease record of ``text``; ``{}`` for a damaged one (not a lease record)."""
     if text is None:
         return None
     try:
-        record = json.loads(text)
-    except ValueError:
+        return json_files.loads(text, name="lease", spec=schemas.LEASE, max_depth=4)
+    except files.StorageError:
         return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _holder(record: dict[str, Any]) -> str:
@@ -219,14 +235,15 @@ class WorkdirLease:
     def _record(self) -> str:
         return json.dumps({
             "host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
-            "process_start": _process_start(os.getpid()), "token": self.token,
+            "pid_namespace": _pid_namespace(), "process_start": _process_start(os.getpid()),
+            "token": self.token,
             "started": _iso(self._started), "heartbeat": time.time()}, indent=2)
 
     def gone_reason(self, holder: dict[str, Any]) -> str | None:
         """Why ``holder`` is certainly gone without waiting (unreadable, a heartbeat older than
         the stale window, a dead process or a rebooted host), or None."""
         if not holder:
-            return "its lease is unreadable"
+            return "its lease file is damaged (not a lease record this project writes)"
         age = time.time() - float(holder.get("heartbeat", 0))
         if age > self.stale_after:  # a relaunch long after the holder vanished: no wait
             return f"its last heartbeat is {age:.0f} s old (stale after {self.stale_after:.0f} s)"
@@ -235,6 +252,8 @@ class WorkdirLease:
         boot = _boot_id()
         if boot and holder.get("boot_id") and holder["boot_id"] != boot:
             return "this host has rebooted since"
+        if not self._same_pid_namespace(holder):
+            return None  # its pid means nothing here: only its heartbeat can tell
         pid = int(holder.get("pid", -1))
         start = _process_start(pid)
         if start is None:
@@ -244,7 +263,15 @@ class WorkdirLease:
         return None
 
     def _same_host(self, holder: dict[str, Any]) -> bool:
-        return holder.get("host") == socket.gethostname()
+        """Whether ``holder``'s process can be looked up here: this host, this boot and this
+        PID namespace (a container on the same host, e.g. Docker with host networking on a
+        TPU VM, shares the host name but not the pids)."""
+        return holder.get("host") == socket.gethostname() and self._same_pid_namespace(holder)
+
+    @staticmethod
+    def _same_pid_namespace(holder: dict[str, Any]) -> bool:
+        ours, theirs = _pid_namespace(), holder.get("pid_namespace")
+        return ours is None or theirs is None or ours == theirs
 
     def _wait_for_silence(self, text: str, version: Any) -> tuple[str, Any]:
         """Watches a live-looking holder for one stale window. Returns why it may be taken over

@@ -6,7 +6,6 @@ verify but describe another run (nothing is moved). The :class:`Checkpointer` th
 steps and restores a run is :mod:`byol_flax.checkpointing.checkpointer`.
 """
 
-import json
 import logging
 from typing import Any
 
@@ -18,6 +17,7 @@ from etils import epath
 
 from byol_flax.config import flatten_dotted
 from byol_flax.errors import UserError
+from byol_flax.storage import json_files, schemas
 
 
 class IncompatibleCheckpointError(UserError, ValueError):
@@ -182,8 +182,11 @@ def _read_part(step_dir: epath.Path, prefix: tuple[str, ...]
         for key in prefix:
             target = target[key]
         restored = read_pytree(step_dir / "state", target, prefix)
-        checksums = json.loads((step_dir / INTEGRITY_ITEM / "metadata").read_text())["checksums"]
-        run = json.loads((step_dir / RUN_ITEM / "metadata").read_text())
+        checksums = json_files.read(step_dir / INTEGRITY_ITEM / "metadata",
+                                    spec=schemas.Obj({"checksums": dict}),
+                                    what="checkpoint metadata")["checksums"]
+        run = json_files.read(step_dir / RUN_ITEM / "metadata", spec=dict,
+                              what="checkpoint metadata")
     except Exception as error:
         raise DamagedCheckpointError(f"{where} cannot be read: {short_error(error)}") from error
     verify(restored, checksums, where)

@@ -21,6 +21,7 @@ creates, sets up, recovers, tails (``sky jobs logs``) and deletes on-demand and 
 so there is nothing left that printing gcloud commands adds.
 """
 
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -78,6 +79,9 @@ _BASE_DOCKER_IMAGE = flags.DEFINE_string("base_docker_image", tasks.BASE_DOCKER_
                                          "xpk base image", flag_values=_F)
 _PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (xpk)", flag_values=_F)
 
+# Line breaks and other control characters (C0, DEL, C1): in a task definition a newline ends
+# the YAML value or shell line it is in, and what follows becomes a key or a command of its own.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 COMMON = ("config", "workdir", "accelerator", "name", "override", "zone")
 ENGINE_FLAGS = {
     "skypilot": COMMON + ("commit", "repo", "num_nodes", "spot", "recovery_strategy",
@@ -115,6 +119,13 @@ def _check_flags(argv: list[str]) -> str:
     missing = [name for name in REQUIRED[engine] if COMMAND_FLAGS[name].value is None]
     if missing:
         raise app.UsageError(f"{engine} needs --{missing[0]}")
+    for name in ENGINE_FLAGS[engine]:
+        values = COMMAND_FLAGS[name].value
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and (bad := _CONTROL.search(value)):
+                raise app.UsageError(f"--{name}={value!r} holds the control character "
+                                     f"{bad.group()!r}: a value goes into a task definition "
+                                     "(YAML, a shell line) and must be one plain line")
     return engine
 
 

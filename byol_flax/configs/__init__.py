@@ -9,6 +9,7 @@ import pathlib
 from collections.abc import Sequence
 
 from byol_flax.errors import UserError
+from byol_flax.storage import files
 
 CONFIG_DIR = pathlib.Path(__file__).parent
 
@@ -28,7 +29,8 @@ def names(subdir: str = "") -> list[str]:
 def _is_config_module(path: pathlib.Path, subdir: str) -> bool:
     """An experiment config (``get_config``) or, under ``studies``, a study module (one that
     registers a study)."""
-    return ("@STUDIES.register(" if subdir == "studies" else "def get_config(") in path.read_text()
+    marker = "@STUDIES.register(" if subdir == "studies" else "def get_config("
+    return marker in files.read_text(path, what="config module")
 
 
 def resolve(spec: str, *, subdir: str = "") -> str:

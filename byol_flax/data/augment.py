@@ -9,7 +9,6 @@ Every probability and magnitude comes from ``config.augment`` (defaults: Table 6
 ablations of Table 17 are config changes.
 """
 
-import io
 import math
 from collections.abc import Callable
 
@@ -19,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from byol_flax.storage.images import open_image
 
 # Appendix C: "we normalize color channels by subtracting the average color and dividing by the
 # standard deviation, computed on ImageNet".
@@ -155,7 +156,7 @@ def decode_image_reduced(data: bytes, reduction: Callable[[int, int], int]
     scaling (Pillow's draft mode), costing a fraction of a full decode. Other formats decode
     in full.
     """
-    image = Image.open(io.BytesIO(data))
+    image = open_image(data)
     width, height = image.size
     factor = reduction(width, height)
     if factor > 1 and image.format == "JPEG":

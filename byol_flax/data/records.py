@@ -43,6 +43,7 @@ from array_record.python import array_record_module
 from etils import epath
 
 from byol_flax.errors import UserError
+from byol_flax.storage import files, json_files, schemas
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -108,7 +109,10 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, *, origin: str = "manifest") -> "Manifest":
         try:
-            raw = json.loads(text)
+            raw = json_files.loads(text, name=origin, spec=schemas.MANIFEST)
+        except files.StorageError as error:
+            raise DataError(f"{error}: not a valid byol_flax manifest") from None
+        try:
             if raw.get("schema_version") != SCHEMA_VERSION:
                 raise DataError(f"{origin}: schema_version {raw.get('schema_version')!r} is not "
                                 f"the supported version {SCHEMA_VERSION}")
@@ -123,17 +127,15 @@ class Manifest:
 
 
 def file_sha256(path: epath.PathLike, chunk_size: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with epath.Path(path).open("rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return files.sha256(path, what="shard", chunk_bytes=chunk_size)
 
 
 def write_shard(path: epath.PathLike, records: Iterable[Record]) -> ShardInfo:
     """Writes records to ``path`` atomically (temporary file, then rename) and describes it."""
     path = epath.Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    files.check_writable(path, what="shard")
+    files.check_writable(tmp, what="shard")
     writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
     count = 0
     try:
@@ -165,10 +167,7 @@ def manifest_path(data_dir: epath.PathLike) -> epath.Path:
 
 
 def write_manifest(data_dir: epath.PathLike, manifest: Manifest) -> None:
-    path = manifest_path(data_dir)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    files.write_text(manifest_path(data_dir), manifest.to_json(), what="manifest")
 
 
 def load_manifest(data_dir: epath.PathLike) -> Manifest:
@@ -179,7 +178,11 @@ def load_manifest(data_dir: epath.PathLike) -> Manifest:
     if not path.exists():
         raise DataError(f"{path} is missing: {data_dir} was not written by byol_flax/data/convert/ "
                         "(or the conversion did not finish)")
-    return Manifest.from_json(path.read_text(), origin=str(path))
+    try:
+        text = files.read_text(path, what="manifest")
+    except files.StorageError as error:
+        raise DataError(str(error)) from None
+    return Manifest.from_json(text, origin=str(path))
 
 
 def split_info(manifest: Manifest, split: str, *, data_dir: epath.PathLike) -> SplitInfo:
@@ -235,6 +238,9 @@ COPY_FREE_SPACE_MARGIN = 1_000_000_000
 _GB = 1e9
 
 
+_STAMP = schemas.Obj({"manifest_sha256": str})
+
+
 def _bytes_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -243,11 +249,12 @@ def _verified_manifest_sha256(local_dir: os.PathLike | str) -> str | None:
     """The manifest sha256 in ``local_dir``'s stamp, if it is that of the manifest beside it."""
     local_dir = epath.Path(local_dir)
     try:
-        stamp = json.loads((local_dir / VERIFIED_COPY_STAMP).read_text())
-        manifest = manifest_path(local_dir).read_bytes()
-    except (OSError, ValueError):
+        stamp = json_files.read(local_dir / VERIFIED_COPY_STAMP, spec=_STAMP,
+                                what="verified-copy stamp", max_bytes=1 << 16)
+        manifest = files.read_bytes(manifest_path(local_dir), what="manifest")
+    except OSError:  # absent, damaged or not a file: not a verified copy
         return None
-    recorded = stamp.get("manifest_sha256") if isinstance(stamp, dict) else None
+    recorded = stamp["manifest_sha256"]
     return recorded if recorded == _bytes_sha256(manifest) else None
 
 
@@ -326,14 +333,14 @@ def copy_dataset(source: epath.PathLike, destination: epath.PathLike,
     source = epath.Path(source)
     destination = os.path.abspath(os.fspath(destination))
     try:
-        manifest_bytes = manifest_path(source).read_bytes()
+        manifest_bytes = files.read_bytes(manifest_path(source), what="manifest")
     except OSError as error:
         raise DataError(f"{manifest_path(source)} cannot be read: {error}") from error
     manifest_sha256 = _bytes_sha256(manifest_bytes)
     if _verified_manifest_sha256(destination) == manifest_sha256:
         return epath.Path(destination)
     os.makedirs(os.path.dirname(destination), exist_ok=True)
-    with open(destination + ".lock", "w") as lock:
+    with files.open_append(destination + ".lock", what="lock file") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if _verified_manifest_sha256(destination) != manifest_sha256:
             _copy_verified(source, destination, manifest_bytes, workers)
@@ -364,13 +371,14 @@ def _copy_verified(source: epath.Path, destination: str, manifest_bytes: bytes,
         for done in [pool.submit(_copy_shard, source, partial, shard, sizes[shard.file])
                      for shard in shards]:
             done.result()
-    with open(os.path.join(partial, MANIFEST_NAME), "wb") as f:
-        f.write(manifest_bytes)  # the bytes hashed above, even if the source changed since
+    # The bytes hashed above, even if the source changed since.
+    files.write_bytes(os.path.join(partial, MANIFEST_NAME), manifest_bytes, what="manifest")
     for split in manifest.splits:
         verify_split(partial, manifest, split, checksum=False)  # the counts add up
-    with open(os.path.join(partial, VERIFIED_COPY_STAMP), "w") as f:
-        json.dump({"source": str(source), "manifest_sha256": _bytes_sha256(manifest_bytes),
-                   "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f)
+    json_files.write(os.path.join(partial, VERIFIED_COPY_STAMP),
+                     {"source": str(source), "manifest_sha256": _bytes_sha256(manifest_bytes),
+                      "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat()},
+                     what="verified-copy stamp")
     os.replace(partial, destination)  # destination was cleared above: an atomic rename
 
 

@@ -34,6 +34,7 @@ from byol_flax.evaluation.features import FeatureStore, extract_features
 from byol_flax.evaluation.resumable import UnitCheckpoints, measured_settings, settings_digest
 from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.runtime.registry import Registry
+from byol_flax.storage import files, json_files, schemas
 
 Scores = dict[str, float]
 
@@ -53,6 +54,9 @@ EvaluatorFactory = Callable[..., Evaluator]  # (config, mesh, *, store=None) -> 
 # Filled as protocol modules are imported: byol_flax.evaluation.evaluators imports them all.
 EVALUATORS: Registry[EvaluatorFactory] = Registry("evaluator")
 SPLIT_KEYS = ("train_split", "selection_split", "test_split")  # of config.data
+
+
+SWEEP_POINT_MAX_BYTES = 1 << 20
 
 
 class SweepStore:
@@ -79,12 +83,12 @@ class SweepStore:
 
     def get(self, name: str, point: dict[str, Any]) -> Scores | None:
         path = self._path(name, point)
-        if path and path.exists():
+        if path and files.exists(path):
             try:
-                saved = json.loads(path.read_text())
-            except json.JSONDecodeError as error:
-                raise DataError(f"sweep point file {path} is damaged ({error}); delete it to "
-                                "refit that point") from error
+                saved = json_files.read(path, spec=schemas.SWEEP_POINT, what="sweep point file",
+                                        max_bytes=SWEEP_POINT_MAX_BYTES)
+            except files.StorageError as error:
+                raise DataError(f"{error}; delete it to refit that point") from None
             if saved["point"] == point:
                 return saved["selection"]
         return None
@@ -93,10 +97,8 @@ class SweepStore:
         """Written by process 0 only, atomically (temporary file + rename)."""
         path = self._path(name, point)
         if path and jax.process_index() == 0:
-            temporary = path.parent / (path.name + ".tmp")
-            temporary.write_text(json.dumps({"point": point, "selection": selection},
-                                            sort_keys=True))
-            temporary.rename(path)
+            json_files.write(path, {"point": point, "selection": selection}, sort_keys=True,
+                             what="sweep point file")
 
 
 def labelled_split(config: ml_collections.ConfigDict, key: str) -> OpenedSplit:
@@ -165,7 +167,7 @@ class Context:
         protocol scoring selection and test on one split computes them once)."""
         return (self.store.features or self._features).features(
             self.pretrained.encoder, opened, self.config, self.mesh, identity=self.identity,
-            limit=limit, resize_ratio=resize_ratio)
+            limit=limit, resize_ratio=resize_ratio, architecture=self.pretrained.model_config)
 
     def classifier_scores(self, model: nnx.Module, opened: OpenedSplit) -> Scores:
         """Accuracies of a network mapping images to logits on (the first ``eval_limit`` of)

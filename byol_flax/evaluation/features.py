@@ -115,15 +115,18 @@ class FeatureStore:
 
     def features(self, encoder: nnx.Module, opened: OpenedSplit,
                  config: ml_collections.ConfigDict, mesh: Mesh, *, identity: str,
-                 limit: int = 0, resize_ratio: float = EVAL_RESIZE_RATIO) -> Features:
+                 limit: int = 0, resize_ratio: float = EVAL_RESIZE_RATIO,
+                 architecture: Mapping[str, Any] | None = None) -> Features:
         """``encoder``'s features of ``opened`` (``identity`` names the encoder: one store may
-        serve several subjects with distinct identities)."""
+        serve several subjects with distinct identities; ``architecture``, its model config,
+        keys the disk cache beside the weights)."""
         key = json.dumps([identity, str(opened.data_dir), opened.split, limit, resize_ratio,
                           config.data.image_size, config.feature_batch_size])
         if key not in self._held:
             apply, state = clf.make_inference_fn(encoder, mesh)
             use_cache = self.cache is not None and self.cache.usable()
-            encoder_key = {"fingerprint": encoder_fingerprint(encoder)} if use_cache else None
+            encoder_key = ({"fingerprint": encoder_fingerprint(encoder, architecture)}
+                           if use_cache else None)
             self._held[key] = extract_features(
                 apply, state, opened, config, mesh, batch_size=config.feature_batch_size,
                 limit=limit, resize_ratio=resize_ratio, cache=self.cache if use_cache else None,
@@ -155,4 +158,5 @@ def encoder_features(ctx: Any, opened: OpenedSplit, *, limit: int = 0,
     if store is None:
         return ctx.features(opened, limit=limit, resize_ratio=resize_ratio)
     return store.features(ctx.pretrained.encoder, opened, ctx.config, ctx.mesh,
-                          identity=ctx.identity, limit=limit, resize_ratio=resize_ratio)
+                          identity=ctx.identity, limit=limit, resize_ratio=resize_ratio,
+                          architecture=ctx.pretrained.model_config)

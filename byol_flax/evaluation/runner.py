@@ -2,7 +2,6 @@
 sweep points under ``<workdir>/sweep``, the unfinished training unit's checkpoints under
 ``<workdir>/checkpoints`` (:mod:`byol_flax.evaluation.resumable`)."""
 
-import json
 import logging
 
 import jax
@@ -20,6 +19,7 @@ from byol_flax.export import model_card
 from byol_flax.export.encoder import ENCODER_CONFIG_NAME, load_source
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.sharding import make_mesh
+from byol_flax.storage import files, json_files
 
 
 def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> dict:
@@ -28,7 +28,7 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     validate_eval_config(config, num_devices=jax.device_count())
     export_read = source if (epath.Path(source) / ENCODER_CONFIG_NAME).exists() else ""
     workdir = claim_output_dir(workdir, "evaluation", inputs=[export_read])
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     pretrained = load_source(source, seed=config.seed, image_size=config.data.image_size)
     # SIGTERM ends a training unit with a checkpoint (EvaluationStopped); the same command then
     # resumes it. Under jax.distributed Orbax's preemption sync point does that instead.
@@ -41,7 +41,8 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
         result = build_evaluator(config, make_mesh(), store=store).run(pretrained)
     finally:
         termination.restore()
-    (workdir / model_card.RESULTS_NAME).write_text(json.dumps(result, indent=2, sort_keys=True))
+    json_files.write(workdir / model_card.RESULTS_NAME, result, indent=2, sort_keys=True,
+                     what="evaluation result")
 
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)

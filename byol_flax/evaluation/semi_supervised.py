@@ -5,13 +5,13 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 
 import byol_flax.evaluation.classifier as clf
 from byol_flax.data.pipeline import OpenedSplit, labelled_dataset, labels_and_ids
 from byol_flax.data.records import DataError
 from byol_flax.evaluation.base import Context, protocol, result, sweep, this_process
+from byol_flax.storage import files
 
 
 def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -27,8 +27,11 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 def subset_from_split_file(ids: list[str], split_file: str) -> np.ndarray:
     """Sorted indices of the records listed in ``split_file`` (one id or file name per line,
     e.g. SimCLR's ``1percent.txt``); a record matches by its id or the id's last path part."""
-    wanted = [line.strip() for line in epath.Path(split_file).read_text().splitlines()
-              if line.strip()]
+    try:
+        text = files.read_text(split_file, what="semi-supervised split file")
+    except files.StorageError as error:
+        raise DataError(str(error)) from None
+    wanted = [line.strip() for line in text.splitlines() if line.strip()]
     position = {}
     for index, record_id in enumerate(ids):
         position.setdefault(record_id, index)

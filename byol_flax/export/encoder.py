@@ -26,7 +26,6 @@ Reuse it with two lines and no training code::
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ from byol_flax.models.encoders import ENCODERS, WIDTH_MULTIPLIERS
 from byol_flax.models.init import init_module
 from byol_flax.models.predictors import PREDICTORS
 from byol_flax.runtime.outputs import check_output_dir, write_marker
+from byol_flax.storage import files, json_files
 
 # 2: per-array sha256 checksums in encoder_config.json (1 had none; the package was never
 # released with it).
@@ -56,6 +56,7 @@ ENCODER_CONFIG_NAME = "encoder_config.json"
 WEIGHTS_DIR = "encoder"
 HEADS_DIR = "heads"
 CHECKSUMS_KEY = "checksums"  # encoder_config.json: {"encoder": {path: sha256}, "heads": {...}}
+CONFIG_MAX_BYTES = 16 << 20  # encoder_config.json holds configs and checksums: a few kB
 RANDOM_PREFIX = "random:"
 PIXELS_SOURCE = "pixels"
 HEAD_NAMES = ("projector", "predictor", "classifier")
@@ -239,8 +240,10 @@ def read_export_config(export_dir: epath.PathLike) -> dict[str, Any]:
         raise SourceError(f"{export_dir} is not an encoder export: not a directory")
     _regular_file(config_path, ENCODER_CONFIG_NAME)
     try:
-        meta = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        meta = json_files.read(config_path, what="export config", max_bytes=CONFIG_MAX_BYTES)
+    except files.StorageError as error:
+        raise SourceError(str(error)) from None
+    except OSError as error:
         raise SourceError(f"{config_path} cannot be read as JSON: {error}") from None
     if not isinstance(meta, dict):
         raise SourceError(f"{config_path} holds a {type(meta).__name__}, not an export's "
@@ -409,7 +412,7 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
         checkpointer.close()
         origin = {("source_" + k if k in ("kind", "path") else k): v
                   for k, v in pretrained.origin.items() if k != "fingerprint"}
-        (staging / ENCODER_CONFIG_NAME).write_text(json.dumps({
+        json_files.write(staging / ENCODER_CONFIG_NAME, {
             "format_version": EXPORT_FORMAT_VERSION,
             "model": pretrained.model_config,
             "origin": origin,
@@ -417,7 +420,7 @@ def export_encoder(pretrained: PretrainedEncoder, out_dir: epath.PathLike,
             "heads": {name: ({"num_classes": module.out_features} if name == "classifier" else {})
                       for name, module in heads.items()},
             CHECKSUMS_KEY: checksums,
-        }, indent=2, sort_keys=True))
+        }, indent=2, sort_keys=True, what="export config")
         if write_extra is not None:
             write_extra(staging)
 

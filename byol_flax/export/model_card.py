@@ -41,10 +41,13 @@ from byol_flax.models.byol import count_params
 from byol_flax.models.vit import FrozenParam
 from byol_flax.runtime.code_identity import describe
 from byol_flax.runtime.outputs import check_output_dir
+from byol_flax.storage import files, json_files, schemas
 
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "MODEL_CARD.md"
 RESULTS_NAME = "results.json"  # what an evaluation workdir holds
+# A card or a result is a few kB; far above that is not one.
+CARD_MAX_BYTES = 16 << 20
 NOT_STATED = "not stated by the exporter: fill in before any release (byol_flax.export flags)"
 _MARKUP = re.compile(r"([\\`*_\[\]|#~!])")
 
@@ -72,17 +75,21 @@ def _data_source(pretrain_config: dict[str, Any] | None) -> dict[str, Any]:
     source: dict[str, Any] = {"dir": data.get("dir"), "train_split": data.get("train_split"),
                               "image_size": data.get("image_size")}
     manifest_file = epath.Path(data.get("dir") or "/nonexistent") / MANIFEST_NAME
-    if manifest_file.exists():
-        text = manifest_file.read_bytes()
-        manifest = json.loads(text)
+    try:
+        text = files.read_bytes(manifest_file, what="manifest")
+        manifest = json_files.loads(text, name=f"manifest {manifest_file}",
+                                    spec=schemas.MANIFEST)
+    except OSError as error:  # missing, damaged or not a file: the card says so, not a crash
+        manifest = None
+        source["note"] = f"{manifest_file} not readable at export time ({error}): checksum " \
+                         "not recorded"
+    if manifest is not None:
         split = manifest.get("splits", {}).get(data.get("train_split"), {})
         source.update(dataset=manifest.get("dataset"), converter=manifest.get("source"),
                       manifest_sha256=hashlib.sha256(text).hexdigest(),
                       train_records=split.get("num_records"),
                       splits={name: s.get("num_records")
                               for name, s in manifest.get("splits", {}).items()})
-    else:
-        source["note"] = f"{manifest_file} not readable at export time: checksum not recorded"
     return source
 
 
@@ -267,12 +274,14 @@ def render_markdown(card: dict[str, Any]) -> str:
 def write_model_card(directory: epath.PathLike, card: dict[str, Any]) -> None:
     """Writes both card files into ``directory``: a new export's staging directory."""
     directory = epath.Path(directory)
-    (directory / CARD_JSON).write_text(json.dumps(card, indent=2, sort_keys=True))
-    (directory / CARD_MARKDOWN).write_text(render_markdown(card))
+    files.write_files({directory / CARD_JSON: json_files.dumps(card, indent=2, sort_keys=True),
+                       directory / CARD_MARKDOWN: render_markdown(card)}, what="model card")
 
 
 def read_model_card(directory: epath.PathLike) -> dict[str, Any]:
-    return json.loads((epath.Path(directory) / CARD_JSON).read_text())
+    """``model_card.json`` of an export (checked to be a card: :data:`schemas.MODEL_CARD`)."""
+    return json_files.read(epath.Path(directory) / CARD_JSON, spec=schemas.MODEL_CARD,
+                           what="model card", max_bytes=CARD_MAX_BYTES)
 
 
 def read_results(directory: epath.PathLike) -> dict[str, Any]:
@@ -280,33 +289,12 @@ def read_results(directory: epath.PathLike) -> dict[str, Any]:
     it is missing or not a result."""
     path = epath.Path(directory) / RESULTS_NAME
     try:
-        result = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return json_files.read(path, spec=schemas.RESULTS, what="evaluation result",
+                               max_bytes=CARD_MAX_BYTES)
+    except files.StorageError as error:
+        raise SourceError(str(error)) from None
+    except OSError as error:
         raise SourceError(f"{path} cannot be read as an evaluation result: {error}") from None
-    if not isinstance(result, dict) or not isinstance(result.get("protocol"), str) \
-            or not isinstance(result.get("test"), dict):
-        raise SourceError(f"{path} is not an evaluation result (no 'protocol' and 'test')")
-    return result
-
-
-def _replace_without_following(path: str, text: str) -> None:
-    """Replaces the regular file ``path`` by ``text``: refused if ``path`` is a symbolic link;
-    written to a new file beside it (created exclusively, never through a link) that is then
-    renamed over it, so neither a link nor a half-written card can result."""
-    if os.path.islink(path):
-        raise SourceError(f"{path} is a symbolic link: not writing through it")
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise SourceError(f"{path} is not a regular file: not replacing it")
-    temporary = f"{path}.tmp-{os.getpid()}"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def add_results_to_card(export_dir: epath.PathLike, results: Sequence[str]) -> dict[str, Any]:
@@ -320,23 +308,29 @@ def add_results_to_card(export_dir: epath.PathLike, results: Sequence[str]) -> d
         raise SourceError(f"{directory} is not an export directory"
                           + (" (a symbolic link: name the directory itself)"
                              if os.path.islink(directory) else ""))
-    for name in (CARD_JSON, CARD_MARKDOWN):
-        if os.path.islink(os.path.join(directory, name)):
-            raise SourceError(f"{os.path.join(directory, name)} is a symbolic link: not "
-                              "writing through it")
+    paths = {name: os.path.join(directory, name) for name in (CARD_JSON, CARD_MARKDOWN)}
     try:
+        for path in paths.values():  # both checked before anything is read or written
+            files.check_writable(path, what="model card file")
         card = read_model_card(directory)
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SourceError(f"{os.path.join(directory, CARD_JSON)} cannot be read as a model "
-                          f"card: {error}") from None
-    if not isinstance(card, dict) or not isinstance(card.get("evaluations"), list):
-        raise SourceError(f"{os.path.join(directory, CARD_JSON)} is not a model card")
-    for workdir in results:
-        card = add_evaluation(card, read_results(workdir))
-    markdown = render_markdown(card)  # fails (KeyError) on a card missing a section: first
-    _replace_without_following(os.path.join(directory, CARD_JSON),
-                               json.dumps(card, indent=2, sort_keys=True))
-    _replace_without_following(os.path.join(directory, CARD_MARKDOWN), markdown)
+        if "evaluations" not in card:
+            raise files.StorageError(f"model card {paths[CARD_JSON]}: key 'evaluations' is "
+                                     "missing")
+        for workdir in results:
+            card = add_evaluation(card, read_results(workdir))
+        markdown = render_markdown(card)
+    except files.StorageError as error:
+        raise SourceError(str(error)) from None
+    except OSError as error:
+        raise SourceError(f"{paths[CARD_JSON]} cannot be read as a model card: {error}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        raise SourceError(f"{paths[CARD_JSON]} is not a model card this version renders (a "
+                          f"section is missing or malformed: {error!r})") from None
+    try:  # both files or neither
+        files.write_files({paths[CARD_JSON]: json_files.dumps(card, indent=2, sort_keys=True),
+                           paths[CARD_MARKDOWN]: markdown}, what="model card file")
+    except files.StorageError as error:
+        raise SourceError(str(error)) from None
     return card
 
 

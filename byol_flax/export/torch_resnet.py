@@ -28,7 +28,6 @@ line naming the file and the key.
 """
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -39,6 +38,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+
+from byol_flax.storage import files, json_files
 
 Padding = Literal["same", "symmetric"]
 PADDINGS = ("same", "symmetric")
@@ -238,13 +239,16 @@ def _check_architecture(arch: Any, path: str) -> None:
         raise fail("batchnorm", "must hold eps in (0, 1) and decay in [0, 1]")
 
 
-def read_architecture(path: str | os.PathLike) -> dict[str, Any]:
-    """The architecture recorded in an ``encoder.safetensors`` (its metadata, as written by
-    :func:`byol_flax.export.torch_format.torch_arrays`), checked against :data:`LIMITS`."""
-    path = os.fspath(path)
+def read_metadata_object(path: str) -> dict[str, Any]:
+    """The JSON object under the file's ``byol_flax`` metadata entry: a regular file (never a
+    FIFO or device), strict, depth-bounded JSON; :class:`ExportFileError` naming the file
+    otherwise."""
     try:
+        files.check_regular(path, what="safetensors file")
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
+    except files.StorageError as error:
+        raise ExportFileError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
         raise ExportFileError(f"{path}: not a readable safetensors file: "
                               f"{str(error).splitlines()[0] if str(error) else error!r}") from None
@@ -252,11 +256,19 @@ def read_architecture(path: str | os.PathLike) -> dict[str, Any]:
         raise ExportFileError(f"{path}: no {METADATA_KEY!r} metadata entry: not written by "
                               "byol_flax.export --format=torch")
     try:
-        architecture = json.loads(metadata[METADATA_KEY])
-    except ValueError as error:
-        raise ExportFileError(f"{path}: metadata {METADATA_KEY!r} is not JSON: {error}") from None
-    if not isinstance(architecture, dict) or architecture.get("format_version") != FORMAT_VERSION:
-        version = architecture.get("format_version") if isinstance(architecture, dict) else None
+        return json_files.loads(metadata[METADATA_KEY], name=f"{path}: metadata "
+                                f"{METADATA_KEY!r}", spec=dict)
+    except files.StorageError as error:
+        raise ExportFileError(str(error)) from None
+
+
+def read_architecture(path: str | os.PathLike) -> dict[str, Any]:
+    """The architecture recorded in an ``encoder.safetensors`` (its metadata, as written by
+    :func:`byol_flax.export.torch_format.torch_arrays`), checked against :data:`LIMITS`."""
+    path = os.fspath(path)
+    architecture = read_metadata_object(path)
+    if architecture.get("format_version") != FORMAT_VERSION:
+        version = architecture.get("format_version")
         raise ExportFileError(f"{path}: format_version {version!r}, this code reads "
                               f"{FORMAT_VERSION}")
     _check_architecture(architecture.get("architecture"), path)

@@ -17,7 +17,6 @@ with the file's, every tensor's sha256 compared with the one recorded at export 
 is one :class:`ExportFileError` line naming the file and the key.
 """
 
-import json
 import math
 import os
 from typing import Any
@@ -30,8 +29,8 @@ from timm.models.vision_transformer import VisionTransformer
 from byol_flax.export.torch_resnet import (
     CHECKSUMS_KEY,
     FORMAT_VERSION,
-    METADATA_KEY,
     ExportFileError,
+    read_metadata_object,
     tensor_sha256,
     weights_file,
 )
@@ -48,18 +47,8 @@ LIMITS = {"parameters": 600_000_000}
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The file's ``byol_flax`` metadata, checked to describe a timm ViT within the limits."""
     path = os.fspath(path)
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
-        raise ExportFileError(f"{path}: not a readable safetensors file: {error}") from None
-    try:
-        meta = json.loads(metadata[METADATA_KEY])
-    except (KeyError, ValueError):
-        raise ExportFileError(f"{path}: no JSON {METADATA_KEY!r} metadata entry: not written by "
-                              "byol_flax.export --format=torch") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION \
-            or meta.get("layout") != LAYOUT:
+    meta = read_metadata_object(path)
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("layout") != LAYOUT:
         raise ExportFileError(f"{path}: not a format {FORMAT_VERSION} ViT export (layout "
                               f"{LAYOUT!r}): a ResNet export loads with torch_resnet")
     arch = meta.get("architecture")

@@ -34,6 +34,7 @@ from etils import epath
 
 from byol_flax import configs
 from byol_flax.errors import UserError
+from byol_flax.storage import files
 
 LOG_FILE = "log.txt"
 _STAGE_LOGGER = logging.getLogger("byol_flax.stage")
@@ -112,6 +113,14 @@ def temporary_log_file(command: str | None = None) -> epath.Path:
     return epath.Path(tempfile.gettempdir()) / TEMPORARY_LOG_DIR / f"{name}.log"
 
 
+class _LogFileHandler(logging.FileHandler):
+    """A ``logging.FileHandler`` whose file is opened by the storage layer: a link, FIFO or
+    directory planted at the log file's path is refused, never appended to."""
+
+    def _open(self):
+        return files.open_append(self.baseFilename, truncate=self.mode == "w", what="log file")
+
+
 def _route_logs(path: epath.Path, *, verbose: bool, delay: bool = False) -> None:
     """Every log record to ``path``; only warnings and errors (everything with ``verbose``) to
     the console. ``delay``: the file is created by its first record only."""
@@ -119,8 +128,8 @@ def _route_logs(path: epath.Path, *, verbose: bool, delay: bool = False) -> None
     if _Settings.file_handler is not None:
         root.removeHandler(_Settings.file_handler)
         _Settings.file_handler.close()
-    file_handler = logging.FileHandler(os.fspath(path), mode="w" if delay else "a",
-                                       encoding="utf-8", delay=delay)
+    file_handler = _LogFileHandler(os.fspath(path), mode="w" if delay else "a",
+                                   encoding="utf-8", delay=delay)
     file_handler.setFormatter(logging.Formatter(_FORMAT))
     file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.addHandler(file_handler)
@@ -213,7 +222,7 @@ def report_error(line: str, error: BaseException | None = None, *,
         if handler is None:
             path = temporary_log_file(command)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as file:  # the last run's, as the handler
+            with files.open_append(path, truncate=True, what="log file") as file:  # the last run's
                 file.write(logging.Formatter(_FORMAT).format(record) + "\n")
         else:
             handler.handle(record)  # the log file only (the console has it once)
@@ -231,9 +240,8 @@ def exit_with_error(line: str, *, error: BaseException | None = None,
     report_error(line, error)
     if _Settings.file_handler is not None:
         try:
-            descriptor = os.open(_Settings.file_handler.baseFilename,
-                                 os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            os.dup2(descriptor, sys.stderr.fileno())
+            with files.open_append(_Settings.file_handler.baseFilename, what="log file") as log:
+                os.dup2(log.fileno(), sys.stderr.fileno())
         except (OSError, ValueError, AttributeError):  # no file descriptor (captured stderr)
             pass
     sys.exit(status)

@@ -9,17 +9,18 @@ the current directory or one of its ancestors, a directory inside or around the 
 input) is refused in one line naming the path, before any work is done.
 """
 
-import json
 import os
 from collections.abc import Iterable
 
 from etils import epath
 
 from byol_flax.errors import UserError
+from byol_flax.storage import json_files, schemas
 
 MARKER_NAME = ".byol_flax_output.json"
 KINDS = ("export", "dataset", "pretraining", "evaluation", "demo", "study")
 _SHOWN_ENTRIES = 3
+MARKER_MAX_BYTES = 64 * 1024
 
 
 class OutputDirError(UserError, OSError):
@@ -40,11 +41,11 @@ def _read_marker(directory: epath.Path) -> str | None:
     if not _is_remote(os.fspath(directory)) and os.path.islink(os.fspath(marker)):
         return None
     try:
-        content = json.loads(marker.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        content = json_files.read(marker, spec=schemas.OUTPUT_MARKER, max_bytes=MARKER_MAX_BYTES,
+                                  what="output marker")
+    except OSError:  # a FIFO, a device, damaged or foreign: not this project's marker
         return None
-    kind = content.get("kind") if isinstance(content, dict) else None
-    return kind if kind in KINDS else None
+    return content["kind"] if content["kind"] in KINDS else None
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -120,7 +121,7 @@ def write_marker(directory: epath.PathLike, kind: str) -> None:
     if not _is_remote(os.fspath(directory)) and os.path.islink(os.fspath(marker)):
         raise OutputDirError(f"{marker} is a symbolic link: not writing through it")
     if _read_marker(directory) != kind:
-        marker.write_text(json.dumps({"kind": kind, "written_by": "byol_flax"}) + "\n")
+        json_files.write(marker, {"kind": kind, "written_by": "byol_flax"}, what="output marker")
 
 
 def claim_output_dir(out: epath.PathLike, kind: str, *, inputs: Iterable[str] = ()

@@ -6,7 +6,6 @@ over seeds, and the report states plainly, per augmentation recipe, whether BYOL
 baseline by more than the seed-to-seed spread.
 """
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,8 @@ from tensorboard.util import tensor_util
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from byol_flax.storage import files, json_files
 
 HEADLINE_KEYS = ("byol_linear_top1", "random_init_linear_top1", "raw_pixels_linear_top1",
                  "byol_knn_top1", "random_init_knn_top1", "byol_online_classifier_top1",
@@ -242,8 +243,9 @@ def write_report(workdir: epath.Path, runs: Sequence[dict[str, Any]], *,
         "plots": {name: filename for name, (filename, _) in plots.items()},
         "configs": configs,
     }
-    (workdir / "report.json").write_text(json.dumps(content, indent=2, sort_keys=True))
-    (workdir / "report.md").write_text(render_markdown(content))
+    files.write_files({workdir / "report.json": json_files.dumps(content, indent=2,
+                                                                 sort_keys=True),
+                       workdir / "report.md": render_markdown(content)}, what="report")
     return content
 
 

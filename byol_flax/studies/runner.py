@@ -40,6 +40,7 @@ from byol_flax.data.records import MANIFEST_NAME, DataError
 from byol_flax.runtime import console
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.runtime.xla import configure_xla_flags
+from byol_flax.storage import files, json_files
 from byol_flax.studies import summary as summaries
 from byol_flax.studies.study import (
     REFERENCES,
@@ -214,8 +215,8 @@ def _run_one(one: Run) -> dict[str, Any]:
     from byol_flax.train import train_and_evaluate  # noqa: PLC0415
 
     started = time.perf_counter()
-    final = train_and_evaluate(one.config, one.workdir) or json.loads(  # finished earlier
-        (epath.Path(one.workdir) / "final_metrics.json").read_text())
+    final = train_and_evaluate(one.config, one.workdir) or json_files.read(  # finished earlier
+        epath.Path(one.workdir) / "final_metrics.json", spec=dict, what="final metrics")
     steps, _ = training_steps(one.config, open_split(one.config.data, "train").num_records)
     record = {"row": one.row.name, "seed": one.seed, "dir": one.workdir, "steps": steps,
               "train_seconds": time.perf_counter() - started, "final_metrics": final,
@@ -324,7 +325,7 @@ def _main(argv: list[str]) -> int:
         raise console.CommandLineError(f"--workdir={workdir}: cannot write there: "
                                        f"{error}") from error
     summary = run_study(study, workdir, **overrides)
-    print(epath.Path(summary["summary_md"]).read_text())
+    print(files.read_text(summary["summary_md"], what="study summary"))
     print(json.dumps({"table": summary["table"], "rows": {
         r["row"]: {"collapsed": r["collapsed"], **{k: v["mean"] for k, v in r["ours"].items()}}
         for r in summary["rows"]}, "total_seconds": summary["total_seconds"]}))

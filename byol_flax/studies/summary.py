@@ -1,7 +1,7 @@
 """A study's summary: ``summary.json``, ``summary.md`` (our result beside the paper's for every
 row, with the collapse monitors) and ``summary.png``, from the runner's run records."""
 
-import json
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +21,8 @@ from byol_flax.studies.study import REFERENCES, Study
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from byol_flax.storage import files, json_files
 
 REFERENCE_PREFIXES = tuple(f"{reference}_" for reference in REFERENCES)
 REFERENCE_LABELS = {
@@ -128,9 +130,10 @@ def plot_summary(study: Study, runs: Sequence[dict[str, Any]],
     bars.set(ylabel="test top-1 (%)", title=f"{study.table}: accuracy", ylim=(0, 100))
     bars.legend(fontsize=7)
     figure.tight_layout()
-    with path.open("wb") as f:
-        figure.savefig(f, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
+    files.write_bytes(path, buffer.getvalue(), what="plot")
 
 
 def write_summary(study: Study, workdir: epath.Path, runs: Sequence[dict[str, Any]], *,
@@ -150,7 +153,9 @@ def write_summary(study: Study, workdir: epath.Path, runs: Sequence[dict[str, An
                "runs": list(runs),
                "total_seconds": total_seconds, "device": jax.devices()[0].device_kind,
                "summary_md": str(workdir / "summary.md"), "plot": str(workdir / "summary.png")}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    (workdir / "summary.md").write_text(markdown_table(study, rows, references))
+    files.write_files({workdir / "summary.json": json_files.dumps(summary, indent=2,
+                                                                  default=float),
+                       workdir / "summary.md": markdown_table(study, rows, references)},
+                      what="study summary")
     plot_summary(study, runs, rows, workdir / "summary.png")
     return summary

@@ -25,6 +25,7 @@ from byol_flax.data.convert import cli, image_io, writer
 from byol_flax.data.convert.image_io import Example
 from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT, IMAGENET_TRAIN_EXAMPLES
 from byol_flax.data.records import UNLABELED, DataError
+from byol_flax.storage import files
 
 LAYOUTS = ("imagenet", "folders", "unlabeled")
 # Split folders recognized by the folders layout, and the split names they become.
@@ -134,7 +135,10 @@ def read_val_labels(path: pathlib.Path, label_names: Sequence[str]) -> dict[str,
     if not path.is_file():
         raise DataError(f"validation label file {path} does not exist")
     index = {name: i for i, name in enumerate(label_names)}
-    lines = path.read_text().splitlines()
+    try:
+        lines = files.read_text(path, what="validation label file").splitlines()
+    except files.StorageError as error:
+        raise DataError(str(error)) from None
     kaggle = bool(lines) and lines[0].replace(" ", "").lower().startswith(
         "imageid,predictionstring")
     if kaggle:

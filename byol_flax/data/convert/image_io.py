@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 
 from byol_flax.data.records import DataError
+from byol_flax.storage import files
+from byol_flax.storage.images import open_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 REENCODE_CHOICES = ("none", "png", "jpeg")
@@ -29,6 +31,9 @@ _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA"})
 # host. Pillow itself refuses 2 x 89.5 Mpx as a decompression bomb (a tiny file claiming a huge
 # size); this limit is below that, so both are reported the same way.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# The largest image file read (a file, not pixels: a FIFO or /dev/zero named *.jpg never fills
+# memory); far above any photograph at the pixel limit above.
+MAX_IMAGE_FILE_BYTES = 1 << 30
 BAD_IMAGE_CHOICES = ("skip", "error")
 # Pillow modes with more than 8 bits per sample ("I" is how Pillow may open a 16-bit PNG). 16-bit
 # RGB(A) PNGs are opened as 8-bit RGB(A) by Pillow itself (high byte), so they need nothing.
@@ -56,7 +61,7 @@ class Example:
         if self.data is not None:
             return self.data
         try:
-            return pathlib.Path(self.path).read_bytes()
+            return files.read_bytes(self.path, max_bytes=MAX_IMAGE_FILE_BYTES, what="image")
         except OSError as error:
             raise BadImage(self.origin, f"cannot be read ({error})") from error
 
@@ -175,11 +180,11 @@ class ImageScan:
         if not self._new_dir(os.fspath(root), root=True):
             return []
         candidates = []
-        for directory, subdirs, files in os.walk(root, followlinks=True):
+        for directory, subdirs, names in os.walk(root, followlinks=True):
             subdirs[:] = [name for name in sorted(subdirs) if recursive
                           and not name.startswith(".") and self._new_dir(os.path.join(directory,
                                                                                       name))]
-            candidates.extend(pathlib.Path(directory, name) for name in files
+            candidates.extend(pathlib.Path(directory, name) for name in names
                               if is_image_file(name))
         found = []
         for path in sorted(candidates):
@@ -213,7 +218,7 @@ def decode_fully(data: bytes, origin: str,
     with warnings.catch_warnings():  # the size is checked below, against our own limit
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = open_image(data)
         except Image.DecompressionBombError as error:
             raise BadImage(origin, f"oversized: {error}") from error
         except Exception as error:  # Pillow raises many types (OSError, SyntaxError, ...)

@@ -19,6 +19,7 @@ from typing import Any
 
 from byol_flax.data.convert.image_io import Example
 from byol_flax.data.records import DataError, split_evenly
+from byol_flax.storage import json_files
 
 # The documented seed of the example order: changing it changes every shard and held-out split.
 DEFAULT_ORDER_SEED = 0
@@ -135,9 +136,9 @@ class Spool:
     def reusable(self, identity: Mapping[str, Any]) -> bool:
         """Whether a finished spool of the same ``identity`` (and file sizes) is on disk."""
         try:
-            done = json.loads((self.directory / _SPOOL_DONE).read_text())
+            done = json_files.read(self.directory / _SPOOL_DONE, what="spool record")
             sizes = [path.stat().st_size for path in self._paths()]
-        except (OSError, ValueError):
+        except OSError:
             return False
         return done == {"identity": dict(identity), "file_sizes": sizes}
 
@@ -148,13 +149,13 @@ class Spool:
         self.directory.mkdir(parents=True)
         counts = dict.fromkeys(self.sizes, 0)
         with contextlib.ExitStack() as stack:
-            files = {split: [stack.enter_context(open(self._path(split, b), "wb"))
-                             for b in range(count)] for split, count in self.buckets.items()}
+            outs = {split: [stack.enter_context(open(self._path(split, b), "wb"))
+                            for b in range(count)] for split, count in self.buckets.items()}
             for split, example in examples:
                 key = _order_key(self.seed, example.id)
                 meta = json.dumps([example.id, example.label]).encode()
                 data = example.read()
-                out = files[split][self._bucket(split, key)]
+                out = outs[split][self._bucket(split, key)]
                 out.write(_ENTRY.pack(key, len(meta), len(data)) + meta)
                 out.write(data)
                 counts[split] += 1
@@ -167,9 +168,7 @@ class Spool:
                 self._sorted_headers(split, bucket)  # raises on a repeated id
         done = {"identity": dict(identity),
                 "file_sizes": [path.stat().st_size for path in self._paths()]}
-        tmp = self.directory / (_SPOOL_DONE + ".tmp")
-        tmp.write_text(json.dumps(done))
-        tmp.replace(self.directory / _SPOOL_DONE)
+        json_files.write(self.directory / _SPOOL_DONE, done, what="spool record")
 
     def _sorted_headers(self, split: str, bucket: int) -> list[tuple[bytes, int]]:
         """(order key, offset) of every entry of a bucket, in the seeded order."""

@@ -55,6 +55,7 @@ from byol_flax.data.records import (
     write_shard,
 )
 from byol_flax.runtime.outputs import claim_output_dir
+from byol_flax.storage import files, json_files, schemas
 
 DEFAULT_EXAMPLES_PER_SHARD = 1024
 # Conversion is mostly file I/O and hashing; more than 16 processes rarely helps.
@@ -137,7 +138,7 @@ def _why_rewrite(task: _ShardTask, digest: str) -> tuple[str, _ShardOutcome | No
     if not sidecar.exists():
         return "no sidecar", None
     try:
-        meta = json.loads(sidecar.read_text())
+        meta = json_files.read(sidecar, spec=dict, what="shard sidecar")
         info = ShardInfo(file=meta["file"], num_records=int(meta["num_records"]),
                          sha256=meta["sha256"])
         planned = meta["plan_sha256"]
@@ -163,9 +164,7 @@ def _why_rewrite(task: _ShardTask, digest: str) -> tuple[str, _ShardOutcome | No
 
 
 def _write_json_atomically(path: pathlib.Path, payload: dict[str, Any]) -> None:
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    tmp.replace(path)
+    json_files.write(path, payload, indent=2, sort_keys=True)
 
 
 def _shard_records(task: _ShardTask, left_out: list[SkippedFile],
@@ -448,9 +447,13 @@ def _write_skipped_files(out_dir: pathlib.Path, left_out: Sequence[SkippedFile])
 def read_skipped_files(out_dir: os.PathLike | str) -> list[SkippedFile]:
     """The files a conversion into ``out_dir`` left out (none when there is no list)."""
     path = pathlib.Path(out_dir) / SKIPPED_FILES_NAME
-    if not path.exists():
+    if not files.exists(path):
         return []
     try:
-        return [SkippedFile(**item) for item in json.loads(path.read_text())["files"]]
-    except (ValueError, KeyError, TypeError) as error:
+        listed = json_files.read(path, spec=schemas.Obj({"files": schemas.ListOf(dict)}),
+                                 what="skipped-files list")["files"]
+        return [SkippedFile(**item) for item in listed]
+    except files.StorageError as error:
+        raise DataError(str(error)) from None
+    except TypeError as error:
         raise DataError(f"{path} is not a skipped-files list: {error!r}") from error

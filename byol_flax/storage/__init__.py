@@ -1,0 +1,11 @@
+"""The one I/O layer: every file the project reads or writes goes through it.
+
+- :mod:`byol_flax.storage.files`: regular files only (reads bounded in size, FIFOs and devices
+  refused before opening), atomic writes that never follow a link, appends that refuse one.
+- :mod:`byol_flax.storage.json_files`: strict, depth-bounded JSON checked against a schema per
+  kind of file (:mod:`byol_flax.storage.schemas`); standard JSON written.
+- :mod:`byol_flax.storage.images`: the one image decoder, explicit formats only.
+
+``tests/test_house.py`` fails when code outside this package opens, reads or writes a file by
+itself (an allow-list there names the few exceptions and why).
+"""
