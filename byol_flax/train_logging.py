@@ -7,7 +7,6 @@ progress bar, CLU's periodic hooks, the metrics file and the collapse warning, s
 :mod:`byol_flax.train` asks it once per step.
 """
 
-import json
 import math
 import time
 from typing import Any
@@ -22,7 +21,7 @@ from byol_flax.checkpointing import lease
 from byol_flax.collapse import warn_on_collapse
 from byol_flax.errors import UserError
 from byol_flax.runtime import console
-from byol_flax.storage import files, json_files
+from byol_flax.storage import files, json_files, schemas
 from byol_flax.train_step import Metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -78,11 +77,12 @@ def _logged_scalars(window: dict[str, Average], metrics: Metrics) -> dict[str, f
 def _logged_step(line: str) -> float:
     """The step of a metrics.jsonl line; infinity for a line a kill cut short."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        return json_files.loads(line, name=METRICS_FILE, spec=_METRICS_LINE)["step"]
+    except files.StorageError:
         return math.inf
 
 
+_METRICS_LINE = schemas.Obj({"step": int})
 # One line per logging step: 1000 epochs of ImageNet at one line per 100 steps is ~3 MB.
 METRICS_MAX_BYTES = 1 << 30
 

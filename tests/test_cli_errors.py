@@ -50,6 +50,7 @@ COMMANDS = {
     "byol-demo": ("byol_flax.studies.demo", "run"),
     "byol-study": ("byol_flax.studies.runner", "main"),
     "byol-launch": ("byol_flax.cloud.launch", "main"),
+    "byol-add-results": ("byol_flax.export.add_results", "run"),
     "byol-convert-digits": ("byol_flax.data.convert.digits", "main"),
     "byol-convert-images": ("byol_flax.data.convert.image_folder", "main"),
     "byol-convert-tfds": ("byol_flax.data.convert.tfds_to_arrayrecord", "main"),
@@ -126,6 +127,12 @@ def _study(case_id: str, *args: str, names: str, workdir: str | None = None) -> 
     return Case(case_id, "byol-study", (*args, f"--workdir={{T}}/{workdir}"), names, outputs)
 
 
+def _add_results(case_id: str, export: str, results: str, names: str) -> Case:
+    """Adds ``results`` to ``export``'s card: both are the tree's, so nothing may change."""
+    return Case(case_id, "byol-add-results", (f"--export={export}", f"--results={results}"),
+                names)
+
+
 def _launch(case_id: str, *args: str, names: str, **env: str) -> Case:
     return Case(case_id, "byol-launch", args, names, env=tuple(env.items()))
 
@@ -144,7 +151,9 @@ _SLICE = ("--config=digits_cpu", "--workdir=gs://bucket/run", "--repo=https://ex
 DAMAGED = {"bad_json": "export_bad_json/encoder_config.json",
            "link_json": "export_link_json/encoder_config.json",
            "unknown_encoder": "resnet_nonexistent", "wide": "1000",
-           "truncated": "export_truncated/encoder"}
+           "truncated": "export_truncated/encoder",
+           "deep_json": "export_deep_json/encoder_config.json",
+           "fifo_json": "export_fifo_json/encoder_config.json"}
 IMAGES, DIGITS, TFDS = "byol-convert-images", "byol-convert-digits", "byol-convert-tfds"
 
 CASES = [
@@ -279,6 +288,38 @@ CASES = [
     _convert(TFDS, "tfds_missing_name", names="--name"),
     _convert(TFDS, "tfds_out_is_a_file", "--name", "cifar10", "--data-dir", "{T}/nothing",
              out="notes.txt", names="notes.txt"),
+    # --- hostile files where the commands read and write (byol_flax.storage) ---------------
+    # Links, FIFOs, devices, deep or mistyped JSON, undecodable text: each refused in one line
+    # by the storage layer, never followed, never blocking, nothing written through them.
+    _train("train_log_is_a_link", names="log.txt", workdir="wd_log_link"),
+    Case("train_config_json_is_a_link", "byol-train",
+         ("--config=digits_cpu:{T}/data,smoke=True", "--workdir={T}/wd_config_link"),
+         "config.json", ("wd_config_link/log.txt", "wd_config_link/checkpoints")),
+    _train("train_lease_is_a_fifo", names="lease.json", workdir="wd_lease_fifo"),
+    _train("train_lease_is_dev_zero", names="lease.json", workdir="wd_lease_zero"),
+    _train("train_manifest_is_a_list", config="digits_cpu:{T}/data_list_manifest,smoke=True",
+           names="data_list_manifest/manifest.json"),
+    _train("train_manifest_is_a_fifo", config="digits_cpu:{T}/data_fifo_manifest,smoke=True",
+           names="data_fifo_manifest/manifest.json"),
+    _train("train_output_marker_is_a_fifo", names="wd_marker_fifo", workdir="wd_marker_fifo"),
+    Case("evaluate_config_json_is_a_link", "byol-evaluate",
+         ("--config=eval_digits:linear,data={T}/data,smoke=True", "--source={T}/export",
+          "--workdir={T}/eval_config_link"), "config.json"),
+    _add_results("add_results_card_markdown_is_a_directory", "{T}/export_md_dir",
+                 "{T}/results_ok", names="MODEL_CARD.md"),
+    _add_results("add_results_results_is_a_fifo", "{T}/export_card", "{T}/results_fifo",
+                 names="results_fifo/results.json"),
+    _add_results("add_results_results_nested_deep", "{T}/export_card", "{T}/results_deep",
+                 names="results_deep/results.json"),
+    _add_results("add_results_card_is_a_list", "{T}/export_card_list", "{T}/results_ok",
+                 names="export_card_list/model_card.json"),
+    _add_results("add_results_card_is_a_link", "{T}/export_card_link", "{T}/results_ok",
+                 names="model_card.json"),
+    _convert(IMAGES, "images_val_labels_not_utf8", "--src", "{T}/imagenet_tree", "--layout",
+             "imagenet", "--val-labels", "{T}/val_labels_latin1.txt",
+             names="val_labels_latin1.txt"),
+    _launch("launch_override_with_a_newline", "skypilot", "--accelerator=v4-8", *_SLICE,
+            "--override=--config.seed=1\nimage: attacker/image", names="--override"),
     # --- genuine errors of code (a config module with a bug) keep their traceback -------------
     _train("bug_in_get_config_key_error", config="{T}/buggy_key.py", names="KeyError",
            bug=True),
@@ -345,6 +386,44 @@ def _build_user_files(tree: Path) -> None:
             Image.new("RGB", (6, 6), (40 * index, 80, 120)).save(
                 tree / "images" / label / f"{index}.png")
     (tree / "out").mkdir()
+    _plant_hostile_files(tree)
+
+
+def _mark(directory: Path, kind: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / ".byol_flax_output.json").write_text(json.dumps({"kind": kind}))
+    return directory
+
+
+def _plant_hostile_files(tree: Path) -> None:
+    """Earlier outputs of the commands with links, FIFOs and devices planted in them, and
+    malformed inputs (the storage layer's cases)."""
+    (_mark(tree / "wd_log_link", "pretraining") / "log.txt").symlink_to(tree / "notes.txt")
+    (_mark(tree / "wd_config_link", "pretraining") / "config.json").symlink_to(
+        tree / "notes.txt")
+    os.mkfifo(_mark(tree / "wd_lease_fifo", "pretraining") / "lease.json")
+    (_mark(tree / "wd_lease_zero", "pretraining") / "lease.json").symlink_to("/dev/zero")
+    (tree / "wd_marker_fifo").mkdir()
+    os.mkfifo(tree / "wd_marker_fifo" / ".byol_flax_output.json")
+    (_mark(tree / "eval_config_link", "evaluation") / "config.json").symlink_to(
+        tree / "notes.txt")
+    (tree / "data_list_manifest").mkdir()
+    (tree / "data_list_manifest" / "manifest.json").write_text("[]")
+    (tree / "data_fifo_manifest").mkdir()
+    os.mkfifo(tree / "data_fifo_manifest" / "manifest.json")
+    (tree / "results_ok").mkdir()
+    (tree / "results_ok" / "results.json").write_text(json.dumps(
+        {"protocol": "linear", "test": {"top1": 0.5}}))
+    (tree / "results_fifo").mkdir()
+    os.mkfifo(tree / "results_fifo" / "results.json")
+    (tree / "results_deep").mkdir()
+    (tree / "results_deep" / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tree / "val_labels_latin1.txt").write_bytes("0.png caf\xe9\n".encode("latin-1"))
+    for label in ("cat", "dog"):
+        (tree / "imagenet_tree" / "train" / label).mkdir(parents=True)
+        shutil.copy(tree / "images" / label / "0.png", tree / "imagenet_tree" / "train" / label)
+    (tree / "imagenet_tree" / "val").mkdir()
+    shutil.copy(tree / "images" / "cat" / "0.png", tree / "imagenet_tree" / "val")
 
 
 def _build_data_and_export(tree: Path) -> None:
@@ -360,6 +439,9 @@ def _build_data_and_export(tree: Path) -> None:
     pretrained = export.PretrainedEncoder(export.encoder_from_model_config(model, seed=1), model,
                                           {"kind": "test", "step": 1})
     export.export_encoder(pretrained, tree / "export")
+    from byol_flax.export import model_card  # noqa: PLC0415
+
+    model_card.export_with_model_card(None, str(tree / "export_card"), source=str(tree / "export"))
 
 
 def _damage(tree: Path) -> None:
@@ -377,6 +459,17 @@ def _damage(tree: Path) -> None:
         meta = json.loads(path.read_text())
         meta["model"]["encoder"][key] = value
         path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (tree / "export_deep_json" / "encoder_config.json").write_text("{\"model\": "
+                                                                    + "[" * 100_000)
+    (tree / "export_fifo_json" / "encoder_config.json").unlink()
+    os.mkfifo(tree / "export_fifo_json" / "encoder_config.json")
+    for name in ("md_dir", "card_list", "card_link"):
+        shutil.copytree(tree / "export_card", tree / f"export_{name}", symlinks=True)
+    (tree / "export_md_dir" / "MODEL_CARD.md").unlink()
+    (tree / "export_md_dir" / "MODEL_CARD.md").mkdir()
+    (tree / "export_card_list" / "model_card.json").write_text("[]")
+    (tree / "export_card_link" / "model_card.json").unlink()
+    (tree / "export_card_link" / "model_card.json").symlink_to(tree / "notes.txt")
     arrays = [p for p in (tree / "export_truncated" / "encoder").rglob("*") if p.is_file()]
     largest = max(arrays, key=lambda p: p.stat().st_size)
     with open(largest, "r+b") as file:

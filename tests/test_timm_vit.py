@@ -7,7 +7,9 @@ naming the tensor."""
 
 import json
 import math
+import os
 import re
+import time
 
 import jax
 import numpy as np
@@ -244,6 +246,34 @@ def test_our_timm_file_is_checked_by_its_metadata(new_state, tmp_path):
     state = new_state()
     with pytest.raises(InitFromError, match="is damaged: tensor norm.bias differs"):
         apply_init_from(state, check_init_from(config))
+
+
+def test_a_timm_file_with_nan_weights_a_fifo_or_deep_metadata_is_refused_in_one_line(
+        new_state, tmp_path):
+    """The storage layer's rules for timm files (docs/security.md): NaN or infinite weights
+    are no encoder to start from; a FIFO is refused before it is opened (no hang); metadata
+    nested 100k deep is one line, not a RecursionError."""
+    path = tmp_path / "ours.safetensors"
+    torch_format.save_torch_weights(micro_vit(position_embedding="learned"), path)
+    config = vit_config(position_embedding="learned")
+    config.model.init_from = str(path)
+    with safe_open(str(path), framework="np") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors["norm.bias"][0] = np.nan
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(InitFromError, match="tensor norm.bias of .* holds NaN or infinite"):
+        apply_init_from(new_state(), check_init_from(config))
+
+    save_file(tensors, str(path), metadata={"byol_flax": "[" * 100_000})
+    assert "nests JSON deeper than" in refusal(config)
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    config.model.init_from = str(fifo)
+    started = time.monotonic()
+    assert "is a FIFO (named pipe), not a regular file" in refusal(config)
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("overrides,config_options,message", [
