@@ -149,12 +149,26 @@ def test_the_disk_cache_reuses_features_and_recomputes_a_stale_entry(monitored, 
     assert len(passes) == 3 and '"dtype": "float32"' in sidecar.read_text()
     extract(cache)
     assert len(passes) == 3  # the rewritten entry is read again
-    # Other weights: another fingerprint, another entry.
+    # Altered bytes (rows permuted, say) that the sidecar still describes: its checksum tells.
+    (entry,) = (tmp_path / "features").glob("*.features.npy")
+    data = bytearray(entry.read_bytes())
+    data[-4:] = bytes(4)
+    entry.write_bytes(bytes(data))
+    np.testing.assert_array_equal(extract(cache)[0], in_memory[0])
+    assert len(passes) == 4
+    # A link planted where the next entry is written is removed, never written through.
+    victim = tmp_path / "users_file.txt"
+    victim.write_text("mine")
+    (tmp_path / "features" / (entry.name + ".partial.npy")).symlink_to(victim)
+    # Other weights: another fingerprint; the split's entry is replaced, not added to.
     module_def, params, rest = nnx.split(encoder, nnx.Param, ...)
     other = nnx.merge(module_def, jax.tree.map(lambda x: x * 1.5, params), rest)
     changed = extract(cache, module=other)
-    assert len(passes) == 4 and len(list((tmp_path / "features").glob("*.json"))) == 2
-    assert not np.array_equal(changed[0], in_memory[0])
+    assert len(passes) == 5 and len(list((tmp_path / "features").glob("*.json"))) == 1
+    assert len(list((tmp_path / "features").iterdir())) == 3  # features, labels, sidecar
+    assert not np.array_equal(changed[0], in_memory[0]) and victim.read_text() == "mine"
+    extract(cache, module=other)
+    assert len(passes) == 5
 
 
 def test_the_commands_context_reads_features_through_its_disk_cache(monitored, tmp_path,
