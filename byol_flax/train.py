@@ -161,6 +161,7 @@ def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict,
                                run)
     text = config.to_json_best_effort(indent=2)
     path = workdir / config_changes.CONFIG_NAME
+    files.check_writable(path, what="config")  # a planted link: refused before it is read
     if files.exists(path) and files.read_text(path, what="config") != text and not changes:
         logging.warning("%s differed from this run's config and was rewritten (no checkpoint "
                         "recorded the old one)", path)

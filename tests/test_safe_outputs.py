@@ -194,7 +194,7 @@ def test_an_export_config_that_is_not_json_or_is_a_link_is_named(tiny_pretrained
     path = out / export.ENCODER_CONFIG_NAME
     content = path.read_text()
     path.write_text(content[:40])
-    with pytest.raises(export.SourceError, match="encoder_config.json cannot be read as JSON"):
+    with pytest.raises(export.SourceError, match="encoder_config.json is not valid JSON"):
         export.load_source(str(out))
     (tmp_path / "elsewhere.json").write_text(content)
     path.unlink()
@@ -236,7 +236,8 @@ def test_results_are_added_only_by_the_explicit_command_without_following_links(
     assert "| knn | knn | top1 |" in (out / model_card.CARD_MARKDOWN).read_text()
     assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == []
     (results / "results.json").write_text("[1, 2]")
-    with pytest.raises(export.SourceError, match="results.json is not an evaluation result"):
+    with pytest.raises(export.SourceError,
+                       match="results.json: the document should be an object, not list"):
         model_card.add_results_to_card(out, [str(results)])
     link = tmp_path / "link"
     link.symlink_to(os.fspath(out))

@@ -152,7 +152,7 @@ def test_the_disk_cache_reuses_features_and_recomputes_a_stale_entry(monitored, 
     # Altered bytes (rows permuted, say) that the sidecar still describes: its checksum tells.
     (entry,) = (tmp_path / "features").glob("*.features.npy")
     data = bytearray(entry.read_bytes())
-    data[-4:] = bytes(4)
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])
     entry.write_bytes(bytes(data))
     np.testing.assert_array_equal(extract(cache)[0], in_memory[0])
     assert len(passes) == 4

@@ -167,6 +167,8 @@ class FeatureCache:
             logging.warning("feature cache entry %s does not match its sidecar's checksums, "
                             "shapes or the data's manifest: recomputed", sidecar)
             return None
+        logging.info("features of %s/%s read from the cache %s", opened.data_dir, opened.split,
+                     features_path)
         return features, labels
 
     def writer(self, key: Mapping[str, Any], shape: tuple[int, ...], dtype: Any) -> CacheWriter:

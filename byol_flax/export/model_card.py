@@ -319,6 +319,8 @@ def add_results_to_card(export_dir: epath.PathLike, results: Sequence[str]) -> d
         for workdir in results:
             card = add_evaluation(card, read_results(workdir))
         markdown = render_markdown(card)
+    except SourceError:
+        raise
     except files.StorageError as error:
         raise SourceError(str(error)) from None
     except OSError as error:
