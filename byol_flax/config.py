@@ -398,6 +398,20 @@ def _vit_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]
     ]
 
 
+def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, *, origin: str) -> None:
+    """``config[a][b][c] = value`` for ``key = "a.b.c"``; unknown keys are an error naming
+    ``origin`` (the study row) instead of a silently ignored override."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        if part not in node:
+            raise KeyError(f"{origin}: override {key!r}: no config section {part!r}")
+        node = node[part]
+    if leaf not in node:
+        raise KeyError(f"{origin}: override {key!r}: no config key {leaf!r} in {list(node)}")
+    node[leaf] = value
+
+
 def value_at(config: ml_collections.ConfigDict, dotted: str) -> Any:
     """The value of the dotted key ``dotted`` (``"model.encoder.name"``) of ``config``."""
     for part in dotted.split("."):
@@ -423,3 +437,11 @@ def steps_from_epochs(epochs: float, *, num_examples: int, batch_size: int) -> i
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     return int(math.floor(epochs * num_examples / batch_size))
+
+
+# Section 5's SimCLR baseline (Appendix G.5): no predictor, the online network as its own target
+# (gradient flowing), beta = 1 in Eq. 5 (the InfoNCE loss x 2 alpha) at SimCLR's best alpha 0.1.
+SIMCLR = {"model.predictor.kind": "identity", "target.kind": "online", "loss.beta": 1.0,
+          "loss.temperature": 0.1}
+# Appendix J.1: no moving average; the target is a hard copy of the online network every step.
+NO_EMA = {"target.base_ema": 0.0, "target.schedule": "constant"}

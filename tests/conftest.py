@@ -9,6 +9,15 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent JAX compilation cache for every process of the suite (pytest-xdist workers and
+# the commands tests start inherit it through the environment): a program one test compiled is
+# read by the next that builds it, and a re-run of the suite compiles little. Measured on
+# tests/test_train_step.py, 2 cores: 73 s with an empty cache, 22 s with a warm one. Entries are
+# keyed by the program, the JAX/XLA versions and the XLA flags, so a stale one is never read.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax_tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Triton (loaded by torch 2.14's CUDA build when timm or torch._dynamo is imported) crashes the
 # process when it loads after TensorFlow 2.21 (which CLU's writers import), and loads fine

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from byol_flax import configs
 from byol_flax.cloud import launch
 from byol_flax.config import value_at
+from byol_flax.runtime import config_names
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "cloud_tpu.md"
@@ -61,7 +61,7 @@ def launch_output(argv: list[str]) -> str:
 def check_train_command(argv: list[str]) -> None:
     """byol-train's config resolves and every override names a key it has."""
     flags = dict(arg.removeprefix("--").split("=", 1) for arg in argv)
-    path, _, arg = configs.resolve(flags.pop("config")).partition(":")
+    path, _, arg = config_names.resolve(flags.pop("config")).partition(":")
     spec = importlib.util.spec_from_file_location("guide_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from byol_flax.config import validate_config
@@ -70,6 +71,7 @@ def test_the_predictor_example_trains_under_the_online_predictor():
         PREDICTORS.unregister("layernorm_mlp")
 
 
+@pytest.mark.slow  # ~15 s: the guide's evaluator, end to end
 def test_the_evaluator_example_runs_in_the_cli_and_as_a_monitor(tmp_path):
     from byol_flax.configs import eval_digits  # noqa: PLC0415
     from byol_flax.data.convert import digits  # noqa: PLC0415

@@ -240,6 +240,7 @@ def test_transfer_linear_selects_l2_on_selection_and_refits_on_train_and_selecti
 # Frozen encoder, export, CLI.
 
 
+@pytest.mark.slow  # ~30 s: a whole linear evaluation
 def test_linear_evaluation_leaves_the_encoder_bit_for_bit_unchanged(data_dir):
     config = tiny_eval_config(data_dir)
     encoder = export.encoder_from_model_config(tiny_model_config(), seed=1)
@@ -420,6 +421,7 @@ def test_a_diverging_sweep_point_loses_instead_of_stopping_the_sweep(tmp_path):
     assert len(calls) == 2  # the diverged point is stored, not retried
 
 
+@pytest.mark.slow  # ~10 s: two protocols end to end
 def test_semi_supervised_and_finetuning_protocols_run_on_digits(data_dir, tmp_path):
     encoder = export.PretrainedEncoder(
         export.encoder_from_model_config(tiny_model_config(), seed=2), tiny_model_config(),
@@ -455,6 +457,7 @@ def _with_protocol(config, protocol):
 # One evaluator interface for the training monitor and the CLI.
 
 
+@pytest.mark.slow  # ~17 s: the command and a training monitor
 def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     """kNN and the online classifier as training monitors on a live state give exactly what
     the protocol code gives on the same encoder and splits."""

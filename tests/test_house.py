@@ -85,6 +85,56 @@ def test_no_import_circle_between_modules_of_the_package():
     assert _cycles(graph) == []
 
 
+# The package's layers, lowest first: a module imports only from its own layer or below. The
+# pipeline reads upwards: storage and runtime, the paper's math and the models, data, the
+# config schema, the step and checkpoints, export, evaluation, the loop, the commands, and the
+# experiment configs on top (they name everything; nothing below names them).
+LAYERS = (("errors",), ("storage",), ("runtime",),
+          ("losses", "schedules", "sharding", "optim", "models"), ("collapse", "data"),
+          ("config",), ("train_state", "train_step", "checkpointing", "cloud"), ("export",),
+          ("evaluation", "init_from"), ("train_logging",), ("train",), ("main", "studies"),
+          ("configs",))
+# Imports against the layers, each with its reason (at most one).
+UPWARD = {("byol_flax.studies.demo", "byol_flax.configs.digits_cpu"):
+          "the demo's default config is the one it trains (README command 1)"}
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: the top-level module or package below byol_flax."""
+    return module.split(".")[1] if "." in module else module
+
+
+def _layer_of() -> dict[str, int]:
+    return {unit: level for level, units in enumerate(LAYERS) for unit in units}
+
+
+def _upward_imports() -> set[tuple[str, str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(path) for path in paths}
+    layer = _layer_of()
+    found = set()
+    for path in paths:
+        targets = _imports(path, modules)
+        # "from byol_flax.configs import digits_cpu" names one edge, to the module.
+        targets = {t for t in targets if not any(o.startswith(t + ".") for o in targets)}
+        found |= {(_module_name(path), target) for target in targets
+                  if target != "byol_flax" and _module_name(path) != "byol_flax"
+                  and layer[_unit(target)] > layer[_unit(_module_name(path))]}
+    return found
+
+
+def test_every_unit_of_the_package_has_a_layer():
+    units = {_unit(_module_name(path)) for path in PACKAGE.rglob("*.py")} - {"byol_flax"}
+    assert units == set(_layer_of()), "place the new module in LAYERS (tests/test_house.py)"
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    assert _upward_imports() == set(UPWARD), (
+        "an import against the layers (LAYERS): move the code down, or name it in UPWARD with "
+        "the reason")
+    assert len(UPWARD) <= 1
+
+
 def test_the_circle_finder_finds_a_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
@@ -140,3 +190,42 @@ def test_the_readme_table_names_every_module():
                and str(path.relative_to(ROOT)) not in named
                and not any(str(path.relative_to(ROOT)).startswith(f) for f in folders)]
     assert missing == [], "add them to the README's 'What is here' table"
+
+
+# The test tiers (README, .ci/run): the everyday command leaves out the second tier's markers.
+SECOND_TIER_MARKERS = ("slow", "scenario")
+
+
+def _readme_test_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return [command.strip() for command in
+            re.findall(r"\.venv/bin/python -m pytest [^\n#`]*", readme)]
+
+
+def _marker_expression(command: str) -> str:
+    match = re.search(r'-m "([^"]+)"', command)
+    assert match, f"{command!r} names no marker expression"
+    return match.group(1)
+
+
+def test_the_everyday_tier_leaves_out_every_second_tier_test_and_ci_runs_both():
+    """The README's test command (the everyday tier) selects no test marked ``slow`` or
+    ``scenario``; its second command selects exactly those; .ci/run runs both, in that order."""
+    from _pytest.mark.expression import Expression  # noqa: PLC0415 - pytest's own -m parser
+
+    everyday, second = _readme_test_commands()[:2]
+    for markers in ({"slow"}, {"scenario"}, {"slow", "scenario"}):
+        assert not Expression.compile(_marker_expression(everyday)).evaluate(
+            lambda name, m=markers: name in m), (everyday, markers)
+        assert Expression.compile(_marker_expression(second)).evaluate(
+            lambda name, m=markers: name in m), (second, markers)
+    assert Expression.compile(_marker_expression(everyday)).evaluate(lambda name: False)
+    assert not Expression.compile(_marker_expression(second)).evaluate(lambda name: False)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index(everyday) < ci.index(second), "run the everyday tier first, then the second"
+
+
+def test_second_tier_markers_are_declared():
+    declared = (ROOT / "pyproject.toml").read_text()
+    for marker in SECOND_TIER_MARKERS:
+        assert f'"{marker}: ' in declared

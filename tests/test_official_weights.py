@@ -232,6 +232,7 @@ def test_imported_official_resnet50_computes_what_haiku_computes(tmp_path, relea
     assert_equal_outputs(ours(imported, images), reference)
 
 
+@pytest.mark.slow  # ~10 s: import, then evaluate, end to end
 def test_import_command_writes_an_export_that_evaluation_reads(tmp_path, release_classes):
     """The command writes our export format with its heads and a model card whose provenance
     names the file, its sha256, the step and the source; ``--source`` loads it."""

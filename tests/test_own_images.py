@@ -64,6 +64,7 @@ def unlabeled(tmp_path_factory) -> Path:
     return root / "data"
 
 
+@pytest.mark.slow  # ~75 s: convert, pre-train, resume, export, transfer
 def test_unlabeled_folder_pretrains_resumes_exports_and_transfers(unlabeled, tmp_path):
     workdir = tmp_path / "pretrain"
     first = pretrain(unlabeled, workdir)

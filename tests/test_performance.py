@@ -201,9 +201,9 @@ def test_the_test_process_runs_with_the_entry_points_flags():
 
 def shrunk_digits_config(data_dir: str):
     """byol_flax/configs/digits_cpu.py with the driver tests' shrink flags (16 steps, batch 16)."""
+    from byol_flax.config import set_dotted
     from byol_flax.configs import digits_cpu
     from byol_flax.studies.runner import parse_overrides
-    from byol_flax.studies.study import set_dotted
 
     config = digits_cpu.get_config(f"data={data_dir}")
     overrides = parse_overrides([flag.removeprefix("--config.") for flag in SHRINK])
@@ -222,6 +222,7 @@ def one_device(monkeypatch):
     monkeypatch.setattr(train, "make_mesh", lambda: sharding.make_mesh(jax.devices()[:1]))
 
 
+@pytest.mark.slow  # ~25 s: a run and its resume
 def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_device):
     """Also the logging windows, from the same two runs: logged every 4 steps, then resumed
     from step 8 logging every step, so the windows of steps 12 and 16 are compared with the
@@ -292,6 +293,7 @@ def test_accelerator_configs_compute_in_bfloat16_and_smoke_runs_in_float32():
         assert load_config(f"{name},smoke=True").model.compute_dtype == "float32", name
 
 
+@pytest.mark.slow  # ~30 s: two trainings compared
 def test_bfloat16_compute_tracks_float32_losses_and_keeps_float32_parameters(config):
     """bfloat16 activations; float32 parameters, BatchNorm statistics, loss and optimizer."""
     from byol_flax.sharding import shard_batch
@@ -369,6 +371,7 @@ def test_encoders_without_convolutions_build_with_auto_and_refuse_another_choice
 # --- The accelerator benchmark ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~30 s: every part of the benchmark
 def test_accelerator_benchmark_runs_every_part_at_tiny_size(tmp_path):
     """benchmarks/accelerator.py --tiny on this CPU: the step (compile, images/s, model FLOPs
     utilisation against the measured matmul peak) and the host pipeline (one core, one worker

@@ -13,8 +13,9 @@ import pytest
 
 from benchmarks import relaunch
 
-pytestmark = pytest.mark.skipif(not relaunch.can_simulate_hosts(),
-                                reason="`unshare -u` (a hostname per process) needs root")
+pytestmark = [pytest.mark.skipif(not relaunch.can_simulate_hosts(),
+                                 reason="`unshare -u` (a hostname per process) needs root"),
+              pytest.mark.slow]  # ~90 s: runs on two simulated hosts, a freeze, a relaunch
 
 
 @pytest.fixture(scope="module")

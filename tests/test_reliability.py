@@ -5,9 +5,12 @@ NaN-batch case runs in the full suite; tests/test_train_driver.py checks a diver
 
 import json
 
+import pytest
+
 from benchmarks import reliability
 
 
+@pytest.mark.slow  # ~90 s: the reliability suite's quick version (kills, resumes)
 def test_quick_reliability_suite_meets_its_targets(tmp_path, capsys):
     code = reliability.main(["--quick", "--workdir", str(tmp_path)])
     output = capsys.readouterr().out

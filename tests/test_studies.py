@@ -9,8 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from byol_flax import configs
-from byol_flax.config import validate_config
+from byol_flax.config import SIMCLR, validate_config
+from byol_flax.runtime import config_names
 from byol_flax.studies import runner
 from byol_flax.studies import study as studies
 
@@ -30,7 +30,7 @@ def test_a_study_is_named_or_given_by_path():
     by_path = studies.load_study(str(STUDY_DIR / "table21.py"))
     assert by_path == load("table21") == studies.load_study("studies/table21")
     assert by_path.config == "byol_imagenet_300ep:r50x1"  # names, as a printed command has them
-    with pytest.raises(configs.UnknownConfigError, match="'table99'.*table21"):
+    with pytest.raises(config_names.UnknownConfigError, match="'table99'.*table21"):
         studies.load_study("table99")
 
 
@@ -68,7 +68,7 @@ def test_paper_values_of_the_tables():
     assert t17.row("byol_remove_blur_in_t2").overrides == {"augment.view2.blur_prob": 0.0}
     assert load("table18").row("beta1_alpha0.01").paper_top1 == 53.9
     t19 = load("table19")
-    assert t19.row("no_predictor_theta_beta1").overrides == studies.SIMCLR
+    assert t19.row("no_predictor_theta_beta1").overrides == SIMCLR
     assert t19.row("no_predictor_theta_beta1").paper_top1 == 69.4
     assert t19.row("predictor_sg_beta0").paper_top1 == 5.5
     assert t19.row("predictor_sg_beta0").overrides["target.kind"] == "stop_gradient"
@@ -94,7 +94,7 @@ def parse_command(command: str, program: str):
     ``--config=NAME`` resolved as the entry points do, then absl's config flag."""
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", program]
-    argv = ["main", *configs.resolve_flag(argv[3:])]
+    argv = ["main", *config_names.resolve_flag(argv[3:])]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
                                     sys_argv=argv)

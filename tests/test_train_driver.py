@@ -75,6 +75,7 @@ def reference_run(data_dir, tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow  # ~30 s: the command end to end, as a person sees it
 def test_console_shows_stages_and_a_progress_bar_and_the_log_file_has_the_rest(reference_run):
     console = (reference_run / "console.txt").read_text()
     lines = [line for line in console.splitlines() if line.strip()]
@@ -146,6 +147,7 @@ def test_wrong_type_is_rejected():
         config.training.batch_size = "large"
 
 
+@pytest.mark.slow  # ~25 s: a run that diverges, end to end
 def test_non_finite_loss_stops_without_checkpointing_the_bad_state(data_dir, tmp_path):
     workdir = tmp_path / "nan"
     # A relative --workdir, as in the README, resolved against the current directory.
@@ -192,6 +194,7 @@ def assert_bitwise_equal(workdir: Path, reference: Path) -> None:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
+@pytest.mark.slow  # ~50 s: three resumed runs
 def test_resumes_with_other_worker_counts_are_bitwise_equal(reference_run, data_dir, tmp_path):
     """0 -> 2 -> 1 Grain workers across two kill -9s read exactly the batches of the
     uninterrupted run; the runtime changes are recorded in the config history."""
@@ -221,6 +224,7 @@ def test_resumes_with_other_worker_counts_are_bitwise_equal(reference_run, data_
         assert (mine["loss"], mine["grad_norm"]) == (theirs["loss"], theirs["grad_norm"]), mine
 
 
+@pytest.mark.slow  # ~35 s: two resumed runs
 def test_a_changed_recipe_is_refused_unless_allowed_and_then_recorded(reference_run, data_dir,
                                                                       tmp_path):
     workdir = tmp_path / "changed"
@@ -255,6 +259,7 @@ def test_a_changed_recipe_is_refused_unless_allowed_and_then_recorded(reference_
                                                        model_card.CARD_MARKDOWN).read_text()
 
 
+@pytest.mark.slow  # ~15 s: two runs on one workdir
 def test_a_second_run_on_a_live_workdir_stops_at_once(data_dir, tmp_path):
     workdir = tmp_path / "shared"
     first = start(entry_point(data_dir, workdir), tmp_path / "first.log")

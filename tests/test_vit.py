@@ -128,6 +128,7 @@ def flat(tree) -> dict:
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow  # ~18 s: the ResNet's twin stays in the everyday tier
 def test_sharded_vit_step_on_8_devices_equals_single_device_step():
     assert jax.device_count() >= 8
     config = vit_config(batch_size=16)
@@ -148,6 +149,7 @@ def test_sharded_vit_step_on_8_devices_equals_single_device_step():
                                    err_msg=name)
 
 
+@pytest.mark.slow  # ~25 s: a run and its resume
 def test_a_vit_run_resumed_from_its_checkpoint_continues_bitwise(tmp_path):
     """Four steps in one go equal two steps, an Orbax checkpoint (frozen arrays included), a
     restore into a differently seeded state and two more steps."""
@@ -176,6 +178,7 @@ def test_a_vit_run_resumed_from_its_checkpoint_continues_bitwise(tmp_path):
         np.testing.assert_array_equal(resumed[name], uninterrupted[name], err_msg=name)
 
 
+@pytest.mark.slow  # ~16 s: two trainings compared
 def test_bfloat16_vit_tracks_float32_losses_and_keeps_float32_parameters():
     """With the ViT recipe's optimizer (AdamW): losses agree to 3e-2 step by step, as the
     ResNet's do in tests/test_performance.py."""
@@ -251,6 +254,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # ~40 s: pre-train, export, evaluate
 def test_a_tiny_vit_pretrains_on_the_digits_exports_and_is_evaluated(data_dir, tmp_path):
     """The README's command with --config.model.encoder.name=vit_micro, then the export (model
     card) and the linear and kNN protocols on it."""

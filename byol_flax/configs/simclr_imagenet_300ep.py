@@ -8,8 +8,8 @@ i.e. SimCLR's InfoNCE (Eq. 10) x 2 alpha; projector 4096 -> 256 and everything e
 
 import ml_collections
 
+from byol_flax.config import SIMCLR, set_dotted
 from byol_flax.configs import byol_imagenet_300ep
-from byol_flax.studies.study import SIMCLR, set_dotted
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -32,8 +32,8 @@ import tqdm
 from absl import app, flags
 from etils import epath
 
-from byol_flax import configs
 from byol_flax.errors import UserError
+from byol_flax.runtime import config_names
 from byol_flax.storage import files
 
 LOG_FILE = "log.txt"
@@ -278,7 +278,7 @@ def run_command(main: Callable[[list[str]], int | None], module_name: str, *,
     module that other code imports keeps its flags there: importing it defines no global flag,
     and two commands may share a flag name). ``config_flag``: the flag naming a config module,
     resolved from a shipped config's name (``--config=digits_cpu:...``,
-    :func:`byol_flax.configs.resolve_flag`) before absl parses it.
+    :func:`byol_flax.runtime.config_names.resolve_flag`) before absl parses it.
 
     A flag absl or the config cannot take (an unknown override key, a value of the wrong type, a
     bad config argument or file) is one line naming it, status 2; a :class:`UserError` or an
@@ -308,7 +308,7 @@ def run_command(main: Callable[[list[str]], int | None], module_name: str, *,
     def parse(argv: list[str]) -> list[str]:
         try:
             if config_flag:
-                argv = configs.resolve_flag(argv, config_flag)
+                argv = config_names.resolve_flag(argv, config_flag)
             rest = flags.FLAGS(argv)
             if flag_values is not None:
                 flag_values.mark_as_parsed()  # the same flags: the command's holders read them

@@ -6,7 +6,7 @@ it, the seeds, and one :class:`Row` per line of the paper's table with the overr
 and the value the paper reports. The runner (``python -m byol_flax.studies``,
 :mod:`byol_flax.studies.runner`) prints the commands of a study for a cluster or runs it here.
 Config specs are what ``--config=`` takes: a shipped config's name (``byol_imagenet_300ep:r50x1``,
-resolved by :func:`byol_flax.configs.resolve`) or a path.
+resolved by :func:`byol_flax.runtime.config_names.resolve`) or a path.
 """
 
 import dataclasses
@@ -19,17 +19,10 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from byol_flax import configs
+from byol_flax.config import set_dotted
 from byol_flax.errors import UserError
+from byol_flax.runtime import config_names
 from byol_flax.runtime.registry import Registry
-
-# Section 5's SimCLR baseline (Appendix G.5): no predictor, the online network as its own target
-# (gradient flowing), beta = 1 in Eq. 5 (the InfoNCE loss x 2 alpha) at SimCLR's best alpha 0.1.
-SIMCLR = {"model.predictor.kind": "identity", "target.kind": "online", "loss.beta": 1.0,
-          "loss.temperature": 0.1}
-# Appendix J.1: no moving average; the target is a hard copy of the online network every step.
-NO_EMA = {"target.base_ema": 0.0, "target.schedule": "constant"}
-
 
 # The setup of Section 5 and Appendix G (300 epochs, LR 0.3, WD 1e-6, tau 0.99, batch 4096).
 SECTION5_CONFIG = "byol_imagenet_300ep:r50x1"
@@ -105,7 +98,7 @@ def load_study(spec: str) -> Study:
     """A registered study: ``NAME`` (a shipped study module of that name is imported first),
     ``path/to/module.py`` (the one study it registers) or ``path/to/module.py:NAME``."""
     if spec not in STUDIES:
-        path, _, name = configs.resolve(spec, subdir="studies").partition(":")
+        path, _, name = config_names.resolve(spec, subdir="studies").partition(":")
         module = load_module(path, f"byol_flax_study_{epath.Path(path).stem}")
         registered = [n for n in STUDIES if STUDIES.get(n).__module__ == module.__name__]
         if name or spec not in STUDIES:
@@ -122,25 +115,11 @@ def load_study(spec: str) -> Study:
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """``"NAME[:ARG]"`` or ``"path.py[:ARG]"`` -> ``get_config(ARG)``, locked (what
     ``--config=`` does)."""
-    path, _, arg = configs.resolve(spec).partition(":")
+    path, _, arg = config_names.resolve(spec).partition(":")
     module = load_module(path, f"byol_flax_config_{epath.Path(path).stem}")
     config = module.get_config(arg or None)
     config.lock()
     return config
-
-
-def set_dotted(config: ml_collections.ConfigDict, key: str, value: Any, *, origin: str) -> None:
-    """``config[a][b][c] = value`` for ``key = "a.b.c"``; unknown keys are an error naming
-    ``origin`` (the study row) instead of a silently ignored override."""
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        if part not in node:
-            raise KeyError(f"{origin}: override {key!r}: no config section {part!r}")
-        node = node[part]
-    if leaf not in node:
-        raise KeyError(f"{origin}: override {key!r}: no config key {leaf!r} in {list(node)}")
-    node[leaf] = value
 
 
 def row_config(study: Study, row: Row, seed: int,

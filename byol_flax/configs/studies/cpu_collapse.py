@@ -17,7 +17,8 @@ The paper's values are ImageNet top-1 after 300 epochs with a ResNet-50: only th
 no-collapse pattern is comparable, not the numbers.
 """
 
-from byol_flax.studies.study import NO_EMA, SIMCLR, STUDIES, Row, Study
+from byol_flax.config import NO_EMA, SIMCLR
+from byol_flax.studies.study import STUDIES, Row, Study
 
 
 @STUDIES.register("cpu_collapse")

@@ -5,7 +5,8 @@ The paper solves without regularisation; ``model.predictor.ridge`` (relative to 
 eigenvalue of Z^T Z) is kept at its small default for numerical safety; set it to 0 to match.
 """
 
-from byol_flax.studies.study import NO_EMA, STUDIES, Row, Study
+from byol_flax.config import NO_EMA
+from byol_flax.studies.study import STUDIES, Row, Study
 
 
 @STUDIES.register("j2_closed_form")

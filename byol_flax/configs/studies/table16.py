@@ -7,7 +7,8 @@ makes BatchNorm see micro-batches of 4096 / N. Do not combine with the ``slice=`
 ``byol_imagenet.py``, which sets accumulation for memory instead.
 """
 
-from byol_flax.studies.study import SIMCLR, STUDIES, Row, Study
+from byol_flax.config import SIMCLR
+from byol_flax.studies.study import STUDIES, Row, Study
 
 PAPER_BATCH = 4096
 RESULTS = {  # batch -> (BYOL top-1, SimCLR top-1, BYOL top-5, SimCLR top-5, BYOL spread, SimCLR spread)

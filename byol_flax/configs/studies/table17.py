@@ -5,7 +5,8 @@ solarisation w.p. 0.2 in both views. Removing a transformation sets its probabil
 random resized crop is always kept.
 """
 
-from byol_flax.studies.study import SIMCLR, STUDIES, Row, Study
+from byol_flax.config import SIMCLR
+from byol_flax.studies.study import STUDIES, Row, Study
 
 BOTH = ("view1", "view2")
 

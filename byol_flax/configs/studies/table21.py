@@ -1,7 +1,8 @@
 """Table 21 (Appendix J.1): no moving average (tau = 0, the target is a hard copy of the online
 network) and a multiplier lambda on the predictor's learning rate."""
 
-from byol_flax.studies.study import NO_EMA, STUDIES, Row, Study
+from byol_flax.config import NO_EMA
+from byol_flax.studies.study import STUDIES, Row, Study
 
 RESULTS = {0.0: (0.01, None), 1.0: (5.5, None), 2.0: (62.8, 1.5), 10.0: (66.6, None),
            20.0: (66.3, 0.3)}  # lambda -> (top-1, spread)

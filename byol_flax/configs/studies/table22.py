@@ -1,6 +1,7 @@
 """Table 22 (Appendix J.1): tau = 0 with multipliers lambda (predictor) and mu (projector)."""
 
-from byol_flax.studies.study import NO_EMA, STUDIES, Row, Study
+from byol_flax.config import NO_EMA
+from byol_flax.studies.study import STUDIES, Row, Study
 
 LAMBDAS = (1.0, 1.5, 2.0, 5.0, 10.0)
 RESULTS = {  # mu -> top-1 (spread) per lambda in LAMBDAS
