@@ -218,9 +218,10 @@ def verified_read_cases(suite: Suite, stopped: Path, flips: int) -> list[dict[st
     re-export leaves the previous export intact."""
     from byol_flax.export import encoder as export
     from byol_flax.export import model_card  # noqa: PLC0415
+    from byol_flax.weights import encoder as weights
 
     newest = committed_steps(stopped)[-1]
-    truth = export.load_pretraining_encoder(stopped, newest)
+    truth = weights.load_pretraining_encoder(stopped, newest)
     true_arrays = [np.asarray(x) for x in jax_leaves(truth.encoder)]
     files = sorted(f for f in (stopped / "checkpoints" / str(newest)).rglob("*") if f.is_file())
     outcomes = {"fell back to an older step": 0, "refused": 0, "newest step, encoder intact": 0,
@@ -231,7 +232,7 @@ def verified_read_cases(suite: Suite, stopped: Path, flips: int) -> list[dict[st
         target = files[index % len(files)]
         flip_bit(workdir / target.relative_to(stopped), fraction=(index * 0.618) % 1.0)
         try:
-            loaded = export.load_pretraining_encoder(workdir)
+            loaded = weights.load_pretraining_encoder(workdir)
         except Exception:  # noqa: BLE001 - a refusal is an acceptable outcome
             outcomes["refused"] += 1
             continue
@@ -257,7 +258,7 @@ def verified_read_cases(suite: Suite, stopped: Path, flips: int) -> list[dict[st
     except OSError:
         failed = True
     after = sorted(str(p.relative_to(destination)) for p in destination.rglob("*"))
-    export.load_export(destination)
+    weights.load_export(destination)
     out.append({"case": "re-export fails half-way", "failed": failed,
                 "as_expected": failed and before == after})
     return out

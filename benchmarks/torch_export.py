@@ -40,9 +40,9 @@ from byol_flax.evaluation.classifier import make_inference_fn  # noqa: E402
 from byol_flax.evaluation.features import extract_features  # noqa: E402
 from byol_flax.evaluation.knn import knn_accuracy  # noqa: E402
 from byol_flax.export import torch_format  # noqa: E402
-from byol_flax.export.encoder import load_source  # noqa: E402
 from byol_flax.export.torch_resnet import load_torch_encoder  # noqa: E402
 from byol_flax.sharding import make_mesh  # noqa: E402
+from byol_flax.weights.encoder import load_source  # noqa: E402
 
 
 def eval_images(config, opened) -> np.ndarray:

@@ -32,7 +32,7 @@ def write(directory: Path) -> None:
 
     from byol_flax.config import base_config
     from byol_flax.export import torch_format
-    from byol_flax.export.encoder import PretrainedEncoder, encoder_from_model_config
+    from byol_flax.weights.encoder import PretrainedEncoder, encoder_from_model_config
 
     model = base_config().model.to_dict()  # resnet50 x1, ImageNet stem: torchvision's shape
     encoder = encoder_from_model_config(model, seed=0)

@@ -37,7 +37,13 @@ from safetensors import safe_open
 from byol_flax.checkpointing import flatten_dotted, layout_differences, stored_layout
 from byol_flax.config import ConfigError
 from byol_flax.export import timm_vit
-from byol_flax.export.encoder import (
+from byol_flax.export.torch_format import FORMAT_VERSION, METADATA_KEY
+from byol_flax.models.byol import build_encoder_from_config, build_online_network
+from byol_flax.models.vit import VisionTransformer, sincos_position_embedding
+from byol_flax.runtime import console
+from byol_flax.storage import files, json_files, schemas
+from byol_flax.train_state import TrainState
+from byol_flax.weights.encoder import (
     CHECKSUMS_KEY,
     ENCODER_CONFIG_NAME,
     HEADS_DIR,
@@ -49,12 +55,6 @@ from byol_flax.export.encoder import (
     read_verified_arrays,
     set_arrays,
 )
-from byol_flax.export.torch_format import FORMAT_VERSION, METADATA_KEY
-from byol_flax.models.byol import build_encoder_from_config, build_online_network
-from byol_flax.models.vit import VisionTransformer, sincos_position_embedding
-from byol_flax.runtime import console
-from byol_flax.storage import files, json_files, schemas
-from byol_flax.train_state import TrainState
 
 # What the export's encoder must share with config.model (dotted within it): the architecture,
 # and the BatchNorm settings its running statistics were estimated with.

@@ -14,14 +14,14 @@ GPU machine or a laptop is one process (:mod:`byol_flax.runtime.distributed`).
 
 A problem with the config, data, workdir or checkpoints is one line naming the key, file or step
 (exit status 1; 2 for a flag); the traceback goes to ``<workdir>/log.txt``
-(:func:`byol_flax.runtime.console.run_command`).
+(:func:`byol_flax.runtime.commands.run_command`).
 """
 
 import logging
 
-from byol_flax.runtime import console
+from byol_flax.runtime import commands, console, logs
 
-console.quiet_native_logs()  # before TensorFlow is imported (through CLU)
+logs.quiet_native_logs()  # before TensorFlow is imported (through CLU)
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     try:
         # A user's folder is refused before the log file lands in it (byol_flax.runtime.outputs).
         claim_output_dir(_WORKDIR.value, "pretraining")
-        log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+        log_file = logs.setup(logs.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
     except OutputDirError:
         raise  # one line of its own (run_command)
     except OSError as error:
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point."""
-    console.run_command(main, __name__, config_flag="config")
+    commands.run_command(main, __name__, config_flag="config")
 
 
 if __name__ == "__main__":

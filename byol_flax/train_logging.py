@@ -20,7 +20,7 @@ from etils import epath
 from byol_flax.checkpointing import lease
 from byol_flax.collapse import warn_on_collapse
 from byol_flax.errors import UserError
-from byol_flax.runtime import console
+from byol_flax.runtime import console, logs
 from byol_flax.storage import files, json_files, schemas
 from byol_flax.train_step import Metrics
 
@@ -92,7 +92,7 @@ class MetricsFile:
     written to TensorBoard for it) and one per monitoring step (``step`` and the monitors'
     results), for analysis without TensorBoard: ``pandas.read_json(path, lines=True)``. Written
     by process 0 and appended to across resumes; for a ``gs://`` workdir it lies beside the log
-    file in the local directory ``console.local_log_dir`` names (an object store cannot append).
+    file in the local directory ``logs.local_log_dir`` names (an object store cannot append).
 
     A resume from step k first drops the lines of later steps (written before a kill and about
     to be written again) and any line a kill cut short, so no step is written twice.
@@ -141,7 +141,7 @@ class TrainingLogger:
         self._step = start_step
         self.scalars: dict[str, float] = {}
         # The file first: if it cannot be opened, there is no progress bar to close.
-        self._file = (MetricsFile(console.local_log_dir(str(workdir)), start_step)
+        self._file = (MetricsFile(logs.local_log_dir(str(workdir)), start_step)
                       if self._is_chief else None)
         self._bar = (console.progress(total_steps, start_step, "pre-training")
                      if self._is_chief else None)

@@ -2,7 +2,7 @@
 
 A corpus of bad inputs for each console command (train, evaluate, export, import, demo, study,
 launch and the three converters): each case must exit non-zero with at most 3 console lines and
-no ``Traceback`` (the traceback goes to the log file, :mod:`byol_flax.runtime.console`), and
+no ``Traceback`` (the traceback goes to the log file, :mod:`byol_flax.runtime.commands`), and
 must change nothing in its tree but its own output paths (a snapshot of paths, sizes, mtimes,
 sha256 and link targets before and after).
 
@@ -14,7 +14,7 @@ import and demo define their flags on absl's global flags on import, so each mus
 process; the others keep theirs on their own ``COMMAND_FLAGS``), with a fresh ``sys.argv``, its
 stdout and stderr in files, as the console script would run it. Every command's ``--help`` runs
 the same way, to check that all of them answer it alike (absl's, through
-``console.run_command``). JAX never starts in the helper
+``commands.run_command``). JAX never starts in the helper
 itself, so forking it is safe (a child that hangs all the same is killed after CASE_TIMEOUT_S and
 reported). Two cases run at a time; measured: the whole corpus in ~60 s on 2 cores.
 """
@@ -58,7 +58,7 @@ COMMANDS = {
 # Imported once by the helper (the commands' heavy dependencies); none defines a global absl
 # flag.
 PRELOAD = ("byol_flax.train", "byol_flax.evaluation.runner", "byol_flax.export.model_card",
-           "byol_flax.export.official", "byol_flax.export.torch_format",
+           "byol_flax.weights.official", "byol_flax.export.torch_format",
            "byol_flax.studies.runner", "byol_flax.studies.report", "byol_flax.cloud.launch",
            "byol_flax.data.convert.digits", "byol_flax.data.convert.image_folder",
            "byol_flax.data.convert.tfds_to_arrayrecord")
@@ -434,11 +434,12 @@ def _build_data_and_export(tree: Path) -> None:
     from byol_flax.configs import digits_cpu  # noqa: PLC0415
     from byol_flax.data.convert import digits  # noqa: PLC0415
     from byol_flax.export import encoder as export  # noqa: PLC0415
+    from byol_flax.weights import encoder as weights  # noqa: PLC0415
 
     assert digits.main(["--out", str(tree / "data"), "--holdout-count", "150",
                         "--no-progress"]) == 0
     model = json.loads(digits_cpu.get_config(f"{tree / 'data'},smoke=True").model.to_json())
-    pretrained = export.PretrainedEncoder(export.encoder_from_model_config(model, seed=1), model,
+    pretrained = weights.PretrainedEncoder(weights.encoder_from_model_config(model, seed=1), model,
                                           {"kind": "test", "step": 1})
     export.export_encoder(pretrained, tree / "export")
     from byol_flax.export import model_card  # noqa: PLC0415
@@ -596,9 +597,9 @@ def serve(base: Path) -> None:
     tree.mkdir()
     _build_user_files(tree)
     builder = _fork(_build_in_child, tree)  # while this process imports the rest
-    from byol_flax.runtime import console  # noqa: PLC0415
+    from byol_flax.runtime import logs  # noqa: PLC0415
 
-    console.quiet_native_logs()
+    logs.quiet_native_logs()
     for module in PRELOAD:
         importlib.import_module(module)
     imported = time.perf_counter() - started
@@ -653,7 +654,7 @@ def test_the_corpus_covers_every_command():
 
 @pytest.mark.parametrize("case", HELP_CASES, ids=lambda case: case.id)
 def test_every_command_answers_help_alike(corpus, case):
-    """absl's --help for all (byol_flax.runtime.console.run_command): the docstring, a blank
+    """absl's --help for all (byol_flax.runtime.commands.run_command): the docstring, a blank
     line, ``flags:``, the command's own flags under its program name, absl's pointer to
     --helpfull; on stdout, status 1 (absl's), nothing else."""
     result, _, shown = _console(corpus, case)

@@ -78,10 +78,10 @@ def test_the_evaluator_example_runs_in_the_cli_and_as_a_monitor(tmp_path):
     from byol_flax.evaluation import EVALUATORS, SweepStore, build_evaluator  # noqa: PLC0415
     from byol_flax.evaluation.config import validate_eval_config  # noqa: PLC0415
     from byol_flax.evaluation.monitor import build_state_evaluators  # noqa: PLC0415
-    from byol_flax.export.encoder import PretrainedEncoder  # noqa: PLC0415
     from byol_flax.schedules import build_schedules  # noqa: PLC0415
     from byol_flax.sharding import make_mesh  # noqa: PLC0415
     from byol_flax.train_state import create_train_state  # noqa: PLC0415
+    from byol_flax.weights.encoder import PretrainedEncoder  # noqa: PLC0415
 
     data_dir = tmp_path / "digits"
     assert digits.main(["--out", str(data_dir), "--holdout-count", "100", "--no-progress"]) == 0

@@ -444,7 +444,7 @@ def test_empty_tree_fails_naming_it(tmp_path, capsys, layout, expected):
 
 @pytest.mark.parametrize("module", [image_folder, digits, tfds_to_arrayrecord])
 def test_help_is_absls_with_the_converters_own_flags(module):
-    """Every command's ``--help`` (byol_flax.runtime.console.run_command): the module's
+    """Every command's ``--help`` (byol_flax.runtime.commands.run_command): the module's
     docstring, then its own flags, status 1 (absl's)."""
     done = help_of(module)
     assert done.returncode == 1 and not done.stderr, done.stderr

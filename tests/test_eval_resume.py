@@ -16,8 +16,8 @@ from byol_flax.data.pipeline import labelled_dataset, open_split
 from byol_flax.evaluation import classifier as clf
 from byol_flax.evaluation import heads
 from byol_flax.evaluation.resumable import EvaluationStopped, UnitCheckpoints
-from byol_flax.export import encoder as export
 from byol_flax.sharding import make_mesh
+from byol_flax.weights import encoder as weights
 from tests.helpers import tiny_config
 
 STEPS = 12
@@ -109,7 +109,7 @@ def test_a_fine_tuning_unit_resumes_to_the_uninterrupted_network(tmp_path):
     config = eval_digits.get_config(f"semi_supervised,data={data}")
     config.data.image_size = 8
     opened = open_split(config.data, "train")
-    encoder = export.encoder_from_model_config(json.loads(tiny_config().model.to_json()), seed=1)
+    encoder = weights.encoder_from_model_config(json.loads(tiny_config().model.to_json()), seed=1)
 
     def train(directory, termination=None):
         batches = iter(labelled_dataset(config, opened, indices=None, batch_size=16,

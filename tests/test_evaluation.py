@@ -32,7 +32,6 @@ from byol_flax.evaluation.transfer_linear import (
     logistic_objective,
     transfer_linear_on_features,
 )
-from byol_flax.export import encoder as export
 from byol_flax.export import model_card
 from byol_flax.export.model_card import export_with_model_card as export_cli
 from byol_flax.models import count_params
@@ -40,6 +39,7 @@ from byol_flax.runtime import outputs
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh
 from byol_flax.train_state import create_train_state
+from byol_flax.weights import encoder as weights
 from tests.helpers import tiny_config
 
 
@@ -176,7 +176,7 @@ def test_subset_from_a_split_file_matches_ids_or_file_names(tmp_path):
 
 
 def feature_context(tmp_path, config) -> base.Context:
-    stub = export.PretrainedEncoder(encoder=None, model_config={}, origin={"kind": "test"})
+    stub = weights.PretrainedEncoder(encoder=None, model_config={}, origin={"kind": "test"})
     ctx = base.Context(config, stub, make_mesh(), base.SweepStore(tmp_path), "test")
     ctx.num_classes = 2
     return ctx
@@ -243,7 +243,7 @@ def test_transfer_linear_selects_l2_on_selection_and_refits_on_train_and_selecti
 @pytest.mark.slow  # ~30 s: a whole linear evaluation
 def test_linear_evaluation_leaves_the_encoder_bit_for_bit_unchanged(data_dir):
     config = tiny_eval_config(data_dir)
-    encoder = export.encoder_from_model_config(tiny_model_config(), seed=1)
+    encoder = weights.encoder_from_model_config(tiny_model_config(), seed=1)
     before = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(encoder)))
     opened = open_split(config.data, "train")
     aug = config.augment
@@ -290,9 +290,9 @@ def test_exported_encoder_reloads_with_identical_features_and_a_model_card(
         pretraining_workdir, tmp_path, data_dir):
     workdir, state = pretraining_workdir
     out = export_cli(str(workdir), str(tmp_path / "export"), intended_use="tests only")
-    encoder = export.load_encoder(out)
+    encoder = weights.load_encoder(out)
     encoder.eval()
-    original = export.load_pretraining_encoder(workdir).encoder
+    original = weights.load_pretraining_encoder(workdir).encoder
     original.eval()
     trained = state["online"]["encoder"]
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(trained),
@@ -333,7 +333,7 @@ def test_cli_evaluates_an_export_and_a_random_init_baseline(pretraining_workdir,
     config.linear.epochs = 5.0
     trained = evaluate(config, str(out), str(tmp_path / "linear"))
     assert startup.read_text() == "# the user's own\n"
-    with pytest.raises(export.SourceError, match="MODEL_CARD.md is a symbolic link"):
+    with pytest.raises(weights.SourceError, match="MODEL_CARD.md is a symbolic link"):
         model_card.add_results_to_card(out, [str(tmp_path / "linear")])
     assert startup.read_text() == "# the user's own\n"
     card_file.unlink()
@@ -367,8 +367,8 @@ def test_bad_evaluation_configs_are_named(tmp_path):
         validate_eval_config(config, num_devices=1)
     with pytest.raises(AttributeError):
         config.linear.learning_rate = 0.1  # typo'd key: the config is locked
-    with pytest.raises(export.SourceError, match="neither encoder_config.json"):
-        export.load_source(str(tmp_path))
+    with pytest.raises(weights.SourceError, match="neither encoder_config.json"):
+        weights.load_source(str(tmp_path))
 
 
 def test_experiment_modules_select_the_protocols():
@@ -423,8 +423,8 @@ def test_a_diverging_sweep_point_loses_instead_of_stopping_the_sweep(tmp_path):
 
 @pytest.mark.slow  # ~10 s: two protocols end to end
 def test_semi_supervised_and_finetuning_protocols_run_on_digits(data_dir, tmp_path):
-    encoder = export.PretrainedEncoder(
-        export.encoder_from_model_config(tiny_model_config(), seed=2), tiny_model_config(),
+    encoder = weights.PretrainedEncoder(
+        weights.encoder_from_model_config(tiny_model_config(), seed=2), tiny_model_config(),
         {"kind": "random", "path": "tiny", "seed": 2})
     common = tiny_eval_config(data_dir)
     common.semi_supervised.learning_rates = (0.05,)
@@ -480,7 +480,7 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     evaluation.data.train_split = "train"
     evaluation.data.max_train_examples, evaluation.data.max_eval_examples = 200, 64
     evaluation.knn.k = (20, 200)
-    subject = export.PretrainedEncoder(nnx.merge(graphdef, state).online.encoder,
+    subject = weights.PretrainedEncoder(nnx.merge(graphdef, state).online.encoder,
                                        tiny_model_config(), {"kind": "test"})
     knn = build_evaluator(evaluation, mesh).run(subject)
     assert knn["test"] == {"top1_k20": scalars["knn/top1_k20"],
@@ -488,9 +488,9 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
 
     evaluation.protocol = "online_classifier"
     merged = nnx.merge(graphdef, state)
-    subject = export.PretrainedEncoder(merged.online.encoder, tiny_model_config(),
+    subject = weights.PretrainedEncoder(merged.online.encoder, tiny_model_config(),
                                        {"kind": "test"}, classifier=merged.classifier)
     online = build_evaluator(evaluation, mesh).run(subject)
     assert online["test"]["top1"] == scalars["online_classifier/top1"]
-    with pytest.raises(export.SourceError, match="no online classifier"):
+    with pytest.raises(weights.SourceError, match="no online classifier"):
         build_evaluator(evaluation, mesh).run(dataclasses.replace(subject, classifier=None))

@@ -87,11 +87,13 @@ def test_no_import_circle_between_modules_of_the_package():
 
 # The package's layers, lowest first: a module imports only from its own layer or below. The
 # pipeline reads upwards: storage and runtime, the paper's math and the models, data, the
-# config schema, the step and checkpoints, export, evaluation, the loop, the commands, and the
+# config schema, the step and checkpoints, weights coming in (exports, checkpoints' encoders,
+# the official release), export, evaluation, the loop, the commands, and the
 # experiment configs on top (they name everything; nothing below names them).
 LAYERS = (("errors",), ("storage",), ("runtime",),
           ("losses", "schedules", "sharding", "optim", "models"), ("collapse", "data"),
-          ("config",), ("train_state", "train_step", "checkpointing", "cloud"), ("export",),
+          ("config",), ("train_state", "train_step", "checkpointing", "cloud"), ("weights",),
+          ("export",),
           ("evaluation", "init_from"), ("train_logging",), ("train",), ("main", "studies"),
           ("configs",))
 # Imports against the layers, each with its reason (at most one).

@@ -18,13 +18,14 @@ from flax import nnx
 
 from benchmarks.reliability_processes import committed_steps, final_state
 from byol_flax.checkpointing import config_changes, flatten_dotted
-from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.config import ConfigError
-from byol_flax.export.encoder import PretrainedEncoder, export_encoder, fingerprint, load_export
+from byol_flax.export.encoder import export_encoder
 from byol_flax.init_from import InitFromError, apply_init_from, check_init_from
 from byol_flax.models.byol import build_online_network
 from byol_flax.models.encoders import ENCODERS
 from byol_flax.models.resnet import ResNet
+from byol_flax.weights.checkpoint import read_encoder
+from byol_flax.weights.encoder import PretrainedEncoder, fingerprint, load_export
 from tests.helpers import tiny_config
 from tests.test_performance import shrunk_digits_config
 from tests.test_train_driver import data_dir  # noqa: F401 (a fixture: the digits, converted)

@@ -12,8 +12,8 @@ from byol_flax.data.pipeline import labelled_dataset, open_split
 from byol_flax.evaluation import classifier as clf
 from byol_flax.evaluation import heads
 from byol_flax.evaluation.resumable import UnitCheckpoints
-from byol_flax.export import encoder as export
 from byol_flax.sharding import make_mesh
+from byol_flax.weights import encoder as weights
 from tests.helpers import tiny_config
 
 STEPS = 4
@@ -24,7 +24,7 @@ def no_checkpoints(total: int = STEPS) -> UnitCheckpoints:
 
 
 def tiny_encoder() -> nnx.Module:
-    return export.encoder_from_model_config(json.loads(tiny_config().model.to_json()), seed=1)
+    return weights.encoder_from_model_config(json.loads(tiny_config().model.to_json()), seed=1)
 
 
 def image_batches(data_dir: str):

@@ -36,9 +36,9 @@ hk = pytest.importorskip("haiku", reason="dm-haiku (the dev extra) is the offici
 from haiku._src import data_structures  # noqa: E402  (the release's frozendict)
 
 from byol_flax.config import base_config  # noqa: E402
-from byol_flax.export import official  # noqa: E402
-from byol_flax.export.encoder import load_export, load_source  # noqa: E402
 from byol_flax.models.byol import count_params  # noqa: E402
+from byol_flax.weights import official  # noqa: E402
+from byol_flax.weights.encoder import load_export, load_source  # noqa: E402
 
 BN_CONFIG = {"decay_rate": 0.9, "eps": 1e-5, "create_scale": True, "create_offset": True}
 # (blocks per group, bottleneck, channels per group, stem channels) of the official

@@ -21,12 +21,13 @@ from byol_flax.checkpointing import (
     flatten_dotted,
     read_verified,
 )
-from byol_flax.checkpointing.encoder import read_encoder
 from byol_flax.checkpointing.preemption import TerminationGuard
 from byol_flax.evaluation.monitor import Monitor
 from byol_flax.export import encoder as export
 from byol_flax.schedules import build_schedules
 from byol_flax.train_state import create_train_state
+from byol_flax.weights import encoder as weights
+from byol_flax.weights.checkpoint import read_encoder
 from tests.helpers import tiny_config
 from tests.test_checkpointing import new_state, one_device
 
@@ -249,7 +250,7 @@ def test_export_reads_the_config_the_step_was_trained_with(tmp_path):
     later = tiny_config()
     later.training.epochs = 99.0  # what a later, different run wrote: not what step 5 trained
     (tmp_path / "config.json").write_text(later.to_json_best_effort())
-    pretrained = export.load_pretraining_encoder(tmp_path)
+    pretrained = weights.load_pretraining_encoder(tmp_path)
     assert pretrained.pretrain_config["training"]["epochs"] == 4.0
     assert pretrained.origin["step"] == 5
 
@@ -257,7 +258,7 @@ def test_export_reads_the_config_the_step_was_trained_with(tmp_path):
 def test_a_failed_export_leaves_the_previous_export_intact(tmp_path):
     config = tiny_config()
     save(tmp_path / "checkpoints", config, [5], run=record(config))
-    pretrained = export.load_pretraining_encoder(tmp_path)
+    pretrained = weights.load_pretraining_encoder(tmp_path)
     out = tmp_path / "export"
     export.export_encoder(pretrained, out)
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
@@ -269,7 +270,7 @@ def test_a_failed_export_leaves_the_previous_export_intact(tmp_path):
         export.export_encoder(pretrained, out, write_extra=fail)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir() if "export-" in p.name] == []
-    export.load_export(out)  # still loads
+    weights.load_export(out)  # still loads
 
 
 # The workdir lease: tests/test_lease.py (local and gs://) and tests/test_relaunch.py (hosts).

@@ -16,6 +16,7 @@ from byol_flax.data.convert import digits
 from byol_flax.export import encoder as export
 from byol_flax.export import model_card
 from byol_flax.runtime import outputs
+from byol_flax.weights import encoder as weights
 from tests.helpers import tiny_config
 
 
@@ -36,9 +37,9 @@ def snapshot(root) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def tiny_pretrained() -> export.PretrainedEncoder:
+def tiny_pretrained() -> weights.PretrainedEncoder:
     model_config = json.loads(tiny_config().model.to_json())
-    return export.PretrainedEncoder(export.encoder_from_model_config(model_config, seed=1),
+    return weights.PretrainedEncoder(weights.encoder_from_model_config(model_config, seed=1),
                                     model_config, {"kind": "test", "step": 3})
 
 
@@ -132,25 +133,25 @@ def test_a_training_or_evaluation_workdir_must_be_new_empty_or_its_own(tmp_path)
 def test_an_export_records_a_sha256_per_array_and_a_changed_array_is_named(tiny_pretrained,
                                                                           tmp_path):
     out = export.export_encoder(tiny_pretrained, tmp_path / "export")
-    recorded = json.loads((out / export.ENCODER_CONFIG_NAME).read_text())["checksums"]
+    recorded = json.loads((out / weights.ENCODER_CONFIG_NAME).read_text())["checksums"]
     arrays = nnx.to_pure_dict(nnx.state(tiny_pretrained.encoder))
-    assert recorded == {"encoder": export.array_checksums(arrays)}
-    export.load_export(out)  # verifies
+    assert recorded == {"encoder": weights.array_checksums(arrays)}
+    weights.load_export(out)  # verifies
     # Another array that decodes fine where the stem's kernel was: the checksum names it.
     arrays["stem_conv"]["kernel"] = np.asarray(arrays["stem_conv"]["kernel"]) + 1e-3
-    (out / export.WEIGHTS_DIR).rmtree()
+    (out / weights.WEIGHTS_DIR).rmtree()
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-    checkpointer.save(out / export.WEIGHTS_DIR, args=ocp.args.PyTreeSave(
+    checkpointer.save(out / weights.WEIGHTS_DIR, args=ocp.args.PyTreeSave(
         jax.tree.map(np.asarray, arrays)))
     checkpointer.close()
-    with pytest.raises(export.SourceError, match=r"encoder is damaged: array stem_conv.kernel "
+    with pytest.raises(weights.SourceError, match=r"encoder is damaged: array stem_conv.kernel "
                        "differs from the checksum recorded at export time"):
-        export.load_export(out)
+        weights.load_export(out)
 
 
 def test_flipped_bytes_in_an_export_are_one_error_naming_it(tiny_pretrained, tmp_path):
     out = export.export_encoder(tiny_pretrained, tmp_path / "export")
-    data_files = [os.path.join(d, f) for d, _, files in os.walk(out / export.WEIGHTS_DIR)
+    data_files = [os.path.join(d, f) for d, _, files in os.walk(out / weights.WEIGHTS_DIR)
                   for f in files if "/d/" in os.path.join(d, f)]
     biggest = max(data_files, key=os.path.getsize)
     with open(biggest, "r+b") as file:
@@ -159,8 +160,8 @@ def test_flipped_bytes_in_an_export_are_one_error_naming_it(tiny_pretrained, tmp
         chunk = file.read(64)
         file.seek(middle)
         file.write(bytes(b ^ 0xFF for b in chunk))
-    with pytest.raises(export.SourceError, match=r"encoder (is damaged: array|cannot be read)"):
-        export.load_export(out)
+    with pytest.raises(weights.SourceError, match=r"encoder (is damaged: array|cannot be read)"):
+        weights.load_export(out)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -181,26 +182,26 @@ def test_flipped_bytes_in_an_export_are_one_error_naming_it(tiny_pretrained, tmp
 def test_an_export_config_is_checked_before_anything_is_built(tiny_pretrained, tmp_path, change,
                                                               message):
     out = export.export_encoder(tiny_pretrained, tmp_path / "export")
-    path = out / export.ENCODER_CONFIG_NAME
+    path = out / weights.ENCODER_CONFIG_NAME
     content = json.loads(path.read_text())
     change(content)
     path.write_text(json.dumps(content))
-    with pytest.raises(export.SourceError, match=re.escape(message)):
-        export.load_export(out)
+    with pytest.raises(weights.SourceError, match=re.escape(message)):
+        weights.load_export(out)
 
 
 def test_an_export_config_that_is_not_json_or_is_a_link_is_named(tiny_pretrained, tmp_path):
     out = export.export_encoder(tiny_pretrained, tmp_path / "export")
-    path = out / export.ENCODER_CONFIG_NAME
+    path = out / weights.ENCODER_CONFIG_NAME
     content = path.read_text()
     path.write_text(content[:40])
-    with pytest.raises(export.SourceError, match="encoder_config.json is not valid JSON"):
-        export.load_source(str(out))
+    with pytest.raises(weights.SourceError, match="encoder_config.json is not valid JSON"):
+        weights.load_source(str(out))
     (tmp_path / "elsewhere.json").write_text(content)
     path.unlink()
     os.symlink(tmp_path / "elsewhere.json", path)
-    with pytest.raises(export.SourceError, match="is a symbolic link"):
-        export.load_source(str(out))
+    with pytest.raises(weights.SourceError, match="is a symbolic link"):
+        weights.load_source(str(out))
 
 
 # -- The model card: inert text, explicit updates ------------------------------------------------
@@ -236,10 +237,10 @@ def test_results_are_added_only_by_the_explicit_command_without_following_links(
     assert "| knn | knn | top1 |" in (out / model_card.CARD_MARKDOWN).read_text()
     assert sorted(p.name for p in out.iterdir() if ".tmp" in p.name) == []
     (results / "results.json").write_text("[1, 2]")
-    with pytest.raises(export.SourceError,
+    with pytest.raises(weights.SourceError,
                        match="results.json: the document should be an object, not list"):
         model_card.add_results_to_card(out, [str(results)])
     link = tmp_path / "link"
     link.symlink_to(os.fspath(out))
-    with pytest.raises(export.SourceError, match="symbolic link"):
+    with pytest.raises(weights.SourceError, match="symbolic link"):
         model_card.add_results_to_card(link, [str(results)])

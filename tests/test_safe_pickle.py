@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from byol_flax.errors import UserError
-from byol_flax.export import official, safe_pickle
+from byol_flax.weights import official, safe_pickle
 
 
 class Reduce:

@@ -11,10 +11,10 @@ from byol_flax.data.pipeline import open_split
 from byol_flax.evaluation import base, features
 from byol_flax.evaluation.feature_cache import FeatureCache
 from byol_flax.evaluation.monitor import Monitor, build_state_evaluators
-from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh
 from byol_flax.train_state import create_train_state
+from byol_flax.weights.encoder import PretrainedEncoder
 from tests.helpers import tiny_config
 from tests.test_knn import whole_bank_predict
 

@@ -41,7 +41,7 @@ ALLOWED = {
      ".read_text"): (1, "the installed package's own metadata, through importlib.metadata"),
     ("byol_flax/runtime/code_identity.py", "json.loads"):
         (1, "parses that metadata (direct_url.json, written by pip)"),
-    ("byol_flax/export/safe_pickle/files.py", "os.open"):
+    ("byol_flax/weights/safe_pickle/files.py", "os.open"):
         (1, "the release reader's own checked open (non-blocking, fstat re-check), kept beside "
             "the pickle machine it serves; tests/test_safe_pickle.py"),
     ("byol_flax/checkpointing/lease.py", "os.open"):
@@ -340,7 +340,7 @@ _FINGERPRINT = """
 import json, sys
 from byol_flax.configs import digits_cpu
 from byol_flax.evaluation.feature_cache import encoder_fingerprint
-from byol_flax.export.encoder import encoder_from_model_config
+from byol_flax.weights.encoder import encoder_from_model_config
 model = json.loads(digits_cpu.get_config("unused,smoke=True").model.to_json())
 print(encoder_fingerprint(encoder_from_model_config(model, seed=int(sys.argv[1])), model))
 """
@@ -354,7 +354,7 @@ def test_the_encoder_fingerprint_is_the_same_in_every_process():
                            check=True, capture_output=True, text=True).stdout.split()[-1]
     from byol_flax.configs import digits_cpu  # noqa: PLC0415
     from byol_flax.evaluation.feature_cache import encoder_fingerprint  # noqa: PLC0415
-    from byol_flax.export.encoder import encoder_from_model_config  # noqa: PLC0415
+    from byol_flax.weights.encoder import encoder_from_model_config  # noqa: PLC0415
 
     model = json.loads(digits_cpu.get_config("unused,smoke=True").model.to_json())
     here = lambda seed: encoder_fingerprint(encoder_from_model_config(model, seed=seed), model)

@@ -29,6 +29,7 @@ from byol_flax.init_from import InitFromError, apply_init_from, check_init_from
 from byol_flax.models.encoders import build_encoder
 from byol_flax.models.init import init_module
 from byol_flax.train_state import create_train_state
+from byol_flax.weights import encoder as weights
 from tests.helpers import tiny_vit_config as vit_config
 from tests.test_init_from import refusal
 
@@ -54,13 +55,13 @@ def randomise(module: nnx.Module, seed: int) -> None:
     nnx.update(module, state)
 
 
-def micro_vit(seed: int = 0, **options) -> export.PretrainedEncoder:
+def micro_vit(seed: int = 0, **options) -> weights.PretrainedEncoder:
     encoder_config = {"name": "vit_micro", "stem": "small", "width_multiplier": 1,
                       "image_size": IMAGE_SIZE, **options}
     model = init_module(lambda: build_encoder(
         "vit_micro", stem="small", image_size=IMAGE_SIZE, rngs=nnx.Rngs(seed), **options))
     randomise(model, seed)
-    return export.PretrainedEncoder(model, {"encoder": encoder_config}, {"kind": "test"})
+    return weights.PretrainedEncoder(model, {"encoder": encoder_config}, {"kind": "test"})
 
 
 def images(batch: int = 3, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -127,7 +128,7 @@ def test_a_tampered_vit_export_is_refused_naming_the_tensor(tmp_path):
         torch_vit.build_timm_model(path)
     # The loader's names are torch_resnet's, which tests/test_torch_export.py ties to the writer's.
     assert torch_vit.LAYOUT == timm_vit.LAYOUT
-    assert torch_vit.LIMITS["parameters"] == export.MAX_PARAMETERS
+    assert torch_vit.LIMITS["parameters"] == weights.MAX_PARAMETERS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def test_the_stock_names_are_timms():
 
 def test_the_torch_export_of_a_vit_writes_timms_layout_and_says_how_to_load_it(tmp_path):
     model_config = json.loads(vit_config().model.to_json())
-    source = export.PretrainedEncoder(export.encoder_from_model_config(model_config, seed=3),
+    source = weights.PretrainedEncoder(weights.encoder_from_model_config(model_config, seed=3),
                                       model_config, {"kind": "test", "step": 5})
     source_dir = export.export_encoder(source, tmp_path / "export")
     # What `python -m byol_flax.export --source=DIR --format=torch --out=...` runs.
@@ -225,7 +226,7 @@ def test_a_run_starts_from_a_timm_checkpoint(new_state, tmp_path):
     jax.tree.map(np.testing.assert_array_equal,
                  nnx.to_pure_dict(nnx.state(state.online.projector)), before)  # not in the file
     assert provenance["origin"]["kind"] == "timm_file" and provenance["heads"] == []
-    assert provenance["fingerprint"] == export.fingerprint(state.online.encoder)
+    assert provenance["fingerprint"] == weights.fingerprint(state.online.encoder)
 
 
 def test_our_timm_file_is_checked_by_its_metadata(new_state, tmp_path):

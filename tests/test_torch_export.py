@@ -24,13 +24,14 @@ from byol_flax.models.encoders import build_encoder  # noqa: E402
 from byol_flax.models.init import init_module  # noqa: E402
 from byol_flax.models.resnet import BatchNormConfig  # noqa: E402
 from byol_flax.runtime import outputs  # noqa: E402
+from byol_flax.weights import encoder as weights  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 BN = {"decay": 0.9, "eps": 1e-5}
 
 
 @functools.cache
-def random_encoder(name: str, stem: str, width: int) -> export.PretrainedEncoder:
+def random_encoder(name: str, stem: str, width: int) -> weights.PretrainedEncoder:
     """An encoder whose every array is random, BatchNorm statistics included (a test that swaps
     mean and variance, scale and bias, or transposes a kernel wrongly fails)."""
     model = init_module(lambda: build_encoder(name, width_multiplier=width, stem=stem,
@@ -52,7 +53,7 @@ def random_encoder(name: str, stem: str, width: int) -> export.PretrainedEncoder
     nnx.update(model, state)
     model.eval()
     config = {"encoder": {"name": name, "stem": stem, "width_multiplier": width}, "batchnorm": BN}
-    return export.PretrainedEncoder(model, config, {"kind": "test"})
+    return weights.PretrainedEncoder(model, config, {"kind": "test"})
 
 
 def images(size: int, batch: int = 2) -> np.ndarray:
@@ -60,7 +61,7 @@ def images(size: int, batch: int = 2) -> np.ndarray:
     return np.random.default_rng(size).normal(size=(batch, size, size, 3)).astype(np.float32)
 
 
-def jax_features(pretrained: export.PretrainedEncoder, x: np.ndarray) -> np.ndarray:
+def jax_features(pretrained: weights.PretrainedEncoder, x: np.ndarray) -> np.ndarray:
     return np.asarray(nnx.jit(lambda m, v: m(v))(pretrained.encoder, x))
 
 
@@ -69,7 +70,7 @@ def torch_features(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
 
 
-def written(pretrained: export.PretrainedEncoder, tmp_path, padding: str = "same"
+def written(pretrained: weights.PretrainedEncoder, tmp_path, padding: str = "same"
             ) -> torch.nn.Module:
     path = tmp_path / torch_format.WEIGHTS_NAME
     torch_format.save_torch_weights(pretrained, path)
@@ -145,7 +146,7 @@ def test_keys_are_torchvisions_resnet_layout():
 
 
 def test_only_our_resnet_exports():
-    pretrained = export.PretrainedEncoder(export.PixelEncoder(8), {"encoder": {"name": "pixels"}},
+    pretrained = weights.PretrainedEncoder(weights.PixelEncoder(8), {"encoder": {"name": "pixels"}},
                                           {"kind": "test"})
     with pytest.raises(torch_format.TorchExportError,
                        match="encoder 'pixels' is a PixelEncoder, not byol_flax.models.resnet"):
@@ -204,7 +205,7 @@ def run_export(*args: str, tmp_path) -> subprocess.CompletedProcess:
 
 def test_cli_writes_a_torch_export_of_an_export_directory(tmp_path):
     model_config = json.loads(tiny_config().model.to_json())
-    source = export.PretrainedEncoder(export.encoder_from_model_config(model_config, seed=3),
+    source = weights.PretrainedEncoder(weights.encoder_from_model_config(model_config, seed=3),
                                       model_config, {"kind": "test", "step": 5})
     export_dir = export.export_encoder(source, tmp_path / "export", write_extra=lambda d:
                                        model_card.write_model_card(
@@ -292,8 +293,8 @@ def test_flipped_bytes_in_a_torch_export_are_named(tmp_path):
 
 
 def test_the_torch_loaders_limits_are_the_packages():
-    from byol_flax.export.encoder import MAX_PARAMETERS
     from byol_flax.models.encoders import WIDTH_MULTIPLIERS
+    from byol_flax.weights.encoder import MAX_PARAMETERS
     assert torch_resnet.LIMITS["parameters"] == MAX_PARAMETERS
     assert torch_resnet.LIMITS["width_multiplier"] == max(WIDTH_MULTIPLIERS)
     assert torch_resnet.FORMAT_VERSION == torch_format.FORMAT_VERSION

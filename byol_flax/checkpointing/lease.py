@@ -39,12 +39,12 @@ from typing import Any, Protocol
 from etils import epath
 
 from byol_flax.errors import UserError
-from byol_flax.runtime import console
+from byol_flax.runtime import console, logs
 from byol_flax.storage import files, json_files, schemas
 
 LEASE_NAME = "lease.json"
 HEARTBEATS_PER_WINDOW = 6
-LOST_EXIT_STATUS = 1  # like every other stop on a user-facing error (runtime.console)
+LOST_EXIT_STATUS = 1  # like every other stop on a user-facing error (runtime.commands)
 LEASE_MAX_BYTES = 64 * 1024  # a record is ~300 bytes
 
 
@@ -318,7 +318,7 @@ class WorkdirLease:
                 from None
         _ACTIVE.lease = self
         if isinstance(self._store, _LocalStore):  # the log file may be in the workdir
-            self._unguard = console.guard_log_file(_fence_log)
+            self._unguard = logs.guard_log_file(_fence_log)
         self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lease")
         self._thread.start()
         return self

@@ -126,7 +126,7 @@ def read_verified(directory: epath.PathLike, *, prefix: tuple[str, ...] = (),
     """Reads the arrays stored under ``prefix`` of the state of a committed step (the newest
     valid one by default), shaped as the step recorded them and verified against its checksums:
     (step, arrays, run record). What evaluation and export read
-    (:mod:`byol_flax.checkpointing.encoder`).
+    (:mod:`byol_flax.weights.checkpoint`).
 
     An explicitly requested ``step`` that is damaged raises :class:`DamagedCheckpointError`; the
     default falls back to the previous valid step with a warning (nothing is moved or deleted).

@@ -30,11 +30,11 @@ from absl import app, flags
 
 from byol_flax.cloud import tasks
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice
-from byol_flax.runtime import console
+from byol_flax.runtime import commands
 
 ENGINES = ("skypilot", "xpk")
 
-# The command's own flags (console.run_command): importing this module defines no global absl
+# The command's own flags (commands.run_command): importing this module defines no global absl
 # flag (its --config is a plain string, not byol_flax.main's config flag).
 COMMAND_FLAGS = flags.FlagValues()
 _F = COMMAND_FLAGS
@@ -95,8 +95,8 @@ REQUIRED = {"skypilot": ("config", "workdir", "accelerator", "repo"),
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``byol-launch ENGINE``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
-    (returns the exit status; :func:`byol_flax.runtime.console.run_command`)."""
-    return console.run_command(_main, __name__, flag_values=COMMAND_FLAGS, argv=argv)
+    (returns the exit status; :func:`byol_flax.runtime.commands.run_command`)."""
+    return commands.run_command(_main, __name__, flag_values=COMMAND_FLAGS, argv=argv)
 
 
 def given_flags(engine: str) -> str:

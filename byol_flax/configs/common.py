@@ -52,7 +52,7 @@ class ConfigArgumentError(UserError, ValueError):
     """A config module's argument (``--config=NAME:ARG``) it cannot take: an unknown option, a
     value of the wrong type or outside its choices. A ``UserError``: the commands print it as one
     line naming the option (ml_collections and absl wrap it, see
-    ``byol_flax.runtime.console.run_command``)."""
+    ``byol_flax.runtime.commands.run_command``)."""
 
 
 def parse_arg(arg: str | None, *, positional: str | None = None,

@@ -13,7 +13,7 @@ model card.
 
 A bad config key or argument, source, split or workdir is one line naming it (status 1; 2 for a
 flag); logs and the traceback go to ``<tempdir>/byol_flax_logs/byol_flax.evaluation.log``
-(:mod:`byol_flax.runtime.console`).
+(:mod:`byol_flax.runtime.commands`).
 """
 
 import json
@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from byol_flax.evaluation.runner import evaluate
-from byol_flax.runtime import console
+from byol_flax.runtime import commands
 from byol_flax.runtime.xla import configure_xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Evaluation config module.",
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point."""
-    console.run_command(main, __name__, config_flag="config")
+    commands.run_command(main, __name__, config_flag="config")
 
 
 if __name__ == "__main__":

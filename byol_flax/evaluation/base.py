@@ -32,9 +32,9 @@ from byol_flax.data.pipeline import OpenedSplit, open_split
 from byol_flax.data.records import DataError
 from byol_flax.evaluation.features import FeatureStore, extract_features
 from byol_flax.evaluation.resumable import UnitCheckpoints, measured_settings, settings_digest
-from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.runtime.registry import Registry
 from byol_flax.storage import files, json_files, schemas
+from byol_flax.weights.encoder import PretrainedEncoder
 
 Scores = dict[str, float]
 

@@ -24,7 +24,7 @@ from byol_flax.evaluation.base import Evaluator, ProtocolEvaluator, reads_monito
 from byol_flax.evaluation.config import monitor_eval_config
 from byol_flax.evaluation.evaluators import EVALUATORS
 from byol_flax.evaluation.features import FeatureStore, sharing_features
-from byol_flax.export.encoder import PretrainedEncoder
+from byol_flax.weights.encoder import PretrainedEncoder
 
 
 class StateEvaluator:

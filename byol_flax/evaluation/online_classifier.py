@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 import byol_flax.evaluation.classifier as clf
 from byol_flax.evaluation.base import Context, protocol, result
 from byol_flax.evaluation.features import encoder_features
-from byol_flax.export.encoder import SourceError
 from byol_flax.sharding import replicate, shard_batch
+from byol_flax.weights.encoder import SourceError
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")

@@ -16,10 +16,10 @@ from byol_flax.evaluation.evaluators import build_evaluator
 from byol_flax.evaluation.feature_cache import FeatureCache
 from byol_flax.evaluation.features import FeatureStore
 from byol_flax.export import model_card
-from byol_flax.export.encoder import ENCODER_CONFIG_NAME, load_source
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.sharding import make_mesh
 from byol_flax.storage import files, json_files
+from byol_flax.weights.encoder import ENCODER_CONFIG_NAME, load_source
 
 
 def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> dict:

@@ -20,7 +20,7 @@ torchvision's keys (:mod:`byol_flax.export.torch_format`; reload with
 from absl import app, flags
 
 from byol_flax.export import model_card
-from byol_flax.runtime import console
+from byol_flax.runtime import commands
 from byol_flax.runtime.xla import configure_xla_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pre-training workdir (holds checkpoints/).")
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    # Errors (a bad source, an --out that is not ours) are one line (console.run_command); a
+    # Errors (a bad source, an --out that is not ours) are one line (commands.run_command); a
     # failed export leaves the previous one intact.
     out = model_card.export_with_model_card(
         _WORKDIR.value, _OUT.value, source=_SOURCE.value, step=_STEP.value,
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point."""
-    console.run_command(main, __name__)
+    commands.run_command(main, __name__)
 
 
 if __name__ == "__main__":

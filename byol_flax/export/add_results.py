@@ -12,7 +12,7 @@ results when the export is written.
 from absl import app, flags
 
 from byol_flax.export import model_card
-from byol_flax.runtime import console
+from byol_flax.runtime import commands
 
 _EXPORT = flags.DEFINE_string("export", None, "Export directory whose model card to update.")
 _RESULTS = flags.DEFINE_list("results", None, "Evaluation workdirs (each holds results.json).")
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point."""
-    console.run_command(main, __name__)
+    commands.run_command(main, __name__)
 
 
 if __name__ == "__main__":

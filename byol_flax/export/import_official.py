@@ -1,7 +1,7 @@
 """Import CLI: ``byol-import-official --checkpoint=pretrain_res50x1.pkl --out=DIR``.
 
 Reads an official BYOL release checkpoint without executing anything in it
-(:mod:`byol_flax.export.official`), maps the online encoder, projector, predictor and online
+(:mod:`byol_flax.weights.official`), maps the online encoder, projector, predictor and online
 classifier onto this project's modules and writes the export format
 (:mod:`byol_flax.export.encoder`: ``encoder/``, ``heads/``, ``encoder_config.json``) with a model
 card whose provenance names the file, its sha256, the step and the source. Evaluate it with
@@ -10,11 +10,12 @@ card whose provenance names the file, its sha256, the step and the source. Evalu
 
 from absl import app, flags
 
-from byol_flax.export import model_card, official
+from byol_flax.export import model_card
 from byol_flax.export.encoder import export_encoder
-from byol_flax.runtime import console
+from byol_flax.runtime import commands
 from byol_flax.runtime.outputs import check_output_dir
 from byol_flax.runtime.xla import configure_xla_flags
+from byol_flax.weights import official
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The release's .pkl file.")
 _OUT = flags.DEFINE_string("out", None, "Export directory to write.")
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
-    # Errors are one line (console.run_command; the reader's messages escape text from the
+    # Errors are one line (commands.run_command; the reader's messages escape text from the
     # file). --out is checked before the file is read (byol_flax.runtime.outputs).
     check_output_dir(_OUT.value, "export", inputs=[_CHECKPOINT.value])
     pretrained = official.import_official(_CHECKPOINT.value)
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point."""
-    console.run_command(main, __name__)
+    commands.run_command(main, __name__)
 
 
 if __name__ == "__main__":

@@ -29,19 +29,19 @@ from flax import nnx
 
 from byol_flax.checkpointing.config_changes import CODE_KIND, code_at, code_entries
 from byol_flax.data.records import MANIFEST_NAME
-from byol_flax.export.encoder import (
-    RANDOM_PREFIX,
-    PretrainedEncoder,
-    SourceError,
-    export_encoder,
-    load_pretraining_encoder,
-    load_source,
-)
+from byol_flax.export.encoder import export_encoder
 from byol_flax.models.byol import count_params
 from byol_flax.models.vit import FrozenParam
 from byol_flax.runtime.code_identity import describe
 from byol_flax.runtime.outputs import check_output_dir
 from byol_flax.storage import files, json_files, schemas
+from byol_flax.weights.encoder import (
+    RANDOM_PREFIX,
+    PretrainedEncoder,
+    SourceError,
+    load_pretraining_encoder,
+    load_source,
+)
 
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "MODEL_CARD.md"

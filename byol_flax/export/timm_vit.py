@@ -34,9 +34,9 @@ import numpy as np
 from flax import nnx
 
 from byol_flax.config import flatten_dotted
-from byol_flax.export.encoder import PretrainedEncoder
 from byol_flax.export.torch_common import FORMAT_VERSION, INPUT_NOTE, TorchExportError
 from byol_flax.models.vit import MLP_RATIO, VisionTransformer
+from byol_flax.weights.encoder import PretrainedEncoder
 
 LAYOUT = "timm"  # the metadata's "layout": what tells a ViT export from a ResNet one
 # The final LayerNorm's timm name by our pooling (timm's global_pool by our pooling).

@@ -28,7 +28,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from byol_flax.export import timm_vit
-from byol_flax.export.encoder import PretrainedEncoder, array_checksums, write_atomically
+from byol_flax.export.encoder import write_atomically
 from byol_flax.export.torch_common import (
     FORMAT_VERSION,
     INPUT_NOTE,
@@ -38,6 +38,7 @@ from byol_flax.export.torch_common import (
 )
 from byol_flax.models.resnet import ResNet
 from byol_flax.models.vit import VisionTransformer
+from byol_flax.weights.encoder import PretrainedEncoder, array_checksums
 
 PADDING_NOTE = ("XLA SAME: per side of n pixels, total = max((ceil(n/s)-1)*s + k - n, 0), "
                 "total//2 before and the rest after (max-pool pads with -inf); torchvision pads "

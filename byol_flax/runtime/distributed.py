@@ -26,7 +26,7 @@ import jax
 from jax._src import clusters
 
 from byol_flax.errors import UserError
-from byol_flax.runtime import console
+from byol_flax.runtime import commands, console
 
 # The environments joined without --distributed, by JAX's class name, as the stage line names
 # them. Kubernetes (API calls, an extra package) and mpi4py (opt-in in JAX) need --distributed.
@@ -53,7 +53,7 @@ def detect_cluster() -> tuple[str, type, int] | None:
         except Exception as error:  # noqa: BLE001 (a detector reading the network or a variable)
             logging.warning("%s detected but its process count cannot be read (%s): running as "
                             "one process; --distributed forces joining",
-                            AUTO_DETECTED[env.__name__], console.one_line(str(error)))
+                            AUTO_DETECTED[env.__name__], commands.one_line(str(error)))
             return None
         return AUTO_DETECTED[env.__name__], env, count
     return None

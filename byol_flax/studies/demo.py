@@ -20,7 +20,7 @@ the seconds-long version (every config with ``smoke=True``; the tests and the in
 The console shows one line per stage, a progress bar per pre-training and the verdict; the full
 log is ``<workdir>/log.txt`` (``--verbose`` prints it too). Everything lands in the workdir;
 re-running resumes (finished pre-trainings are not redone). A bad flag or workdir is one line
-naming it (:mod:`byol_flax.runtime.console`).
+naming it (:mod:`byol_flax.runtime.commands`).
 """
 
 import json
@@ -28,10 +28,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from byol_flax.runtime import console
+from byol_flax.runtime import commands, console, logs
 from byol_flax.runtime.outputs import claim_output_dir
 
-console.quiet_native_logs()  # before TensorFlow is imported (through CLU)
+logs.quiet_native_logs()  # before TensorFlow is imported (through CLU)
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -42,12 +42,12 @@ from etils import epath  # noqa: E402
 from byol_flax.configs import digits_cpu  # noqa: E402
 from byol_flax.evaluation import Context, SweepStore  # noqa: E402
 from byol_flax.export import model_card  # noqa: E402
-from byol_flax.export.encoder import RANDOM_PREFIX, load_source  # noqa: E402
 from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
 from byol_flax.sharding import make_mesh  # noqa: E402
 from byol_flax.studies import report, runner  # noqa: E402
 from byol_flax.studies.study import Row, Study, with_smoke  # noqa: E402
 from byol_flax.train import WorkdirError  # noqa: E402
+from byol_flax.weights.encoder import RANDOM_PREFIX, load_source  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where everything is written.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Pre-training / evaluation seeds (0,1,2: the spread).")
@@ -66,7 +66,7 @@ def recipe_row(name: str, recipe: str, overrides: Mapping[str, Any] | None = Non
     """A row pre-training ``digits_cpu`` with ``recipe`` (and dotted ``overrides``: the
     calibration sweep's points)."""
     if recipe not in digits_cpu.AUGMENTATION_RECIPES:
-        raise console.CommandLineError(f"--recipes: unknown recipe {recipe!r}; choose from "
+        raise commands.CommandLineError(f"--recipes: unknown recipe {recipe!r}; choose from "
                                        f"{list(digits_cpu.AUGMENTATION_RECIPES)}")
     return Row(name, dict(overrides or {}), None,
                config=f"digits_cpu:data={{data}},augment={recipe}")
@@ -130,13 +130,13 @@ def main(argv: list[str]) -> None:
     try:
         seeds = [int(s) for s in _SEEDS.value]
     except ValueError as error:
-        raise console.CommandLineError(f"--seeds={','.join(_SEEDS.value)}: not integers") \
+        raise commands.CommandLineError(f"--seeds={','.join(_SEEDS.value)}: not integers") \
             from error
     for recipe in _RECIPES.value:  # refused before anything is written
         recipe_row(recipe, recipe)
     claim_output_dir(_WORKDIR.value, "demo")  # a user's folder is refused before the log lands
     try:
-        log_file = console.setup(console.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+        log_file = logs.setup(logs.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
     except OSError as error:
         raise WorkdirError(f"cannot write to the workdir {_WORKDIR.value}: {error}") from error
     console.stage("byol_flax demo: full log in %s", log_file)
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console entry point."""
-    console.run_command(main, __name__)
+    commands.run_command(main, __name__)
 
 
 if __name__ == "__main__":

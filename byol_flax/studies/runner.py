@@ -11,7 +11,7 @@ pre-trainings are read back from their ``final_metrics.json``. Afterwards ``summ
 ``summary.md`` and ``summary.png`` (:mod:`byol_flax.studies.summary`) land in the workdir.
 ``--smoke`` puts ``smoke=True`` in every config spec (seconds-long runs, same code paths).
 A bad flag (study, row, seed, override key) or workdir is one line naming it
-(:func:`byol_flax.runtime.console.run_command`).
+(:func:`byol_flax.runtime.commands.run_command`).
 
 Examples::
 
@@ -37,7 +37,8 @@ from etils import epath
 from byol_flax.config import training_steps
 from byol_flax.data.convert import digits
 from byol_flax.data.records import MANIFEST_NAME, DataError
-from byol_flax.runtime import console
+from byol_flax.runtime import console, logs
+from byol_flax.runtime.commands import CommandLineError, run_command
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.runtime.xla import configure_xla_flags
 from byol_flax.storage import files, json_files
@@ -113,7 +114,7 @@ def plan(study: Study, workdir: str, *, seeds: Sequence[int] | None = None,
 
 def _source(reference: str, directory: str) -> str:
     """What an evaluation of the run in ``directory`` scores: its encoder ("") or a reference."""
-    from byol_flax.export.encoder import PIXELS_SOURCE, RANDOM_PREFIX  # noqa: PLC0415
+    from byol_flax.weights.encoder import PIXELS_SOURCE, RANDOM_PREFIX  # noqa: PLC0415
 
     return {"": directory, "random_init": RANDOM_PREFIX + directory,
             "pixels": PIXELS_SOURCE}[reference]
@@ -248,7 +249,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise console.CommandLineError(f"override {item!r}: expected KEY=VALUE")
+            raise CommandLineError(f"override {item!r}: expected KEY=VALUE")
         try:
             out[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -262,10 +263,10 @@ def select_rows(study: Study, names: Sequence[str]) -> Study:
     try:
         return dataclasses.replace(study, rows=tuple(study.row(name) for name in names))
     except KeyError as error:  # Study.row: the study has no such row (the message says which)
-        raise console.CommandLineError(f"--rows: {error.args[0]}") from error
+        raise CommandLineError(f"--rows: {error.args[0]}") from error
 
 
-# The command's own flags (console.run_command): importing this module (the demo, tests) defines
+# The command's own flags (run_command): importing this module (the demo, tests) defines
 # no global absl flag.
 COMMAND_FLAGS = flags.FlagValues()
 _STUDY = flags.DEFINE_string(
@@ -294,8 +295,8 @@ flags.mark_flags_as_required(["study", "workdir"], flag_values=COMMAND_FLAGS)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``byol-study``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process (returns
-    the exit status; :func:`byol_flax.runtime.console.run_command`)."""
-    return console.run_command(_main, __name__, flag_values=COMMAND_FLAGS, argv=argv)
+    the exit status; :func:`byol_flax.runtime.commands.run_command`)."""
+    return run_command(_main, __name__, flag_values=COMMAND_FLAGS, argv=argv)
 
 
 def _main(argv: list[str]) -> int:
@@ -307,22 +308,22 @@ def _main(argv: list[str]) -> int:
     try:
         seeds = [int(s) for s in _SEEDS.value.split(",") if s] or None
     except ValueError as error:
-        raise console.CommandLineError(f"--seeds={_SEEDS.value}: not integers") from error
+        raise CommandLineError(f"--seeds={_SEEDS.value}: not integers") from error
     overrides = {"seeds": seeds, "extra": parse_overrides(_SET.value),
                  "eval_extra": parse_overrides(_EVAL_SET.value)}
     try:  # every config of the plan, built before anything is written or printed
         plan(study, workdir, **overrides)
     except KeyError as error:  # set_dotted: an override naming no config key (says which)
-        raise console.CommandLineError(error.args[0] if error.args else str(error)) from error
+        raise CommandLineError(error.args[0] if error.args else str(error)) from error
     if _PRINT.value:
         print("\n".join(commands(study, workdir, **overrides)))
         return 0
     configure_xla_flags()  # before the first computation
     claim_output_dir(workdir, "study")  # a user's folder is refused before the log lands
     try:
-        console.setup(console.local_log_dir(workdir), verbose=_VERBOSE.value)
+        logs.setup(logs.local_log_dir(workdir), verbose=_VERBOSE.value)
     except OSError as error:
-        raise console.CommandLineError(f"--workdir={workdir}: cannot write there: "
+        raise CommandLineError(f"--workdir={workdir}: cannot write there: "
                                        f"{error}") from error
     summary = run_study(study, workdir, **overrides)
     print(files.read_text(summary["summary_md"], what="study summary"))

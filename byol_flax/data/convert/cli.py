@@ -5,7 +5,7 @@ with the ``define_*`` helpers; importing a converter defines no global flag, so 
 and tests can import them all), hands them to its ``convert(args)`` as an
 ``argparse.Namespace`` of the flag values (:func:`args_from_flags`, ``--holdout-count`` as
 ``args.holdout_count``), ends with :func:`convert_from_args` (order, hold out, write, summary
-line), and runs through :func:`run` (:func:`byol_flax.runtime.console.run_command`: ``--help``
+line), and runs through :func:`run` (:func:`byol_flax.runtime.commands.run_command`: ``--help``
 and one ``error:`` line on bad input, as every command).
 """
 
@@ -161,8 +161,8 @@ def run(body: Callable[[argparse.Namespace], object], module_name: str,
         flag_values: flags.FlagValues, argv: Sequence[str] | None, doc: str) -> int:
     """A converter's ``main``: the arguments of ``sys.argv`` (exits), or ``argv`` in this process
     (returns the exit status: 0, 1 after bad input, 2 for a flag), through
-    :func:`byol_flax.runtime.console.run_command`; ``doc`` is its ``--help`` text."""
-    from byol_flax.runtime import console  # noqa: PLC0415
+    :func:`byol_flax.runtime.commands.run_command`; ``doc`` is its ``--help`` text."""
+    from byol_flax.runtime import commands  # noqa: PLC0415
 
     def main(rest: list[str]) -> int:
         if len(rest) > 1:
@@ -170,7 +170,7 @@ def run(body: Callable[[argparse.Namespace], object], module_name: str,
         body(args_from_flags(flag_values))
         return 0
 
-    return console.run_command(main, module_name, flag_values=flag_values, argv=argv, doc=doc)
+    return commands.run_command(main, module_name, flag_values=flag_values, argv=argv, doc=doc)
 
 
 def imagenet_holdout(args: argparse.Namespace, num_train: int,

@@ -8,7 +8,7 @@ target parameters, BatchNorm states and the optimizer state, each a Haiku mappin
 ``{"module/~/path": {"w" | "b" | "scale" | "offset" | ...: array}}`` of NumPy arrays taken from
 device 0.
 
-Nothing in the file is executed: :mod:`byol_flax.export.safe_pickle` reads it as data, with the
+Nothing in the file is executed: :mod:`byol_flax.weights.safe_pickle` reads it as data, with the
 globals of :data:`ALLOWED_GLOBALS` only (NumPy's array pickling, read by the reader itself; the
 release's NamedTuples and Haiku mappings, built as plain containers; the helpers dill writes).
 Before any module is built, the architecture the parameter names and shapes describe is checked
@@ -43,8 +43,9 @@ from flax import nnx
 
 from byol_flax.config import base_config
 from byol_flax.errors import UserError
-from byol_flax.export import safe_pickle
-from byol_flax.export.encoder import (
+from byol_flax.models.encoders import ENCODERS, WIDTH_MULTIPLIERS
+from byol_flax.weights import safe_pickle
+from byol_flax.weights.encoder import (
     MAX_HEAD_WIDTH,
     MAX_PARAMETERS,
     PretrainedEncoder,
@@ -53,8 +54,7 @@ from byol_flax.export.encoder import (
     heads_from_model_config,
     parameter_count,
 )
-from byol_flax.export.safe_pickle import UnsafePickleError, shown
-from byol_flax.models.encoders import ENCODERS, WIDTH_MULTIPLIERS
+from byol_flax.weights.safe_pickle import UnsafePickleError, shown
 
 __all__ = ["ALLOWED_GLOBALS", "MAX_PARAMETERS", "OfficialCheckpointError", "UnsafePickleError",
            "describe_architecture", "import_official", "map_official",

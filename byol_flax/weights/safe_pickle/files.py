@@ -10,8 +10,8 @@ import stat
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
-from byol_flax.export.safe_pickle.unpickler import SafeUnpickler
-from byol_flax.export.safe_pickle.values import Builder, PickleReadError, Token, shown
+from byol_flax.weights.safe_pickle.unpickler import SafeUnpickler
+from byol_flax.weights.safe_pickle.values import Builder, PickleReadError, Token, shown
 
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
                (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),

@@ -14,9 +14,9 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from byol_flax.export.safe_pickle.builders import build_state
-from byol_flax.export.safe_pickle.machine import PickleMachine
-from byol_flax.export.safe_pickle.values import PendingArray, describe
+from byol_flax.weights.safe_pickle.builders import build_state
+from byol_flax.weights.safe_pickle.machine import PickleMachine
+from byol_flax.weights.safe_pickle.values import PendingArray, describe
 
 MAX_INT_BYTES = 64  # LONG1/LONG4 payloads; a checkpoint's integers are steps and shapes
 

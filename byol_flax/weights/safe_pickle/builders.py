@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from byol_flax.export.safe_pickle.machine import PickleMachine
-from byol_flax.export.safe_pickle.values import (
+from byol_flax.weights.safe_pickle.machine import PickleMachine
+from byol_flax.weights.safe_pickle.values import (
     NDARRAY,
     Builder,
     ModuleToken,

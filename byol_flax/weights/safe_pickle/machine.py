@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from byol_flax.export.safe_pickle.values import (
+from byol_flax.weights.safe_pickle.values import (
     SCALARS,
     Builder,
     PickleReadError,

@@ -33,7 +33,7 @@ and the check of the result) and ``files`` (:func:`read_pickle_file`). A limit i
 is defined: a test that lowers one patches that module (``machine.MAX_OBJECTS``), not this one.
 """
 
-from byol_flax.export.safe_pickle.builders import (
+from byol_flax.weights.safe_pickle.builders import (
                                                    EMPTY_BYTES,
                                                    MAX_FIELDS,
                                                    MAX_NDIM,
@@ -44,16 +44,16 @@ from byol_flax.export.safe_pickle.builders import (
                                                    set_dtype_state,
                                                    vetted_array,
 )
-from byol_flax.export.safe_pickle.files import read_pickle_file
-from byol_flax.export.safe_pickle.machine import (
+from byol_flax.weights.safe_pickle.files import read_pickle_file
+from byol_flax.weights.safe_pickle.machine import (
                                                    MAX_DEPTH,
                                                    MAX_OBJECTS,
                                                    MAX_RECORD_CLASSES,
                                                    PickleMachine,
 )
-from byol_flax.export.safe_pickle.opcodes import MAX_INT_BYTES
-from byol_flax.export.safe_pickle.unpickler import SafeUnpickler
-from byol_flax.export.safe_pickle.values import (
+from byol_flax.weights.safe_pickle.opcodes import MAX_INT_BYTES
+from byol_flax.weights.safe_pickle.unpickler import SafeUnpickler
+from byol_flax.weights.safe_pickle.values import (
                                                    MAX_NAME_LENGTH,
                                                    NDARRAY,
                                                    Builder,

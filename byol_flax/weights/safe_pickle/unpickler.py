@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from byol_flax.export.safe_pickle.machine import PickleMachine
-from byol_flax.export.safe_pickle.opcodes import DISPATCH, stop
-from byol_flax.export.safe_pickle.values import SCALARS, PickleReadError, describe
+from byol_flax.weights.safe_pickle.machine import PickleMachine
+from byol_flax.weights.safe_pickle.opcodes import DISPATCH, stop
+from byol_flax.weights.safe_pickle.values import SCALARS, PickleReadError, describe
 
 
 class SafeUnpickler(PickleMachine):
