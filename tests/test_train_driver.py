@@ -88,6 +88,7 @@ def test_console_shows_stages_and_a_progress_bar_and_the_log_file_has_the_rest(r
     assert "online_classifier/loss" in log and "orbax" in log.lower()
 
 
+@pytest.mark.slow  # ~35 s: the training run the module's other end-to-end tests share
 def test_end_to_end_writes_checkpoints_tensorboard_and_metrics(reference_run):
     assert committed_steps(reference_run) == [8, 12, 16]  # max_to_keep = 3, newest kept
     assert list(reference_run.glob("events.out.tfevents.*")), "no TensorBoard event file"

@@ -205,7 +205,7 @@ def gradients(config, state, batch):
     target_def, target_state = (None, None) if state.target is None else nnx.split(state.target)
     fn = functools.partial(loss_fn, online_def=online_def, target_def=target_def,
                            loss_config=config.loss, target_kind=config.target.kind)
-    return jax.grad(lambda p: fn(p, rest, target_state, batch)[0])(params)
+    return jax.jit(jax.grad(lambda p: fn(p, rest, target_state, batch)[0]))(params)
 
 
 def test_stop_gradient_target_equals_an_ema_target_that_equals_online_and_online_differs():
