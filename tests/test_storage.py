@@ -61,8 +61,8 @@ ALLOWED = {
     ("byol_flax/evaluation/feature_cache.py", "np.save"):
         (1, "into an in-memory buffer, written by files.write_bytes"),
     ("byol_flax/evaluation/feature_cache.py", "np.load"):
-        (2, "entries checked regular (no link) and their sha256 verified first; "
-            "allow_pickle=False"),
+        (3, "entries checked regular (no link) and their sha256 verified first, or the file "
+            "this process has just written and hashed; allow_pickle=False"),
     ("byol_flax/evaluation/feature_cache.py", "np.lib.format.open_memmap"):
         (1, "a file files.create_exclusive has just created"),
 }

@@ -89,7 +89,8 @@ def _plain(key: Mapping[str, Any]) -> dict[str, Any]:
 @dataclasses.dataclass
 class CacheWriter:
     """An entry being written: ``features`` is a writable memory map; :meth:`commit` adds the
-    labels and the sidecar, then reopens the entry read-only."""
+    labels and the sidecar, then reopens the features read-only (without hashing them again:
+    they were hashed for the sidecar a moment before)."""
 
     cache: "FeatureCache"
     key: dict[str, Any]
@@ -112,7 +113,7 @@ class CacheWriter:
                          what="feature cache sidecar")
         logging.info("features of %s/%s cached in %s", opened.data_dir, opened.split,
                      features_path)
-        return self.cache.load(self.key, opened)
+        return np.load(os.fspath(features_path), mmap_mode="r", allow_pickle=False), labels
 
 
 class FeatureCache:
@@ -177,8 +178,7 @@ class FeatureCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         features_path, labels_path, sidecar = self.paths(key)
         for path in (sidecar, features_path, labels_path):
-            if os.path.lexists(path) and not os.path.isdir(path):
-                os.unlink(path)  # ours, or a planted link: removed, never followed
+            files.remove(path, what="feature cache file")  # a planted link too, never followed
         partial = str(features_path) + ".partial.npy"
         files.create_exclusive(partial, what="feature file")
         features = np.lib.format.open_memmap(partial, mode="w+",

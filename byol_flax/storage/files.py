@@ -236,16 +236,22 @@ def open_append(path: epath.PathLike, *, truncate: bool = False, what: str = "fi
     return os.fdopen(descriptor, "a", encoding="utf-8")
 
 
+def remove(path: epath.PathLike, *, what: str = "file") -> None:
+    """Removes the local file or link ``path`` (a link itself, never its target); nothing when
+    absent; a directory is refused."""
+    text = os.fspath(path)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(text).st_mode):
+            raise StorageError(f"{what} {text} is a directory: not replacing it")
+        os.unlink(text)
+
+
 def create_exclusive(path: epath.PathLike, *, what: str = "file") -> None:
     """Creates the empty local file ``path`` for a writer that opens it by name (a memory map):
     whatever was at ``path`` (a stale file of ours, a planted link) is removed, never
-    followed, and the new file is created exclusively."""
+    followed (:func:`remove`), and the new file is created exclusively."""
     text = os.fspath(path)
-    with contextlib.suppress(FileNotFoundError):
-        info = os.lstat(text)
-        if stat.S_ISDIR(info.st_mode):
-            raise StorageError(f"{what} {text} is a directory: not replacing it")
-        os.unlink(text)
+    remove(text, what=what)
     os.close(os.open(text, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644))
 
