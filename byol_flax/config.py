@@ -220,7 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.logging = ml_collections.ConfigDict()
     config.logging.every_steps = 100  # scalars, finiteness check, collapse warnings
-    config.logging.profile_steps = 0  # >0: CLU Profile captures that many steps once
+    config.logging.profile_steps = 0  # >0: jax.profiler traces that many steps once (train_logging)
 
     config.monitor = ml_collections.ConfigDict()
     config.monitor.every_steps = 5000  # 0 disables the online evaluation

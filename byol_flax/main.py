@@ -19,18 +19,14 @@ A problem with the config, data, workdir or checkpoints is one line naming the k
 
 import logging
 
-from byol_flax.runtime import commands, console, logs
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-logs.quiet_native_logs()  # before TensorFlow is imported (through CLU)
-
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from byol_flax.runtime import distributed  # noqa: E402
-from byol_flax.runtime.outputs import OutputDirError, claim_output_dir  # noqa: E402
-from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
-from byol_flax.train import WorkdirError, train_and_evaluate  # noqa: E402
+from byol_flax.runtime import commands, console, distributed, logs
+from byol_flax.runtime.outputs import OutputDirError, claim_output_dir
+from byol_flax.runtime.xla import configure_xla_flags
+from byol_flax.train import WorkdirError, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config module.",
                                           lock_config=True)
@@ -64,7 +60,7 @@ def main(argv: list[str]) -> None:
     try:
         # A user's folder is refused before the log file lands in it (byol_flax.runtime.outputs).
         claim_output_dir(_WORKDIR.value, "pretraining")
-        log_file = logs.setup(logs.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+        log_file = logs.setup(_WORKDIR.value, verbose=_VERBOSE.value)
     except OutputDirError:
         raise  # one line of its own (run_command)
     except OSError as error:

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, parameter_overview
+from clu import parameter_overview
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -41,7 +41,7 @@ from byol_flax.runtime import console
 from byol_flax.runtime.memory import release_free_heap
 from byol_flax.runtime.outputs import OutputDirError, claim_output_dir
 from byol_flax.sharding import make_mesh, replicate, replicated_sharding, shard_batch
-from byol_flax.storage import files
+from byol_flax.storage import files, tensorboard
 from byol_flax.train_logging import TrainingLogger, check_finite
 from byol_flax.train_state import create_train_state
 from byol_flax.train_step import StepFn, StepOptions, make_train_step
@@ -281,9 +281,9 @@ def _compile_ahead(step_fn: StepFn, state: nnx.State, batch: dict[str, jax.Array
 
 @contextlib.contextmanager
 def _closing(checkpointer: Checkpointer,
-             writer: metric_writers.MetricWriter) -> Iterator[None]:
+             writer: tensorboard.MetricWriter) -> Iterator[None]:
     """However the loop ends: the save in flight committed (its error raised), then the
-    checkpointer closed and the metric writer flushed."""
+    checkpointer closed and the metric writer closed (on gs://: its last segment uploaded)."""
     try:
         yield
     finally:
@@ -291,7 +291,7 @@ def _closing(checkpointer: Checkpointer,
             checkpointer.wait_until_finished()
         finally:
             checkpointer.close()
-            writer.flush()
+            writer.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike, *,
@@ -327,7 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
 def _train(config: ml_collections.ConfigDict, workdir: epath.Path, opened: OpenedSplit,
            guard: TerminationGuard, allow_config_change: Sequence[str],
            init_source: InitSource | None) -> dict[str, float]:
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = tensorboard.create_writer(workdir, just_logging=jax.process_index() > 0,
+                                       guard=lease.fence)
     logging.info("config:\n%s", config)
 
     # --- Mesh --------------------------------------------------------------------------------

@@ -3,25 +3,27 @@
 Logged scalars (TensorBoard, ``log.txt`` and ``<workdir>/metrics.jsonl``) are averages over the
 steps since the previous logging step, accumulated on the devices; :data:`SNAPSHOT_KEYS` are the
 values at the logging step. :class:`TrainingLogger` owns that window, the images/s timer, the
-progress bar, CLU's periodic hooks, the metrics file and the collapse warning, so the loop in
-:mod:`byol_flax.train` asks it once per step.
+progress bar and its ETA line, the profiler, the metrics file and the collapse warning, so the
+loop in :mod:`byol_flax.train` asks it once per step.
 """
 
+import datetime
 import math
+import tempfile
 import time
 from typing import Any
 
 import jax
 import ml_collections
-from clu import metric_writers, periodic_actions
+from absl import logging
 from clu.metrics import Average
 from etils import epath
 
 from byol_flax.checkpointing import lease
 from byol_flax.collapse import warn_on_collapse
 from byol_flax.errors import UserError
-from byol_flax.runtime import console, logs
-from byol_flax.storage import files, json_files, schemas
+from byol_flax.runtime import console
+from byol_flax.storage import append_log, files, json_files, schemas, tensorboard
 from byol_flax.train_step import Metrics
 
 METRICS_FILE = "metrics.jsonl"
@@ -91,22 +93,24 @@ class MetricsFile:
     """``<workdir>/metrics.jsonl``: one JSON object per logging step (``step`` and every scalar
     written to TensorBoard for it) and one per monitoring step (``step`` and the monitors'
     results), for analysis without TensorBoard: ``pandas.read_json(path, lines=True)``. Written
-    by process 0 and appended to across resumes; for a ``gs://`` workdir it lies beside the log
-    file in the local directory ``logs.local_log_dir`` names (an object store cannot append).
+    by process 0 and appended to across resumes; on ``gs://`` as segments
+    (:mod:`byol_flax.storage.append_log`: :func:`read_metrics` reads them as one file, and a
+    preemption loses at most the last ``append_log.SEGMENT_SECONDS`` of lines).
 
     A resume from step k first drops the lines of later steps (written before a kill and about
     to be written again) and any line a kill cut short, so no step is written twice.
     """
 
-    def __init__(self, workdir: epath.Path, resumed_step: int):
+    def __init__(self, workdir: epath.Path, resumed_step: int, *,
+                 guard: Any = None):
         path = workdir / METRICS_FILE
-        if files.exists(path):
-            text = files.read_text(path, what="metrics file", max_bytes=METRICS_MAX_BYTES)
+        if append_log.log_exists(path):
+            text = read_metrics(workdir)
             kept = "".join(line for line in text.splitlines(keepends=True)
                            if line.endswith("\n") and _logged_step(line) <= resumed_step)
             if kept != text:  # written beside it and renamed: a kill now loses nothing
-                files.write_text(path, kept, what="metrics file")
-        self._file = files.open_append(path, what="metrics file")
+                append_log.rewrite_log(path, kept, what="metrics file")
+        self._file = append_log.open_log(path, what="metrics file", guard=guard)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         self._file.write(json_files.dumps({"step": step, **scalars}) + "\n")
@@ -116,32 +120,67 @@ class MetricsFile:
         self._file.close()
 
 
+def read_metrics(workdir: epath.PathLike) -> str:
+    """The text of ``<workdir>/metrics.jsonl``, local or on ``gs://`` (its segments joined)."""
+    return append_log.read_log(epath.Path(workdir) / METRICS_FILE, what="metrics file",
+                               max_bytes=METRICS_MAX_BYTES)
+
+
+# The profiler starts this many steps after the run (or its resume) starts: past the compile
+# and the first steps' warm-up, as CLU's Profile did.
+PROFILE_FIRST_STEP = 10
+
+
+class _Profile:
+    """A ``jax.profiler`` trace of ``num_steps`` steps, once per run, into
+    ``<workdir>/plugins/profile`` (TensorBoard's profile plugin and XProf read it). A ``gs://``
+    workdir gets the trace copied up through the storage layer when it stops."""
+
+    def __init__(self, workdir: epath.Path, start_step: int, num_steps: int):
+        self._workdir = workdir
+        self._start = start_step + PROFILE_FIRST_STEP
+        self._stop = self._start + num_steps
+        self._local = (epath.Path(tempfile.mkdtemp(prefix="byol_flax_profile_"))
+                       if files.is_remote(workdir) else workdir)
+
+    def __call__(self, step: int) -> None:
+        if step == self._start:
+            jax.profiler.start_trace(str(self._local))
+        elif step == self._stop:
+            jax.profiler.stop_trace()
+            if self._local != self._workdir:
+                for path in self._local.rglob("*"):
+                    if path.is_file():
+                        files.write_bytes(self._workdir / path.relative_to(self._local),
+                                          files.read_bytes(path, what="profile",
+                                                           max_bytes=files.GiB * 8),
+                                          what="profile")
+            logging.info("profile of steps %d-%d written to %s/plugins/profile", self._start,
+                         self._stop - 1, self._workdir)
+
+
 class TrainingLogger:
     """The loop's reporting, as a context manager (leaving it closes the progress bar and the
     metrics file). Process 0 writes TensorBoard (through ``writer``), ``metrics.jsonl`` and the
     progress bar; every process logs its scalars and checks the loss at logging steps.
     :attr:`scalars` holds the last logged scalars with the monitors' results since."""
 
-    def __init__(self, writer: metric_writers.MetricWriter, workdir: epath.Path,
+    def __init__(self, writer: tensorboard.MetricWriter, workdir: epath.Path,
                  config: ml_collections.ConfigDict, *, start_step: int, total_steps: int):
         self._is_chief = jax.process_index() == 0
         self._writer = writer
         self._every_steps = config.logging.every_steps
         self._batch_size = config.training.batch_size
         self._total_steps = total_steps
-        self._hooks: list[periodic_actions.PeriodicAction] = []
-        if self._is_chief:
-            self._hooks.append(periodic_actions.ReportProgress(
-                num_train_steps=total_steps, writer=writer, every_steps=config.logging.every_steps))
-            if config.logging.profile_steps:
-                self._hooks.append(periodic_actions.Profile(
-                    num_profile_steps=config.logging.profile_steps, logdir=str(workdir)))
+        self._profile = (_Profile(workdir, start_step, config.logging.profile_steps)
+                         if self._is_chief and config.logging.profile_steps else None)
+        self._started = (time.perf_counter(), start_step)  # for the ETA
         self._window = None  # the running sums of the scalars since the last logging step
         self._timer = (time.perf_counter(), start_step)  # images/s since (time, step)
         self._step = start_step
         self.scalars: dict[str, float] = {}
         # The file first: if it cannot be opened, there is no progress bar to close.
-        self._file = (MetricsFile(logs.local_log_dir(str(workdir)), start_step)
+        self._file = (MetricsFile(workdir, start_step, guard=lease.fence)
                       if self._is_chief else None)
         self._bar = (console.progress(total_steps, start_step, "pre-training")
                      if self._is_chief else None)
@@ -163,8 +202,8 @@ class TrainingLogger:
         and the last), checks the loss (:func:`check_finite`) and writes the window's scalars
         before the step's save, so a kill from there on loses at most the monitors' line."""
         self._step = step
-        for hook in self._hooks:
-            hook(step)
+        if self._profile is not None:
+            self._profile(step)
         if self._bar is not None:
             self._bar.update(1)
         if step % self._every_steps and step != self._total_steps:
@@ -176,6 +215,10 @@ class TrainingLogger:
                                         / (now - self._timer[0]))
         scalars["skipped_records"] = skipped_records
         self._timer = (now, step)
+        steps_per_second = (step - self._started[1]) / max(now - self._started[0], 1e-9)
+        logging.info("step %d of %d, %.2f steps/s, ETA %s", step, self._total_steps,
+                     steps_per_second, datetime.timedelta(seconds=round(
+                         (self._total_steps - step) / max(steps_per_second, 1e-9))))
         lease.fence()  # a run whose workdir was taken over writes nothing more
         self._writer.write_scalars(step, scalars)
         # Flushed now: TensorBoard's writer otherwise keeps events buffered for its background

@@ -19,16 +19,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# Triton (loaded by torch 2.14's CUDA build when timm or torch._dynamo is imported) crashes the
-# process when it loads after TensorFlow 2.21 (which CLU's writers import), and loads fine
-# before it: measured with `python -c "import tensorflow; import triton"` (segmentation fault)
-# against the reverse order. The timm and PyTorch export tests share a process with training
-# code, so triton comes first. (Absent without the torch extra.)
-try:
-    import triton  # noqa: F401
-except ImportError:
-    pass
-
 from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()  # the entry points' XLA:CPU flags, so tests run what users run

@@ -597,9 +597,6 @@ def serve(base: Path) -> None:
     tree.mkdir()
     _build_user_files(tree)
     builder = _fork(_build_in_child, tree)  # while this process imports the rest
-    from byol_flax.runtime import logs  # noqa: PLC0415
-
-    logs.quiet_native_logs()
     for module in PRELOAD:
         importlib.import_module(module)
     imported = time.perf_counter() - started

@@ -6,7 +6,6 @@ import logging
 
 import jax
 import ml_collections
-from clu import metric_writers
 from etils import epath
 
 from byol_flax.checkpointing.preemption import TerminationGuard
@@ -18,7 +17,7 @@ from byol_flax.evaluation.features import FeatureStore
 from byol_flax.export import model_card
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.sharding import make_mesh
-from byol_flax.storage import files, json_files
+from byol_flax.storage import files, json_files, tensorboard
 from byol_flax.weights.encoder import ENCODER_CONFIG_NAME, load_source
 
 
@@ -44,13 +43,12 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> di
     json_files.write(workdir / model_card.RESULTS_NAME, result, indent=2, sort_keys=True,
                      what="evaluation result")
 
-    writer = metric_writers.create_default_writer(workdir,
-                                                  just_logging=jax.process_index() > 0)
+    writer = tensorboard.create_writer(workdir, just_logging=jax.process_index() > 0)
     for index, row in enumerate(result["sweep"]):
         writer.write_scalars(index, {f"selection/{k}": v for k, v in row["selection"].items()})
         writer.write_hparams({**row["point"], "sweep_index": index})
     writer.write_scalars(0, {f"test/{k}": v for k, v in result["test"].items()})
-    writer.flush()
+    writer.close()
 
     if export_read:  # never written into: evaluation reads it
         logging.info("record this result in the export's model card with: byol-add-results "

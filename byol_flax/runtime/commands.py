@@ -79,9 +79,10 @@ def exit_with_error(line: str, *, error: BaseException | None = None,
     down (e.g. background threads of a failed asynchronous save) goes to the log file instead of
     burying that line."""
     report_error(line, error)
-    if logs.Settings.file_handler is not None:
+    handler = logs.Settings.file_handler
+    if handler is not None and not files.is_remote(handler.path):  # an object has no descriptor
         try:
-            with files.open_append(logs.Settings.file_handler.baseFilename, what="log file") as log:
+            with files.open_append(handler.path, what="log file") as log:
                 os.dup2(log.fileno(), sys.stderr.fileno())
         except (OSError, ValueError, AttributeError):  # no file descriptor (captured stderr)
             pass
@@ -154,6 +155,8 @@ def run_command(main: Callable[[list[str]], int | None], module_name: str, *,
             return main(argv)
         except (app.UsageError, UserError, OSError) as error:
             exit_with_error(_main_error_line(error), error=error, status=_exit_status(error))
+        finally:
+            logs.close()
 
     app.run(guarded_main, flags_parser=parse)
     return 0  # not reached: app.run exits

@@ -2,9 +2,9 @@
 
 :func:`setup` (called by the commands that write a workdir: ``byol_flax.main``, the demo and the
 study runner) sends every log record, from this package and from the libraries (Orbax, Grain,
-CLU's scalar and parameter tables), to ``<workdir>/log.txt`` (for a ``gs://`` workdir: a local
-directory named after it, :func:`local_log_dir`) and leaves on the console only warnings,
-errors and the stage lines of :mod:`byol_flax.runtime.console`. ``verbose=True`` puts
+CLU's scalar and parameter tables), to ``<workdir>/log.txt`` (on ``gs://``: segments of it,
+:mod:`byol_flax.storage.append_log`, so the log survives the VM) and leaves on the console
+only warnings, errors and the stage lines of :mod:`byol_flax.runtime.console`. ``verbose=True`` puts
 everything back on the console as well. A command without a workdir logs to
 ``<tempdir>/byol_flax_logs/<command>.log`` (:func:`temporary_log_file`). The log file is opened
 by the storage layer: a link, FIFO or directory at its path is refused, never appended to.
@@ -18,10 +18,11 @@ import re
 import sys
 import tempfile
 from collections.abc import Callable
+from typing import IO
 
 from etils import epath
 
-from byol_flax.storage import files
+from byol_flax.storage import append_log, files
 
 LOG_FILE = "log.txt"
 STAGE_LOGGER = logging.getLogger("byol_flax.stage")
@@ -33,7 +34,7 @@ class Settings:
     """The process's logging set-up (one per process: a command runs once)."""
 
     enabled = False  # setup() was called: show stage lines and progress bars
-    file_handler: logging.FileHandler | None = None
+    file_handler: "LogFileHandler | None" = None
     command = "byol_flax"  # names the temporary log file (run_command sets it)
 
 
@@ -73,20 +74,12 @@ def _without_closed_loop_noise(previous):
 
 
 def quiet_native_logs() -> None:
-    """TensorFlow's C++ start-up notices; must run before TensorFlow is imported (CLU's writers
-    import it). TensorFlow only writes summaries here, so its oneDNN kernels (whose notice
-    TF_CPP_MIN_LOG_LEVEL does not silence) are not needed. Set in the environment, so worker
-    processes inherit it; a user's own values win."""
+    """TensorFlow's C++ start-up notices; must run before TensorFlow is imported (only the
+    TFDS converter imports it, through tensorflow_datasets, to read records). Its oneDNN
+    kernels (whose notice TF_CPP_MIN_LOG_LEVEL does not silence) are not needed there. Set in
+    the environment, so worker processes inherit it; a user's own values win."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-
-def local_log_dir(workdir: str) -> epath.Path:
-    """Where the log file of ``workdir`` goes: the workdir itself, or for a ``gs://`` workdir a
-    local directory named after it (a log file is appended to line by line)."""
-    if "://" not in workdir:
-        return epath.Path(workdir)
-    return epath.Path(tempfile.gettempdir()) / "byol_flax_logs" / workdir.split("://", 1)[1]
 
 
 def temporary_log_file(command: str | None = None) -> epath.Path:
@@ -95,12 +88,33 @@ def temporary_log_file(command: str | None = None) -> epath.Path:
     return epath.Path(tempfile.gettempdir()) / TEMPORARY_LOG_DIR / f"{name}.log"
 
 
-class _LogFileHandler(logging.FileHandler):
-    """A ``logging.FileHandler`` whose file is opened by the storage layer: a link, FIFO or
-    directory planted at the log file's path is refused, never appended to."""
+class LogFileHandler(logging.StreamHandler):
+    """Log records to the log file at ``path`` (local or ``gs://``), opened by the storage
+    layer: a link, FIFO or directory planted at a local path is refused, never appended to; on
+    ``gs://`` the log is written as segments. ``delay``: opened by the first record."""
 
-    def _open(self):
-        return files.open_append(self.baseFilename, truncate=self.mode == "w", what="log file")
+    def __init__(self, path: str, *, truncate: bool = False, delay: bool = False):
+        logging.Handler.__init__(self)
+        self.path = path
+        self._truncate = truncate
+        self.stream: IO | append_log.SegmentWriter | None = None if delay else self._open()
+
+    def _open(self) -> IO | append_log.SegmentWriter:
+        return append_log.open_log(self.path, truncate=self._truncate, what="log file")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            self.stream = self._open()
+        super().emit(record)
+
+    def close(self) -> None:
+        with self.lock:
+            try:
+                if self.stream is not None:
+                    self.stream.close()
+            finally:
+                self.stream = None
+                logging.Handler.close(self)
 
 
 def _route_logs(path: epath.Path, *, verbose: bool, delay: bool = False) -> None:
@@ -110,8 +124,7 @@ def _route_logs(path: epath.Path, *, verbose: bool, delay: bool = False) -> None
     if Settings.file_handler is not None:
         root.removeHandler(Settings.file_handler)
         Settings.file_handler.close()
-    file_handler = _LogFileHandler(os.fspath(path), mode="w" if delay else "a",
-                                   encoding="utf-8", delay=delay)
+    file_handler = LogFileHandler(os.fspath(path), truncate=delay, delay=delay)
     file_handler.setFormatter(logging.Formatter(FORMAT))
     file_handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.addHandler(file_handler)
@@ -156,7 +169,8 @@ def guard_log_file(check: Callable[[], None]) -> Callable[[], None]:
 def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
     """Routes logging to ``workdir/log.txt`` and quiets the console; returns the log file."""
     path = epath.Path(workdir) / LOG_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not files.is_remote(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     _route_logs(path, verbose=verbose)
     if not STAGE_LOGGER.handlers:
         console = logging.StreamHandler(sys.stderr)  # beside the progress bars; stdout: results
@@ -165,6 +179,17 @@ def setup(workdir: epath.PathLike, *, verbose: bool = False) -> epath.Path:
     STAGE_LOGGER.setLevel(logging.INFO)
     Settings.enabled = True
     return path
+
+
+def close() -> None:
+    """Closes the log file before the process winds down: on ``gs://`` its last segment is
+    uploaded while the storage clients still run (at interpreter exit, gcsfs has closed its
+    sessions before ``logging`` closes its handlers)."""
+    handler = Settings.file_handler
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        Settings.file_handler = None
+        handler.close()
 
 
 def log_to_temporary_file() -> None:

@@ -219,11 +219,11 @@ def write_text(path: epath.PathLike, text: str, *, mode: int | None = None,
     write_files({path: text}, mode=mode, what=what)
 
 
-def open_append(path: epath.PathLike, *, truncate: bool = False, what: str = "file"
-                ) -> IO[str]:
-    """A text file object appending to the regular local file ``path`` (created if absent;
-    emptied first with ``truncate``): a link or non-regular file at ``path`` is refused, not
-    followed."""
+def open_append(path: epath.PathLike, *, truncate: bool = False, binary: bool = False,
+                what: str = "file") -> IO:
+    """A file object (text, or bytes with ``binary``) appending to the regular local file
+    ``path`` (created if absent; emptied first with ``truncate``): a link or non-regular file
+    at ``path`` is refused, not followed."""
     text = os.fspath(path)
     check_writable(text, what=what)
     descriptor = os.open(text, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -233,6 +233,8 @@ def open_append(path: epath.PathLike, *, truncate: bool = False, what: str = "fi
         os.close(descriptor)
         raise StorageError(f"{what} {text} is {_kind(info.st_mode)}: not appending to it")
     os.set_blocking(descriptor, True)
+    if binary:
+        return os.fdopen(descriptor, "ab")
     return os.fdopen(descriptor, "a", encoding="utf-8")
 
 

@@ -28,26 +28,23 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from etils import epath
+
+from byol_flax.configs import digits_cpu
+from byol_flax.evaluation import Context, SweepStore
+from byol_flax.export import model_card
 from byol_flax.runtime import commands, console, logs
 from byol_flax.runtime.outputs import claim_output_dir
-
-logs.quiet_native_logs()  # before TensorFlow is imported (through CLU)
-
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from etils import epath  # noqa: E402
-
-from byol_flax.configs import digits_cpu  # noqa: E402
-from byol_flax.evaluation import Context, SweepStore  # noqa: E402
-from byol_flax.export import model_card  # noqa: E402
-from byol_flax.runtime.xla import configure_xla_flags  # noqa: E402
-from byol_flax.sharding import make_mesh  # noqa: E402
-from byol_flax.studies import report, runner  # noqa: E402
-from byol_flax.studies.study import Row, Study, with_smoke  # noqa: E402
-from byol_flax.train import WorkdirError  # noqa: E402
-from byol_flax.weights.encoder import RANDOM_PREFIX, load_source  # noqa: E402
+from byol_flax.runtime.xla import configure_xla_flags
+from byol_flax.sharding import make_mesh
+from byol_flax.studies import report, runner
+from byol_flax.studies.study import Row, Study, with_smoke
+from byol_flax.train import WorkdirError
+from byol_flax.weights.encoder import RANDOM_PREFIX, load_source
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where everything is written.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Pre-training / evaluation seeds (0,1,2: the spread).")
@@ -136,7 +133,7 @@ def main(argv: list[str]) -> None:
         recipe_row(recipe, recipe)
     claim_output_dir(_WORKDIR.value, "demo")  # a user's folder is refused before the log lands
     try:
-        log_file = logs.setup(logs.local_log_dir(_WORKDIR.value), verbose=_VERBOSE.value)
+        log_file = logs.setup(_WORKDIR.value, verbose=_VERBOSE.value)
     except OSError as error:
         raise WorkdirError(f"cannot write to the workdir {_WORKDIR.value}: {error}") from error
     console.stage("byol_flax demo: full log in %s", log_file)

@@ -321,7 +321,7 @@ def _main(argv: list[str]) -> int:
     configure_xla_flags()  # before the first computation
     claim_output_dir(workdir, "study")  # a user's folder is refused before the log lands
     try:
-        logs.setup(logs.local_log_dir(workdir), verbose=_VERBOSE.value)
+        logs.setup(workdir, verbose=_VERBOSE.value)
     except OSError as error:
         raise CommandLineError(f"--workdir={workdir}: cannot write there: "
                                        f"{error}") from error

@@ -26,6 +26,7 @@ from byol_flax.data.convert import cli, image_io, order, writer
 from byol_flax.data.convert.image_io import Example
 from byol_flax.data.imagenet import IMAGENET_HOLDOUT_COUNT
 from byol_flax.data.records import UNLABELED, DataError
+from byol_flax.runtime import logs
 
 INSTALL_HINT = "pip install '.[tfds]'"
 ID_FEATURES = ("id", "file_name")
@@ -34,6 +35,7 @@ SPOOL_DIR = ".spool"  # inside --out while converting
 
 def import_tfds() -> Any:
     """tensorflow_datasets, or a DataError that says how to install it (it is optional)."""
+    logs.quiet_native_logs()  # tensorflow_datasets imports TensorFlow
     try:
         import tensorflow_datasets as tfds
     except ImportError as error:
