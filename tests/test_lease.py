@@ -1,5 +1,5 @@
 """The workdir lease, on a local directory and on gs:// (a Cloud Storage API server:
-tests/gcs_emulator.py): a relaunch takes over from a vanished holder within one stale window, a
+tests/gcs_server.py): a relaunch takes over from a vanished holder within one stale window, a
 live holder is named, racing starts have one winner, and a holder that lost its lease stops
 without writing (fencing)."""
 
@@ -16,46 +16,23 @@ import uuid
 import pytest
 
 from byol_flax.checkpointing import lease
+from tests.gcs_server import GcsServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs_emulator():
-    """A GCS JSON API server on localhost; ``STORAGE_EMULATOR_HOST`` points clients at it."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"),
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("localhost", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("the GCS emulator did not start")
-            time.sleep(0.1)
-    previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://localhost:{port}"
-    yield os.environ["STORAGE_EMULATOR_HOST"]
-    if previous is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST")
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = previous
-    server.kill()
-    server.wait()
+    """A GCS JSON API server on localhost (with GCS's generation preconditions);
+    ``STORAGE_EMULATOR_HOST`` points clients, and the holder processes these tests start, at it."""
+    with GcsServer() as server, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STORAGE_EMULATOR_HOST", server.emulator_host)
+        yield server
 
 
 @pytest.fixture(params=["local", "gs"])
 def workdir(request, tmp_path):
-    """A fresh workdir: a local directory, or a prefix in the emulator's bucket."""
+    """A fresh workdir: a local directory, or a prefix in the server's bucket."""
     if request.param == "local":
         return str(tmp_path)
     request.getfixturevalue("gcs_emulator")
