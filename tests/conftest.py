@@ -9,6 +9,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite's gs:// clients only ever talk to tests/gcs_server.py: gcsfs reads this when it is
+# first imported (its zonal-bucket probe would wait 60 s on a server without gRPC), so it is set
+# here, before any test imports it (byol_flax.storage.gcs derives it in a command's process).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 # One persistent JAX compilation cache for every process of the suite (pytest-xdist workers and
 # the commands tests start inherit it through the environment): a program one test compiled is
 # read by the next that builds it, and a re-run of the suite compiles little. Measured on

@@ -129,6 +129,12 @@ class SegmentWriter:
         self._timer: threading.Timer | None = None
         self.closed = False
 
+    def __enter__(self) -> "SegmentWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def write(self, data: bytes | str) -> int:
         encoded = data.encode("utf-8") if isinstance(data, str) else data
         with self._lock:
