@@ -5,7 +5,7 @@
 ``data_prep_cases`` runs the real converter (``python -m byol_flax.data.convert.image_folder``) on
 small bad trees built under a root: a symlink loop, a truncated JPEG (skipped, and failing with
 ``--on-bad-image=error``), a decompression bomb, a non-UTF-8 file name and a 16-bit PNG.
-``staging_cases`` stages a dataset the way a ``gs://`` one is (``records.copy_dataset``) onto a
+``staging_cases`` stages a dataset the way a ``gs://`` one is (``staging.copy_dataset``) onto a
 disk that is too small, then twice onto one that is not. Each returns one row per case with
 ``as_expected``; ``main`` prints the tables and a final JSON line, exit status 1 unless every
 case is as expected. A few seconds on two CPU cores.
@@ -189,8 +189,10 @@ def staged_dataset(root: Path, payload: bytes = b"x") -> Path:
 
 
 def staging_cases(root: Path) -> list[dict[str, Any]]:
-    """``records.copy_dataset`` as a gs:// start uses it: a small disk, a start, a restart."""
-    from byol_flax.data import records  # noqa: PLC0415
+    """``staging.copy_dataset`` as a gs:// start uses it: a small disk, a start, a restart."""
+    from byol_flax.data import records, staging  # noqa: PLC0415
+    from byol_flax.storage import files  # noqa: PLC0415
+    from byol_flax.storage import staging as file_staging  # noqa: PLC0415
 
     shutil.rmtree(root, ignore_errors=True)
     source = staged_dataset(root / "bucket" / "ds")
@@ -202,7 +204,7 @@ def staging_cases(root: Path) -> list[dict[str, Any]]:
 
     with mock.patch.object(shutil, "disk_usage", small_disk):
         try:
-            records.copy_dataset(source, destination)
+            staging.copy_dataset(source, destination)
             message, code = "copied", 0
         except records.DataError as error:
             message, code = str(error), 1
@@ -221,11 +223,11 @@ def staging_cases(root: Path) -> list[dict[str, Any]]:
     def start(case: str, check: Callable[[dict[str, int]], bool]) -> None:
         counts.update(hashed=0, copied=0)
         started = time.perf_counter()
-        with mock.patch.object(records, "file_sha256", counting("hashed", records.file_sha256)), \
-                mock.patch.object(records, "_copy_shard", counting("copied",
-                                                                   records._copy_shard)):
-            records.copy_dataset(source, destination)
-        verified = records.is_verified_copy(destination)
+        with mock.patch.object(files, "sha256", counting("hashed", files.sha256)), \
+                mock.patch.object(file_staging, "_copy_file", counting("copied",
+                                                                       file_staging._copy_file)):
+            staging.copy_dataset(source, destination)
+        verified = staging.is_verified_copy(destination)
         rows.append({"case": case, "exit": 0, **counts, "verified_copy": verified,
                      "seconds": round(time.perf_counter() - started, 3),
                      "message": f"{counts['copied']} shards copied, {counts['hashed']} hashed",
@@ -257,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("## Bad input trees (python -m byol_flax.data.convert.image_folder)")
     print(table(results["data_prep"], ["case", "exit", "records", "skipped", "as_expected",
                                        "message"]))
-    print("\n## gs:// staging (records.copy_dataset)")
+    print("\n## gs:// staging (staging.copy_dataset)")
     print(table(results["staging"], ["case", "exit", "copied", "hashed", "as_expected",
                                      "message"]))
     print(json.dumps(results, default=str))

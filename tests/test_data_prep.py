@@ -26,7 +26,7 @@ from array_record.python import array_record_module
 from etils import epath
 from PIL import Image
 
-from byol_flax.data import augment, imagenet, records
+from byol_flax.data import augment, imagenet, records, staging
 from byol_flax.data.convert import (
     digits,
     image_folder,
@@ -45,6 +45,8 @@ from byol_flax.data.records import (
     verify_split,
 )
 from byol_flax.runtime.outputs import MARKER_NAME
+from byol_flax.storage import files as storage_files
+from byol_flax.storage import staging as file_staging
 
 CLASSES = {"cat": 3, "dog": 4, "eel": 3}
 EXTENSIONS = (".jpg", ".png", ".JPEG", ".PNG")
@@ -935,7 +937,7 @@ def test_tfds_conversion_resumes_after_a_kill(tmp_path, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Staging a remote dataset on local disk (records.copy_dataset, behind gs:// data dirs)
+# Staging a remote dataset on local disk (staging.copy_dataset, behind gs:// data dirs)
 
 
 def make_dataset(root, payload=b"x"):
@@ -952,9 +954,9 @@ def make_dataset(root, payload=b"x"):
 def test_staging_copies_verifies_and_stamps_then_a_restart_does_nothing(tmp_path, monkeypatch):
     source = make_dataset(tmp_path / "bucket" / "ds")
     destination = tmp_path / "cache" / "ds"
-    assert os.fspath(records.copy_dataset(source, destination)) == str(destination)
-    assert records.is_verified_copy(destination)
-    stamp = json.loads((destination / records.VERIFIED_COPY_STAMP).read_text())
+    assert os.fspath(staging.copy_dataset(source, destination)) == str(destination)
+    assert staging.is_verified_copy(destination)
+    stamp = json.loads((destination / file_staging.VERIFIED_COPY_STAMP).read_text())
     assert stamp["source"] == str(source)
     assert stamp["manifest_sha256"] == file_sha256(source / "manifest.json")
     assert not list(tmp_path.glob("cache/*.partial"))
@@ -965,18 +967,18 @@ def test_staging_copies_verifies_and_stamps_then_a_restart_does_nothing(tmp_path
         raise AssertionError("a restart with a verified copy copied or hashed a shard")
 
     with monkeypatch.context() as patch:
-        patch.setattr(records, "file_sha256", forbidden)
-        patch.setattr(records, "_copy_shard", forbidden)
-        records.copy_dataset(source, destination)
+        patch.setattr(storage_files, "sha256", forbidden)
+        patch.setattr(file_staging, "_copy_file", forbidden)
+        staging.copy_dataset(source, destination)
     # A changed source (new manifest) makes the stamp stale: copied again.
     make_dataset(source, payload=b"y")
-    records.copy_dataset(source, destination)
+    staging.copy_dataset(source, destination)
     assert (destination / "train-00001-of-00002.array_record").read_bytes() == (
         source / "train-00001-of-00002.array_record").read_bytes()
-    assert records.is_verified_copy(destination)
+    assert staging.is_verified_copy(destination)
     # A local manifest that no longer matches the stamp is not a verified copy.
     (destination / "manifest.json").write_text((destination / "manifest.json").read_text() + " ")
-    assert not records.is_verified_copy(destination)
+    assert not staging.is_verified_copy(destination)
 
 
 def test_staging_refuses_a_disk_without_room(tmp_path, monkeypatch):
@@ -990,13 +992,13 @@ def test_staging_refuses_a_disk_without_room(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shutil, "disk_usage", small_disk)
     with pytest.raises(records.DataError) as error:
-        records.copy_dataset(source, destination)
+        staging.copy_dataset(source, destination)
     message = str(error.value)
     assert "\n" not in message and str(destination) in message and str(source) in message
     assert re.search(r"needs 0\.00 GB .*0\.50 GB are free", message)
     assert asked and os.path.exists(asked[0])  # the destination's nearest existing parent
     assert not (destination / "manifest.json").exists()
-    assert not records.is_verified_copy(destination)
+    assert not staging.is_verified_copy(destination)
 
 
 def test_staging_interrupted_copy_never_looks_complete_and_resumes(tmp_path, monkeypatch):
@@ -1014,16 +1016,16 @@ def test_staging_interrupted_copy_never_looks_complete_and_resumes(tmp_path, mon
 
     monkeypatch.setattr(path_type, "copy", copy_then_die)
     with pytest.raises(KeyboardInterrupt):
-        records.copy_dataset(source, destination, workers=1)
-    assert not destination.exists() and not records.is_verified_copy(destination)
+        staging.copy_dataset(source, destination, workers=1)
+    assert not destination.exists() and not staging.is_verified_copy(destination)
     monkeypatch.undo()
     copies = []
     monkeypatch.setattr(path_type, "copy",
                         lambda self, dst, overwrite=False: copies.append(self.name)
                         or real_copy(self, dst, overwrite=overwrite))
-    records.copy_dataset(source, destination)
+    staging.copy_dataset(source, destination)
     assert copies == ["train-00001-of-00002.array_record"]  # the finished shard was kept
-    assert records.is_verified_copy(destination)
+    assert staging.is_verified_copy(destination)
 
 
 def test_staging_names_a_corrupt_source_shard_and_recopies_a_damaged_kept_one(tmp_path):
@@ -1035,13 +1037,13 @@ def test_staging_names_a_corrupt_source_shard_and_recopies_a_damaged_kept_one(tm
     damaged[len(damaged) // 2] ^= 0xFF
     shard.write_bytes(bytes(damaged))
     with pytest.raises(records.DataError, match=r"train-00001-of-00002.array_record is corrupt"):
-        records.copy_dataset(source, destination)
+        staging.copy_dataset(source, destination)
     assert not destination.exists()
     # The damaged copy stays in the partial directory with the right size: repaired, not kept.
     shard.write_bytes(good)
-    records.copy_dataset(source, destination)
+    staging.copy_dataset(source, destination)
     assert (destination / shard.name).read_bytes() == good
-    assert records.is_verified_copy(destination)
+    assert staging.is_verified_copy(destination)
 
 
 def test_staging_does_not_replace_a_directory_holding_other_files(tmp_path):
@@ -1050,7 +1052,7 @@ def test_staging_does_not_replace_a_directory_holding_other_files(tmp_path):
     destination.mkdir(parents=True)
     (destination / "thesis.tex").write_text("precious")
     with pytest.raises(records.DataError, match=r"holds files that are not this dataset's"):
-        records.copy_dataset(source, destination)
+        staging.copy_dataset(source, destination)
     assert (destination / "thesis.tex").read_text() == "precious"
 
 
@@ -1068,7 +1070,7 @@ def test_staging_by_two_processes_at_once_copies_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(path_type, "copy", slow_copy)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # flock: one open file each
-        done = [pool.submit(records.copy_dataset, source, destination) for _ in range(2)]
+        done = [pool.submit(staging.copy_dataset, source, destination) for _ in range(2)]
         assert [os.fspath(d.result()) for d in done] == [str(destination)] * 2
     assert sorted(copies) == sorted(p.name for p in source.glob("*.array_record"))
-    assert records.is_verified_copy(destination)
+    assert staging.is_verified_copy(destination)

@@ -15,7 +15,7 @@ import yaml
 
 from byol_flax.cloud import launch, tasks
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice, plan_batch
-from byol_flax.data import records
+from byol_flax.data import records, staging
 from byol_flax.runtime import code_identity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,18 +260,18 @@ def test_remote_data_is_copied_to_local_disk(tmp_path):
     records.write_manifest(source, records.Manifest(
         "d", ("0", "1"), {"train": records.SplitInfo(2, (shard,))}))
     cache = tmp_path / "cache"
-    copied = records.copy_dataset(source, cache / "imagenet")
+    copied = staging.copy_dataset(source, cache / "imagenet")
     records.verify_split(copied, records.load_manifest(copied), "train")
     mtime = (copied / shard.file).stat().mtime
-    records.copy_dataset(source, cache / "imagenet")  # a restart does not copy again
+    staging.copy_dataset(source, cache / "imagenet")  # a restart does not copy again
     assert (copied / shard.file).stat().mtime == mtime
 
 
 def test_data_dir_schemes():
-    assert records.resolve_data_dir("/mnt/gcs/imagenet", "/tmp/cache") == "/mnt/gcs/imagenet"
+    assert staging.resolve_data_dir("/mnt/gcs/imagenet", "/tmp/cache") == "/mnt/gcs/imagenet"
     with pytest.raises(records.DataError, match="s3:// scheme is not supported"):
-        records.resolve_data_dir("s3://bucket/imagenet", "/tmp/cache")
+        staging.resolve_data_dir("s3://bucket/imagenet", "/tmp/cache")
     with pytest.raises(records.DataError, match="set config.data.local_cache_dir"):
-        records.resolve_data_dir("gs://bucket/imagenet", "")
+        staging.resolve_data_dir("gs://bucket/imagenet", "")
 
 

@@ -51,13 +51,8 @@ ALLOWED = {
             "exist_ok: nothing can be planted in it)"),
     ("byol_flax/data/convert/order.py", "json.loads"):
         (1, "an entry header of that spool, written by this process"),
-    ("byol_flax/data/records.py", "os.replace"):
-        (4, "renames inside a shard's or a dataset copy's own staging (targets checked by "
-            "files.check_writable or cleared first)"),
     ("byol_flax/checkpointing/config_changes.py", "json.loads"):
         (1, "the config's JSON text, made by config.to_json() in this process"),
-    ("byol_flax/data/records.py", "(source / shard.file).copy"):
-        (1, "downloads a shard into the dataset copy's own staging directory"),
     ("byol_flax/evaluation/feature_cache.py", "np.save"):
         (1, "into an in-memory buffer, written by files.write_bytes"),
     ("byol_flax/evaluation/feature_cache.py", "np.load"):

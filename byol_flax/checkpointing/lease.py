@@ -317,8 +317,7 @@ class WorkdirLease:
             raise WorkdirBusyError(f"{self.path.parent} was just taken by {_holder(now)}") \
                 from None
         _ACTIVE.lease = self
-        if isinstance(self._store, _LocalStore):  # the log file may be in the workdir
-            self._unguard = logs.guard_log_file(_fence_log)
+        self._unguard = logs.guard_log_file(_fence_log)  # the log file is in the workdir
         self._thread = threading.Thread(target=self._beat, daemon=True, name="workdir-lease")
         self._thread.start()
         return self

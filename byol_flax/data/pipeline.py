@@ -33,13 +33,12 @@ from byol_flax.data.records import (
     DataError,
     Manifest,
     decode_record,
-    is_verified_copy,
     load_manifest,
-    resolve_data_dir,
     shard_paths,
     split_info,
     verify_split,
 )
+from byol_flax.data.staging import is_verified_copy, resolve_data_dir
 
 # How far a skipped (undecodable) record looks for a replacement before giving up.
 MAX_REPLACEMENT_HOPS = 64

@@ -97,10 +97,16 @@ class LogFileHandler(logging.StreamHandler):
         logging.Handler.__init__(self)
         self.path = path
         self._truncate = truncate
+        self.upload_guard: Callable[[], None] | None = None  # see guard_log_file
         self.stream: IO | append_log.SegmentWriter | None = None if delay else self._open()
 
     def _open(self) -> IO | append_log.SegmentWriter:
-        return append_log.open_log(self.path, truncate=self._truncate, what="log file")
+        return append_log.open_log(self.path, truncate=self._truncate, what="log file",
+                                   guard=self._check_upload)
+
+    def _check_upload(self) -> None:
+        if self.upload_guard is not None:
+            self.upload_guard()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.stream is None:
@@ -157,10 +163,14 @@ class _CheckFirst(logging.Filter):
 def guard_log_file(check: Callable[[], None]) -> Callable[[], None]:
     """Runs ``check`` before every record is written to the log file, which may stop the
     process (the workdir lease's fence: a run whose workdir was taken over writes no line into
-    it). Returns the function that removes the guard."""
+    it); on ``gs://`` before every upload of a segment instead (one lease read per segment, not
+    per line). Returns the function that removes the guard."""
     handler = Settings.file_handler
     if handler is None:
         return lambda: None
+    if files.is_remote(handler.path):
+        handler.upload_guard = check
+        return lambda: setattr(handler, "upload_guard", None)
     guard = _CheckFirst(check)
     handler.addFilter(guard)
     return lambda: handler.removeFilter(guard)

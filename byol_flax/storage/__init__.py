@@ -8,6 +8,8 @@
 - :mod:`byol_flax.storage.append_log`: files written line by line (logs, metrics, TensorBoard
   events): appended to locally, written as numbered segments on ``gs://``, read back as one.
 - :mod:`byol_flax.storage.tensorboard`: TensorBoard events without TensorFlow.
+- :mod:`byol_flax.storage.staging`: a verified local copy of named files (a ``gs://`` dataset
+  staged on the VM's disk).
 - :mod:`byol_flax.storage.gcs`: ``gs://`` through epath/gcsfs, TensorStore and
   google-cloud-storage, all pointed at ``STORAGE_EMULATOR_HOST`` when it is set.
 
