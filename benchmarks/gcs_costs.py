@@ -82,10 +82,15 @@ def lease_counts(server: GcsServer) -> dict[str, dict[str, int]]:
     return {"acquire": dict(acquired), "heartbeat": dict(beat), "fence": dict(fenced)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/byol_gcs_costs")
-    args = parser.parse_args(argv)
+    parser.add_argument("--workdir", default="/tmp/byol_gcs_costs",
+                        help="local scratch directory (the digits, logs, compilation cache)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     root = Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

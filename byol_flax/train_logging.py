@@ -9,6 +9,7 @@ loop in :mod:`byol_flax.train` asks it once per step.
 
 import datetime
 import math
+import pathlib
 import tempfile
 import time
 from typing import Any
@@ -140,7 +141,7 @@ class _Profile:
         self._workdir = workdir
         self._start = start_step + PROFILE_FIRST_STEP
         self._stop = self._start + num_steps
-        self._local = (epath.Path(tempfile.mkdtemp(prefix="byol_flax_profile_"))
+        self._local = (pathlib.Path(tempfile.mkdtemp(prefix="byol_flax_profile_"))
                        if files.is_remote(workdir) else workdir)
 
     def __call__(self, step: int) -> None:
@@ -151,7 +152,7 @@ class _Profile:
             if self._local != self._workdir:
                 for path in self._local.rglob("*"):
                     if path.is_file():
-                        files.write_bytes(self._workdir / path.relative_to(self._local),
+                        files.write_bytes(self._workdir / str(path.relative_to(self._local)),
                                           files.read_bytes(path, what="profile",
                                                            max_bytes=files.GiB * 8),
                                           what="profile")

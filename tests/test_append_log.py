@@ -199,3 +199,17 @@ def test_no_command_imports_or_looks_for_tensorflow(command):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_profile_lands_in_the_workdir(directory):
+    import jax.numpy as jnp
+
+    from byol_flax import train_logging
+
+    profile = train_logging._Profile(directory, start_step=0, num_steps=1)  # noqa: SLF001
+    for step in range(1, train_logging.PROFILE_FIRST_STEP + 2):
+        profile(step)
+        jnp.ones(8).sum().block_until_ready()
+    written = [p.name for run in (directory / "plugins" / "profile").iterdir()
+               for p in run.iterdir()]
+    assert any(name.endswith(".xplane.pb") for name in written), written
