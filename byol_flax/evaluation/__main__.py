@@ -12,8 +12,8 @@ source: ``byol-add-results --export=SOURCE --results=DIR`` records the result in
 model card.
 
 A bad config key or argument, source, split or workdir is one line naming it (status 1; 2 for a
-flag); logs and the traceback go to ``<tempdir>/byol_flax_logs/byol_flax.evaluation.log``
-(:mod:`byol_flax.runtime.commands`).
+flag); logs and the traceback go to ``<workdir>/log.txt`` once the workdir is claimed, to
+``<tempdir>/byol_flax_logs/byol_flax.evaluation.log`` before (:mod:`byol_flax.runtime.commands`).
 """
 
 import json
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     configure_xla_flags()  # before the first computation
     # A SourceError, DataError, ConfigError... is one line naming source/split/key: run_command.
-    result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value)
+    result = evaluate(_CONFIG.value, _SOURCE.value, _WORKDIR.value, log_to_workdir=True)
     print(json.dumps({"protocol": result["protocol"], "test": result["test"],
                       "selected": result["selected"]}))
 

@@ -15,18 +15,24 @@ from byol_flax.evaluation.evaluators import build_evaluator
 from byol_flax.evaluation.feature_cache import FeatureCache
 from byol_flax.evaluation.features import FeatureStore
 from byol_flax.export import model_card
+from byol_flax.runtime import logs
 from byol_flax.runtime.outputs import claim_output_dir
 from byol_flax.sharding import make_mesh
 from byol_flax.storage import files, json_files, tensorboard
 from byol_flax.weights.encoder import ENCODER_CONFIG_NAME, load_source
 
 
-def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str) -> dict:
+def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str, *,
+             log_to_workdir: bool = False) -> dict:
     """Runs one protocol on ``source``; returns and writes its result (in ``workdir`` only:
-    a new, empty or earlier evaluation directory, outside an export it reads)."""
+    a new, empty or earlier evaluation directory, outside an export it reads).
+    ``log_to_workdir`` (the command): the log goes to ``<workdir>/log.txt`` once the workdir is
+    claimed (a user's folder is refused before a log file lands in it)."""
     validate_eval_config(config, num_devices=jax.device_count())
     export_read = source if (epath.Path(source) / ENCODER_CONFIG_NAME).exists() else ""
     workdir = claim_output_dir(workdir, "evaluation", inputs=[export_read])
+    if log_to_workdir:
+        logs.setup(workdir)
     files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
     pretrained = load_source(source, seed=config.seed, image_size=config.data.image_size)
     # SIGTERM ends a training unit with a checkpoint (EvaluationStopped); the same command then
