@@ -84,7 +84,8 @@ def test_a_base_segment_hides_older_ones_even_when_their_deletion_never_happened
         log.write("old\n")
     older = sorted(gs.iterdir())
     # A rewrite killed after its base segment was written, before the older ones were deleted:
-    files.write_bytes(append_log._new_segment(path, 1, base=True), b"new\n")  # noqa: SLF001
+    files.write_bytes(append_log._new_segment(path, time.time_ns(), base=True),  # noqa: SLF001
+                      b"new\n")
     assert all(p.exists() for p in older)
     assert append_log.read_log(path) == "new\n"
     with append_log.open_log(path, segment_seconds=60) as log:

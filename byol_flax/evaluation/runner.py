@@ -27,13 +27,13 @@ def evaluate(config: ml_collections.ConfigDict, source: str, workdir: str, *,
     """Runs one protocol on ``source``; returns and writes its result (in ``workdir`` only:
     a new, empty or earlier evaluation directory, outside an export it reads).
     ``log_to_workdir`` (the command): the log goes to ``<workdir>/log.txt`` once the workdir is
-    claimed (a user's folder is refused before a log file lands in it)."""
+    claimed and written (a refused folder gets no log file)."""
     validate_eval_config(config, num_devices=jax.device_count())
     export_read = source if (epath.Path(source) / ENCODER_CONFIG_NAME).exists() else ""
     workdir = claim_output_dir(workdir, "evaluation", inputs=[export_read])
-    if log_to_workdir:
-        logs.setup(workdir)
     files.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
+    if log_to_workdir:  # after the first write: a workdir that refuses it gets no log file
+        logs.setup(workdir)
     pretrained = load_source(source, seed=config.seed, image_size=config.data.image_size)
     # SIGTERM ends a training unit with a checkpoint (EvaluationStopped); the same command then
     # resumes it. Under jax.distributed Orbax's preemption sync point does that instead.

@@ -102,7 +102,7 @@ class LogFileHandler(logging.StreamHandler):
 
     def _open(self) -> IO | append_log.SegmentWriter:
         return append_log.open_log(self.path, truncate=self._truncate, what="log file",
-                                   guard=self._check_upload)
+                                   guard=self._check_upload, compact=False)  # every process
 
     def _check_upload(self) -> None:
         if self.upload_guard is not None:

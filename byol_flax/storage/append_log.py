@@ -3,8 +3,10 @@ and on ``gs://``, read back as one history.
 
 A local file is appended to and flushed at every write. A Cloud Storage object cannot be
 appended to, so on ``gs://`` what is written is buffered and uploaded as a new object, a
-*segment* named ``<path>.<sequence>-<token>``, at most :data:`SEGMENT_SECONDS` after it was
-written (a timer uploads it even when nothing else is written) and when the log is closed.
+*segment* named ``<path>.<sequence>-<token>`` (the sequence is the upload's time in
+nanoseconds, so segments sort in time order across writers and restarts without listing what
+is there), at most :data:`SEGMENT_SECONDS` after it was written (a timer uploads it even when
+nothing else is written) and when the log is closed.
 A preempted or killed VM therefore loses at most the last :data:`SEGMENT_SECONDS` of lines;
 nothing of the run's history stays on the VM's disk.
 
@@ -13,10 +15,11 @@ so every reader (report, model card, resume checks) sees one history. :func:`rew
 replaces the whole history (a resume drops the lines of steps it will redo): locally by an
 atomic rename; on ``gs://`` by a *base* segment (``...-<token>.base``) after which a reader
 ignores everything older, and only then are the older objects deleted, so a kill in between
-leaves a history that still reads correctly. A writer compacts its segments into a base the
-same way when it has uploaded :data:`MAX_SEGMENTS` of them, so the number of objects stays
-bounded over a long run. TensorBoard event files are not compacted (each segment is an event
-file of its own, named so that TensorBoard reads them in order).
+leaves a history that still reads correctly. A single writer (``metrics.jsonl``: process 0)
+compacts its segments into a base the same way when it has uploaded :data:`MAX_SEGMENTS` of
+them, so the number of objects stays bounded over a long run. The log (one writer per process)
+and TensorBoard event files (each segment an event file of its own, named so that TensorBoard
+reads them in order) are not compacted: at most one object per :data:`SEGMENT_SECONDS` each.
 """
 
 import os
@@ -35,7 +38,7 @@ from byol_flax.storage import files
 SEGMENT_SECONDS = 30.0
 # Segments a writer uploads before it compacts them into one base segment.
 MAX_SEGMENTS = 256
-_SEGMENT = re.compile(r"\.(\d{8})-([0-9a-f]{8})(\.base)?$")
+_SEGMENT = re.compile(r"\.(\d{20})-([0-9a-f]{8})(\.base)?$")
 
 
 def _segments(path: epath.PathLike) -> list[tuple[int, str, bool, epath.Path]]:
@@ -85,7 +88,7 @@ def log_exists(path: epath.PathLike) -> bool:
 
 
 def _new_segment(path: epath.PathLike, sequence: int, *, base: bool = False) -> epath.Path:
-    suffix = f".{sequence:08d}-{secrets.token_hex(4)}" + (".base" if base else "")
+    suffix = f".{sequence:020d}-{secrets.token_hex(4)}" + (".base" if base else "")
     return epath.Path(path).parent / (epath.Path(path).name + suffix)
 
 
@@ -96,8 +99,8 @@ def rewrite_log(path: epath.PathLike, data: bytes | str, *, what: str = "log") -
         files.write_bytes(path, data, what=what)
         return
     older = _segments(path)
-    files.write_bytes(_new_segment(path, older[-1][0] + 1 if older else 0, base=True), data,
-                      what=what)
+    files.write_bytes(_new_segment(path, max([time.time_ns()] + [s[0] + 1 for s in older]),
+                                   base=True), data, what=what)
     for *_, segment in older:  # a reader already ignores them
         segment.unlink(missing_ok=True)
     if files.exists(path):
@@ -109,7 +112,8 @@ class SegmentWriter:
     takes text or bytes; ``flush`` uploads only when the oldest pending byte is
     ``segment_seconds`` old (a timer thread does it otherwise); ``close`` uploads the rest.
     ``guard`` runs before every upload (the workdir lease's fence). ``compact``: merge into a
-    base segment after :data:`MAX_SEGMENTS` uploads (not for TensorBoard event files, whose
+    base segment after :data:`MAX_SEGMENTS` uploads: only for a log with one writer (a base
+    hides every older segment, another writer's too), never for TensorBoard event files (whose
     reader reads every segment as a file of its own)."""
 
     def __init__(self, path: epath.PathLike, *, what: str = "log",
@@ -120,9 +124,8 @@ class SegmentWriter:
         self.segment_seconds = segment_seconds
         self.compact = compact
         self.guard = guard
-        existing = _segments(path)
-        self._next = existing[-1][0] + 1 if existing else 0
-        self._uploaded = len(_live(existing))
+        self._last = 0  # the sequence of this writer's last segment
+        self._uploaded = 0
         self._pending: list[bytes] = []
         self._pending_since: float | None = None
         self._lock = threading.RLock()
@@ -180,15 +183,14 @@ class SegmentWriter:
         if self.guard is not None:
             self.guard()
         data = b"".join(self._pending)
-        files.write_bytes(_new_segment(self.path, self._next), data, what=self.what)
+        self._last = max(time.time_ns(), self._last + 1)
+        files.write_bytes(_new_segment(self.path, self._last), data, what=self.what)
         self._pending, self._pending_since = [], None
-        self._next += 1
         self._uploaded += 1
         if self.compact and self._uploaded >= MAX_SEGMENTS:
             rewrite_log(self.path, read_log_bytes(self.path, what=self.what,
                                                   max_bytes=1 << 40), what=self.what)
-            existing = _segments(self.path)
-            self._next, self._uploaded = existing[-1][0] + 1, 1
+            self._uploaded = 0
 
 
 def open_log(path: epath.PathLike, *, what: str = "log", binary: bool = False,
