@@ -221,13 +221,7 @@ class TrainingLogger:
                      steps_per_second, datetime.timedelta(seconds=round(
                          (self._total_steps - step) / max(steps_per_second, 1e-9))))
         lease.fence()  # a run whose workdir was taken over writes nothing more
-        self._writer.write_scalars(step, scalars)
-        # Flushed now: TensorBoard's writer otherwise keeps events buffered for its background
-        # thread, which a frozen-then-thawed run would flush after its fence (the relaunch
-        # benchmark saw its events file written after the thaw).
-        self._writer.flush()
-        if self._file is not None:
-            self._file.write(step, scalars)
+        self._write(step, scalars)
         warn_on_collapse(step, scalars)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{scalars['loss']:.3f}",
@@ -237,11 +231,18 @@ class TrainingLogger:
     def log_monitor(self, step: int, results: dict[str, float]) -> None:
         """The monitor's results of ``step``: written, and added to :attr:`scalars`."""
         lease.fence()
-        self._writer.write_scalars(step, results)
-        self._writer.flush()
+        self._write(step, results)
         self.scalars.update(results)
+
+    def _write(self, step: int, scalars: dict[str, float]) -> None:
+        """The metrics file, then TensorBoard, then the log line, each written through at once:
+        a process frozen right after a step's log line (the relaunch benchmark freezes it
+        there) has nothing of that step left to write when it is thawed after its successor
+        took over; its next write is preceded by a fence."""
         if self._file is not None:
-            self._file.write(step, results)
+            self._file.write(step, scalars)
+        self._writer.write_scalars(step, scalars)
+        self._writer.flush()
 
     def close(self) -> None:
         if self._bar is not None:

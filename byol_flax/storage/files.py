@@ -233,8 +233,8 @@ def open_append(path: epath.PathLike, *, truncate: bool = False, binary: bool = 
         os.close(descriptor)
         raise StorageError(f"{what} {text} is {_kind(info.st_mode)}: not appending to it")
     os.set_blocking(descriptor, True)
-    if binary:
-        return os.fdopen(descriptor, "ab")
+    if binary:  # unbuffered: each write (a whole record) reaches the file at once
+        return os.fdopen(descriptor, "ab", buffering=0)
     return os.fdopen(descriptor, "a", encoding="utf-8")
 
 

@@ -170,4 +170,6 @@ def create_writer(logdir: epath.PathLike, *, just_logging: bool = False,
     ``just_logging`` (processes other than 0), TensorBoard events in ``logdir``."""
     if just_logging:
         return LoggingWriter()
-    return MultiWriter([LoggingWriter(), EventWriter(logdir, guard=guard)])
+    # Events first: a local event file is unbuffered, so a step's record is on disk before its
+    # log line (a process frozen right after that line has nothing left to write when thawed).
+    return MultiWriter([EventWriter(logdir, guard=guard), LoggingWriter()])
