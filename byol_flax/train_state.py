@@ -69,7 +69,7 @@ class TrainState(nnx.Module):
 
 
 def create_train_state(config: ConfigDict, learning_rate: optax.Schedule, *,
-                       num_classes: int = 0) -> TrainState:
+                       num_classes: int = 0, abstract: bool = False) -> TrainState:
     """Builds the online network from ``config.seed``, its target copy and the LARS optimizer
     (all initialisers compiled as one program: :func:`byol_flax.models.init.init_module`).
 
@@ -77,7 +77,8 @@ def create_train_state(config: ConfigDict, learning_rate: optax.Schedule, *,
     implementation's online classifier: a linear layer on the stop-gradient representation,
     trained with the labels by its own LARS (the same hyper-parameters and schedule the official
     code applies to it) and initialised from its own seed, so the online network is the same
-    with or without it.
+    with or without it. ``abstract``: shapes and dtypes only, nothing allocated or computed (the
+    pre-flight compiles the step of a model of any size from them).
     """
 
     def build() -> TrainState:
@@ -91,4 +92,4 @@ def create_train_state(config: ConfigDict, learning_rate: optax.Schedule, *,
                           seed=config.seed + 1, with_target=config.target.kind == "ema",
                           classifier=classifier, classifier_tx=classifier_tx)
 
-    return init_module(build)
+    return nnx.eval_shape(build) if abstract else init_module(build)

@@ -9,6 +9,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite runs on the CPU; with the tpu extra installed (libtpu, for the pre-flight's
+# compiler) JAX would otherwise try to start a TPU runtime in every process and print its failure.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The suite's gs:// clients only ever talk to tests/gcs_server.py: gcsfs reads this when it is
 # first imported (its zonal-bucket probe would wait 60 s on a server without gRPC), so it is set
 # here, before any test imports it (byol_flax.storage.gcs derives it in a command's process).

@@ -85,6 +85,7 @@ _REASONS = {400: "invalid", 404: "notFound", 412: "conditionNotMet", 429: "rateL
             500: "internalError", 501: "notImplemented", 502: "badGateway", 503: "backendError"}
 
 _OBJECT = r"/storage/v1/b/(?P<bucket>[^/]+)/o/(?P<name>.+?)"
+_MOVE = re.compile(r"^/storage/v1/b/([^/]+)/o/(.+?)/moveTo/o/(.+)$")
 _ROUTES = [  # (methods, pattern, kind): the first match names the operation
     ({"POST"}, re.compile(rf"^{_OBJECT}/compose$"), "compose"),
     ({"POST"}, re.compile(r"^/storage/v1/b/(?P<source_bucket>[^/]+)/o/(?P<source>.+?)/"
@@ -492,6 +493,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         params = {k: v[0] for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items()}
         if "matchGlob" in params and re.match(r"^/storage/v1/b/[^/]+/o/?$", path):
             raise _Refusal(501, "matchGlob: fake-gcs-server ignores it (it would list everything)")
+        if self.command == "POST" and (move := _MOVE.match(path)):
+            return self._move(*(urllib.parse.unquote(v) for v in move.groups()), params, body)
         kind, names = self._route(path)
         conditions = _conditions(params, CONDITIONS)
         keys: list[tuple[str, str]] = []
@@ -543,6 +546,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._respond(kind, target, keys, params, live, conditions, extra, response)
         finally:
             conn.close()
+
+    def _move(self, bucket: str, source: str, name: str, params: dict[str, str],
+              body: _Body) -> int | None:
+        """Objects: move (``.../o/SOURCE/moveTo/o/NAME``), which fake-gcs-server lacks and gcsfs
+        tries first when it renames: a copy, then the source's deletion, as one step for both
+        objects. Preconditions on a move are refused (501) rather than ignored."""
+        body.drain()
+        if _conditions(params, CONDITIONS + SOURCE_CONDITIONS):
+            raise _Refusal(501, "preconditions on moveTo are not implemented by this server")
+        quoted = [urllib.parse.quote(v, safe="") for v in (bucket, source, name)]
+        with self.server.gcs._locked([(bucket, source), (bucket, name)]):
+            conn, response = self._backend(
+                "POST", "/storage/v1/b/{0}/o/{1}/copyTo/b/{0}/o/{2}".format(*quoted))
+            try:
+                data = response.read()
+            finally:
+                conn.close()
+            if response.status == 200:
+                conn, deleted = self._backend("DELETE", "/storage/v1/b/{0}/o/{1}".format(*quoted))
+                try:
+                    deleted.read()
+                finally:
+                    conn.close()
+        return self._reply(response.status, data)
 
     def _route(self, path: str) -> tuple[str, dict[str, str]]:
         for methods, pattern, kind in _ROUTES:

@@ -224,7 +224,7 @@ def test_a_resumable_upload_goes_through_the_proxy_and_keeps_its_precondition(se
     assert call(server, "GET", f"{OBJ}/{q(other)}?alt=media")[2] == b"winner"
 
 
-def test_compose_rewrite_and_copy(server, name):
+def test_compose_rewrite_copy_and_move(server, name):
     a, b = put(server, name + "/a", b"left-"), put(server, name + "/b", b"right")
     compose = f"{OBJ}/{q(name + '/ab')}/compose"
     request = {"sourceObjects": [{"name": name + "/a"}, {"name": name + "/b"}]}
@@ -249,6 +249,12 @@ def test_compose_rewrite_and_copy(server, name):
     assert call(server, "POST", copy + "?ifGenerationMatch=0", b"")[0] == 200
     assert call(server, "GET", f"{OBJ}/{q(name + '/cp')}?alt=media")[2] == b"left-"
     assert call(server, "POST", copy + "?ifGenerationMatch=0", b"")[0] == 412
+
+    move = f"{OBJ}/{q(name + '/cp')}/moveTo/o/{q(name + '/mv')}"
+    assert call(server, "POST", move + "?ifGenerationMatch=0", b"")[0] == 501  # not ignored
+    assert call(server, "POST", move, b"")[0] == 200
+    assert call(server, "GET", f"{OBJ}/{q(name + '/mv')}?alt=media")[2] == b"left-"
+    assert call(server, "GET", f"{OBJ}/{q(name + '/cp')}")[0] == 404  # moved, not copied
 
 
 def test_injected_errors_come_first_then_the_real_answer(server, name):

@@ -198,3 +198,26 @@ def test_constraints_pin_releases_inside_pyproject_ranges():
         tpu = [Requirement(r) for r in metadata.requires("jax") or []
                if "libtpu" in r and 'extra == "tpu"' in r]
         assert tpu and all(r.specifier.contains(pins["libtpu"]) for r in tpu)
+
+
+def test_the_default_install_brings_no_tensorflow():
+    """TensorFlow is the tfds extra's alone: nothing the package requires (or anything those
+    require, as installed here) pulls it in."""
+    def requirements(name: str) -> list[Requirement]:
+        try:
+            found = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            return []
+        return [r for r in map(Requirement, found)
+                if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+    seen, queue = set(), [r for r in map(Requirement, PYPROJECT["project"]["dependencies"])]
+    while queue:
+        name = canonicalize_name(queue.pop().name)
+        if name not in seen:
+            seen.add(name)
+            queue += requirements(name)
+    assert not {name for name in seen if name.startswith("tensorflow")}, sorted(seen)
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert [e for e, reqs in extras.items() if any(r.startswith("tensorflow-cpu") for r in reqs)
+            ] == ["tfds"]

@@ -16,11 +16,21 @@ restarts up to ``--max_restarts`` times). The commit defaults to the running cod
 (:mod:`byol_flax.runtime.code_identity`); a checkout with uncommitted changes is refused unless
 ``--commit`` names one. Nothing is executed.
 
+    byol-launch preflight --config=byol_imagenet:r50x1,slice=v4-64 --accelerator=tpu-v4-64
+
+``preflight`` compiles the run's training step for the slice with libtpu on this machine (no
+TPU needed; the ``tpu`` extra) and prints per-chip memory against the chip's HBM, FLOPs, the
+collectives and the compute dtypes, then one JSON line (:mod:`byol_flax.cloud.preflight`).
+``--override=--config.KEY=VALUE`` changes the config as it would change byol-train's;
+``--num_slices`` compiles for a multi-slice run.
+
 The former ``gcloud compute tpus tpu-vm`` actions and their relaunch loop are retired: SkyPilot
 creates, sets up, recovers, tails (``sky jobs logs``) and deletes on-demand and spot slices alike,
 so there is nothing left that printing gcloud commands adds.
 """
 
+import json
+import os
 import re
 import shlex
 import sys
@@ -32,7 +42,7 @@ from byol_flax.cloud import tasks
 from byol_flax.cloud.slices import devices_in_slice, hosts_in_slice
 from byol_flax.runtime import commands
 
-ENGINES = ("skypilot", "xpk")
+ENGINES = ("skypilot", "xpk", "preflight")
 
 # The command's own flags (commands.run_command): importing this module defines no global absl
 # flag (its --config is a plain string, not byol_flax.main's config flag).
@@ -89,8 +99,10 @@ ENGINE_FLAGS = {
     "xpk": COMMON + ("cluster", "num_slices", "max_restarts", "docker_image",
                      "base_docker_image", "project"),
 }
+ENGINE_FLAGS["preflight"] = ("config", "accelerator", "override", "num_slices")
 REQUIRED = {"skypilot": ("config", "workdir", "accelerator", "repo"),
-            "xpk": ("config", "workdir", "accelerator", "cluster")}
+            "xpk": ("config", "workdir", "accelerator", "cluster"),
+            "preflight": ("config", "accelerator")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +145,8 @@ def _main(argv: list[str]) -> int:
     engine = _check_flags(argv)
     accelerator = tasks.parse_accelerator(_ACCELERATOR.value)
     overrides = tuple(_OVERRIDE.value)
+    if engine == "preflight":
+        return _preflight(accelerator, overrides)
     if engine == "skypilot":
         commit = _COMMIT.value or tasks.pinned_commit()
         task = tasks.SkyTask(
@@ -159,6 +173,23 @@ def _main(argv: list[str]) -> int:
         print(f"# {accelerator.name}: {hosts_in_slice(accelerator.name)} host(s), "
               f"{devices_in_slice(accelerator.name)} JAX devices", file=sys.stderr)
     return 0
+
+
+def _preflight(accelerator: tasks.Accelerator, overrides: tuple[str, ...]) -> int:
+    """Compiles the step for the slice; 0 when it fits, 1 when it does not."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu compiles; no TPU is initialised
+    from byol_flax.cloud import preflight
+
+    if accelerator.kind != "tpu":
+        raise app.UsageError(f"--accelerator={_ACCELERATOR.value}: the pre-flight compiles "
+                             "for TPU slices (tpu-v4-64, v5p-256); this JAX version has no "
+                             "way to compile for GPUs without one (docs/performance.md)")
+    config = preflight.load_config(_CONFIG.value, overrides)
+    report = preflight.preflight(config, accelerator.name, num_slices=_NUM_SLICES.value)
+    for line in preflight.format_report(report, _CONFIG.value):
+        print(line)
+    print(json.dumps(report, sort_keys=True))
+    return 0 if report["fits"] else 1
 
 
 if __name__ == "__main__":

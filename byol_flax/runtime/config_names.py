@@ -3,11 +3,16 @@
 Config modules ship inside the package (``byol_flax/configs/``), so an installed user names
 them: ``--config=byol_imagenet:r50x1`` is ``byol_flax/configs/byol_imagenet.py:r50x1``,
 ``--config=studies/table21`` a study module. A path to any other ``.py`` file is used as it is
-(``--config=my_configs/x.py:arg``). The lookup reads the folder; it imports no config module.
+(``--config=my_configs/x.py:arg``). The lookup reads the folder; it imports no config module
+(:func:`load_config` does, for tools that build a config without absl's flag).
 """
 
+import importlib.util
 import pathlib
+import sys
+import types
 from collections.abc import Sequence
+from typing import Any
 
 from byol_flax.errors import UserError
 from byol_flax.storage import files
@@ -67,3 +72,28 @@ def resolve_flag(argv: Sequence[str], flag: str = "config", *, subdir: str = "")
         elif item == f"--{flag}" and index + 1 < len(out):
             out[index + 1] = resolve(out[index + 1], subdir=subdir)
     return out
+
+
+def load_module(path: str, name: str) -> types.ModuleType:
+    """Imports a Python file by path (study and config modules are files, like --config's)."""
+    file = pathlib.Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"no such module file: {path}")
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(file):
+        return loaded  # its registrations are in place; executing it again would repeat them
+    spec = importlib.util.spec_from_file_location(name, str(file))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> Any:
+    """``"NAME[:ARG]"`` or ``"path.py[:ARG]"`` -> ``get_config(ARG)``, locked (what
+    ``--config=`` does)."""
+    path, _, arg = resolve(spec).partition(":")
+    module = load_module(path, f"byol_flax_config_{pathlib.Path(path).stem}")
+    config = module.get_config(arg or None)
+    config.lock()
+    return config

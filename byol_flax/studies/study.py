@@ -10,9 +10,6 @@ resolved by :func:`byol_flax.runtime.config_names.resolve`) or a path.
 """
 
 import dataclasses
-import importlib.util
-import sys
-import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +19,7 @@ from etils import epath
 from byol_flax.config import set_dotted
 from byol_flax.errors import UserError
 from byol_flax.runtime import config_names
+from byol_flax.runtime.config_names import load_config, load_module
 from byol_flax.runtime.registry import Registry
 
 # The setup of Section 5 and Appendix G (300 epochs, LR 0.3, WD 1e-6, tau 0.99, batch 4096).
@@ -71,21 +69,6 @@ class Study:
         raise KeyError(f"{self.table} has no row {name!r}; rows: {[r.name for r in self.rows]}")
 
 
-def load_module(path: str, name: str) -> types.ModuleType:
-    """Imports a Python file by path (study and config modules are files, like --config's)."""
-    file = epath.Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"no such module file: {path}")
-    loaded = sys.modules.get(name)
-    if loaded is not None and getattr(loaded, "__file__", None) == str(file):
-        return loaded  # its registrations are in place; executing it again would repeat them
-    spec = importlib.util.spec_from_file_location(name, str(file))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 class StudyError(UserError, ValueError):
     """A study module or name does not give one study (the message names the file)."""
 
@@ -110,16 +93,6 @@ def load_study(spec: str) -> Study:
     if not isinstance(study, Study):
         raise StudyError(f"study {spec!r} returned {type(study).__name__}, not a Study")
     return study
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """``"NAME[:ARG]"`` or ``"path.py[:ARG]"`` -> ``get_config(ARG)``, locked (what
-    ``--config=`` does)."""
-    path, _, arg = config_names.resolve(spec).partition(":")
-    module = load_module(path, f"byol_flax_config_{epath.Path(path).stem}")
-    config = module.get_config(arg or None)
-    config.lock()
-    return config
 
 
 def row_config(study: Study, row: Row, seed: int,

@@ -1,0 +1,77 @@
+"""The pre-flight (``byol-launch preflight``): byol-train's step compiled for a TPU slice with
+libtpu on this CPU machine (the ``tpu`` extra), its memory and FLOPs those of the compiler,
+a step that cannot fit refused with the per-chip batch that does."""
+
+import importlib.util
+import json
+
+import pytest
+
+from byol_flax.cloud import launch, preflight
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu (the tpu extra) is not installed")
+SMOKE = "digits_cpu:smoke=True"
+
+
+@pytest.mark.parametrize("accelerator, topology", [
+    ("v4-8", "v4:2x2x1"), ("v4-32", "v4:2x2x4"), ("v4-64", "v4:2x4x4"), ("v4-128", "v4:4x4x4"),
+    ("v5p-256", "v5p:4x4x8"), ("v5litepod-16", "v5e:4x4"), ("v5litepod-256", "v5e:16x16"),
+    ("v6e-8", "v6e:2x4"), ("v3-32", "v3:4x4")])
+def test_a_slice_names_the_topology_cloud_tpu_gives_it(accelerator, topology):
+    assert preflight.topology_name(accelerator) == topology
+
+
+HLO = """
+  %all-reduce.1 = (f32[64]{0}, f32[128,2]{1,0}) all-reduce(f32[64]{0} %a, f32[128,2]{1,0} %b)
+  %all-reduce-start.2 = bf16[10]{0} all-reduce-start(bf16[10]{0} %c), replica_groups={}
+  %all-reduce-done.2 = bf16[10]{0} all-reduce-done(bf16[10]{0} %all-reduce-start.2)
+  %convolution.3 = bf16[8,4,4,16]{3,2,1,0} convolution(bf16[8,8,8,3] %x, bf16[3,3,3,16] %w)
+  %dot.4 = f32[8,10]{1,0} dot(f32[8,16]{1,0} %y, f32[16,10]{1,0} %z)
+"""
+
+
+def test_the_hlo_reader_counts_collectives_their_bytes_and_compute_dtypes():
+    collectives, dots = preflight.read_hlo(HLO)
+    assert collectives == {"all-reduce": {"count": 2, "bytes": 64 * 4 + 256 * 4 + 10 * 2}}
+    assert dots == {"convolution bf16": 1, "dot f32": 1}
+
+
+def test_overrides_change_the_config_as_they_would_change_byol_trains():
+    config = preflight.load_config(SMOKE, ["--config.training.batch_size=64"])
+    assert config.training.batch_size == 64
+    with pytest.raises(preflight.PreflightError, match="linaer"):
+        preflight.load_config(SMOKE, ["--config.linaer.epochs=1"])
+
+
+def test_a_gpu_accelerator_is_refused_in_one_line(capsys):
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=H100:8"]) == 2
+    assert "compiles for TPU slices" in capsys.readouterr().err
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~60 s: three libtpu compiles of the smoke model
+def test_the_smoke_step_compiles_for_a_v4_8_and_an_impossible_fit_names_the_batch(
+        capsys, monkeypatch):
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report["fits"] and report["devices"] == 4 and report["per_chip_batch"] == 8
+    assert 0 < report["per_chip_bytes"] < report["hbm_bytes"] == 32 * preflight.GiB
+    assert report["flops_per_image"] > 0
+    assert report["collectives"]["all-reduce"]["count"] > 0  # gradients, BatchNorm statistics
+    assert any("fits" in line for line in lines[:-1])
+
+    # Twice the batch against a chip that holds just the first one (no headroom): the batch
+    # that fits is named from the compiler's figures at the two batches.
+    monkeypatch.setitem(preflight.HBM_BYTES, "v4", report["per_chip_bytes"] + 1)
+    monkeypatch.setattr(preflight, "FIT_HEADROOM", 0.0)
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8",
+                        "--override=--config.training.batch_size=64"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    small = json.loads(lines[-1])
+    assert not small["fits"] and small["per_chip_batch"] == 16
+    assert small["per_chip_bytes"] > report["per_chip_bytes"]  # twice the batch, more memory
+    most = small["max_per_chip_batch"]
+    assert most == 8
+    assert any(f"largest per-chip batch that fits is {most}" in line for line in lines)
