@@ -74,4 +74,18 @@ def test_the_smoke_step_compiles_for_a_v4_8_and_an_impossible_fit_names_the_batc
     assert small["per_chip_bytes"] > report["per_chip_bytes"]  # twice the batch, more memory
     most = small["max_per_chip_batch"]
     assert most == 8
-    assert any(f"largest per-chip batch that fits is {most}" in line for line in lines)
+    assert any(f"largest per-chip batch that fits is about {most}" in line for line in lines)
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~70 s: a compile libtpu refuses (out of HBM) and one at half the batch
+def test_a_step_the_compiler_refuses_for_lack_of_hbm_is_one_report_naming_the_batch(capsys):
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8",
+                        "--override=--config.data.image_size=224",
+                        "--override=--config.training.batch_size=4096"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert report["compiler_refused"] and not report["fits"]
+    assert report["temp_bytes"] > report["usable_bytes"] > 0  # the compiler's own figures
+    assert 0 < report["max_per_chip_batch"] < report["per_chip_batch"] == 1024
+    assert "the compiler refused it" in lines[1] and "Traceback" not in "\n".join(lines)

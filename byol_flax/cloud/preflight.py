@@ -130,6 +130,10 @@ class Compiled:
     collectives: dict[str, dict[str, int]]
     dot_dtypes: dict[str, int]
     seconds: float
+    # The compiler refused the program: its temporaries need more than it can use of a chip's
+    # HBM (``usable_bytes``, which it names); ``temp_bytes`` is then what they need.
+    out_of_memory: bool = False
+    usable_bytes: int | None = None
 
     @property
     def per_chip_bytes(self) -> int:
@@ -137,6 +141,20 @@ class Compiled:
         for the output), the outputs that are not aliased, temporaries and the program."""
         return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
                 + self.code_bytes)
+
+
+_OUT_OF_MEMORY = re.compile(r"temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                            r"\(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _out_of_memory(error: Exception) -> tuple[int, int] | None:
+    """(bytes the temporaries need, bytes available) of the TPU compiler's out-of-memory error
+    ("the total memory required for HLO temporaries (99.80G) exceeds available HBM (30.75G)")."""
+    match = _OUT_OF_MEMORY.search(str(error))
+    if not match:
+        return None
+    return (int(float(match[1]) * _UNITS[match[2]]), int(float(match[3]) * _UNITS[match[4]]))
 
 
 def _shape_bytes(text: str) -> int:
@@ -202,8 +220,19 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
     # them from) a persistent compilation cache the process may use.
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    per_chip_batch = batch // config.training.accumulation_steps // len(devices)
     try:
         compiled = make_train_step(graphdef, mesh, options).lower(state, inputs).compile()
+    except Exception as error:
+        needed = _out_of_memory(error)
+        if needed is None:
+            raise
+        arguments = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves(inputs)) // len(devices)
+        return Compiled(per_chip_batch=per_chip_batch, argument_bytes=arguments, output_bytes=0,
+                        alias_bytes=0, temp_bytes=needed[0], code_bytes=0, flops=None,
+                        collectives={}, dot_dtypes={}, out_of_memory=True,
+                        usable_bytes=needed[1], seconds=time.perf_counter() - started)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     seconds = time.perf_counter() - started
@@ -212,8 +241,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
     cost = cost[0] if isinstance(cost, list) else cost
     collectives, dots = read_hlo(compiled.as_text())
     return Compiled(
-        per_chip_batch=batch // config.training.accumulation_steps // len(devices),
-        argument_bytes=memory.argument_size_in_bytes,
+        per_chip_batch=per_chip_batch, argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
         flops=cost.get("flops"), collectives=collectives, dot_dtypes=dots, seconds=seconds)
@@ -238,7 +266,7 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
                              f"devices of {num_slices} x {accelerator_type}")
     hbm = HBM_BYTES[_family(accelerator_type)]
     first = compile_step(config, devices)
-    fits = first.per_chip_bytes <= hbm
+    fits = not first.out_of_memory and first.per_chip_bytes <= hbm
     report: dict[str, Any] = {
         "accelerator": accelerator_type, "num_slices": num_slices,
         "topology": topology_name(accelerator_type), "devices": len(devices),
@@ -250,6 +278,7 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
         "flops_per_image": (first.flops * len(devices) / batch if first.flops else None),
         "collectives": first.collectives, "dot_dtypes": first.dot_dtypes,
         "compile_seconds": round(first.seconds, 1),
+        "compiler_refused": first.out_of_memory, "usable_bytes": first.usable_bytes,
         "warnings": ([f"{n} float32 {kind}s in a {config.model.compute_dtype} config"
                       for kind_dtype, n in first.dot_dtypes.items()
                       for kind in [kind_dtype.split()[0]] if kind_dtype.endswith("f32")]
@@ -262,7 +291,7 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
             per_image = ((first.per_chip_bytes - second.per_chip_bytes)
                          / (first.per_chip_batch - second.per_chip_batch))
             fixed = first.per_chip_bytes - per_image * first.per_chip_batch
-            usable = hbm * (1 - FIT_HEADROOM) - fixed
+            usable = (first.usable_bytes or hbm) * (1 - FIT_HEADROOM) - fixed
             report["bytes_per_image_per_chip"] = round(per_image)
             report["fixed_bytes_per_chip"] = round(fixed)
             report["max_per_chip_batch"] = max(0, int(usable // per_image)) if per_image > 0 \
@@ -308,28 +337,36 @@ def format_report(report: dict[str, Any], config_name: str) -> list[str]:
         f"{report['per_chip_batch']} (global {report['global_batch']}, "
         f"{report['accumulation_steps']} accumulation step(s)); compiled by libtpu in "
         f"{report['compile_seconds']} s",
-        f"per-chip memory {_gib(report['per_chip_bytes'])} (arguments "
-        f"{_gib(report['argument_bytes'])}, temporaries {_gib(report['temp_bytes'])}) of "
-        f"{_gib(report['hbm_bytes'])} HBM: "
-        + (f"fits, {_gib(report['margin_bytes'])} to spare" if report["fits"]
-           else f"does NOT fit, {_gib(-report['margin_bytes'])} over"),
+        (f"does NOT fit: the compiler refused it, its temporaries need "
+         f"{_gib(report['temp_bytes'])} of the {_gib(report['usable_bytes'])} it can use of "
+         f"{_gib(report['hbm_bytes'])} HBM (arguments {_gib(report['argument_bytes'])})"
+         if report["compiler_refused"] else
+         f"per-chip memory {_gib(report['per_chip_bytes'])} (arguments "
+         f"{_gib(report['argument_bytes'])}, temporaries {_gib(report['temp_bytes'])}) of "
+         f"{_gib(report['hbm_bytes'])} HBM: "
+         + (f"fits, {_gib(report['margin_bytes'])} to spare" if report["fits"]
+            else f"does NOT fit, {_gib(-report['margin_bytes'])} over")),
     ]
     if report["flops_per_image"]:
         lines.append(f"{report['flops_per_image'] / 1e9:.1f} GFLOP per image (two views, the "
                      f"whole step), {report['flops_per_step_per_chip'] / 1e12:.2f} TFLOP per "
                      "step per chip")
-    lines.append("collectives per step: " + (", ".join(
-        f"{kind} x{entry['count']} ({entry['bytes'] / 2**20:.1f} MiB)"
-        for kind, entry in sorted(report["collectives"].items())) or "none"))
-    lines.append("convolutions and matmuls: " + ", ".join(
-        f"{n} {kind}" for kind, n in sorted(report["dot_dtypes"].items())))
+    if not report["compiler_refused"]:
+        lines.append("collectives per step: " + (", ".join(
+            f"{kind} x{entry['count']} ({entry['bytes'] / 2**20:.1f} MiB)"
+            for kind, entry in sorted(report["collectives"].items())) or "none"))
+    if report["dot_dtypes"]:
+        lines.append("convolutions and matmuls: " + ", ".join(
+            f"{n} {kind}" for kind, n in sorted(report["dot_dtypes"].items())))
     lines += [f"warning: {warning}" for warning in report["warnings"]]
     if not report["fits"] and "max_per_chip_batch" in report:
         most = report["max_per_chip_batch"]
         lines.append(
-            f"the largest per-chip batch that fits is {most} (two compiles: "
-            f"{report['bytes_per_image_per_chip'] / 2**20:.1f} MiB per image per chip on top "
-            f"of {_gib(report['fixed_bytes_per_chip'])}, {FIT_HEADROOM:.0%} kept free): keep "
-            f"the global batch with gradient accumulation (byol_imagenet: "
-            f",slice={report['accelerator']},max_per_device={most}), or use more chips")
+            f"the largest per-chip batch that fits is about {most} (a line through two "
+            f"compiles: {report['bytes_per_image_per_chip'] / 2**20:.1f} MiB per image per "
+            f"chip on top of {_gib(report['fixed_bytes_per_chip'])}, {FIT_HEADROOM:.0%} kept "
+            "free; the TPU compiler rematerialises under pressure, so check it with a "
+            "pre-flight at that batch): keep the global batch with gradient accumulation "
+            f"(byol_imagenet's argument: slice={report['accelerator']},max_per_device={most})"
+            ", or use more chips")
     return lines
