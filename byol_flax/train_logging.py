@@ -12,6 +12,7 @@ import math
 import pathlib
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -103,14 +104,13 @@ class MetricsFile:
     """
 
     def __init__(self, workdir: epath.Path, resumed_step: int, *,
-                 guard: Any = None):
+                 guard: Callable[[], None] | None = None):
         path = workdir / METRICS_FILE
-        if append_log.log_exists(path):
-            text = read_metrics(workdir)
-            kept = "".join(line for line in text.splitlines(keepends=True)
-                           if line.endswith("\n") and _logged_step(line) <= resumed_step)
-            if kept != text:  # written beside it and renamed: a kill now loses nothing
-                append_log.rewrite_log(path, kept, what="metrics file")
+        text = read_metrics(workdir)  # "" for a new run: nothing to drop
+        kept = "".join(line for line in text.splitlines(keepends=True)
+                       if line.endswith("\n") and _logged_step(line) <= resumed_step)
+        if kept != text:  # written beside it and renamed: a kill now loses nothing
+            append_log.rewrite_log(path, kept, what="metrics file")
         self._file = append_log.open_log(path, what="metrics file", guard=guard)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
