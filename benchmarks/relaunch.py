@@ -15,8 +15,8 @@ Each "host" is the real entry point (``python -m byol_flax.main``, the digits wi
 2. **Partitioned holder.** A run on vm1 is frozen (SIGSTOP) after step 10; vm3 takes over and
    finishes; vm1 is thawed (SIGCONT). Reported: vm1's exit status and its one line within 90 s,
    what it wrote after the thaw (every file's size, mtime and bytes compared; the log file's
-   records stamped before the freeze are a write the freeze interrupted, which completes when
-   the process continues, and are not counted), and vm3's final state against the
+   records stamped before every thread was stopped are a write the freeze interrupted, which
+   completes when the process continues, and are not counted), and vm3's final state against the
    uninterrupted run's, bitwise.
 
 The test suite runs both with a 10 s window (tests/test_relaunch.py); this script's default is
@@ -118,13 +118,33 @@ def uninterrupted(suite: Suite, stale_after: float | None) -> dict[str, Any]:
     return {"seconds": round(time.perf_counter() - started, 1), "steps": run.last_step}
 
 
+def all_threads_stopped(pid: int, timeout: float = 30.0) -> float:
+    """The time by which every thread of ``pid`` is stopped. SIGSTOP stops one thread, which
+    then stops the others: on a busy machine they run on for milliseconds after ``kill``
+    returns, long enough to stamp a log record that the freeze then interrupts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rpartition(")")[2].split()[0])
+            except (OSError, IndexError):  # a thread that ended meanwhile
+                continue
+        if states and all(state in "tT" for state in states):
+            return time.time()
+        time.sleep(0.001)
+    raise TimeoutError(f"process {pid} did not stop within {timeout:.0f} s of SIGSTOP")
+
+
 def _start_and_stop(suite: Suite, workdir: Path, host: str, stale_after: float | None,
                     how: signal.Signals) -> tuple[Run, float]:
-    """The run on ``host`` sent ``how`` after step KILL_AFTER_STEP; the time it was sent."""
+    """The run on ``host`` sent ``how`` after step KILL_AFTER_STEP; the time it took effect."""
     run = suite.start(workdir, *_stale_flag(stale_after), program=on_host(host))
     run.wait_for(lambda: run.last_step >= KILL_AFTER_STEP)
     assert run.process.poll() is None, run.text[-3000:]
     run.process.send_signal(how)
+    if how == signal.SIGSTOP:
+        return run, all_threads_stopped(run.process.pid)
     return run, time.time()
 
 

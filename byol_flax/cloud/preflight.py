@@ -195,6 +195,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jax.experimental.compilation_cache import compilation_cache
 
     from byol_flax.sharding import data_sharding, make_mesh, replicated_sharding
     from byol_flax.train_state import create_train_state
@@ -217,9 +218,12 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
         inputs["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data_sharding(mesh))
     started = time.perf_counter()
     # A compile-only TPU client cannot load executables: keep them out of (and do not read
-    # them from) a persistent compilation cache the process may use.
+    # them from) a persistent compilation cache the process may use. JAX decides once per
+    # process whether the cache is used: reset before and after so that the switch holds here
+    # and the process's own setting holds again for its later compiles.
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     per_chip_batch = batch // config.training.accumulation_steps // len(devices)
     try:
         compiled = make_train_step(graphdef, mesh, options).lower(state, inputs).compile()
@@ -235,6 +239,7 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
                         usable_bytes=needed[1], seconds=time.perf_counter() - started)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
+        compilation_cache.reset_cache()
     seconds = time.perf_counter() - started
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
