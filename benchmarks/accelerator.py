@@ -3,10 +3,11 @@
 For the step (ResNet-50, 224 px, the paper's heads, LARS, EMA target, bfloat16 compute by
 default as the accelerator configs use), from ``--batch`` up by doubling until the device runs
 out of memory or ``--max-batch``: compile seconds, images/s per chip, model FLOPs utilisation
-(the compiled step's FLOPs x steps/s over the chip's peak, :data:`PEAK_TFLOPS`) and peak device
-memory. Then one point of the same step with a Vision Transformer encoder (ViT-S/16 at 224 px,
-timm's sizes, AdamW as MoCo v3 trains it: ``benchmarks/train_step.py``'s ViT recipe; per-device
-``--vit-batch``, halved on running out of memory). Then the host input pipeline at the ResNet's
+(the compiled step's FLOPs x steps/s over the chip's peak, ``PEAK_TFLOPS`` in
+byol_flax/cloud/preflight.py) and peak device memory. Then one point of the same step with a
+Vision Transformer encoder (ViT-S/16 at 224 px, timm's sizes, AdamW as MoCo v3 trains it:
+``benchmarks/train_step.py``'s ViT recipe; per-device ``--vit-batch``, halved on running out of
+memory). Then the host input pipeline at the ResNet's
 size (JPEG decode + two random resized crops + flips, Grain, on sample 500x375 images this script
 writes): images/s in one worker process and with one worker process per core, and the number of
 host cores one chip's step consumes.
@@ -31,18 +32,11 @@ from byol_flax.runtime.xla import configure_xla_flags
 configure_xla_flags()  # before JAX starts, as the entry points do
 import jax  # noqa: E402
 
+from byol_flax.cloud import preflight  # noqa: E402
 from byol_flax.studies.study import load_module  # noqa: E402
 
 BENCHMARKS = Path(__file__).resolve().parent
 
-# Dense bfloat16 peak TFLOP/s per JAX device, by ``device_kind`` prefix (vendor data sheets).
-# A TPU v2/v3 JAX device is one TensorCore (half a chip); v4 and later present one per chip.
-PEAK_TFLOPS = {
-    "TPU v2": 22.5, "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-    "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-    "NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
-    "NVIDIA A10": 125.0, "NVIDIA V100": 125.0, "Tesla V100": 125.0,
-}
 # Devices per chip, where a JAX device is less than a chip.
 DEVICES_PER_CHIP = {"TPU v2": 2, "TPU v3": 2}
 # The paper's rate for reference: 1000 ImageNet epochs in ~8 h on 512 TPU v3 cores (Section 4).
@@ -57,12 +51,12 @@ data_pipeline = load_module(BENCHMARKS / "data_pipeline.py", "data_pipeline")  #
 
 def peak_tflops(kind: str) -> tuple[float | None, str]:
     """(peak per JAX device, where it comes from) for ``device_kind`` ``kind``."""
-    for prefix, value in sorted(PEAK_TFLOPS.items(), key=lambda item: -len(item[0])):
-        if kind.startswith(prefix):
-            return value, f"bfloat16 dense peak of {prefix}"
+    value = preflight.peak_tflops(kind)
+    if value is not None:
+        return value, f"bfloat16 dense peak of {kind}"
     if jax.default_backend() == "cpu":
         return train_step.matmul_peak_gflops() / 1e3, "measured float32 matmul"
-    return None, f"no peak known for {kind!r}: add it to PEAK_TFLOPS"
+    return None, f"no peak known for {kind!r}: add it to preflight.PEAK_TFLOPS"
 
 
 def _out_of_memory(error: Exception) -> bool:

@@ -44,6 +44,20 @@ def test_overrides_change_the_config_as_they_would_change_byol_trains():
         preflight.load_config(SMOKE, ["--config.linaer.epochs=1"])
 
 
+@pytest.mark.parametrize("kind, peak", [
+    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5", 459.0), ("TPU v6 lite", 918.0),
+    ("TPU v3", 61.5), ("NVIDIA H100 80GB HBM3", 989.0), ("Unknown chip", None)])
+def test_each_device_kind_has_its_own_peak_the_longest_prefix_winning(kind, peak):
+    assert preflight.peak_tflops(kind) == peak  # vendor data sheets, dense bfloat16
+
+
+def test_an_epoch_at_an_assumed_mfu_is_the_flops_over_the_slices_peak():
+    # ResNet-50's 64.5 GFLOP per image over ImageNet on 32 v4 chips at 40%: 23.5 s.
+    seconds = preflight.epoch_seconds(64.5e9, 1_281_167, 32, 275.0, 0.4)
+    assert seconds == pytest.approx(64.5e9 * 1_281_167 / (32 * 275e12 * 0.4))
+    assert 23 < seconds < 24
+
+
 def test_a_gpu_accelerator_is_refused_in_one_line(capsys):
     assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=H100:8"]) == 2
     assert "compiles for TPU slices" in capsys.readouterr().err
@@ -53,12 +67,17 @@ def test_a_gpu_accelerator_is_refused_in_one_line(capsys):
 @pytest.mark.slow  # ~60 s: three libtpu compiles of the smoke model
 def test_the_smoke_step_compiles_for_a_v4_8_and_an_impossible_fit_names_the_batch(
         capsys, monkeypatch):
-    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8"]) == 0
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8",
+                        "--override=--config.training.num_train_examples=1000"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert report["fits"] and report["devices"] == 4 and report["per_chip_batch"] == 8
     assert 0 < report["per_chip_bytes"] < report["hbm_bytes"] == 32 * preflight.GiB
     assert report["flops_per_image"] > 0
+    # An epoch of the config's 1000 images at the assumed MFUs, from the compiled FLOPs.
+    assert report["epoch_seconds_at_mfu"]["0.4"] == pytest.approx(
+        report["flops_per_image"] * 1000 / (4 * 275e12 * 0.4), rel=1e-3)
+    assert any("an epoch of 1000 images" in line for line in lines[:-1])
     assert report["collectives"]["all-reduce"]["count"] > 0  # gradients, BatchNorm statistics
     assert any("fits" in line for line in lines[:-1])
 

@@ -88,6 +88,9 @@ _DOCKER_IMAGE = flags.DEFINE_string("docker_image", None, "image with byol_flax 
 _BASE_DOCKER_IMAGE = flags.DEFINE_string("base_docker_image", tasks.BASE_DOCKER_IMAGE,
                                          "xpk base image", flag_values=_F)
 _PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (xpk)", flag_values=_F)
+# Pre-flight.
+_HLO_OUT = flags.DEFINE_string("hlo_out", None, "file for the compiled step's HLO text "
+                               "(preflight)", flag_values=_F)
 
 # Line breaks and other control characters (C0, DEL, C1): in a task definition a newline ends
 # the YAML value or shell line it is in, and what follows becomes a key or a command of its own.
@@ -99,7 +102,7 @@ ENGINE_FLAGS = {
     "xpk": COMMON + ("cluster", "num_slices", "max_restarts", "docker_image",
                      "base_docker_image", "project"),
 }
-ENGINE_FLAGS["preflight"] = ("config", "accelerator", "override", "num_slices")
+ENGINE_FLAGS["preflight"] = ("config", "accelerator", "override", "num_slices", "hlo_out")
 REQUIRED = {"skypilot": ("config", "workdir", "accelerator", "repo"),
             "xpk": ("config", "workdir", "accelerator", "cluster"),
             "preflight": ("config", "accelerator")}
@@ -185,7 +188,8 @@ def _preflight(accelerator: tasks.Accelerator, overrides: tuple[str, ...]) -> in
                              "for TPU slices (tpu-v4-64, v5p-256); this JAX version has no "
                              "way to compile for GPUs without one (docs/performance.md)")
     config = preflight.load_config(_CONFIG.value, overrides)
-    report = preflight.preflight(config, accelerator.name, num_slices=_NUM_SLICES.value)
+    report = preflight.preflight(config, accelerator.name, num_slices=_NUM_SLICES.value,
+                                 hlo_out=_HLO_OUT.value)
     for line in preflight.format_report(report, _CONFIG.value):
         print(line)
     print(json.dumps(report, sort_keys=True))

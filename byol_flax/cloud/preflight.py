@@ -28,11 +28,23 @@ import ml_collections
 
 from byol_flax.cloud.slices import devices_in_slice
 from byol_flax.errors import UserError
+from byol_flax.storage import files
 
 GiB = 1 << 30
 # HBM per JAX device (a chip; a TensorCore on v2/v3), from Google's TPU system architecture pages.
 HBM_BYTES = {"v2": 8 * GiB, "v3": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB,
              "v5litepod": 16 * GiB, "v5e": 16 * GiB, "v6e": 32 * GiB}
+# Dense bfloat16 peak TFLOP/s per JAX device, by ``device_kind`` prefix (vendor data sheets).
+# A TPU v2/v3 JAX device is one TensorCore (half a chip); v4 and later present one per chip.
+PEAK_TFLOPS = {
+    "TPU v2": 22.5, "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+    "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0, "NVIDIA V100": 125.0, "Tesla V100": 125.0,
+}
+# Model FLOPs utilisations the epoch-time estimates are stated at: assumptions, since no
+# measured TPU time exists (XLA's TPU cost model gives none on a CPU).
+ASSUMED_MFU = (0.3, 0.4, 0.5)
 # The compiler's name of each family, and the chip configuration of a real slice: v4/v5p chips
 # are one "megacore" device of two TensorCores.
 _TOPOLOGY_FAMILY = {"v2": "v2", "v3": "v3", "v4": "v4", "v5p": "v5p", "v5litepod": "v5e",
@@ -48,6 +60,20 @@ _SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 
 class PreflightError(UserError, ValueError):
     """A slice or config the pre-flight cannot compile for; the message says which."""
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    """The dense bfloat16 peak of one JAX device of ``device_kind`` (longest prefix wins)."""
+    for prefix, value in sorted(PEAK_TFLOPS.items(), key=lambda item: -len(item[0])):
+        if device_kind.startswith(prefix):
+            return value
+    return None
+
+
+def epoch_seconds(flops_per_image: float, images: int, devices: int, peak: float,
+                  mfu: float) -> float:
+    """One epoch of ``images`` on ``devices`` of ``peak`` TFLOP/s each at utilisation ``mfu``."""
+    return flops_per_image * images / (devices * peak * 1e12 * mfu)
 
 
 def _family(accelerator_type: str) -> str:
@@ -134,6 +160,7 @@ class Compiled:
     # HBM (``usable_bytes``, which it names); ``temp_bytes`` is then what they need.
     out_of_memory: bool = False
     usable_bytes: int | None = None
+    hlo: str = dataclasses.field(default="", repr=False)  # the optimised module's text
 
     @property
     def per_chip_bytes(self) -> int:
@@ -244,12 +271,19 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    collectives, dots = read_hlo(compiled.as_text())
+    hlo = compiled.as_text()
+    collectives, dots = read_hlo(hlo)
     return Compiled(
         per_chip_batch=per_chip_batch, argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
-        flops=cost.get("flops"), collectives=collectives, dot_dtypes=dots, seconds=seconds)
+        flops=cost.get("flops"), collectives=collectives, dot_dtypes=dots, seconds=seconds,
+        hlo=hlo)
+
+
+def _digits(value: float) -> float:
+    """Four significant digits: an estimate's precision, however small or large."""
+    return float(f"{value:.4g}")
 
 
 def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
@@ -260,9 +294,10 @@ def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections
 
 
 def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
-              num_slices: int = 1) -> dict[str, Any]:
+              num_slices: int = 1, hlo_out: str | None = None) -> dict[str, Any]:
     """The step of ``config`` compiled for ``num_slices`` slices of ``accelerator_type``: the
-    report :func:`format_report` prints (and its last line, as JSON)."""
+    report :func:`format_report` prints (and its last line, as JSON). ``hlo_out``: a file for
+    the compiled module's text (what the TPU would run, for reading by people and tools)."""
     devices = tpu_devices(accelerator_type, num_slices)
     batch, accumulation = config.training.batch_size, config.training.accumulation_steps
     if batch % (accumulation * len(devices)):
@@ -271,6 +306,8 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
                              f"devices of {num_slices} x {accelerator_type}")
     hbm = HBM_BYTES[_family(accelerator_type)]
     first = compile_step(config, devices)
+    if hlo_out and first.hlo:
+        files.write_text(hlo_out, first.hlo, what="compiled HLO")
     fits = not first.out_of_memory and first.per_chip_bytes <= hbm
     report: dict[str, Any] = {
         "accelerator": accelerator_type, "num_slices": num_slices,
@@ -289,6 +326,16 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
                       for kind in [kind_dtype.split()[0]] if kind_dtype.endswith("f32")]
                      if config.model.compute_dtype != "float32" else []),
     }
+    peak = peak_tflops(devices[0].device_kind)
+    images = config.training.num_train_examples
+    if report["flops_per_image"] and peak and images:
+        report["epoch_images"] = images
+        report["peak_tflops_per_device"] = peak
+        report["epoch_seconds_at_mfu"] = {str(mfu): _digits(epoch_seconds(
+            report["flops_per_image"], images, len(devices), peak, mfu)) for mfu in ASSUMED_MFU}
+        report["run_hours_at_mfu"] = {
+            mfu: _digits(seconds * config.training.epochs / 3600)
+            for mfu, seconds in report["epoch_seconds_at_mfu"].items()}
     if not fits:
         half = batch // 2 if (batch // 2) % (accumulation * len(devices)) == 0 else None
         if half:
@@ -356,6 +403,16 @@ def format_report(report: dict[str, Any], config_name: str) -> list[str]:
         lines.append(f"{report['flops_per_image'] / 1e9:.1f} GFLOP per image (two views, the "
                      f"whole step), {report['flops_per_step_per_chip'] / 1e12:.2f} TFLOP per "
                      "step per chip")
+    if "epoch_seconds_at_mfu" in report:
+        lines.append(
+            f"an epoch of {report['epoch_images']} images at an assumed "
+            + ", ".join(f"{float(mfu):.0%}" for mfu in report["epoch_seconds_at_mfu"])
+            + " MFU: " + ", ".join(f"{seconds / 60:.3g}" for seconds in
+                                   report["epoch_seconds_at_mfu"].values())
+            + f" min (the run: {', '.join(f'{h:.3g}' for h in report['run_hours_at_mfu'].values())}"
+            " h; "
+            f"{report['peak_tflops_per_device']:.0f} TFLOP/s bfloat16 peak per chip; no TPU "
+            "time was measured)")
     if not report["compiler_refused"]:
         lines.append("collectives per step: " + (", ".join(
             f"{kind} x{entry['count']} ({entry['bytes'] / 2**20:.1f} MiB)"
