@@ -58,20 +58,37 @@ def test_an_epoch_at_an_assumed_mfu_is_the_flops_over_the_slices_peak():
     assert 23 < seconds < 24
 
 
+@pytest.mark.parametrize("spec, key", [
+    ("eval_imagenet:linear", "linear.batch_size"),  # frozen encoder and heads on device
+    ("eval_digits:linear", "feature_batch_size"),  # a linear layer on extracted features
+    ("eval_imagenet:semi_1pct", "semi_supervised.batch_size"),
+    ("eval_transfer:finetune", "transfer_finetune.batch_size"),
+    ("eval_imagenet:knn", "feature_batch_size")])
+def test_each_protocol_names_the_batch_its_compiled_step_holds(spec, key):
+    assert preflight.protocol_batch_key(preflight.load_config(spec)) == key
+
+
 def test_a_gpu_accelerator_is_refused_in_one_line(capsys):
     assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=H100:8"]) == 2
     assert "compiles for TPU slices" in capsys.readouterr().err
 
 
 @needs_libtpu
-@pytest.mark.slow  # ~60 s: three libtpu compiles of the smoke model
+@pytest.mark.slow  # ~80 s: five libtpu compiles of the smoke model
 def test_the_smoke_step_compiles_for_a_v4_8_and_an_impossible_fit_names_the_batch(
         capsys, monkeypatch):
     assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8",
-                        "--override=--config.training.num_train_examples=1000"]) == 0
+                        "--override=--config.training.num_train_examples=1000",
+                        "--eval_config=eval_digits:semi_supervised,smoke=True"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     report = json.loads(lines[-1])
     assert report["fits"] and report["devices"] == 4 and report["per_chip_batch"] == 8
+    # The fine-tuning protocol's step on the same encoder: its own batch, its own figures.
+    tuned = report["protocols"]["eval_digits:semi_supervised,smoke=True"]
+    assert tuned["fits"] and tuned["batch_key"] == "semi_supervised.batch_size"
+    assert tuned["per_chip_batch"] == tuned["global_batch"] // 4
+    assert 0 < tuned["per_chip_bytes"] < report["hbm_bytes"]
+    assert tuned["collectives"]["all-reduce"]["count"] > 0  # its gradients over the chips
     assert 0 < report["per_chip_bytes"] < report["hbm_bytes"] == 32 * preflight.GiB
     assert report["flops_per_image"] > 0
     # An epoch of the config's 1000 images at the assumed MFUs, from the compiled FLOPs.
@@ -80,6 +97,16 @@ def test_the_smoke_step_compiles_for_a_v4_8_and_an_impossible_fit_names_the_batc
     assert any("an epoch of 1000 images" in line for line in lines[:-1])
     assert report["collectives"]["all-reduce"]["count"] > 0  # gradients, BatchNorm statistics
     assert any("fits" in line for line in lines[:-1])
+
+    # Accumulation runs the network in a loop, whose body XLA's cost analysis counts once:
+    # scaled by the trip count, the FLOPs per image are those of one pass over the batch (an
+    # upper bound: the augmentation and update outside the loop are scaled too, a larger
+    # share of this tiny model's step than of a ResNet-50's, where it is 0.5%).
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8",
+                        "--override=--config.training.accumulation_steps=2"]) == 0
+    accumulated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert accumulated["per_chip_batch"] == 4
+    assert 1.0 <= accumulated["flops_per_image"] / report["flops_per_image"] < 1.2
 
     # Twice the batch against a chip that holds just the first one (no headroom): the batch
     # that fits is named from the compiler's figures at the two batches.

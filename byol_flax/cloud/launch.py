@@ -22,7 +22,8 @@ restarts up to ``--max_restarts`` times). The commit defaults to the running cod
 TPU needed; the ``tpu`` extra) and prints per-chip memory against the chip's HBM, FLOPs, the
 collectives and the compute dtypes, then one JSON line (:mod:`byol_flax.cloud.preflight`).
 ``--override=--config.KEY=VALUE`` changes the config as it would change byol-train's;
-``--num_slices`` compiles for a multi-slice run.
+``--num_slices`` compiles for a multi-slice run; ``--eval_config=eval_imagenet:linear`` (repeatable)
+compiles that protocol's on-device step on the same encoder too.
 
 The former ``gcloud compute tpus tpu-vm`` actions and their relaunch loop are retired: SkyPilot
 creates, sets up, recovers, tails (``sky jobs logs``) and deletes on-demand and spot slices alike,
@@ -91,6 +92,9 @@ _PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (xpk)", fl
 # Pre-flight.
 _HLO_OUT = flags.DEFINE_string("hlo_out", None, "file for the compiled step's HLO text "
                                "(preflight)", flag_values=_F)
+_EVAL_CONFIG = flags.DEFINE_multi_string(
+    "eval_config", [], "evaluation config whose on-device step is compiled too, on the "
+    "config's encoder (preflight), e.g. eval_imagenet:linear", flag_values=_F)
 
 # Line breaks and other control characters (C0, DEL, C1): in a task definition a newline ends
 # the YAML value or shell line it is in, and what follows becomes a key or a command of its own.
@@ -102,7 +106,8 @@ ENGINE_FLAGS = {
     "xpk": COMMON + ("cluster", "num_slices", "max_restarts", "docker_image",
                      "base_docker_image", "project"),
 }
-ENGINE_FLAGS["preflight"] = ("config", "accelerator", "override", "num_slices", "hlo_out")
+ENGINE_FLAGS["preflight"] = ("config", "accelerator", "override", "num_slices", "hlo_out",
+                             "eval_config")
 REQUIRED = {"skypilot": ("config", "workdir", "accelerator", "repo"),
             "xpk": ("config", "workdir", "accelerator", "cluster"),
             "preflight": ("config", "accelerator")}
@@ -188,8 +193,9 @@ def _preflight(accelerator: tasks.Accelerator, overrides: tuple[str, ...]) -> in
                              "for TPU slices (tpu-v4-64, v5p-256); this JAX version has no "
                              "way to compile for GPUs without one (docs/performance.md)")
     config = preflight.load_config(_CONFIG.value, overrides)
+    eval_configs = [(spec, preflight.load_config(spec)) for spec in _EVAL_CONFIG.value]
     report = preflight.preflight(config, accelerator.name, num_slices=_NUM_SLICES.value,
-                                 hlo_out=_HLO_OUT.value)
+                                 hlo_out=_HLO_OUT.value, eval_configs=eval_configs)
     for line in preflight.format_report(report, _CONFIG.value):
         print(line)
     print(json.dumps(report, sort_keys=True))

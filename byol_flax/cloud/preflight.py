@@ -14,6 +14,7 @@ function of the batch, and so the largest per-chip batch that fits.
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -127,6 +128,9 @@ def tpu_devices(accelerator_type: str, num_slices: int = 1) -> list[Any]:
     except ImportError as error:  # pragma: no cover - part of jax
         raise PreflightError(str(error)) from error
     family = _family(accelerator_type)
+    # libtpu locks /tmp/libtpu_lockfile so that one process drives a host's chips; a compile
+    # drives none, and two pre-flights on one machine would otherwise refuse each other.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         with _native_stderr_to_log():
             topology = topologies.get_topology_desc(
@@ -134,11 +138,13 @@ def tpu_devices(accelerator_type: str, num_slices: int = 1) -> list[Any]:
                 chip_config_name="megacore" if family in _MEGACORE else "default",
                 **({"num_slices": num_slices} if num_slices > 1 else {}))
     except Exception as error:
-        if "libtpu" in str(error).lower() or "tpu" not in str(error).lower():
+        if importlib.util.find_spec("libtpu") is None:
             raise PreflightError(
                 "the pre-flight compiles with libtpu, which is not installed: pip install -c "
                 "constraints.txt '.[tpu]'") from error
-        raise PreflightError(f"libtpu cannot describe {accelerator_type}: {error}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise PreflightError(f"libtpu cannot describe {accelerator_type}: {first_line}") \
+            from error
     return list(topology.devices)
 
 
@@ -217,32 +223,23 @@ def _num_classes(config: ml_collections.ConfigDict) -> int:
     return int(config.data.get("num_classes", 0) or 1000)
 
 
-def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> Compiled:
-    """Builds byol-train's step for ``config`` over ``devices`` and compiles it, abstractly."""
+def _per_device_bytes(arguments: Any, devices: int) -> int:
+    """What ``arguments`` (abstract, with shardings) put on one device: a replicated array
+    whole, an array split over the mesh one share."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
+
+    return sum(x.size * x.dtype.itemsize // (devices if x.sharding.spec else 1)
+               for x in jax.tree.leaves(arguments))
+
+
+def _compile(lower: Callable[[], Any], arguments: Any, per_chip_batch: int,
+             devices: int) -> Compiled:
+    """``lower()`` (a ``jit(...).lower(...)`` of ``arguments``) compiled by libtpu and what the
+    compiler says of it; a program it refuses for lack of HBM is a :class:`Compiled` with
+    ``out_of_memory`` and its figures."""
+    import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    from byol_flax.sharding import data_sharding, make_mesh, replicated_sharding
-    from byol_flax.train_state import create_train_state
-    from byol_flax.train_step import StepOptions, make_train_step
-
-    mesh = make_mesh(devices)
-    # The schedules' lengths are constants of the program: any run length compiles the same.
-    options = StepOptions.from_config(config, total_steps=1000, warmup_steps=100)
-    num_classes = _num_classes(config)
-    abstract = create_train_state(config, options.learning_rate, num_classes=num_classes,
-                                  abstract=True)
-    graphdef, state = nnx.split(abstract)
-    replicated = replicated_sharding(mesh)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                         state)
-    size, batch = config.data.image_size, config.training.batch_size
-    views = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=data_sharding(mesh))
-    inputs = {"view1": views, "view2": views}
-    if num_classes:
-        inputs["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data_sharding(mesh))
     started = time.perf_counter()
     # A compile-only TPU client cannot load executables: keep them out of (and do not read
     # them from) a persistent compilation cache the process may use. JAX decides once per
@@ -251,16 +248,14 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
-    per_chip_batch = batch // config.training.accumulation_steps // len(devices)
     try:
-        compiled = make_train_step(graphdef, mesh, options).lower(state, inputs).compile()
+        compiled = lower().compile()
     except Exception as error:
         needed = _out_of_memory(error)
         if needed is None:
             raise
-        arguments = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + sum(
-            x.size * x.dtype.itemsize for x in jax.tree.leaves(inputs)) // len(devices)
-        return Compiled(per_chip_batch=per_chip_batch, argument_bytes=arguments, output_bytes=0,
+        return Compiled(per_chip_batch=per_chip_batch,
+                        argument_bytes=_per_device_bytes(arguments, devices), output_bytes=0,
                         alias_bytes=0, temp_bytes=needed[0], code_bytes=0, flops=None,
                         collectives={}, dot_dtypes={}, out_of_memory=True,
                         usable_bytes=needed[1], seconds=time.perf_counter() - started)
@@ -281,23 +276,181 @@ def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> C
         hlo=hlo)
 
 
+def _abstract(tree: Any, sharding: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        tree)
+
+
+def compile_step(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> Compiled:
+    """Builds byol-train's step for ``config`` over ``devices`` and compiles it, abstractly."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from byol_flax.sharding import data_sharding, make_mesh, replicated_sharding
+    from byol_flax.train_state import create_train_state
+    from byol_flax.train_step import StepOptions, make_train_step
+
+    mesh = make_mesh(devices)
+    # The schedules' lengths are constants of the program: any run length compiles the same.
+    options = StepOptions.from_config(config, total_steps=1000, warmup_steps=100)
+    num_classes = _num_classes(config)
+    abstract = create_train_state(config, options.learning_rate, num_classes=num_classes,
+                                  abstract=True)
+    graphdef, state = nnx.split(abstract)
+    state = _abstract(state, replicated_sharding(mesh))
+    size, batch = config.data.image_size, config.training.batch_size
+    views = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=data_sharding(mesh))
+    inputs = {"view1": views, "view2": views}
+    if num_classes:
+        inputs["label"] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=data_sharding(mesh))
+    step = make_train_step(graphdef, mesh, options)
+    return _compile(lambda: step.lower(state, inputs), (state, inputs),
+                    batch // config.training.accumulation_steps // len(devices), len(devices))
+
+
+# The config section whose ``batch_size`` a protocol's on-device step holds; protocols on
+# extracted features hold ``feature_batch_size`` images (the encoder's forward pass).
+PROTOCOL_BATCH = {"linear": "linear", "semi_supervised": "semi_supervised",
+                  "transfer_finetune": "transfer_finetune"}
+
+
+def protocol_batch_key(eval_config: ml_collections.ConfigDict) -> str:
+    """The dotted key of the batch the protocol's compiled step holds on device."""
+    section = PROTOCOL_BATCH.get(eval_config.protocol)
+    if section == "linear" and eval_config.linear.augment == "none":
+        section = None  # a linear layer fitted on features extracted once
+    return f"{section}.batch_size" if section else "feature_batch_size"
+
+
+def compile_protocol(train_config: ml_collections.ConfigDict,
+                     eval_config: ml_collections.ConfigDict,
+                     devices: Sequence[Any]) -> Compiled:
+    """The on-device step of ``eval_config``'s protocol on the encoder ``train_config``
+    pre-trains, compiled abstractly over ``devices``: the linear protocol's step (frozen
+    encoder, the grid of heads), fine-tuning's (the whole classifier), or the forward pass that
+    extracts features (kNN, linear on features, transfer linear)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from byol_flax.evaluation import classifier as clf
+    from byol_flax.evaluation import heads as heads_lib
+    from byol_flax.evaluation import linear
+    from byol_flax.models.byol import build_encoder_from_config
+    from byol_flax.sharding import data_sharding, make_mesh, replicated_sharding
+
+    mesh = make_mesh(devices)
+    replicated, split = replicated_sharding(mesh), data_sharding(mesh)
+    key = protocol_batch_key(eval_config)
+    section = key.rpartition(".")[0]
+    batch = _dotted(eval_config, key)
+    size, classes = eval_config.data.image_size, eval_config.data.num_classes
+    images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=split)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=split)
+    rng = _abstract(jax.eval_shape(lambda: jax.random.key(0)), replicated)
+    def build() -> nnx.Module:  # its random generator inside the abstract trace
+        return build_encoder_from_config(train_config.model, rngs=nnx.Rngs(0))
+
+    per_chip = batch // len(devices)
+    if section in ("semi_supervised", "transfer_finetune"):
+        model = nnx.eval_shape(lambda: clf.Classifier(build(), classes, seed=0))
+        model.train()
+        graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+        spec = clf.sgd_spec(eval_config[section], 1000)
+        opt_state = jax.eval_shape(spec.build(0.0).init, trainable)
+        trainable, frozen, opt_state = _abstract((trainable, frozen, opt_state), replicated)
+        hparams = jax.ShapeDtypeStruct((2,), jnp.float32, sharding=replicated)
+        arguments = (trainable, frozen, opt_state, images, labels, rng, hparams)
+        return _compile(lambda: clf._classifier_step.lower(
+            *arguments, graphdef=graphdef, spec=spec, augment=None, tclip=(0.0, 0.0)),
+            arguments, per_chip, len(devices))
+    encoder = nnx.eval_shape(build)
+    encoder.eval()
+    graphdef, encoder_state = nnx.split(encoder)
+    encoder_state = _abstract(encoder_state, replicated)
+    if section == "linear":
+        cfg = eval_config.linear
+        spec = clf.sgd_spec(cfg, 1000)
+        rates = len(cfg.learning_rates)
+        heads = jax.eval_shape(lambda: heads_lib.zero_heads(rates, encoder.num_features,
+                                                            classes))
+        opt_state = jax.eval_shape(functools.partial(heads_lib.init_opt_state, spec), heads)
+        heads, opt_state = _abstract((heads, opt_state), replicated)
+        augment = linear.device_augment(eval_config)
+        tclip = (cfg.tclip_alpha, cfg.tclip_beta) if cfg.tclip else (0.0, 0.0)
+        learning_rates = jax.ShapeDtypeStruct((rates,), jnp.float32, sharding=replicated)
+        arguments = (heads, opt_state, encoder_state, images, labels, rng, learning_rates)
+        return _compile(lambda: heads_lib._heads_step.lower(
+            *arguments, graphdef=graphdef, spec=spec, augment=augment, tclip=tclip),
+            arguments, per_chip, len(devices))
+    arguments = (encoder_state, images)
+    return _compile(lambda: clf._inference.lower(*arguments, graphdef=graphdef), arguments,
+                    per_chip, len(devices))
+
+
 def _digits(value: float) -> float:
     """Four significant digits: an estimate's precision, however small or large."""
     return float(f"{value:.4g}")
 
 
-def _with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
+def _dotted(config: ml_collections.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _with_value(config: ml_collections.ConfigDict, key: str, value: Any
+                ) -> ml_collections.ConfigDict:
+    from byol_flax.config import set_dotted
+
     changed = config.copy_and_resolve_references()
     with changed.unlocked():
-        changed.training.batch_size = batch
+        set_dotted(changed, key, value, origin="pre-flight")
     return changed
 
 
+def fit_report(compile_at: Callable[[int], Compiled], batch: int, unit: int, hbm: int
+               ) -> tuple[Compiled, dict[str, Any]]:
+    """The program at global ``batch`` compiled and set against ``hbm``; when it does not fit,
+    compiled again at half the batch (a multiple of ``unit``, the batch's granularity) and the
+    largest per-chip batch named from the line through the two."""
+    first = compile_at(batch)
+    fits = not first.out_of_memory and first.per_chip_bytes <= hbm
+    report: dict[str, Any] = {
+        "fits": fits, "per_chip_bytes": first.per_chip_bytes, "hbm_bytes": hbm,
+        "margin_bytes": hbm - first.per_chip_bytes, "argument_bytes": first.argument_bytes,
+        "temp_bytes": first.temp_bytes, "per_chip_batch": first.per_chip_batch,
+        "global_batch": batch, "collectives": first.collectives,
+        "dot_dtypes": first.dot_dtypes, "compile_seconds": round(first.seconds, 1),
+        "compiler_refused": first.out_of_memory, "usable_bytes": first.usable_bytes}
+    half = batch // 2
+    if not fits and half and half % unit == 0:
+        second = compile_at(half)
+        per_image = ((first.per_chip_bytes - second.per_chip_bytes)
+                     / (first.per_chip_batch - second.per_chip_batch))
+        fixed = first.per_chip_bytes - per_image * first.per_chip_batch
+        usable = (first.usable_bytes or hbm) * (1 - FIT_HEADROOM) - fixed
+        report["bytes_per_image_per_chip"] = round(per_image)
+        report["fixed_bytes_per_chip"] = round(fixed)
+        report["max_per_chip_batch"] = max(0, int(usable // per_image)) if per_image > 0 else 0
+        report["compile_seconds"] = round(first.seconds + second.seconds, 1)
+    return first, report
+
+
 def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
-              num_slices: int = 1, hlo_out: str | None = None) -> dict[str, Any]:
+              num_slices: int = 1, hlo_out: str | None = None,
+              eval_configs: Sequence[tuple[str, ml_collections.ConfigDict]] = ()
+              ) -> dict[str, Any]:
     """The step of ``config`` compiled for ``num_slices`` slices of ``accelerator_type``: the
     report :func:`format_report` prints (and its last line, as JSON). ``hlo_out``: a file for
-    the compiled module's text (what the TPU would run, for reading by people and tools)."""
+    the compiled module's text (what the TPU would run, for reading by people and tools).
+    ``eval_configs`` (name, config): each protocol's on-device step on ``config``'s encoder
+    too, reported under ``protocols``; ``fits`` is then whether every program fits."""
     devices = tpu_devices(accelerator_type, num_slices)
     batch, accumulation = config.training.batch_size, config.training.accumulation_steps
     if batch % (accumulation * len(devices)):
@@ -305,22 +458,22 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
                              f"accumulation step(s) does not split over the {len(devices)} "
                              f"devices of {num_slices} x {accelerator_type}")
     hbm = HBM_BYTES[_family(accelerator_type)]
-    first = compile_step(config, devices)
+    first, fit = fit_report(
+        lambda b: compile_step(_with_value(config, "training.batch_size", b), devices),
+        batch, accumulation * len(devices), hbm)
     if hlo_out and first.hlo:
         files.write_text(hlo_out, first.hlo, what="compiled HLO")
-    fits = not first.out_of_memory and first.per_chip_bytes <= hbm
+    # XLA's cost analysis counts a loop's body once: with accumulation the loop is the whole
+    # network over one micro-batch, so its trip count scales it. An upper bound: the
+    # augmentation before the loop and the update after it are scaled too (ResNet-50 at 224
+    # px: 64.8 GFLOP per image with 2 micro-batches against 64.5 in one, docs/performance.md).
+    flops = first.flops * accumulation if first.flops else None
     report: dict[str, Any] = {
         "accelerator": accelerator_type, "num_slices": num_slices,
-        "topology": topology_name(accelerator_type), "devices": len(devices),
-        "fits": fits, "per_chip_bytes": first.per_chip_bytes, "hbm_bytes": hbm,
-        "margin_bytes": hbm - first.per_chip_bytes, "argument_bytes": first.argument_bytes,
-        "temp_bytes": first.temp_bytes, "per_chip_batch": first.per_chip_batch,
-        "global_batch": batch, "accumulation_steps": accumulation,
-        "flops_per_step_per_chip": first.flops,
-        "flops_per_image": (first.flops * len(devices) / batch if first.flops else None),
-        "collectives": first.collectives, "dot_dtypes": first.dot_dtypes,
-        "compile_seconds": round(first.seconds, 1),
-        "compiler_refused": first.out_of_memory, "usable_bytes": first.usable_bytes,
+        "topology": topology_name(accelerator_type), "devices": len(devices), **fit,
+        "train_step_fits": fit["fits"],
+        "accumulation_steps": accumulation, "flops_per_step_per_chip": flops,
+        "flops_per_image": (flops * len(devices) / batch if flops else None),
         "warnings": ([f"{n} float32 {kind}s in a {config.model.compute_dtype} config"
                       for kind_dtype, n in first.dot_dtypes.items()
                       for kind in [kind_dtype.split()[0]] if kind_dtype.endswith("f32")]
@@ -336,19 +489,20 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
         report["run_hours_at_mfu"] = {
             mfu: _digits(seconds * config.training.epochs / 3600)
             for mfu, seconds in report["epoch_seconds_at_mfu"].items()}
-    if not fits:
-        half = batch // 2 if (batch // 2) % (accumulation * len(devices)) == 0 else None
-        if half:
-            second = compile_step(_with_batch(config, half), devices)
-            per_image = ((first.per_chip_bytes - second.per_chip_bytes)
-                         / (first.per_chip_batch - second.per_chip_batch))
-            fixed = first.per_chip_bytes - per_image * first.per_chip_batch
-            usable = (first.usable_bytes or hbm) * (1 - FIT_HEADROOM) - fixed
-            report["bytes_per_image_per_chip"] = round(per_image)
-            report["fixed_bytes_per_chip"] = round(fixed)
-            report["max_per_chip_batch"] = max(0, int(usable // per_image)) if per_image > 0 \
-                else 0
-            report["compile_seconds"] = round(first.seconds + second.seconds, 1)
+    if eval_configs:
+        report["protocols"] = {}
+    for name, eval_config in eval_configs:
+        key = protocol_batch_key(eval_config)
+        eval_batch = _dotted(eval_config, key)
+        if eval_batch % len(devices):
+            raise PreflightError(f"{name}: config.{key}={eval_batch} does not split over the "
+                                 f"{len(devices)} devices of {num_slices} x {accelerator_type}")
+        _, protocol = fit_report(
+            lambda b, c=eval_config, k=key: compile_protocol(
+                config, _with_value(c, k, b), devices), eval_batch, len(devices), hbm)
+        report["protocols"][name] = {"protocol": eval_config.protocol, "batch_key": key,
+                                     **protocol}
+        report["fits"] = report["fits"] and protocol["fits"]
     return report
 
 
@@ -381,38 +535,52 @@ def _gib(value: float) -> str:
     return f"{value / GiB:.2f} GiB"
 
 
+def _memory_line(fit: dict[str, Any]) -> str:
+    if fit["compiler_refused"]:
+        return (f"does NOT fit: the compiler refused it, its temporaries need "
+                f"{_gib(fit['temp_bytes'])} of the {_gib(fit['usable_bytes'])} it can use of "
+                f"{_gib(fit['hbm_bytes'])} HBM (arguments {_gib(fit['argument_bytes'])})")
+    return (f"per-chip memory {_gib(fit['per_chip_bytes'])} (arguments "
+            f"{_gib(fit['argument_bytes'])}, temporaries {_gib(fit['temp_bytes'])}) of "
+            f"{_gib(fit['hbm_bytes'])} HBM: "
+            + (f"fits, {_gib(fit['margin_bytes'])} to spare" if fit["fits"]
+               else f"does NOT fit, {_gib(-fit['margin_bytes'])} over"))
+
+
+def _largest_line(fit: dict[str, Any], remedy: str) -> list[str]:
+    if fit["fits"] or "max_per_chip_batch" not in fit:
+        return []
+    return [f"the largest per-chip batch that fits is about {fit['max_per_chip_batch']} (a "
+            f"line through two compiles: {fit['bytes_per_image_per_chip'] / 2**20:.1f} MiB per "
+            f"image per chip on top of {_gib(fit['fixed_bytes_per_chip'])}, "
+            f"{FIT_HEADROOM:.0%} kept free; the TPU compiler rematerialises under pressure, so "
+            f"check it with a pre-flight at that batch): {remedy}"]
+
+
 def format_report(report: dict[str, Any], config_name: str) -> list[str]:
     """A few lines for people; the caller prints the report itself as the last line."""
+    step = {**report, "fits": report["train_step_fits"]}
     lines = [
         f"{config_name} on {report['num_slices']} x {report['accelerator']} "
         f"({report['topology']}, {report['devices']} devices), per-chip batch "
         f"{report['per_chip_batch']} (global {report['global_batch']}, "
         f"{report['accumulation_steps']} accumulation step(s)); compiled by libtpu in "
         f"{report['compile_seconds']} s",
-        (f"does NOT fit: the compiler refused it, its temporaries need "
-         f"{_gib(report['temp_bytes'])} of the {_gib(report['usable_bytes'])} it can use of "
-         f"{_gib(report['hbm_bytes'])} HBM (arguments {_gib(report['argument_bytes'])})"
-         if report["compiler_refused"] else
-         f"per-chip memory {_gib(report['per_chip_bytes'])} (arguments "
-         f"{_gib(report['argument_bytes'])}, temporaries {_gib(report['temp_bytes'])}) of "
-         f"{_gib(report['hbm_bytes'])} HBM: "
-         + (f"fits, {_gib(report['margin_bytes'])} to spare" if report["fits"]
-            else f"does NOT fit, {_gib(-report['margin_bytes'])} over")),
+        _memory_line(step),
     ]
     if report["flops_per_image"]:
         lines.append(f"{report['flops_per_image'] / 1e9:.1f} GFLOP per image (two views, the "
                      f"whole step), {report['flops_per_step_per_chip'] / 1e12:.2f} TFLOP per "
                      "step per chip")
     if "epoch_seconds_at_mfu" in report:
+        hours = ", ".join(f"{h:.3g}" for h in report["run_hours_at_mfu"].values())
         lines.append(
             f"an epoch of {report['epoch_images']} images at an assumed "
             + ", ".join(f"{float(mfu):.0%}" for mfu in report["epoch_seconds_at_mfu"])
             + " MFU: " + ", ".join(f"{seconds / 60:.3g}" for seconds in
                                    report["epoch_seconds_at_mfu"].values())
-            + f" min (the run: {', '.join(f'{h:.3g}' for h in report['run_hours_at_mfu'].values())}"
-            " h; "
-            f"{report['peak_tflops_per_device']:.0f} TFLOP/s bfloat16 peak per chip; no TPU "
-            "time was measured)")
+            + f" min (the run: {hours} h; {report['peak_tflops_per_device']:.0f} TFLOP/s "
+            "bfloat16 peak per chip; no TPU time was measured)")
     if not report["compiler_refused"]:
         lines.append("collectives per step: " + (", ".join(
             f"{kind} x{entry['count']} ({entry['bytes'] / 2**20:.1f} MiB)"
@@ -421,14 +589,15 @@ def format_report(report: dict[str, Any], config_name: str) -> list[str]:
         lines.append("convolutions and matmuls: " + ", ".join(
             f"{n} {kind}" for kind, n in sorted(report["dot_dtypes"].items())))
     lines += [f"warning: {warning}" for warning in report["warnings"]]
-    if not report["fits"] and "max_per_chip_batch" in report:
-        most = report["max_per_chip_batch"]
-        lines.append(
-            f"the largest per-chip batch that fits is about {most} (a line through two "
-            f"compiles: {report['bytes_per_image_per_chip'] / 2**20:.1f} MiB per image per "
-            f"chip on top of {_gib(report['fixed_bytes_per_chip'])}, {FIT_HEADROOM:.0%} kept "
-            "free; the TPU compiler rematerialises under pressure, so check it with a "
-            "pre-flight at that batch): keep the global batch with gradient accumulation "
-            f"(byol_imagenet's argument: slice={report['accelerator']},max_per_device={most})"
-            ", or use more chips")
+    lines += _largest_line(step, (
+        "keep the global batch with gradient accumulation (byol_imagenet's argument: "
+        f"slice={report['accelerator']},max_per_device={step.get('max_per_chip_batch')}), or "
+        "use more chips"))
+    for name, fit in report.get("protocols", {}).items():
+        lines += [f"{name} ({fit['protocol']}): per-chip batch {fit['per_chip_batch']} "
+                  f"(config.{fit['batch_key']}={fit['global_batch']}); compiled in "
+                  f"{fit['compile_seconds']} s", "  " + _memory_line(fit)]
+        lines += ["  " + line for line in _largest_line(fit, (
+            f"--config.{fit['batch_key']}="
+            f"{fit.get('max_per_chip_batch', 0) * report['devices']}, or use more chips"))]
     return lines

@@ -12,6 +12,7 @@ features and the selected head on the test split's.
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 import byol_flax.evaluation.classifier as clf
@@ -19,6 +20,7 @@ from byol_flax.data.augment import normalize, photometric_augment
 from byol_flax.data.pipeline import labelled_dataset
 from byol_flax.evaluation import heads as heads_lib
 from byol_flax.evaluation.base import Context, Scores, protocol, result, sweep, this_process
+from byol_flax.evaluation.classifier import DeviceAugment
 
 
 def linear_scores(split: tuple[np.ndarray, np.ndarray]) -> Callable[[dict[str, Any]], Scores]:
@@ -39,6 +41,16 @@ def _first(fit_all: Callable[[list[dict[str, Any]]], list[Any]]
     return fit
 
 
+def device_augment(config: ml_collections.ConfigDict) -> DeviceAugment | None:
+    """The augmentation the linear protocol's step applies on device: Table 7's pre-training
+    augmentation (view 1's, photometric) with ``linear.augment="pretrain"``, else none (the
+    spatial crop and flip happen on the host)."""
+    if config.linear.augment != "pretrain":
+        return None
+    aug = config.augment
+    return lambda key, images: normalize(photometric_augment(images, key, aug.view1, aug))
+
+
 @protocol("linear")
 def run_linear(ctx: Context) -> dict[str, Any]:
     """Appendix D.1: SGD Nesterov on a frozen encoder, LR swept, chosen on selection."""
@@ -55,10 +67,7 @@ def run_linear(ctx: Context) -> dict[str, Any]:
     batch, per_epoch = clf.steps_per_epoch(ctx.num_train, cfg.batch_size)
     total = max(int(cfg.epochs * per_epoch), 1)
     spec = clf.sgd_spec(cfg, total)
-    augment = None
-    if cfg.augment == "pretrain":
-        aug = ctx.config.augment
-        augment = lambda key, images: normalize(photometric_augment(images, key, aug.view1, aug))
+    augment = device_augment(ctx.config)
 
     def fit_all(todo):
         rates = [point["learning_rate"] for point in todo]
