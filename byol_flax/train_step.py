@@ -161,9 +161,10 @@ def train_step(state: TrainState, batch: Batch, options: StepOptions) -> Metrics
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grad_sum, online_rest, target_state), (metrics, representation) = jax.lax.scan(
             accumulate, (zeros, online_rest, target_state), micro_batches)
-        if labels is not None:  # the same strided split, flattened back row for row
-            representation = einops.rearrange(representation, "n m d -> (n m) d")
-            labels = einops.rearrange(labels, "(m n) -> (n m)", n=accumulation_steps)
+        if labels is not None:  # the strided split undone: the batch's own row order
+            # (m outermost: each device keeps its rows; flattening "(n m)" would interleave
+            # the devices' rows and make the partitioner gather the batch onto every device).
+            representation = einops.rearrange(representation, "n m d -> (m n) d")
         grads = jax.tree.map(lambda g: g / accumulation_steps, grad_sum)
         metrics = jax.tree.map(functools.partial(jnp.mean, axis=0), metrics)
 

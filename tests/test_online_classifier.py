@@ -9,6 +9,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from byol_flax.cloud import preflight
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train import plan_label_users
@@ -104,6 +105,19 @@ def test_the_classifier_learns_with_gradient_accumulation(config):
     config.optimizer.base_learning_rate = 2.0
     _, history = run_steps(config, NUM_CLASSES, steps=STEPS, accumulation_steps=2)
     assert_learns(history)
+
+
+def test_with_accumulation_on_8_devices_each_keeps_its_rows_for_the_classifier(config):
+    """The micro-batches' representations are joined back in the batch's own row order, which
+    keeps each device's rows on it: the compiled step gathers nothing (it gathered the whole
+    batch's representations onto every device when the rows were interleaved)."""
+    mesh = make_mesh(jax.devices()[:8])
+    lr, tau = build_schedules(config, total_steps=100, warmup_steps=0)
+    graphdef, state = nnx.split(create_train_state(config, lr, num_classes=NUM_CLASSES))
+    step = make_train_step(graphdef, mesh, StepOptions(lr, tau, accumulation_steps=2))
+    hlo = step.lower(replicate(state, mesh), shard_batch(labelled_views(16), mesh)).compile()
+    collectives, _ = preflight.read_hlo(hlo.as_text())
+    assert "all-reduce" in collectives and "all-gather" not in collectives, collectives
 
 
 def test_without_labels_the_classifier_and_label_monitors_are_switched_off_in_one_line(
