@@ -22,8 +22,11 @@ the comparison fails unless both sides report the same architecture and trainabl
     python benchmarks/train_step.py --model vit_small --compare-torch --rounds 1
 
 ``--compare-torch`` (needs the ``torch`` extra: ``pip install -e '.[torch]'``) runs each variant
-(ours, torch eager, torch.compile) in its own process, in rotated order for ``--rounds`` rounds
-(A/B/C, C/A/B, ...), and reports medians and the ratio of ours to the best PyTorch mode.
+(ours, torch eager, torch.compile) in its own process, interleaved in rotated order for
+``--rounds`` rounds (A/B/C, C/A/B, ...; at least 3), and reports medians, spreads and the ratio
+of ours to the best PyTorch mode, only when every process ran on a quiet machine
+(``benchmarks/quiet.py``: other processes' CPU time, steal, load average); otherwise the reason,
+and exit status 3.
 Each process: one untimed first step (tracing + compilation, reported as compile seconds), then
 ``--steps`` timed steps on fixed random views. Prints a table and a final JSON line.
 """
@@ -39,6 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/train_step.py`: import benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import quiet
+
 PRESETS = {
     "resnet18": {"encoder": "resnet18", "stem": "small", "image_size": 32, "batch": 128},
     "resnet50": {"encoder": "resnet50", "stem": "imagenet", "image_size": 64, "batch": 32},
@@ -47,6 +55,7 @@ PRESETS = {
 }
 RECIPE_KEYS = ("optimizer", "base_lr", "weight_decay", "tau")
 IMPLEMENTATIONS = ("jax", "torch-eager", "torch-compile")
+MIN_ROUNDS = 3  # interleaved rounds before a ratio is reported (median and spread)
 
 
 def peak_rss_mib() -> float:
@@ -301,6 +310,7 @@ def worker(args: argparse.Namespace) -> dict:
 def compare(args: argparse.Namespace) -> dict:
     """Each implementation in its own process, rotated order per round; medians and ratios."""
     runs: dict[str, list[dict]] = {impl: [] for impl in IMPLEMENTATIONS}
+    loads: list[quiet.Load] = []
     passthrough = [f"--encoder={args.encoder}", f"--stem={args.stem}", f"--batch={args.batch}",
                    f"--image-size={args.image_size}", f"--steps={args.steps}",
                    f"--dtype={args.dtype}", f"--conv={args.conv}",
@@ -313,8 +323,14 @@ def compare(args: argparse.Namespace) -> dict:
                            *passthrough]
                 print(f"round {round_index + 1}/{args.rounds}: {impl}", file=sys.stderr,
                       flush=True)
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                with quiet.watch(loads):
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                 runs[impl].append(json.loads(Path(out.name).read_text()))
+            if not loads[-1].quiet:  # the comparison cannot count: stop spending time on it
+                return {"benchmark": "train_step_vs_pytorch", "encoder": args.encoder,
+                        "stopped_after": f"{impl} in round {round_index + 1}",
+                        "ratio_images_per_second": None, "load": quiet.verdict(loads),
+                        "ratio_withheld": quiet.verdict(loads)["reason"]}
 
     def median(values):
         values = sorted(values)
@@ -335,12 +351,22 @@ def compare(args: argparse.Namespace) -> dict:
                       **{key: round(median([r[key] for r in results]), 1) for key in (
                           "peak_rss_before_first_step_mib", "peak_rss_after_first_step_mib",
                           "rss_after_steps_mib")},
+                      "spread_images_per_second": [
+                          round(min(r["images_per_second"] for r in results), 2),
+                          round(max(r["images_per_second"] for r in results), 2)],
                       "fraction_of_matmul_peak": round(
                           flops * rate / args.batch / peak, 3) if flops else None,
                       "per_round_images_per_second": [r["images_per_second"] for r in results],
                       "versions": results[0]["versions"]}
     best_torch = max(("torch-eager", "torch-compile"),
                      key=lambda impl: rows[impl]["images_per_second"])
+    load = quiet.verdict(loads)
+    withheld = load["reason"] or (f"{args.rounds} round(s): a ratio needs at least "
+                                  f"{MIN_ROUNDS}" if args.rounds < MIN_ROUNDS else None)
+
+    def ratio(key: str) -> float | None:
+        return None if withheld else round(rows["jax"][key] / rows[best_torch][key], 3)
+
     return {
         "benchmark": "train_step_vs_pytorch", "encoder": args.encoder, "stem": args.stem,
         "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
@@ -349,10 +375,9 @@ def compare(args: argparse.Namespace) -> dict:
         "steps_per_round": args.steps, "step_gflop": round(flops, 1) if flops else None,
         "matmul_peak_gflops": round(peak, 1), "results": rows,
         "best_torch": best_torch, "jax_compilations": [r["compilations"] for r in ours],
-        "ratio_images_per_second": round(rows["jax"]["images_per_second"]
-                                         / rows[best_torch]["images_per_second"], 3),
-        "ratio_peak_rss": round(rows["jax"]["peak_rss_mib"]
-                                / rows[best_torch]["peak_rss_mib"], 3),
+        "ratio_images_per_second": ratio("images_per_second"),
+        "ratio_peak_rss": ratio("peak_rss_mib"), "ratio_withheld": withheld, "load": load,
+        "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "targets": {"speed_at_least_1x_best_torch": rows["jax"]["images_per_second"]
                     >= rows[best_torch]["images_per_second"],
                     "rss_at_most_1.25x_torch": rows["jax"]["peak_rss_mib"]
@@ -362,6 +387,9 @@ def compare(args: argparse.Namespace) -> dict:
 
 
 def print_table(result: dict) -> None:
+    if "stopped_after" in result:
+        print(f"no ratio (stopped after {result['stopped_after']}): {result['ratio_withheld']}")
+        return
     rows = result.get("results") or {result["impl"]: result}
     header = (f"{'impl':<14} {'images/s':>9} {'compile s':>10} {'peak RSS MiB':>13} "
               f"{'of matmul peak':>15}")
@@ -372,9 +400,12 @@ def print_table(result: dict) -> None:
         fraction = row.get("fraction_of_matmul_peak")
         print(f"{impl:<14} {row['images_per_second']:>9} {row['compile_seconds']:>10} "
               f"{row['peak_rss_mib']:>13} {'-' if fraction is None else f'{fraction:.1%}':>15}")
-    if "ratio_images_per_second" in result:
+    if result.get("ratio_withheld"):
+        print(f"no ratio: {result['ratio_withheld']}")
+    elif "ratio_images_per_second" in result:
         print(f"ours / {result['best_torch']}: {result['ratio_images_per_second']}x images/s, "
-              f"{result['ratio_peak_rss']}x peak RSS")
+              f"{result['ratio_peak_rss']}x peak RSS (others used at most "
+              f"{result['load']['max_other_share']:.1%} of the CPUs in any round)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not add byol_flax.runtime.xla's XLA:CPU flags")
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, default="jax")
     parser.add_argument("--compare-torch", action="store_true")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=MIN_ROUNDS,
+                        help=f"rounds (a ratio needs at least {MIN_ROUNDS})")
     parser.add_argument("--json-out", help="also write the result JSON here")
     return parser
 
@@ -421,4 +453,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(3 if main().get("ratio_withheld") else 0)

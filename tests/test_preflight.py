@@ -28,13 +28,20 @@ HLO = """
   %all-reduce-done.2 = bf16[10]{0} all-reduce-done(bf16[10]{0} %all-reduce-start.2)
   %convolution.3 = bf16[8,4,4,16]{3,2,1,0} convolution(bf16[8,8,8,3] %x, bf16[3,3,3,16] %w)
   %dot.4 = f32[8,10]{1,0} dot(f32[8,16]{1,0} %y, f32[16,10]{1,0} %z)
+  %fusion.5 = bf16[4,197,64]{2,1,0:T(8,128)(2,1)} fusion(%p), kind=kLoop, calls=%f
+  %fusion.6 = f32[4,197,197]{2,1,0:T(8,128)} fusion(%q), kind=kLoop, calls=%g
+  %convolution.7 = f32[4,197,197]{2,1,0} convolution(%fusion.5, %fusion.5), dim_labels=0bf_
+  ROOT %convolution.8 = f32[4,197,64]{2,1,0} convolution(%fusion.6, %fusion.5), window={}
 """
 
 
 def test_the_hlo_reader_counts_collectives_their_bytes_and_compute_dtypes():
     collectives, dots = preflight.read_hlo(HLO)
     assert collectives == {"all-reduce": {"count": 2, "bytes": 64 * 4 + 256 * 4 + 10 * 2}}
-    assert dots == {"convolution bf16": 1, "dot f32": 1}
+    # By their inputs' dtypes (an optimised module's operands are looked up by name); the
+    # result's when it differs: bfloat16 accumulated in float32, or a mixed-dtype product.
+    assert dots == {"convolution bf16": 1, "dot f32": 1, "convolution bf16->f32": 1,
+                    "convolution bf16+f32->f32": 1}
 
 
 def test_overrides_change_the_config_as_they_would_change_byol_trains():

@@ -195,25 +195,38 @@ def _shape_bytes(text: str) -> int:
                for dtype, dims in _SHAPE.findall(text))
 
 
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+
+
 def read_hlo(hlo: str) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
-    """(collectives by kind: count and bytes of their results; convolution and dot results by
-    dtype) in an HLO module's text."""
+    """(collectives by kind: count and bytes of their results; convolutions and dots by their
+    operands' dtypes, e.g. ``"convolution bf16"``, with ``->f32`` when the result differs:
+    bfloat16 inputs accumulated in float32, as the MXU does anyway) in an HLO module's text.
+    Optimised modules name their operands without types; each is looked up by name."""
     collectives: dict[str, dict[str, int]] = {}
     dots: dict[str, int] = {}
+    dtypes: dict[str, str] = {}
     for line in hlo.splitlines():
-        match = re.search(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES)
-                          + r"|convolution|dot)(-start)?\(", line)
+        match = _INSTRUCTION.match(line)
         if not match:
             continue
-        result, op = match.group(1), match.group(2)
+        name, result, op, rest = match.groups()
+        result_dtype = _SHAPE.search(result)
+        if result_dtype:
+            dtypes[name] = result_dtype.group(1)
+        op = op.removesuffix("-start")
         if op in ("convolution", "dot"):
-            dtype = _SHAPE.search(result)
-            if dtype:
-                dots[f"{op} {dtype.group(1)}"] = dots.get(f"{op} {dtype.group(1)}", 0) + 1
-            continue
-        entry = collectives.setdefault(op, {"count": 0, "bytes": 0})
-        entry["count"] += 1
-        entry["bytes"] += _shape_bytes(result)
+            operands = re.findall(r"(?:(" + "|".join(_BYTES) + r")\[[\d,]*\]\S*\s+)?%([\w.\-]+)",
+                                  rest.split(")", 1)[0])
+            inputs = sorted({typed or dtypes.get(operand, "?") for typed, operand in operands})
+            key = f"{op} {'+'.join(inputs)}"
+            if result_dtype and inputs != [result_dtype.group(1)]:
+                key += f"->{result_dtype.group(1)}"
+            dots[key] = dots.get(key, 0) + 1
+        elif op in COLLECTIVES:
+            entry = collectives.setdefault(op, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += _shape_bytes(result)
     return collectives, dots
 
 
@@ -474,9 +487,10 @@ def preflight(config: ml_collections.ConfigDict, accelerator_type: str, *,
         "train_step_fits": fit["fits"],
         "accumulation_steps": accumulation, "flops_per_step_per_chip": flops,
         "flops_per_image": (flops * len(devices) / batch if flops else None),
-        "warnings": ([f"{n} float32 {kind}s in a {config.model.compute_dtype} config"
-                      for kind_dtype, n in first.dot_dtypes.items()
-                      for kind in [kind_dtype.split()[0]] if kind_dtype.endswith("f32")]
+        "warnings": ([f"{n} {kind_dtype.split()[0]}s with float32 inputs in a "
+                      f"{config.model.compute_dtype} config ({kind_dtype})"
+                      for kind_dtype, n in sorted(first.dot_dtypes.items())
+                      if "f32" in kind_dtype.split()[1].partition("->")[0]]
                      if config.model.compute_dtype != "float32" else []),
     }
     peak = peak_tflops(devices[0].device_kind)
