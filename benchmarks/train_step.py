@@ -241,6 +241,7 @@ def run_jax(args: argparse.Namespace) -> dict:
     return {**memory,
         "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
         "platform": jax.default_backend(), "versions": f"jax {jax.__version__}",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "first_step_seconds": first, "compile_seconds": compile_seconds, "times": times,
         "step_gflop": flops / 1e9 if flops else None,
         "compilations": step._cache_size(), "backend_compile_seconds": sum(compiles),
@@ -377,7 +378,7 @@ def compare(args: argparse.Namespace) -> dict:
         "best_torch": best_torch, "jax_compilations": [r["compilations"] for r in ours],
         "ratio_images_per_second": ratio("images_per_second"),
         "ratio_peak_rss": ratio("peak_rss_mib"), "ratio_withheld": withheld, "load": load,
-        "date": time.strftime("%Y-%m-%d"), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": time.strftime("%Y-%m-%d"), "xla_flags": ours[0].get("xla_flags", ""),
         "targets": {"speed_at_least_1x_best_torch": rows["jax"]["images_per_second"]
                     >= rows[best_torch]["images_per_second"],
                     "rss_at_most_1.25x_torch": rows["jax"]["peak_rss_mib"]

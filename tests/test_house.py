@@ -88,14 +88,15 @@ def test_no_import_circle_between_modules_of_the_package():
 # The package's layers, lowest first: a module imports only from its own layer or below. The
 # pipeline reads upwards: storage and runtime, the paper's math and the models, data, the
 # config schema, the step and checkpoints, weights coming in (exports, checkpoints' encoders,
-# the official release), export, evaluation, the loop, the commands, and the
-# experiment configs on top (they name everything; nothing below names them).
+# the official release), export, evaluation, the loop, the commands (the cloud's among them:
+# its pre-flight compiles the step and the protocols' steps), and the experiment configs on
+# top (they name everything; nothing below names them).
 LAYERS = (("errors",), ("storage",), ("runtime",),
           ("losses", "schedules", "sharding", "optim", "models"), ("collapse", "data"),
-          ("config",), ("train_state", "train_step", "checkpointing", "cloud"), ("weights",),
+          ("config",), ("train_state", "train_step", "checkpointing"), ("weights",),
           ("export",),
-          ("evaluation", "init_from"), ("train_logging",), ("train",), ("main", "studies"),
-          ("configs",))
+          ("evaluation", "init_from"), ("train_logging",), ("train",),
+          ("main", "studies", "cloud"), ("configs",))
 # Imports against the layers, each with its reason (at most one).
 UPWARD = {("byol_flax.studies.demo", "byol_flax.configs.digits_cpu"):
           "the demo's default config is the one it trains (README command 1)"}

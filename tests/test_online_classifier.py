@@ -9,7 +9,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from byol_flax.cloud import preflight
+from byol_flax.cloud import tpu_compile
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train import plan_label_users
@@ -116,7 +116,7 @@ def test_with_accumulation_on_8_devices_each_keeps_its_rows_for_the_classifier(c
     graphdef, state = nnx.split(create_train_state(config, lr, num_classes=NUM_CLASSES))
     step = make_train_step(graphdef, mesh, StepOptions(lr, tau, accumulation_steps=2))
     hlo = step.lower(replicate(state, mesh), shard_batch(labelled_views(16), mesh)).compile()
-    collectives, _ = preflight.read_hlo(hlo.as_text())
+    collectives, _ = tpu_compile.read_hlo(hlo.as_text())
     assert "all-reduce" in collectives and "all-gather" not in collectives, collectives
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from byol_flax.cloud import launch, preflight
+from byol_flax.cloud import launch, preflight, tpu_compile
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu (the tpu extra) is not installed")
@@ -36,7 +36,7 @@ HLO = """
 
 
 def test_the_hlo_reader_counts_collectives_their_bytes_and_compute_dtypes():
-    collectives, dots = preflight.read_hlo(HLO)
+    collectives, dots = tpu_compile.read_hlo(HLO)
     assert collectives == {"all-reduce": {"count": 2, "bytes": 64 * 4 + 256 * 4 + 10 * 2}}
     # By their inputs' dtypes (an optimised module's operands are looked up by name); the
     # result's when it differs: bfloat16 accumulated in float32, or a mixed-dtype product.
@@ -72,7 +72,7 @@ def test_an_epoch_at_an_assumed_mfu_is_the_flops_over_the_slices_peak():
     ("eval_transfer:finetune", "transfer_finetune.batch_size"),
     ("eval_imagenet:knn", "feature_batch_size")])
 def test_each_protocol_names_the_batch_its_compiled_step_holds(spec, key):
-    assert preflight.protocol_batch_key(preflight.load_config(spec)) == key
+    assert tpu_compile.protocol_batch_key(preflight.load_config(spec)) == key
 
 
 def test_a_gpu_accelerator_is_refused_in_one_line(capsys):
