@@ -131,6 +131,17 @@ def test_the_smoke_step_compiles_for_a_v4_8_and_an_impossible_fit_names_the_batc
 
 
 @needs_libtpu
+@pytest.mark.slow  # ~25 s: one compile over two slices
+def test_a_multi_slice_run_compiles_over_every_slices_devices(capsys):
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8",
+                        "--num_slices=2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["num_slices"] == 2 and report["devices"] == 8 and report["fits"]
+    assert report["per_chip_batch"] == report["global_batch"] // 8
+    assert report["collectives"]  # the gradients cross the slices
+
+
+@needs_libtpu
 @pytest.mark.slow  # ~70 s: a compile libtpu refuses (out of HBM) and one at half the batch
 def test_a_step_the_compiler_refuses_for_lack_of_hbm_is_one_report_naming_the_batch(capsys):
     assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v4-8",
