@@ -21,10 +21,15 @@ a final JSON line. Usage:
 import argparse
 import io
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/data_pipeline.py`: benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import quiet
 from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()  # before JAX starts: the step it is compared with runs with them
@@ -116,7 +121,8 @@ def main() -> None:
               "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
               "host_cpus": len(__import__("os").sched_getaffinity(0))}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    loads: list[quiet.Load] = []
+    with tempfile.TemporaryDirectory() as tmp, quiet.watch(loads):
         write_sample_data(Path(tmp), args.images, source_size=source_size)
         for size in sizes:
             config = base_config()
@@ -143,6 +149,10 @@ def main() -> None:
     print(f"{'stage':<32} {'workers':>10} {'images/s':>10} {'per worker':>11}")
     for stage, workers, rate, per_worker in rows:
         print(f"{stage:<32} {workers!s:>10} {rate:>10.1f} {per_worker:>11.1f}")
+    # A ratio against a step measured elsewhere counts when both were measured quietly.
+    load = quiet.verdict(loads + [quiet.Load(0.0, 1, step["load"]["max_other_share"], 0.0,
+                                             None, None) for step in steps if "load" in step])
+    result["load"] = load
     consumption = []
     for step in steps:
         size = step["image_size"]
@@ -151,15 +161,20 @@ def main() -> None:
         consumption.append({
             "step": f"{step['encoder']} {size}px batch {step['batch']} ({step['impl']})",
             "step_images_per_second": step["images_per_second"], "workers": args.workers,
-            "host_pipeline_images_per_second": host, "host_over_step": round(
-                host / step["images_per_second"], 2),
-            "device_augment_over_step": round(device / step["images_per_second"], 2),
+            "host_pipeline_images_per_second": host,
+            "host_over_step": round(host / step["images_per_second"], 2) if load["quiet"]
+            else None,
+            "device_augment_over_step": round(device / step["images_per_second"], 2)
+            if load["quiet"] else None,
             "target_host_at_least_2x": host >= 2 * step["images_per_second"]})
     if consumption:
         print(f"\n{'step':<40} {'consumes':>9} {'host pipeline':>14} {'ratio':>6}")
         for row in consumption:
             print(f"{row['step']:<40} {row['step_images_per_second']:>9.1f} "
-                  f"{row['host_pipeline_images_per_second']:>14.1f} {row['host_over_step']:>6}")
+                  f"{row['host_pipeline_images_per_second']:>14.1f} "
+                  f"{row['host_over_step'] or '-':>6}")
+        if not load["quiet"]:
+            print(f"no ratio: {load['reason']}")
         result["step_consumption"] = consumption
     print(json.dumps(result))
 
