@@ -4,6 +4,8 @@ a step that cannot fit refused with the per-chip batch that does."""
 
 import importlib.util
 import json
+import signal
+import subprocess
 
 import pytest
 
@@ -12,6 +14,13 @@ from byol_flax.cloud import launch, preflight, tpu_compile
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu (the tpu extra) is not installed")
 SMOKE = "digits_cpu:smoke=True"
+
+
+@pytest.fixture(autouse=True)
+def compile_in_this_process(monkeypatch):
+    """The command compiles in a child process; here in the test's own, so that the tests can
+    change its tables (a chip's HBM) and read its output."""
+    monkeypatch.setenv("BYOL_FLAX_PREFLIGHT_CHILD", "1")
 
 
 @pytest.mark.parametrize("accelerator, topology", [
@@ -78,6 +87,25 @@ def test_each_protocol_names_the_batch_its_compiled_step_holds(spec, key):
 def test_a_gpu_accelerator_is_refused_in_one_line(capsys):
     assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=H100:8"]) == 2
     assert "compiles for TPU slices" in capsys.readouterr().err
+
+
+def test_a_compiler_crash_in_the_child_process_is_one_line(capsys, monkeypatch):
+    """The compile runs in a child process (libtpu can die of a segmentation fault, which no
+    Python code survives): its death by a signal is one line naming the slice."""
+    monkeypatch.delenv("BYOL_FLAX_PREFLIGHT_CHILD", raising=False)
+    started = []
+
+    def crashed(command, **kwargs):
+        started.append(command)
+        return subprocess.CompletedProcess(command, -signal.SIGSEGV, stdout="")
+
+    monkeypatch.setattr(subprocess, "run", crashed)
+    assert launch.main(["preflight", f"--config={SMOKE}", "--accelerator=tpu-v6e-64"]) == 1
+    assert started[0][1:4] == ["-m", "byol_flax.cloud.launch", "preflight"]
+    assert f"--config={SMOKE}" in started[0] and "--accelerator=tpu-v6e-64" in started[0]
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: PreflightError: libtpu crashed (SIGSEGV) compiling for "
+                           "v6e-64")
 
 
 @needs_libtpu

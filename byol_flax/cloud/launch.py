@@ -34,6 +34,8 @@ import json
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -192,6 +194,8 @@ def _preflight(accelerator: tasks.Accelerator, overrides: tuple[str, ...]) -> in
         raise app.UsageError(f"--accelerator={_ACCELERATOR.value}: the pre-flight compiles "
                              "for TPU slices (tpu-v4-64, v5p-256); this JAX version has no "
                              "way to compile for GPUs without one (docs/performance.md)")
+    if os.environ.get(_PREFLIGHT_CHILD) != "1":
+        return _preflight_in_child(accelerator)
     config = preflight.load_config(_CONFIG.value, overrides)
     eval_configs = [(spec, preflight.load_config(spec)) for spec in _EVAL_CONFIG.value]
     report = preflight.preflight(config, accelerator.name, num_slices=_NUM_SLICES.value,
@@ -200,6 +204,31 @@ def _preflight(accelerator: tasks.Accelerator, overrides: tuple[str, ...]) -> in
         print(line)
     print(json.dumps(report, sort_keys=True))
     return 0 if report["fits"] else 1
+
+
+# Set in the process that compiles (see _preflight_in_child).
+_PREFLIGHT_CHILD = "BYOL_FLAX_PREFLIGHT_CHILD"
+
+
+def _preflight_in_child(accelerator: tasks.Accelerator) -> int:
+    """The pre-flight in a child process: libtpu's compiler can crash (a segmentation fault
+    compiling ResNet-50 for v6e-64 with libtpu 0.0.42.1), which no Python code survives; the
+    crash is then one line here instead of a core dump."""
+    flags_given = shlex.split(given_flags("preflight"))[2:]
+    child = subprocess.run(
+        [sys.executable, "-m", "byol_flax.cloud.launch", "preflight", *flags_given],
+        env={**os.environ, _PREFLIGHT_CHILD: "1"}, stdout=subprocess.PIPE, text=True,
+        check=False)
+    sys.stdout.write(child.stdout)
+    sys.stdout.flush()
+    if child.returncode < 0:
+        from byol_flax.cloud.preflight import PreflightError
+
+        raise PreflightError(
+            f"libtpu crashed ({signal.Signals(-child.returncode).name}) compiling for "
+            f"{accelerator.name}: a fault of the compiler, not of the config; its stack is "
+            "above; another libtpu version or slice size may compile")
+    return child.returncode
 
 
 if __name__ == "__main__":
