@@ -324,8 +324,10 @@ def compare(args: argparse.Namespace) -> dict:
                            *passthrough]
                 print(f"round {round_index + 1}/{args.rounds}: {impl}", file=sys.stderr,
                       flush=True)
-                with quiet.watch(loads):
-                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                with quiet.watch(loads):  # both sides on the CPU (libtpu, when installed
+                    # for the pre-flight, is not probed for a TPU)
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
+                                   env={"JAX_PLATFORMS": "cpu", **os.environ})
                 runs[impl].append(json.loads(Path(out.name).read_text()))
             if not loads[-1].quiet:  # the comparison cannot count: stop spending time on it
                 return {"benchmark": "train_step_vs_pytorch", "encoder": args.encoder,
