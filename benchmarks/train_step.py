@@ -330,10 +330,11 @@ def compare(args: argparse.Namespace) -> dict:
                                    env={"JAX_PLATFORMS": "cpu", **os.environ})
                 runs[impl].append(json.loads(Path(out.name).read_text()))
             if not loads[-1].quiet:  # the comparison cannot count: stop spending time on it
+                load = quiet.verdict(loads)
                 return {"benchmark": "train_step_vs_pytorch", "encoder": args.encoder,
                         "stopped_after": f"{impl} in round {round_index + 1}",
-                        "ratio_images_per_second": None, "load": quiet.verdict(loads),
-                        "ratio_withheld": quiet.verdict(loads)["reason"]}
+                        "ratio_images_per_second": None, "load": load,
+                        "ratio_withheld": load["reason"]}
 
     def median(values):
         values = sorted(values)

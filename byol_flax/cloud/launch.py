@@ -94,6 +94,7 @@ _PROJECT = flags.DEFINE_string("project", None, "Google Cloud project (xpk)", fl
 # Pre-flight.
 _HLO_OUT = flags.DEFINE_string("hlo_out", None, "file for the compiled step's HLO text "
                                "(preflight)", flag_values=_F)
+_PREFLIGHT_CHILD = "BYOL_FLAX_PREFLIGHT_CHILD"  # set in the process that compiles
 _EVAL_CONFIG = flags.DEFINE_multi_string(
     "eval_config", [], "evaluation config whose on-device step is compiled too, on the "
     "config's encoder (preflight), e.g. eval_imagenet:linear", flag_values=_F)
@@ -204,10 +205,6 @@ def _preflight(accelerator: tasks.Accelerator, overrides: tuple[str, ...]) -> in
         print(line)
     print(json.dumps(report, sort_keys=True))
     return 0 if report["fits"] else 1
-
-
-# Set in the process that compiles (see _preflight_in_child).
-_PREFLIGHT_CHILD = "BYOL_FLAX_PREFLIGHT_CHILD"
 
 
 def _preflight_in_child(accelerator: tasks.Accelerator) -> int:
