@@ -62,8 +62,30 @@ def train_step_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def step_profile_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/step_profile.py`` results: ours by kind of work, PyTorch's top operators."""
+    lines = []
+    for result in results:
+        ours, theirs = result["ours"], result["torch"]
+        lines += [f"{result['model']}, ours (traced: {ours['step_ms']} ms per step):", "",
+                  "| kind of work | ms per step | share |", "|---|---|---|"]
+        lines += [f"| {kind} | {ms:g} | {ms / ours['step_ms']:.0%} |"
+                  for kind, ms in ours["kinds_ms"].items()]
+        if theirs:
+            lines += ["", f"{result['model']}, torch eager (profiled: {theirs['step_ms']} ms per "
+                      "step), its operators by their own time:", "",
+                      "| operator | ms per step |", "|---|---|"]
+            lines += [f"| `{name}` | {ms:g} |" for name, ms in theirs["top_ms"]]
+        quietness = (f"others used at most {result['load']['max_other_share']:.1%} of the CPUs"
+                     if result["load"]["quiet"] else f"not quiet: {result['load']['reason']}")
+        lines += ["", f"Measured {result['date']} on {result['host']} ({result['versions']}); "
+                      f"{result['steps']} traced steps after a warm one; {quietness}."]
+    return lines
+
+
 RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "train_step_vs_pytorch": train_step_table,
+    "step_profile": step_profile_table,
 }
 
 
