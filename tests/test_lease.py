@@ -45,8 +45,16 @@ def read_record(workdir):
 
 
 def write_record(workdir, record):
+    """Another run's record in place of the lease, as a compare-and-swap: a live holder's
+    heartbeat between the read and the swap (every 0.2 s in some tests) makes it read again."""
     store = lease._store(lease.epath.Path(workdir) / lease.LEASE_NAME)
-    store.swap(store.read()[1], json.dumps(record))
+    for _ in range(20):
+        try:
+            store.swap(store.read()[1], json.dumps(record))
+            return
+        except lease._Changed:
+            continue
+    raise AssertionError(f"the lease of {workdir} changed under 20 swaps in a row")
 
 
 def another_host(**changes):
