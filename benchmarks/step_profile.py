@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"not a quiet machine: {result['load']['reason']}")
     print(json.dumps(result))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result))
+        from byol_flax.storage import files
+
+        files.write_text(args.json_out, json.dumps(result), what="profile result")
     return result
 
 
