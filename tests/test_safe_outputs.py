@@ -54,6 +54,18 @@ def user_tree(tmp_path):
 
 # -- Output directories -------------------------------------------------------------------------
 
+def test_a_marker_another_process_is_writing_is_not_a_foreign_file(tmp_path):
+    """The processes of one multi-host run claim one workdir: a marker another process has
+    staged (renamed into place a moment later) does not make the directory someone else's."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f".{outputs.MARKER_NAME}.f807bac5.tmp").write_text("{}")
+    assert outputs.check_output_dir(out, "pretraining") == out
+    (out / f".{outputs.MARKER_NAME}.notours.tmp").write_text("{}")
+    with pytest.raises(outputs.OutputDirError, match="did not write"):
+        outputs.check_output_dir(out, "pretraining")
+
+
 @pytest.mark.parametrize("out, reason", [
     ("project", "holds files byol_flax did not write ('exports', 'thesis.tex')"),
     ("project/thesis.tex", "is a file, not a directory"),

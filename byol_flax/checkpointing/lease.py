@@ -30,7 +30,6 @@ import logging
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -354,8 +353,7 @@ class WorkdirLease:
                 f"the lease of {self.path.parent} was taken over {holder} while this run was "
                 f"silent for longer than {self.stale_after:.0f} s; this run stops without "
                 "writing anything more (the new holder continues from the newest checkpoint)")
-            sys.__stderr__.write(f"error: LeaseLostError: {error}\n")
-            sys.__stderr__.flush()
+            console.interrupt(f"error: LeaseLostError: {error}")
             os._exit(LOST_EXIT_STATUS)
 
     def release(self) -> None:

@@ -9,6 +9,7 @@ log record and the progress bar is disabled. Where the log records go:
 
 import logging
 import sys
+import weakref
 from typing import Any
 
 import tqdm
@@ -24,8 +25,23 @@ def stage(message: str, *args: Any) -> None:
         logging.info(message, *args)
 
 
+# The progress bars shown: one may have left the console mid-line.
+_BARS: "weakref.WeakSet[tqdm.tqdm]" = weakref.WeakSet()
+
+
 def progress(total: int, initial: int, description: str) -> "tqdm.tqdm":
     """A progress bar of steps (disabled unless :func:`setup` was called)."""
-    return tqdm.tqdm(total=total, initial=initial, desc=description, unit="step",
-                     disable=not logs.Settings.enabled, dynamic_ncols=True, leave=True,
-                     mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+    bar = tqdm.tqdm(total=total, initial=initial, desc=description, unit="step",
+                    disable=not logs.Settings.enabled, dynamic_ncols=True, leave=True,
+                    mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+    _BARS.add(bar)
+    return bar
+
+
+def interrupt(line: str) -> None:
+    """``line`` on the console at once, from any thread, on a line of its own even while a
+    progress bar is drawn (tqdm closes a bar by setting ``disable``): for a run that stops
+    itself without unwinding."""
+    open_bar = any(not bar.disable for bar in list(_BARS))
+    sys.__stderr__.write(("\n" if open_bar else "") + line + "\n")
+    sys.__stderr__.flush()

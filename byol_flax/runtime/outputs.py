@@ -10,6 +10,7 @@ input) is refused in one line naming the path, before any work is done.
 """
 
 import os
+import re
 from collections.abc import Iterable
 
 from etils import epath
@@ -99,7 +100,11 @@ def check_output_dir(out: epath.PathLike, kind: str, *, inputs: Iterable[str] = 
     if not path.is_dir():
         raise OutputDirError(f"output {path} is a file, not a directory: not replacing it; name "
                              f"a new directory for the {kind}")
-    entries = sorted(entry.name for entry in path.iterdir())
+    # The marker staged by another process of this run (renamed into place a moment later)
+    # is not a foreign file.
+    staged_marker = re.compile(rf"\.{re.escape(MARKER_NAME)}\.[0-9a-f]+\.tmp")
+    entries = sorted(entry.name for entry in path.iterdir()
+                     if not staged_marker.fullmatch(entry.name))
     if not entries:
         return path
     found = _read_marker(path)
