@@ -12,6 +12,7 @@ re-run only adds what is missing; the table is rewritten after each one.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,8 +27,13 @@ configure_xla_flags()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
+from flax import nnx  # noqa: E402
 
+from byol_flax.configs import eval_digits  # noqa: E402
+from byol_flax.evaluation import Context, SweepStore  # noqa: E402
+from byol_flax.sharding import make_mesh  # noqa: E402
 from byol_flax.studies import demo, report, runner  # noqa: E402
+from byol_flax.weights.encoder import RANDOM_PREFIX, load_source  # noqa: E402
 
 _R12_W1 = {"data.image_size": 12, "model.encoder.width_multiplier": 1}
 _R16_W2 = {"data.image_size": 16, "model.encoder.width_multiplier": 2}
@@ -85,6 +91,13 @@ POINTS: dict[str, tuple[str, dict]] = {
     "vit_e160": ("digits", _epochs(160.0, **_VIT)),
     # The representation as the mean of the patch tokens instead of the class token.
     "vit_e80_mean": ("digits", _epochs(80.0, **_VIT, **{"model.encoder.pooling": "mean"})),
+    # Why the ViT's representation is one vector shared by every image (each point a
+    # hypothesis; docs/demo_calibration.md). LARS adaptation and weight decay on every
+    # parameter: Appendix A's exclusions give the class token, the biases and the LayerNorm
+    # parameters the raw LR (peak 1.0 here), and nothing in a pre-LN transformer's residual
+    # stream normalises away what they add to every image.
+    "vit_e80_adaptall": ("digits", _epochs(80.0, **_VIT, **{
+        "optimizer.exclude_bias_and_norm": False})),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
@@ -93,6 +106,50 @@ SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2),
                   *((point, 0) for point in POINTS if point.startswith("vit_"))}
 # Table column -> (evaluation of the run, metric): the demo report's methods.
 COLUMNS = {name.removesuffix("_top1"): method for name, method in report.METHODS.items()}
+
+
+class _Identity(nnx.Module):
+    def __call__(self, x):
+        return x
+
+
+def shared_fraction(x: np.ndarray) -> float:
+    """||mean_i x_i||^2 / mean_i ||x_i||^2: the share of the vectors' energy that is one vector
+    common to every image (1: every image maps to the same vector; 0: centred)."""
+    x = np.asarray(x, np.float64)
+    return float(np.sum(x.mean(axis=0) ** 2) / np.mean(np.sum(x ** 2, axis=1)))
+
+
+def vit_anatomy(run_dir: str, seed: int) -> dict[str, float]:
+    """Where a ViT's shared component sits, on the test split's evaluation views: the shared
+    fraction of the representation (the class token after the final LayerNorm) and of the
+    class token's residual stream before it, for the trained encoder and its random-init twin,
+    with the norms of the parameters that add the same vector to every image (class token,
+    biases, LayerNorm offsets) beside the stream's typical norm."""
+    out = {}
+    for label, source in (("byol", run_dir), ("random_init", RANDOM_PREFIX + run_dir)):
+        pretrained = load_source(source, seed=seed)
+        data = pretrained.pretrain_config["data"]
+        config = eval_digits.get_config(
+            f"linear,data={data['dir']},image_size={data['image_size']}")
+        encoder = pretrained.encoder
+        features = {}
+        for what in ("representation", "stream"):
+            if what == "stream":
+                encoder.norm = _Identity()  # the class token's residual stream itself
+            ctx = Context(config, dataclasses.replace(pretrained, encoder=encoder), make_mesh(),
+                          SweepStore(None), f"{label}-{what}")
+            features[what] = ctx.features(ctx.test)[0]
+            out[f"{label}_{what}_shared_fraction"] = shared_fraction(features[what])
+        out[f"{label}_stream_norm"] = float(np.mean(np.linalg.norm(features["stream"], axis=1)))
+        params = nnx.state(encoder, nnx.Param)
+        constant = {"cls_token": np.linalg.norm(params["cls_token"][...])}
+        biases = [np.linalg.norm(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
+            params) if "bias" in jax.tree_util.keystr(path)]
+        constant["biases"] = float(np.sqrt(np.sum(np.square(biases))))
+        for name, value in constant.items():
+            out[f"{label}_{name}_norm"] = float(value)
+    return out
 
 
 def run_point(workdir: epath.Path, name: str, seed: int) -> dict:
@@ -108,6 +165,8 @@ def run_point(workdir: epath.Path, name: str, seed: int) -> dict:
            "total_seconds": time.perf_counter() - started,
            **{c: run["evaluations"][key]["test"][metric] for c, (key, metric) in COLUMNS.items()},
            "final_metrics": run["final_metrics"]}
+    if load_source(run["dir"]).model_config["encoder"]["name"].startswith("vit"):
+        row["anatomy"] = vit_anatomy(run["dir"], seed)
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(row, indent=2, sort_keys=True))
     return row

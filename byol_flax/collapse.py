@@ -1,12 +1,12 @@
 """Collapse monitoring: the failure BYOL's predictor and slow-moving target exist to prevent.
 
 Computed inside the train step on every batch (:func:`collapse_metrics`), warned about by the
-training loop at logging steps (:func:`warn_on_collapse`), and turned into a verdict by the
+training loop at logging steps (:class:`CollapseWatch`), and turned into a verdict by the
 study summaries (:func:`collapse_verdict`), all against the thresholds defined here once.
 """
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -48,16 +48,50 @@ def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True
     return metrics
 
 
-def warn_on_collapse(step: int, scalars: Mapping[str, float]) -> None:
-    """A warning naming the step when the projections or representations look collapsed."""
-    for name in ("projection", "representation"):
-        ratio = scalars.get(f"collapse/{name}_std_ratio")
-        if ratio is not None and ratio < COMPLETE_COLLAPSE_STD_RATIO:
-            rank = scalars.get(f"collapse/{name}_effective_rank")  # not computed for y
-            logging.warning(
-                "step %d: possible collapse: batch std of normalised %ss is %.3f x 1/sqrt(d) "
-                "(warning threshold %.3f)%s", step, name, ratio, COMPLETE_COLLAPSE_STD_RATIO,
-                "" if rank is None else f"; effective rank {rank:.1f}")
+# A representation dominated by one vector shared by every image: the batch std of its
+# l2-normalised vectors below this fraction of 1/sqrt(d). Not a collapse of what the loss sees
+# (the projector's first BatchNorm subtracts the shared vector), but the linear probe and the
+# online classifier read the representation with it (docs/demo_calibration.md calibrates it:
+# healthy ResNets end near 0.6, the ViT whose probes lost to random initialisation at 0.03).
+SHARED_REPRESENTATION_STD_RATIO = 0.2
+
+
+class CollapseWatch:
+    """Warnings at logging steps when a monitor crosses its threshold: once when it falls under
+    (naming the step and what it means), an info line when it recovers, nothing in between, so
+    a run that stays under does not repeat the warning at every logging step."""
+
+    def __init__(self) -> None:
+        self._under: set[str] = set()
+
+    def __call__(self, step: int, scalars: Mapping[str, float]) -> None:
+        projection = scalars.get("collapse/projection_std_ratio")
+        representation = scalars.get("collapse/representation_std_ratio")
+        rank = scalars.get("collapse/projection_effective_rank")
+        self._check(
+            step, "projection", projection, COMPLETE_COLLAPSE_STD_RATIO,
+            lambda: f"possible collapse: batch std of normalised projections is {projection:.3f}"
+                    f" x 1/sqrt(d) (warning threshold {COMPLETE_COLLAPSE_STD_RATIO:.3f})"
+                    + ("" if rank is None else f"; effective rank {rank:.1f}"))
+        self._check(
+            step, "representation", representation, SHARED_REPRESENTATION_STD_RATIO,
+            lambda: f"the representation is dominated by a vector shared by every image: "
+                    f"batch std of normalised representations is {representation:.3f} x "
+                    f"1/sqrt(d) (warning threshold {SHARED_REPRESENTATION_STD_RATIO:.3f}); the "
+                    "loss does not see it (the projector's BatchNorm removes it), linear probes "
+                    "and the online classifier do (linear.feature_norm=batchnorm standardises it)")
+
+    def _check(self, step: int, name: str, value: float | None, threshold: float,
+               message: Callable[[], str]) -> None:
+        if value is None:
+            return
+        if value < threshold and name not in self._under:
+            self._under.add(name)
+            logging.warning("step %d: %s", step, message())
+        elif value >= threshold and name in self._under:
+            self._under.discard(name)
+            logging.info("step %d: the %s std ratio is back above %.3f (%.3f)", step, name,
+                         threshold, value)
 
 
 def collapse_verdict(stats: Mapping[str, Any], projection_size: int | None) -> str | None:

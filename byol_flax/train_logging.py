@@ -22,7 +22,7 @@ from clu.metrics import Average
 from etils import epath
 
 from byol_flax.checkpointing import lease
-from byol_flax.collapse import warn_on_collapse
+from byol_flax.collapse import CollapseWatch
 from byol_flax.errors import UserError
 from byol_flax.runtime import console
 from byol_flax.storage import append_log, files, json_files, schemas, tensorboard
@@ -179,6 +179,7 @@ class TrainingLogger:
         self._window = None  # the running sums of the scalars since the last logging step
         self._timer = (time.perf_counter(), start_step)  # images/s since (time, step)
         self._step = start_step
+        self._collapse_watch = CollapseWatch()
         self.scalars: dict[str, float] = {}
         # The file first: if it cannot be opened, there is no progress bar to close.
         self._file = (MetricsFile(workdir, start_step, guard=lease.fence)
@@ -222,7 +223,7 @@ class TrainingLogger:
                          (self._total_steps - step) / max(steps_per_second, 1e-9))))
         lease.fence()  # a run whose workdir was taken over writes nothing more
         self._write(step, scalars)
-        warn_on_collapse(step, scalars)
+        self._collapse_watch(step, scalars)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{scalars['loss']:.3f}",
                                   img_s=f"{scalars['images_per_second']:.0f}", refresh=False)

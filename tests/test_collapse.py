@@ -24,16 +24,30 @@ def test_monitors_are_1_for_spread_vectors_and_0_for_a_collapsed_batch():
 
 
 def test_collapse_warning_names_the_step_for_projections_and_representations(caplog):
+    watch = collapse.CollapseWatch()
     scalars = {"collapse/projection_std_ratio": 0.05, "collapse/projection_effective_rank": 1.3,
-               "collapse/representation_std_ratio": 0.1}
-    with caplog.at_level(logging.WARNING):
-        collapse.warn_on_collapse(420, scalars)
-    messages = [r.getMessage() for r in caplog.records]
-    assert any("step 420: possible collapse" in m and "projections is 0.050" in m
-               and "effective rank 1.3" in m for m in messages)
-    assert any("representations is 0.100" in m for m in messages)
+               "collapse/representation_std_ratio": 0.03}
+    with caplog.at_level(logging.INFO):
+        watch(420, scalars)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("step 420: possible collapse" in m and "projections is 0.050" in m
+                   and "effective rank 1.3" in m for m in messages)
+        assert any("step 420: the representation is dominated by a vector shared by every "
+                   "image" in m and "representations is 0.030" in m for m in messages)
+        caplog.clear()
+        watch(430, scalars)  # still under: said once, not at every logging step
+        assert not caplog.records
+        watch(440, {"collapse/projection_std_ratio": 0.7,
+                    "collapse/representation_std_ratio": 0.03})
+        assert [r.levelno for r in caplog.records] == [logging.INFO]
+        assert "step 440: the projection std ratio is back above" in caplog.records[0].getMessage()
+        caplog.clear()
+        watch(450, {"collapse/projection_std_ratio": 0.05})  # fell again: said again
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
     caplog.clear()
-    collapse.warn_on_collapse(421, {"collapse/projection_std_ratio": 0.7})
+    with caplog.at_level(logging.WARNING):
+        collapse.CollapseWatch()(421, {"collapse/projection_std_ratio": 0.7,
+                                       "collapse/representation_std_ratio": 0.6})
     assert not caplog.records
 
 

@@ -42,7 +42,8 @@ def assert_smoke_demo_outputs(tmp_path) -> None:
     run = tmp_path / "digits" / "seed_0"
     assert list(run.glob("events.out.tfevents.*"))
     assert (run / "checkpoints").is_dir()
-    for evaluation in ("random_init_eval_linear", "pixels_eval_linear", "random_init_eval_knn"):
+    for evaluation in ("random_init_eval_linear", "pixels_eval_linear", "random_init_eval_knn",
+                       "eval_linear_batchnorm", "random_init_eval_linear_batchnorm"):
         assert (run / evaluation / "results.json").exists()
     assert (tmp_path / "export" / "MODEL_CARD.md").exists()
     card = json.loads((tmp_path / "export" / "model_card.json").read_text())
@@ -57,7 +58,9 @@ def test_report_verdicts_use_twice_the_seed_std_and_explain_a_losing_recipe():
                 "evaluations": {
                     "eval_linear": test(byol), "random_init_eval_linear": test(random_init),
                     "pixels_eval_linear": test(pixels), "eval_knn": test(knn, "top1_k20"),
-                    "random_init_eval_knn": test(random_knn, "top1_k20")}}
+                    "random_init_eval_knn": test(random_knn, "top1_k20"),
+                    "eval_linear_batchnorm": test(byol),
+                    "random_init_eval_linear_batchnorm": test(random_init)}}
 
     default = [run("small_image", s, 0.97 + 0.01 * s, 0.83, 0.96, 0.95, 0.90, 0.9)
                for s in range(3)]
@@ -72,6 +75,8 @@ def test_report_verdicts_use_twice_the_seed_std_and_explain_a_losing_recipe():
     assert summary["byol_online_classifier_top1"]["mean"] == pytest.approx(0.9)
     lines = report._verdict("small_image", summary)
     assert len(lines) == len(report.COMPARISONS) and "**beat**" in lines[0]
+    assert "BYOL linear on standardised features **beat** the same network at random " \
+           "initialisation (linear on standardised features)" in lines[-1]
 
 
 def test_unknown_recipe_is_refused_naming_it(tmp_path):

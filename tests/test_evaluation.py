@@ -19,7 +19,7 @@ from byol_flax.data.augment import normalize, photometric_augment
 from byol_flax.data.convert import digits
 from byol_flax.data.pipeline import labelled_dataset, open_split
 from byol_flax.data.records import DataError
-from byol_flax.evaluation import base, semi_supervised, transfer_finetune
+from byol_flax.evaluation import base, linear, semi_supervised, transfer_finetune
 from byol_flax.evaluation import classifier as clf
 from byol_flax.evaluation.config import eval_base_config, validate_eval_config
 from byol_flax.evaluation.evaluators import build_evaluator
@@ -494,3 +494,67 @@ def test_a_monitor_and_the_cli_run_the_same_registered_evaluator(data_dir):
     assert online["test"]["top1"] == scalars["online_classifier/top1"]
     with pytest.raises(weights.SourceError, match="no online classifier"):
         build_evaluator(evaluation, mesh).run(dataclasses.replace(subject, classifier=None))
+
+
+# ----------------------------------------------------------------------------------------------
+# linear.feature_norm: the standardised-feature probe beside the paper's.
+
+
+def shared_component_splits():
+    """Two classes told apart by x0 alone, on a small scale (0.05), under a large offset common
+    to every example (as a ViT's class token carries) and beside eight uninformative features
+    with a hundred times its spread: a classifier trained by SGD at the paper's learning rates
+    follows the high-variance directions unless the features are standardised."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 2, size=n).astype(np.int32)
+        x0 = np.where(y == 0, 1.0, -1.0) * 0.05 + rng.normal(scale=0.01, size=n)
+        noise = rng.normal(scale=5.0, size=(n, 8))
+        return (np.concatenate([x0[:, None], noise], axis=1) + 3.0).astype(np.float32), y
+
+    return split(400), split(400), split(400)
+
+
+class FixedFeatures(base.Context):
+    """A protocol context whose splits' frozen features are given arrays."""
+
+    def features(self, opened, *, limit=0, resize_ratio=1.0):
+        return self.fixed[opened]
+
+
+def fixed_context(tmp_path, config, splits) -> base.Context:
+    stub = weights.PretrainedEncoder(encoder=None, model_config={}, origin={"kind": "test"})
+    ctx = FixedFeatures(config, stub, make_mesh(), base.SweepStore(tmp_path), "test")
+    ctx.fixed = dict(zip(("train", "selection", "test"), splits, strict=True))
+    for name in ctx.fixed:  # the opened splits are the arrays' names
+        ctx.__dict__[name] = name
+    ctx.num_classes = 2
+    return ctx
+
+
+def test_feature_norm_standardises_with_the_training_splits_statistics_only(tmp_path):
+    splits = shared_component_splits()
+    config = eval_base_config()
+    config.linear.augment = "none"
+    config.linear.epochs = 20.0
+    config.linear.batch_size = 100
+    config.linear.learning_rates = (0.01, 0.001)
+    top1 = {}
+    for norm in ("none", "batchnorm"):
+        config.linear.feature_norm = norm
+        result = linear.run_linear(fixed_context(tmp_path / norm, config, splits))
+        assert result["feature_norm"] == norm
+        top1[norm] = result["test"]["top1"]
+    assert top1["batchnorm"] > 0.95 and top1["none"] < 0.75
+    # The statistics are the training split's: its features come out centred with unit
+    # variance; another split's keep their own offset from the training mean.
+    train, _, test = splits
+    standardizer = linear.feature_standardizer(train[0])
+    standardised = linear.standardize(train, standardizer)[0]
+    np.testing.assert_allclose(standardised.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(standardised.std(axis=0), 1.0, rtol=1e-3)
+    shifted = (test[0] + 1.0, test[1])
+    np.testing.assert_allclose(linear.standardize(shifted, standardizer)[0].mean(axis=0),
+                               (test[0] + 1.0 - train[0].mean(axis=0)).mean(axis=0)
+                               * standardizer[1], rtol=1e-3, atol=1e-4)

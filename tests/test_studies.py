@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from byol_flax.config import SIMCLR, validate_config
 from byol_flax.runtime import config_names
-from byol_flax.studies import runner
+from byol_flax.studies import demo, runner
 from byol_flax.studies import study as studies
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +218,15 @@ def test_simclr_config_is_the_g5_baseline_on_the_300_epoch_base():
     assert (simclr.model.projector.hidden_size, simclr.model.projector.output_size) == (4096, 256)
     differing = {k for k, v in simclr.items() if v != byol[k]}
     assert differing == {"model", "target", "loss"}
+
+
+def test_an_evaluation_option_that_changes_the_measure_names_its_directory():
+    name = studies.eval_dir_name
+    assert name("eval_digits:linear,data=/d,image_size=12,smoke=True") == "eval_linear"
+    assert name("eval_digits:linear,data=/d,feature_norm=batchnorm") == "eval_linear_batchnorm"
+    assert name("eval_imagenet:smoke=True") == "eval_imagenet"
+    # The demo scores both encoders with the standardised probe, beside the paper's.
+    study = demo.demo_study([demo.recipe_row("digits", "digits")])
+    names = [name(e) for e in study.evaluations]
+    assert names == ["eval_linear", "eval_knn", "eval_linear_batchnorm"]
+    assert set(study.references["random_init"]) == set(names)

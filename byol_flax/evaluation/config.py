@@ -18,6 +18,7 @@ from byol_flax.evaluation.evaluators import EVALUATORS
 # ``config.protocol`` (byol_flax.evaluation.evaluators.EVALUATORS).
 PROTOCOLS = ("linear", "semi_supervised", "transfer_linear", "transfer_finetune", "knn")
 LINEAR_AUGMENTATIONS = ("none", "spatial", "pretrain")
+FEATURE_NORMS = ("none", "batchnorm")
 METRICS = ("top1", "mean_per_class")
 SCHEDULES = ("cosine", "constant")
 
@@ -67,6 +68,13 @@ def eval_base_config() -> ml_collections.ConfigDict:
         "tclip_alpha": 20.0,
         "tclip_beta": 1e-2,
         "schedule": "cosine",  # the paper does not state one; cosine decay to 0 by default
+        # "none": the frozen features as they are (Appendix D.1, the default). "batchnorm": each
+        # feature standardised with the mean and variance of the training split's features,
+        # a BatchNorm without affine parameters before the linear layer (the probe MAE and later
+        # ViT work use: a ViT's class token carries a large component shared by every image,
+        # which SGD at the paper's LRs cannot see past). Applied identically to every encoder
+        # the protocol scores (BYOL, random init); reported beside the paper's, not instead.
+        "feature_norm": "none",
     })
 
     # Appendix D.1, semi-supervised: whole network fine-tuned on a labelled subset of train,
@@ -154,6 +162,8 @@ def validate_eval_config(config: ml_collections.ConfigDict, *, num_devices: int)
          "feature_batch_size", f"must be a positive multiple of the {num_devices} devices"),
         (config.linear.augment in LINEAR_AUGMENTATIONS, "linear.augment",
          f"must be one of {LINEAR_AUGMENTATIONS}"),
+        (config.linear.feature_norm in FEATURE_NORMS, "linear.feature_norm",
+         f"must be one of {FEATURE_NORMS}"),
         (len(config.linear.learning_rates) > 0
          and all(lr > 0 for lr in config.linear.learning_rates), "linear.learning_rates",
          "must be a non-empty list of positive values"),

@@ -30,6 +30,9 @@ from byol_flax.evaluation.resumable import UnitCheckpoints
 from byol_flax.sharding import replicate, shard_batch
 
 Head = dict[str, jax.Array]  # {"kernel": [dim, classes], "bias": [classes]}
+# (mean, 1 / std) per feature: what ``linear.feature_norm="batchnorm"`` subtracts and multiplies
+# by before the heads (byol_flax.evaluation.linear.feature_standardizer).
+Standardizer = tuple[jax.Array, jax.Array]
 
 
 def zero_heads(count: int, dim: int, num_classes: int) -> Head:
@@ -58,12 +61,14 @@ def _update_heads(heads: Head, opt_state: optax.OptState, features: jax.Array,
                    donate_argnames=("heads", "opt_state"))
 def _heads_step(heads: Head, opt_state: optax.OptState, encoder_state: nnx.State,
                 images: jax.Array, labels: jax.Array, key: jax.Array, learning_rates: jax.Array,
-                *, graphdef: nnx.GraphDef, spec: SgdSpec, augment: DeviceAugment | None,
-                tclip: tuple[float, float]):
+                standardizer: Standardizer | None, *, graphdef: nnx.GraphDef, spec: SgdSpec,
+                augment: DeviceAugment | None, tclip: tuple[float, float]):
     inputs = augment(key, images) if augment else normalize(to_unit_float(images))
     # The frozen encoder in inference mode: BatchNorm reads its running statistics, nothing is
     # differentiated or written back.
     features = nnx.merge(graphdef, encoder_state)(inputs).astype(jnp.float32)
+    if standardizer is not None:
+        features = (features - standardizer[0]) * standardizer[1]
     return _update_heads(heads, opt_state, features, labels, learning_rates, spec, tclip)
 
 
@@ -74,10 +79,12 @@ def init_opt_state(spec: SgdSpec, heads: Head) -> optax.OptState:
 def train_heads(encoder: nnx.Module, batches: Iterator[dict[str, np.ndarray]], *,
                 num_classes: int, spec: SgdSpec, learning_rates: Sequence[float], mesh: Mesh,
                 seed: int, checkpoints: UnitCheckpoints, augment: DeviceAugment | None = None,
-                tclip: tuple[float, float] = (0.0, 0.0)) -> tuple[Head, np.ndarray]:
+                tclip: tuple[float, float] = (0.0, 0.0),
+                standardizer: Standardizer | None = None) -> tuple[Head, np.ndarray]:
     """(stacked heads, each head's last loss) after ``spec.total_steps`` steps on host batches
     {"image" uint8, "label"} (a Grain iterator: its position is checkpointed), one head per
-    learning rate, the encoder frozen. Resumes from ``checkpoints``."""
+    learning rate, the encoder frozen, its features standardised first when ``standardizer``
+    is given. Resumes from ``checkpoints``."""
     encoder.eval()
     graphdef, encoder_state = nnx.split(encoder)
     encoder_state = replicate(encoder_state, mesh)
@@ -91,12 +98,14 @@ def train_heads(encoder: nnx.Module, batches: Iterator[dict[str, np.ndarray]], *
         batches.set_state(resumed.data_state)
     base_key = jax.random.wrap_key_data(tree["rng"])
     rates = jnp.asarray(learning_rates, jnp.float32)
+    if standardizer is not None:
+        standardizer = replicate(tuple(jnp.asarray(a, jnp.float32) for a in standardizer), mesh)
     for index in range(resumed.step, spec.total_steps):
         batch = next(batches)
         sharded = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
         heads, opt_state, loss = _heads_step(
             tree["heads"], tree["opt_state"], encoder_state, sharded["image"], sharded["label"],
-            jax.random.fold_in(base_key, index), rates, graphdef=graphdef, spec=spec,
+            jax.random.fold_in(base_key, index), rates, standardizer, graphdef=graphdef, spec=spec,
             augment=augment, tclip=tclip)
         tree = {**tree, "heads": heads, "opt_state": opt_state, "loss": loss}
         checkpoints.maybe_save(index + 1, tree, batches.get_state)

@@ -1,6 +1,8 @@
 """Linear evaluation (Appendix D.1; Table 7's variant selectable): a linear classifier on the
 frozen encoder (weights and BatchNorm statistics), its LR chosen on the selection split.
 
+``linear.feature_norm``: ``none`` (the paper's) or ``batchnorm`` (every feature standardised
+with the training split's statistics before the classifier, MAE's probe; for ViTs).
 ``linear.augment``: ``spatial`` (random resized crop + flip, the main paper's protocol),
 ``pretrain`` (Table 7: the pre-training augmentations T) or ``none`` (evaluation views, features
 computed once and the classifier trained on them: fast on small data). Every LR of the grid is
@@ -22,8 +24,28 @@ from byol_flax.evaluation import heads as heads_lib
 from byol_flax.evaluation.base import Context, Scores, protocol, result, sweep, this_process
 from byol_flax.evaluation.classifier import DeviceAugment
 
+# MAE's linear probe: torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6) before the classifier.
+FEATURE_NORM_EPS = 1e-6
+Split = tuple[np.ndarray, np.ndarray]  # (features, labels)
 
-def linear_scores(split: tuple[np.ndarray, np.ndarray]) -> Callable[[dict[str, Any]], Scores]:
+
+def feature_standardizer(train_features: np.ndarray) -> heads_lib.Standardizer:
+    """(mean, 1 / sqrt(variance + eps)) of each feature over the training split's frozen
+    features (evaluation view): a BatchNorm without affine parameters in inference mode, its
+    statistics from the data the classifier is fitted on, never the selection or test split."""
+    features = np.asarray(train_features, np.float64)
+    return (features.mean(axis=0).astype(np.float32),
+            (1.0 / np.sqrt(features.var(axis=0) + FEATURE_NORM_EPS)).astype(np.float32))
+
+
+def standardize(split: Split, standardizer: heads_lib.Standardizer | None) -> Split:
+    """``split``'s features standardised (unchanged without a standardizer)."""
+    if standardizer is None:
+        return split
+    return (np.asarray(split[0], np.float32) - standardizer[0]) * standardizer[1], split[1]
+
+
+def linear_scores(split: Split) -> Callable[[dict[str, Any]], Scores]:
     """Accuracy of a linear classifier {"kernel", "bias"} on fixed (features, labels)."""
     return lambda params: clf.accuracy_metrics(clf.linear_logits(params, split[0]), split[1])
 
@@ -57,10 +79,14 @@ def run_linear(ctx: Context) -> dict[str, Any]:
     cfg = ctx.config.linear
     tclip = (cfg.tclip_alpha, cfg.tclip_beta) if cfg.tclip else (0.0, 0.0)
     points = [{"learning_rate": lr} for lr in cfg.learning_rates]
-    selection = lambda: ctx.features(ctx.selection, limit=ctx.eval_limit)
-    test = lambda: ctx.features(ctx.test, limit=ctx.eval_limit)
+    standardizer = None
+    if cfg.feature_norm == "batchnorm":
+        standardizer = feature_standardizer(ctx.features(ctx.train, limit=ctx.train_limit)[0])
+    selection = lambda: standardize(ctx.features(ctx.selection, limit=ctx.eval_limit),
+                                    standardizer)
+    test = lambda: standardize(ctx.features(ctx.test, limit=ctx.eval_limit), standardizer)
     if cfg.augment == "none":
-        train = ctx.features(ctx.train, limit=ctx.train_limit)
+        train = standardize(ctx.features(ctx.train, limit=ctx.train_limit), standardizer)
         return linear_on_features(ctx, train, selection(), test(), points,
                                   {"tclip_alpha": tclip[0], "tclip_beta": tclip[1]})
 
@@ -78,7 +104,7 @@ def run_linear(ctx: Context) -> dict[str, Any]:
             heads, losses = heads_lib.train_heads(
                 ctx.pretrained.encoder, batches, num_classes=ctx.num_classes, spec=spec,
                 learning_rates=rates, mesh=ctx.mesh, seed=ctx.config.seed,
-                checkpoints=checkpoints, augment=augment, tclip=tclip)
+                checkpoints=checkpoints, augment=augment, tclip=tclip, standardizer=standardizer)
         return heads_lib.unstack(heads, losses, rates)
 
     selected, head, rows = sweep(ctx, "linear", points, _first(fit_all),
@@ -88,12 +114,11 @@ def run_linear(ctx: Context) -> dict[str, Any]:
     scores = linear_scores(test())(head)
     ctx.discard_checkpoints("linear")
     return result(ctx, "linear", rows, selected, scores, augment=cfg.augment, tclip=cfg.tclip,
-                  steps=total, batch_size=batch)
+                  feature_norm=cfg.feature_norm, steps=total, batch_size=batch)
 
 
-def linear_on_features(ctx: Context, train: tuple[np.ndarray, np.ndarray],
-                       selection: tuple[np.ndarray, np.ndarray],
-                       test: tuple[np.ndarray, np.ndarray], points: Sequence[dict[str, Any]],
+def linear_on_features(ctx: Context, train: Split, selection: Split, test: Split,
+                       points: Sequence[dict[str, Any]],
                        tclip: dict[str, float]) -> dict[str, Any]:
     """The LR sweep of linear evaluation on fixed features: fit on train (every LR in one
     pass), select on selection, report test."""
@@ -118,4 +143,5 @@ def linear_on_features(ctx: Context, train: tuple[np.ndarray, np.ndarray],
     scores = linear_scores(test)(params)
     ctx.discard_checkpoints("linear_features")
     return result(ctx, "linear", rows, selected, scores, augment="none",
-                  tclip=bool(tclip["tclip_alpha"]), steps=total, batch_size=batch)
+                  tclip=bool(tclip["tclip_alpha"]), feature_norm=cfg.feature_norm, steps=total,
+                  batch_size=batch)

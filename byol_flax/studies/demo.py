@@ -56,7 +56,9 @@ _SMOKE = flags.DEFINE_boolean("smoke", False, "Seconds-long smoke version (smoke
 _VERBOSE = flags.DEFINE_boolean("verbose", False, "Also print every log line on the console "
                                 "(they always go to <workdir>/log.txt).")
 
-EVALUATIONS = ("eval_digits:linear,data={data}", "eval_digits:knn,data={data}")
+# The paper's linear protocol and kNN; beside them, linear on standardised features (the ViT probe).
+EVALUATIONS = ("eval_digits:linear,data={data}", "eval_digits:knn,data={data}",
+               "eval_digits:linear,data={data},feature_norm=batchnorm")
 
 
 def recipe_row(name: str, recipe: str, overrides: Mapping[str, Any] | None = None) -> Row:
@@ -76,7 +78,8 @@ def demo_study(rows: Sequence[Row], *, seeds: Sequence[int] = (0,), smoke: bool 
         table="demo", description="BYOL on scikit-learn's digits against its baselines",
         rows=tuple(rows), config="digits_cpu:data={data}", evaluations=EVALUATIONS,
         seeds=tuple(seeds), data="digits", references_every_run=True,
-        references={"random_init": ("eval_linear", "eval_knn"), "pixels": ("eval_linear",)})
+        references={"random_init": ("eval_linear", "eval_knn", "eval_linear_batchnorm"),
+                    "pixels": ("eval_linear",)})
     return with_smoke(study) if smoke else study
 
 

@@ -29,6 +29,10 @@ METHODS = {  # report name -> (evaluation of the run, metric in its test results
     "raw_pixels_linear_top1": ("pixels_eval_linear", "top1"),
     "byol_knn_top1": ("eval_knn", "top1_k20"),
     "random_init_knn_top1": ("random_init_eval_knn", "top1_k20"),
+    # Beside the paper's protocol: the linear probe on standardised features
+    # (linear.feature_norm="batchnorm", the probe ViT work uses), the same for both encoders.
+    "byol_linear_bn_top1": ("eval_linear_batchnorm", "top1"),
+    "random_init_linear_bn_top1": ("random_init_eval_linear_batchnorm", "top1"),
 }
 # The official online classifier, trained during pre-training: its last held-out top-1.
 ONLINE_CLASSIFIER = "byol_online_classifier_top1"
@@ -37,12 +41,18 @@ ONLINE_CLASSIFIER_SCALAR = "online_classifier/top1"
 # seed standard deviation (with one seed there is no spread, and no verdict).
 COMPARISONS = (("byol_linear_top1", "raw_pixels_linear_top1"),
                ("byol_linear_top1", "random_init_linear_top1"),
-               ("byol_knn_top1", "random_init_knn_top1"))
+               ("byol_knn_top1", "random_init_knn_top1"),
+               ("byol_linear_bn_top1", "random_init_linear_bn_top1"))
 BASELINE_LABELS = {
     "raw_pixels_linear_top1": "a linear classifier on raw pixels",
-    "random_init_linear_top1": "the same ResNet at random initialisation (linear)",
-    "random_init_knn_top1": "the same ResNet at random initialisation (kNN)",
+    "random_init_linear_top1": "the same network at random initialisation (linear)",
+    "random_init_knn_top1": "the same network at random initialisation (kNN)",
+    "random_init_linear_bn_top1": "the same network at random initialisation (linear on "
+                                  "standardised features)",
 }
+# What each comparison's BYOL side is called in the verdict.
+BYOL_LABELS = {"byol_linear_top1": "linear", "byol_knn_top1": "kNN",
+               "byol_linear_bn_top1": "linear on standardised features"}
 
 
 def read_scalars(logdir: epath.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -151,7 +161,7 @@ def _verdict(recipe: str, summary: dict[str, Any]) -> list[str]:
     lines = []
     for byol_key, baseline in COMPARISONS:
         m = summary[f"margin_{byol_key}_over_{baseline}"]
-        what = "linear" if "linear" in byol_key else "kNN"
+        what = BYOL_LABELS[byol_key]
         label = BASELINE_LABELS[baseline]
         if m["beats"] is None:
             word = "scored above" if m["margin"] > 0 else "**scored below**"
@@ -289,8 +299,8 @@ def render_markdown(content: dict[str, Any]) -> str:
               f"- Exported encoder and model card: `{content['export_dir']}`",
               "- Per run (`<recipe>/seed_<n>/`): the pre-training (TensorBoard logs, "
               "checkpoints, config.json; its log in the demo's `log.txt`) and one directory per "
-              "evaluation with its results.json (`eval_linear`, `eval_knn`, "
-              "`random_init_eval_*`, `pixels_eval_linear`)",
+              "evaluation with its results.json (`eval_linear`, `eval_linear_batchnorm`, "
+              "`eval_knn`, `random_init_eval_*`, `pixels_eval_linear`)",
               "- `report.json`: every number above, with split, seed and chosen hyper-parameter, "
               "and the configs", ""]
     return "\n".join(lines)

@@ -124,13 +124,23 @@ def run_dir(workdir: str, row: Row, seed: int) -> str:
     return f"{workdir}/{row.name}/seed_{seed}"
 
 
+# Options of an evaluation spec that say where and how large, not what is measured: they do not
+# name its directory.
+UNNAMED_EVAL_OPTIONS = ("data", "image_size", "smoke")
+
+
 def eval_dir_name(evaluation: str) -> str:
     """``eval_digits:knn,data=X`` -> ``eval_knn``: one directory per protocol (the argument's
-    leading value; without one, the module: ``eval_imagenet:smoke=True`` -> ``eval_imagenet``)."""
+    leading value; without one, the module: ``eval_imagenet:smoke=True`` -> ``eval_imagenet``),
+    then the value of every option that changes what is measured
+    (``eval_digits:linear,feature_norm=batchnorm`` -> ``eval_linear_batchnorm``)."""
     path, _, arg = evaluation.partition(":")
-    first = arg.split(",")[0]
-    return "eval_" + (first if first and "=" not in first
-                      else epath.Path(path).stem.removeprefix("eval_"))
+    parts = [p for p in arg.split(",") if p]
+    first = parts[0] if parts and "=" not in parts[0] else \
+        epath.Path(path).stem.removeprefix("eval_")
+    values = [value for key, _, value in (p.partition("=") for p in parts if "=" in p)
+              if key not in UNNAMED_EVAL_OPTIONS]
+    return "_".join(["eval", first, *values])
 
 
 def _specs(study: Study, change: Callable[[str], str]) -> Study:
