@@ -14,6 +14,7 @@ re-run only adds what is missing; the table is rewritten after each one.
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,10 @@ POINTS: dict[str, tuple[str, dict]] = {
     # stream normalises away what they add to every image.
     "vit_e80_adaptall": ("digits", _epochs(80.0, **_VIT, **{
         "optimizer.exclude_bias_and_norm": False})),
+    # The fix (byol_flax/optim.py since this sweep): LARS adapts the class token, which is
+    # neither a bias nor a normalisation parameter; same overrides as vit_e80, other code.
+    "vit_e80_lars_cls": ("digits", _epochs(80.0, **_VIT)),
+    "vit_e160_lars_cls": ("digits", _epochs(160.0, **_VIT)),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
@@ -161,6 +166,8 @@ def run_point(workdir: epath.Path, name: str, seed: int) -> dict:
     (run,) = runner.run(demo.demo_study([demo.recipe_row(name, recipe, overrides)],
                                         seeds=(seed,)), workdir)
     row = {"point": name, "seed": seed, "recipe": recipe, "overrides": overrides,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip(),
            "steps": run["steps"], "train_seconds": run["train_seconds"],
            "total_seconds": time.perf_counter() - started,
            **{c: run["evaluations"][key]["test"][metric] for c, (key, metric) in COLUMNS.items()},

@@ -20,6 +20,7 @@ Not a dependency of the package: install the optional extra ``pip install -e '.[
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -108,26 +109,32 @@ def sincos_position_embedding(grid: int, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, width), patches])[None]
 
 
-def vit_encoder(name: str, image_size: int, stem: str) -> nn.Module:
+def vit_encoder(name: str, image_size: int, stem: str, *, num_heads: int = 0,
+                freeze_patch_projection: bool = False) -> nn.Module:
     """timm's ViT without classifier (class token after the final LayerNorm), MoCo v3's init and
-    fixed sin-cos position embedding: byol_flax.models.vit's defaults for ``name``."""
+    fixed sin-cos position embedding: byol_flax.models.vit's defaults for ``name``;
+    ``num_heads`` (0: the size's) and ``freeze_patch_projection`` as
+    ``model.encoder.num_heads`` and ``model.encoder.freeze_patch_projection``."""
     from timm.models.vision_transformer import VisionTransformer
 
     width, depth, heads = VIT_SIZES[name]
     patch_size = VIT_PATCH_SIZE_BY_STEM[stem]
     model = VisionTransformer(img_size=image_size, patch_size=patch_size, embed_dim=width,
-                              depth=depth, num_heads=heads, num_classes=0, global_pool="token",
-                              weight_init="moco")
+                              depth=depth, num_heads=num_heads or heads, num_classes=0,
+                              global_pool="token", weight_init="moco")
     with torch.no_grad():
         model.pos_embed.copy_(sincos_position_embedding(image_size // patch_size, width))
     model.pos_embed.requires_grad_(False)  # fixed: no gradient, update, decay or EMA (MoCo v3)
+    if freeze_patch_projection:  # MoCo v3's stop-gradient after the random patch projection
+        model.patch_embed.requires_grad_(False)
     return model
 
 
-def build_encoder(name: str, stem: str, image_size: int) -> nn.Module:
-    """``resnet<depth>`` or ``vit_<size>``, as byol_flax's encoder registry names them."""
+def build_encoder(name: str, stem: str, image_size: int, **vit_options: Any) -> nn.Module:
+    """``resnet<depth>`` or ``vit_<size>``, as byol_flax's encoder registry names them;
+    ``vit_options``: :func:`vit_encoder`'s keywords."""
     if name.startswith("vit"):
-        return vit_encoder(name, image_size, stem)
+        return vit_encoder(name, image_size, stem, **vit_options)
     return ResNet(int(name.removeprefix("resnet")), stem)
 
 
@@ -209,10 +216,10 @@ class BYOL:
 
     def __init__(self, encoder: str = "resnet18", stem: str = "small", image_size: int = 32,
                  optimizer: str = "lars", lr: float = 0.1, weight_decay: float = 1.5e-6,
-                 tau: float = 0.996, compile_mode: str | None = None):
+                 tau: float = 0.996, compile_mode: str | None = None, **vit_options: Any):
         self.memory_format = (torch.contiguous_format if encoder.startswith("vit")
                               else torch.channels_last)
-        self.online = OnlineNetwork(build_encoder(encoder, stem, image_size)).to(
+        self.online = OnlineNetwork(build_encoder(encoder, stem, image_size, **vit_options)).to(
             memory_format=self.memory_format)
         self.predictor = mlp(256)
         self.target = copy.deepcopy(self.online)

@@ -134,11 +134,14 @@ def recipe(encoder: str, optimizer: str | None = None) -> dict:
 
 def build_step(encoder: str, stem: str, batch: int, *, dtype: str = "float32",
                conv: str = "auto", total_steps: int = 1000, warmup_steps: int = 10,
-               image_size: int = 224, settings: dict | None = None):
+               image_size: int = 224, settings: dict | None = None, num_heads: int = 0,
+               freeze_patch_projection: bool = False):
     """(graphdef, replicated state, jitted step, mesh) of the paper's step for this encoder.
 
     ``image_size``: what a ViT's position embedding is built for (a ResNet takes any);
-    ``settings``: :func:`recipe`'s keys, by default the encoder's recipe.
+    ``settings``: :func:`recipe`'s keys, by default the encoder's recipe; ``num_heads`` and
+    ``freeze_patch_projection``: a ViT's ``model.encoder`` keys (MoCo v3 uses 12 heads and a
+    frozen projection).
     """
     from flax import nnx
 
@@ -152,6 +155,8 @@ def build_step(encoder: str, stem: str, batch: int, *, dtype: str = "float32",
     config = base_config()
     config.model.encoder.name = encoder
     config.model.encoder.stem = stem
+    config.model.encoder.num_heads = num_heads
+    config.model.encoder.freeze_patch_projection = freeze_patch_projection
     config.data.image_size = image_size  # model.encoder.image_size follows it
     config.model.compute_dtype = dtype
     config.model.conv_implementation = conv
@@ -218,7 +223,9 @@ def run_jax(args: argparse.Namespace) -> dict:
     graphdef, state, step, mesh = build_step(args.encoder, args.stem, args.batch,
                                              dtype=args.dtype, conv=args.conv,
                                              image_size=args.image_size,
-                                             settings={k: getattr(args, k) for k in RECIPE_KEYS})
+                                             settings={k: getattr(args, k) for k in RECIPE_KEYS},
+                                             num_heads=args.num_heads,
+                                             freeze_patch_projection=args.freeze_patch_projection)
     built = jax_architecture(graphdef, state)
     (batch,) = random_views(args.batch, args.image_size, mesh, count=1)
     start = time.perf_counter()
@@ -260,7 +267,10 @@ def run_torch(args: argparse.Namespace, compiled: bool) -> dict:
     model = BYOL(encoder=args.encoder, stem=args.stem, image_size=args.image_size,
                  optimizer=args.optimizer, lr=args.base_lr * args.batch / 256,
                  weight_decay=args.weight_decay, tau=args.tau,
-                 compile_mode="default" if compiled else None)
+                 compile_mode="default" if compiled else None,
+                 **({"num_heads": args.num_heads,
+                     "freeze_patch_projection": args.freeze_patch_projection}
+                    if args.encoder.startswith("vit") else {}))
     shape = (args.batch, 3, args.image_size, args.image_size)
     views = [torch.randn(shape).to(memory_format=model.memory_format) for _ in range(2)]
     encoder = model.online.encoder
@@ -285,6 +295,7 @@ def summarise(impl: str, args: argparse.Namespace, raw: dict) -> dict:
         "benchmark": "train_step", "impl": impl, "encoder": args.encoder, "stem": args.stem,
         "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
         **{key: getattr(args, key) for key in RECIPE_KEYS},
+        "num_heads": args.num_heads, "freeze_patch_projection": args.freeze_patch_projection,
         "conv": args.conv if impl == "jax" else None, "host": host_description(),
         **{k: v for k, v in raw.items() if k not in ("times", "compile_seconds")},
         "step_seconds": [round(t, 4) for t in raw["times"]],
@@ -314,7 +325,8 @@ def compare(args: argparse.Namespace) -> dict:
     loads: list[quiet.Load] = []
     passthrough = [f"--encoder={args.encoder}", f"--stem={args.stem}", f"--batch={args.batch}",
                    f"--image-size={args.image_size}", f"--steps={args.steps}",
-                   f"--dtype={args.dtype}", f"--conv={args.conv}",
+                   f"--dtype={args.dtype}", f"--conv={args.conv}", f"--num-heads={args.num_heads}",
+                   *(["--freeze-patch-projection"] if args.freeze_patch_projection else []),
                    *(f"--{key.replace('_', '-')}={getattr(args, key)}" for key in RECIPE_KEYS)]
     for round_index in range(args.rounds):
         order = IMPLEMENTATIONS[round_index % 3:] + IMPLEMENTATIONS[:round_index % 3]
@@ -421,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+    parser.add_argument("--num-heads", type=int, default=0,
+                        help="a ViT's attention heads (0: the size's; MoCo v3's ViT-S: 12)")
+    parser.add_argument("--freeze-patch-projection", action="store_true",
+                        help="a ViT's random patch projection kept fixed (MoCo v3)")
     parser.add_argument("--dtype", default="float32", help="our compute dtype (torch: float32)")
     parser.add_argument("--conv", default="auto", help="config.model.conv_implementation")
     parser.add_argument("--optimizer", choices=("lars", "adamw"),

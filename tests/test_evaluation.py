@@ -34,13 +34,13 @@ from byol_flax.evaluation.transfer_linear import (
 )
 from byol_flax.export import model_card
 from byol_flax.export.model_card import export_with_model_card as export_cli
-from byol_flax.models import count_params
+from byol_flax.models import count_params, vit
 from byol_flax.runtime import outputs
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh
 from byol_flax.train_state import create_train_state
 from byol_flax.weights import encoder as weights
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_vit_config
 
 
 @pytest.fixture(scope="module")
@@ -558,3 +558,29 @@ def test_feature_norm_standardises_with_the_training_splits_statistics_only(tmp_
     np.testing.assert_allclose(linear.standardize(shifted, standardizer)[0].mean(axis=0),
                                (test[0] + 1.0 - train[0].mean(axis=0)).mean(axis=0)
                                * standardizer[1], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("train_it", [True, False])
+def test_fine_tuning_trains_a_vits_frozen_patch_projection_unless_told_not_to(
+        data_dir, tmp_path, train_it):
+    """MoCo v3 freezes the random patch projection for pre-training and fine-tunes every
+    parameter: so do the fine-tuning protocols (finetune_patch_projection), the position
+    embedding staying fixed; the pre-trained encoder itself is untouched."""
+    model_config = json.loads(tiny_vit_config(freeze_patch_projection=True).model.to_json())
+    model_config["encoder"]["image_size"] = 8
+    encoder = weights.encoder_from_model_config(model_config, seed=3)
+    pretrained = weights.PretrainedEncoder(encoder, model_config, {"kind": "test"})
+    config = tiny_eval_config(data_dir, "semi_supervised")
+    config.finetune_patch_projection = train_it
+    ctx = base.Context(config, pretrained, make_mesh(), base.SweepStore(tmp_path), "vit")
+    before = np.array(encoder.patch_kernel[...])
+    tuned = semi_supervised.fine_tune(
+        ctx, ctx.train, None, learning_rate=0.5, weight_decay=0.0, steps=2, batch_size=32,
+        section=config.semi_supervised, batchnorm_decay=0.9, unit=("test", {}))
+    kernel = tuned.encoder.patch_kernel
+    assert isinstance(kernel, nnx.Param) is train_it
+    assert (not np.array_equal(before, kernel[...])) is train_it
+    np.testing.assert_array_equal(tuned.encoder.position_embedding[...],
+                                  encoder.position_embedding[...])
+    assert isinstance(encoder.patch_kernel, vit.FrozenParam)  # the source stays as it was
+    np.testing.assert_array_equal(encoder.patch_kernel[...], before)

@@ -2,6 +2,7 @@
 CPUs while it measured is measured too, and a loaded run reports no ratio, only why."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -81,3 +82,28 @@ def test_the_comparison_with_pytorch_beside_a_busy_process_reports_no_ratio():
     assert result["stopped_after"] == "jax in round 1"
     assert "other processes used" in result["ratio_withheld"]
     assert "no ratio" in run.stdout
+
+
+@pytest.mark.slow  # ~40 s: two tiny ViT steps, ours and PyTorch's
+def test_moco_v3s_heads_and_frozen_projection_build_the_same_vit_on_both_sides(tmp_path):
+    """benchmarks/train_step.py --num-heads / --freeze-patch-projection: both implementations
+    build the ViT MoCo v3 trains (the heads change no parameter count; the frozen projection
+    leaves the optimizer's count by its kernel and bias)."""
+    pytest.importorskip("timm")
+    built = {}
+    for impl in ("jax", "torch-eager"):
+        for options in ((), ("--num-heads", "8", "--freeze-patch-projection")):
+            out = tmp_path / f"{impl}{len(options)}.json"
+            subprocess.run(
+                [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), f"--impl={impl}",
+                 "--model", "vit_micro", "--image-size", "16", "--batch", "8", "--steps", "1",
+                 f"--json-out={out}", *options],
+                check=True, capture_output=True, cwd=ROOT, timeout=600,
+                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            built[impl, bool(options)] = json.loads(out.read_text())["architecture"]
+    assert built["jax", True] == built["torch-eager", True]
+    assert built["jax", False] == built["torch-eager", False]
+    assert (built["jax", False]["heads"], built["jax", True]["heads"]) == (4, 8)
+    patch_projection = 4 * 4 * 3 * 64 + 64  # 4-px patches, 3 channels, width 64
+    assert built["jax", False]["trainable_parameters"] - \
+        built["jax", True]["trainable_parameters"] == patch_projection

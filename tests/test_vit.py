@@ -20,7 +20,7 @@ from byol_flax.config import ConfigError, base_config, validate_config
 from byol_flax.models.encoders import build_encoder, is_vit
 from byol_flax.models.init import init_module
 from byol_flax.models.vit import FrozenParam, VisionTransformer, sincos_position_embedding
-from byol_flax.optim import build_optimizer, decay_and_adaptation_mask
+from byol_flax.optim import adaptation_mask, build_optimizer, weight_decay_mask
 from byol_flax.sharding import replicated_sharding, shard_batch
 from byol_flax.studies.study import load_config
 from tests.helpers import make_views
@@ -99,11 +99,34 @@ def test_frozen_arrays_get_no_update_and_trained_ones_do():
     assert isinstance(trained.patch_kernel, nnx.Param)
 
 
+def test_lars_adapts_the_class_token_and_position_embedding_but_not_biases_or_layernorms():
+    """Appendix A excludes biases and normalisation parameters from LARS's trust ratio; a class
+    token is neither (at the raw LR it grew to dominate the representation: the calibration's
+    vit_e80), so it is adapted, and, with timm's no_weight_decay, not decayed."""
+    encoder = micro(position_embedding="learned")
+    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    adapted = flat(adaptation_mask(encoder)(params))
+    decayed = flat(weight_decay_mask(encoder)(params))
+    assert {k for k, v in adapted.items() if v} == {k for k, v in decayed.items() if v} | {
+        "['cls_token']", "['position_embedding']"}
+    assert not adapted["['patch_bias']"] and not adapted["['norm']['scale']"]
+    assert not adapted["['blocks'][0]['attn']['qkv']['bias']"]
+    # One LARS step on a unit gradient: the class token moves by a trust-ratio-sized step
+    # (eta x its norm), not by the learning rate.
+    config = base_config().optimizer
+    optimizer = nnx.Optimizer(encoder, build_optimizer(config, encoder, lambda _: 1.0),
+                              wrt=nnx.Param)
+    before = np.asarray(encoder.cls_token[...])
+    optimizer.update(encoder, jax.tree.map(jnp.ones_like, nnx.state(encoder, nnx.Param)))
+    step = np.linalg.norm(np.asarray(encoder.cls_token[...]) - before)
+    assert step == pytest.approx(config.trust_coefficient * np.linalg.norm(before), rel=1e-4)
+
+
 def test_adamw_decays_kernels_only_not_biases_layernorms_class_token_or_position_embedding():
     """AdamW's decoupled decay (lr x wd x param, PyTorch's) on a zero gradient: the mask of
     Appendix A's exclusions, with timm's no_weight_decay leaves."""
     encoder = micro(position_embedding="learned")
-    mask = decay_and_adaptation_mask(encoder)(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
+    mask = weight_decay_mask(encoder)(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
     flags = flat(mask)
     undecayed = {k for k, v in flags.items() if not v}
     assert {k for k in flags if flags[k]} == {

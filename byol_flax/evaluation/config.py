@@ -50,6 +50,10 @@ def eval_base_config() -> ml_collections.ConfigDict:
     # pointed at the same workdir) reads them instead of running the encoder again; False keeps
     # them in memory only. Runtime role, like checkpoint_every_steps.
     config.features_cache = True
+    # The fine-tuning protocols (semi_supervised, transfer_finetune) train every parameter of the
+    # encoder, a ViT's patch projection included when pre-training kept it frozen, as MoCo v3
+    # fine-tunes; False keeps it frozen (the sin-cos position embedding is always fixed).
+    config.finetune_patch_projection = True
 
     # Appendix D.1, linear evaluation: frozen encoder (weights and BatchNorm statistics),
     # cross-entropy, SGD + Nesterov momentum 0.9, 80 epochs, batch 1024, no weight decay, LR swept.

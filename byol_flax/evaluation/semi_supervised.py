@@ -1,6 +1,7 @@
 """Semi-supervised fine-tuning (Appendix D.1): the whole network fine-tuned on a balanced label
 fraction of the train split or on a split file (SimCLR's 1% / 10% lists), LR x epochs swept."""
 
+import logging
 from typing import Any
 
 import ml_collections
@@ -11,6 +12,7 @@ import byol_flax.evaluation.classifier as clf
 from byol_flax.data.pipeline import OpenedSplit, labelled_dataset, labels_and_ids
 from byol_flax.data.records import DataError
 from byol_flax.evaluation.base import Context, protocol, result, sweep, this_process
+from byol_flax.models.vit import unfreeze_patch_projection
 from byol_flax.storage import files
 
 
@@ -58,6 +60,8 @@ def fine_tune(ctx: Context, opened: OpenedSplit, indices: np.ndarray | None, *,
     point) so that a stopped run resumes it."""
     model = clf.Classifier(nnx.clone(ctx.pretrained.encoder), ctx.num_classes,
                            seed=ctx.config.seed)
+    if ctx.config.finetune_patch_projection and unfreeze_patch_projection(model.encoder):
+        logging.info("fine-tuning the ViT's patch projection, frozen in pre-training")
     _set_batchnorm_decay(model, batchnorm_decay)
     batches = iter(labelled_dataset(ctx.config, opened, indices=indices, batch_size=batch_size,
                                     augment=True, seed=ctx.config.seed, **this_process()))

@@ -195,6 +195,19 @@ class VisionTransformer(nnx.Module):
         return self.norm(jnp.mean(x[:, 1:], axis=1))
 
 
+def unfreeze_patch_projection(encoder: nnx.Module) -> bool:
+    """Makes a ViT's frozen random patch projection trainable (``nnx.Param``), in place; True
+    when there was one. MoCo v3 freezes it for pre-training only and fine-tunes every
+    parameter; the fixed sin-cos position embedding stays fixed."""
+    if not isinstance(encoder, VisionTransformer):
+        return False
+    frozen = [name for name in ("patch_kernel", "patch_bias")
+              if isinstance(getattr(encoder, name), FrozenParam)]
+    for name in frozen:
+        setattr(encoder, name, nnx.Param(getattr(encoder, name)[...]))
+    return bool(frozen)
+
+
 # name -> (width D, depth, heads): timm's vit_{tiny,small,base,large}_patch16_224 (its ViT-S has 6
 # heads; MoCo v3's has 12, which model.encoder.num_heads sets); "vit_micro" is a CPU-sized net
 # (tests, the digits) on the same code path, as resnet_tiny is for ResNets.
