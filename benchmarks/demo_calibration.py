@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import quiet
 from byol_flax.runtime.xla import configure_xla_flags
 
 configure_xla_flags()
@@ -48,6 +49,10 @@ _VIT = {"model.encoder.name": "vit_micro"}
 # AdamW at a peak LR of 1e-3 for batch 128 (base 2e-3 x 128/256), a tenth of training as warm-up
 _ADAMW = {"optimizer.kind": "adamw", "optimizer.base_learning_rate": 2e-3,
           "optimizer.weight_decay": 0.05, "training.warmup_epochs": 8.0}
+
+
+_FROZEN = {"model.encoder.freeze_patch_projection": True}
+_BN_FINAL = {"model.encoder.final_norm": "batchnorm"}
 
 
 def _epochs(epochs: float, size: dict = _R16_W2, **changes) -> dict:
@@ -99,14 +104,25 @@ POINTS: dict[str, tuple[str, dict]] = {
     # stream normalises away what they add to every image.
     "vit_e80_adaptall": ("digits", _epochs(80.0, **_VIT, **{
         "optimizer.exclude_bias_and_norm": False})),
-    # The fix (byol_flax/optim.py since this sweep): LARS adapts the class token, which is
-    # neither a bias nor a normalisation parameter; same overrides as vit_e80, other code.
+    # LARS adapting the class token (neither a bias nor a normalisation parameter; it ran at
+    # commit 7780286, since reverted): same overrides as vit_e80, other code. Then with MoCo
+    # v3's fix for its ViTs' training instability, the random patch projection frozen.
     "vit_e80_lars_cls": ("digits", _epochs(80.0, **_VIT)),
-    "vit_e160_lars_cls": ("digits", _epochs(160.0, **_VIT)),
+    "vit_e80_lars_cls_frozen": ("digits", _epochs(80.0, **_VIT, **_FROZEN)),
+    # MoCo v3's optimizer and target (AdamW, tau 0.99, frozen projection) at a peak LR of 5e-4.
+    "vit_e80_adamw_moco": ("digits", _epochs(80.0, **_VIT, **_FROZEN, **{
+        **_ADAMW, "optimizer.base_learning_rate": 1e-3, "target.base_ema": 0.99})),
+    # Every trained ViT above ends with >99.8% of its representation's energy in one vector
+    # shared by every image, whatever the optimizer: the LayerNorm keeps it, a ResNet's
+    # BatchNorms remove it. A BatchNorm as the final norm (model.encoder.final_norm).
+    "vit_e80_bn": ("digits", _epochs(80.0, **_VIT, **_BN_FINAL)),
+    "vit_e80_adamw_moco_bn": ("digits", _epochs(80.0, **_VIT, **_FROZEN, **_BN_FINAL, **{
+        **_ADAMW, "optimizer.base_learning_rate": 1e-3, "target.base_ema": 0.99})),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
 # (point, seed) runs that shared the 2 cores with test runs: their times are inflated (marked *).
+# Later runs measure it (benchmarks/quiet.py: "load" in the row).
 SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2),
                   *((point, 0) for point in POINTS if point.startswith("vit_"))}
 # Table column -> (evaluation of the run, metric): the demo report's methods.
@@ -163,15 +179,17 @@ def run_point(workdir: epath.Path, name: str, seed: int) -> dict:
         return json.loads(done.read_text())
     recipe, overrides = POINTS[name]
     started = time.perf_counter()
-    (run,) = runner.run(demo.demo_study([demo.recipe_row(name, recipe, overrides)],
-                                        seeds=(seed,)), workdir)
+    loads: list[quiet.Load] = []
+    with quiet.watch(loads):  # what else used the CPUs meanwhile (times marked (*) if any)
+        (run,) = runner.run(demo.demo_study([demo.recipe_row(name, recipe, overrides)],
+                                            seeds=(seed,)), workdir)
     row = {"point": name, "seed": seed, "recipe": recipe, "overrides": overrides,
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True, cwd=Path(__file__).parent).stdout.strip(),
            "steps": run["steps"], "train_seconds": run["train_seconds"],
            "total_seconds": time.perf_counter() - started,
            **{c: run["evaluations"][key]["test"][metric] for c, (key, metric) in COLUMNS.items()},
-           "final_metrics": run["final_metrics"]}
+           "final_metrics": run["final_metrics"], "load": quiet.verdict(loads)}
     if load_source(run["dir"]).model_config["encoder"]["name"].startswith("vit"):
         row["anatomy"] = vit_anatomy(run["dir"], seed)
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -188,35 +206,62 @@ def describe(overrides: dict) -> str:
     return ", ".join(f"{name}={value}" for name, value in parts.items())
 
 
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| point | recipe | overrides | seed | steps | train s | train+eval s | BYOL linear | "
-             "random-init linear | raw-pixel linear | BYOL kNN | random-init kNN | "
-             "proj. eff. rank | online classifier |",
-             "|---" * 14 + "|"]
+    lines = ["| point | recipe | overrides | code | seed | steps | train s | train+eval s | "
+             + " | ".join(c.replace("_", " ") for c in COLUMNS)
+             + " | proj. eff. rank | online classifier | repr. std ratio |",
+             "|---" * (len(COLUMNS) + 11) + "|"]
     for r in rows:
         final = r["final_metrics"]
         overrides = describe(r["overrides"])
-        mark = " (*)" if (r["point"], r["seed"]) in SHARED_MACHINE else ""
+        shared = (r["point"], r["seed"]) in SHARED_MACHINE if "load" not in r else \
+            not r["load"]["quiet"]
+        mark = " (*)" if shared else ""
         rank = final.get("collapse/projection_effective_rank", float("nan"))
         online = final.get("online_classifier/top1", float("nan"))
-        lines.append(f"| {r['point']} | {r['recipe']} | {overrides} | {r['seed']} | {r['steps']} | "
+        lines.append(f"| {r['point']} | {r['recipe']} | {overrides} | {r.get('commit', '-')} | "
+                     f"{r['seed']} | {r['steps']} | "
                      f"{r['train_seconds']:.0f}{mark} | {r['total_seconds']:.0f}{mark} | "
-                     + " | ".join(f"{r[c]:.3f}" for c in COLUMNS)
+                     + " | ".join(_cell(r, c) for c in COLUMNS)
                      + f" | {rank:.1f} | "
-                     + ("-" if np.isnan(online) else f"{online:.3f}") + " |")
+                     + ("-" if np.isnan(online) else f"{online:.3f}") + " | "
+                     + _cell(final, "collapse/representation_std_ratio") + " |")
     by_point: dict[str, list[dict]] = {}
     for r in rows:
         by_point.setdefault(r["point"], []).append(r)
     lines += ["", "Mean +- std over the seeds run:", "",
-              "| point | seeds | BYOL linear | random-init linear | raw-pixel linear | BYOL kNN | "
-              "random-init kNN | train s |", "|---" * 8 + "|"]
+              "| point | seeds | " + " | ".join(c.replace("_", " ") for c in COLUMNS)
+              + " | train s |", "|---" * (len(COLUMNS) + 3) + "|"]
     for point, rs in by_point.items():
         cells = []
         for c in COLUMNS:
-            values = np.asarray([r[c] for r in rs])
-            cells.append(f"{values.mean():.3f} +- {values.std():.3f}")
+            values = np.asarray([r[c] for r in rs if c in r])
+            cells.append(f"{values.mean():.3f} +- {values.std():.3f}" if len(values) else "-")
         lines.append(f"| {point} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
                      + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
+    anatomies = [r for r in rows if "anatomy" in r]
+    if anatomies:
+        lines += ["", "Where the shared component sits (`vit_anatomy`, test split): the share "
+                  "of the vectors' energy that is one vector common to every image, for the "
+                  "representation and for the class token's residual stream before the final "
+                  "LayerNorm, and the norms of the class token and of all biases beside the "
+                  "stream's mean norm (trained encoder / random init):", "",
+                  "| point | seed | repr. shared | stream shared | stream norm | class token "
+                  "norm | biases norm |", "|---" * 7 + "|"]
+        for r in anatomies:
+            a = r["anatomy"]
+            pair = lambda key, fmt: (f"{a[f'byol_{key}']:{fmt}} / "
+                                     f"{a[f'random_init_{key}']:{fmt}}")
+            lines.append(f"| {r['point']} | {r['seed']} | "
+                         f"{pair('representation_shared_fraction', '.4f')} | "
+                         f"{pair('stream_shared_fraction', '.4f')} | "
+                         f"{pair('stream_norm', '.1f')} | {pair('cls_token_norm', '.3g')} | "
+                         f"{pair('biases_norm', '.2f')} |")
     return "\n".join(lines) + "\n"
 
 

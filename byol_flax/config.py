@@ -25,6 +25,7 @@ from byol_flax.models.conv import CONV_IMPLEMENTATIONS
 from byol_flax.models.encoders import ENCODERS, WIDTH_MULTIPLIERS, is_vit
 from byol_flax.models.predictors import PREDICTORS
 from byol_flax.models.vit import (
+    FINAL_NORMS,
     PATCH_SIZE_BY_STEM,
     POOLINGS,
     POSITION_EMBEDDINGS,
@@ -81,12 +82,15 @@ def base_config() -> ml_collections.ConfigDict:
     # patch_size: 0 = by stem (16 px for "imagenet", 4 px for "small"). pooling: "token" (the
     # class token, MoCo v3) or "mean" (of the patch tokens). position_embedding: "sincos" (fixed,
     # MoCo v3) or "learned" (timm). freeze_patch_projection: keep the random patch projection
-    # fixed, MoCo v3's stability measure (byol_vit_imagenet sets it).
+    # fixed, MoCo v3's stability measure (byol_vit_imagenet sets it). final_norm: "layernorm"
+    # (timm's, MoCo v3's) or "batchnorm" (a BatchNorm over the pooled token: the representation
+    # centred per feature as a ResNet's is; the digits' ViT recipe, docs/demo_calibration.md).
     config.model.encoder.patch_size = 0
     config.model.encoder.num_heads = 0  # 0: the size's (timm's: ViT-S 6, ViT-B 12)
     config.model.encoder.pooling = "token"
     config.model.encoder.position_embedding = "sincos"
     config.model.encoder.freeze_patch_projection = False
+    config.model.encoder.final_norm = "layernorm"
     config.model.projector = ml_collections.ConfigDict(
         {"hidden_size": 4096, "output_size": 256, "depth": 2})
     # kind: a name in byol_flax.models.predictors.PREDICTORS (mlp, linear, identity,
@@ -389,6 +393,8 @@ def _vit_checks(config: ml_collections.ConfigDict) -> list[tuple[bool, str, str]
         (encoder.pooling in POOLINGS, "model.encoder.pooling", f"must be one of {list(POOLINGS)}"),
         (encoder.position_embedding in POSITION_EMBEDDINGS, "model.encoder.position_embedding",
          f"must be one of {list(POSITION_EMBEDDINGS)}"),
+        (encoder.final_norm in FINAL_NORMS, "model.encoder.final_norm",
+         f"must be one of {list(FINAL_NORMS)}"),
         (encoder.patch_size >= 0, "model.encoder.patch_size", "must be >= 0 (0: by stem)"),
         (encoder.num_heads >= 0, "model.encoder.num_heads", "must be >= 0 (0: the encoder's)"),
         (not is_vit(encoder.name) or encoder.stem not in PATCH_SIZE_BY_STEM

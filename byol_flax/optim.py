@@ -2,10 +2,8 @@
 Vision Transformers (MoCo v3's recipe), from optax.
 
 Appendix A: LARS (trust coefficient 1e-3, momentum 0.9), weight decay 1.5e-6, biases and BatchNorm
-parameters excluded from both the trust-ratio adaptation and weight decay; what a module lists in
-``no_weight_decay`` (a ViT's class token and position embedding, timm's list) skips weight decay
-only. Appendix J.1: the predictor's and projector's learning rates are multiplied by lambda and
-mu.
+parameters excluded from both the trust-ratio adaptation and weight decay. Appendix J.1: the
+predictor's and projector's learning rates are multiplied by lambda and mu.
 
 The transforms are optax's own, chained in the order of the official BYOL implementation:
 weight decay -> trust ratio -> momentum -> learning rate. (``optax.lars`` scales by the learning
@@ -56,32 +54,20 @@ def undecayed_leaf_paths(model: nnx.Module) -> frozenset[ParamPath]:
                      for name in getattr(node, "no_weight_decay", ()))
 
 
-def is_bias_or_norm(path: ParamPath, norm_paths: frozenset[ParamPath]) -> bool:
-    """Appendix A's exclusions: a bias (a leaf named ``bias`` or ``*_bias``) or a parameter of
-    a normalisation layer."""
-    return path[-1] == "bias" or path[-1].endswith("_bias") or path[:-1] in norm_paths
+def decay_and_adaptation_mask(model: nnx.Module) -> Callable[[Any], Any]:
+    """Mask fn for optax: True for leaves that get weight decay and LARS adaptation.
 
-
-def _mask(excluded: Callable[[ParamPath], bool]) -> Callable[[Any], Any]:
-    return lambda params: jax.tree_util.tree_map_with_path(
-        lambda key_path, _: not excluded(_path_names(key_path)), params)
-
-
-def weight_decay_mask(model: nnx.Module) -> Callable[[Any], Any]:
-    """Mask fn for optax: True for leaves that get weight decay. False for Appendix A's
-    exclusions (:func:`is_bias_or_norm`) and for the leaves a module lists in
-    ``no_weight_decay``."""
-    norm_paths, undecayed = norm_module_paths(model), undecayed_leaf_paths(model)
-    return _mask(lambda path: is_bias_or_norm(path, norm_paths) or path in undecayed)
-
-
-def adaptation_mask(model: nnx.Module) -> Callable[[Any], Any]:
-    """Mask fn for optax: True for leaves that get LARS's trust-ratio adaptation: all but
-    Appendix A's exclusions. A ViT's class token and position embedding are neither biases nor
-    normalisation parameters, so they are adapted (though not decayed): at the raw learning rate
-    the class token grew to dominate the representation (docs/demo_calibration.md)."""
+    False for biases (any leaf named ``bias``), for every parameter of a normalisation layer,
+    and for the leaves a module lists in ``no_weight_decay``.
+    """
     norm_paths = norm_module_paths(model)
-    return _mask(lambda path: is_bias_or_norm(path, norm_paths))
+    undecayed = undecayed_leaf_paths(model)
+
+    def is_adapted(path: ParamPath) -> bool:
+        return path[-1] != "bias" and path[:-1] not in norm_paths and path not in undecayed
+
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda key_path, _: is_adapted(_path_names(key_path)), params)
 
 
 def module_label(path: ParamPath) -> str:
@@ -97,21 +83,19 @@ def build_optimizer(config: ConfigDict, model: nnx.Module,
     """From ``config.optimizer``: LARS (``kind="lars"``, the paper's) or AdamW (``"adamw"``, MoCo
     v3's for ViTs), with the paper's exclusions from weight decay (and from LARS adaptation) and
     per-module LR multipliers."""
-    exclude = config.exclude_bias_and_norm
-    decay: Any = weight_decay_mask(model) if exclude else True
+    mask: Any = decay_and_adaptation_mask(model) if config.exclude_bias_and_norm else True
     if config.kind == "lars":
-        adapt: Any = adaptation_mask(model) if exclude else True
         transforms = (
-            optax.add_decayed_weights(config.weight_decay, mask=decay),
+            optax.add_decayed_weights(config.weight_decay, mask=mask),
             optax.masked(optax.scale_by_trust_ratio(trust_coefficient=config.trust_coefficient),
-                         adapt),
+                         mask),
             optax.trace(decay=config.momentum, nesterov=False),
             optax.scale_by_learning_rate(learning_rate),
         )
     elif config.kind == "adamw":  # decoupled weight decay, scaled by the LR (PyTorch's AdamW)
         transforms = (optax.adamw(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
                                   eps=config.adam_eps, weight_decay=config.weight_decay,
-                                  mask=decay),)
+                                  mask=mask),)
     else:
         raise ValueError(f"optimizer.kind must be one of {list(OPTIMIZERS)}, got {config.kind!r}")
     multipliers = {"predictor": config.predictor_lr_multiplier,

@@ -20,7 +20,7 @@ from byol_flax.config import ConfigError, base_config, validate_config
 from byol_flax.models.encoders import build_encoder, is_vit
 from byol_flax.models.init import init_module
 from byol_flax.models.vit import FrozenParam, VisionTransformer, sincos_position_embedding
-from byol_flax.optim import adaptation_mask, build_optimizer, weight_decay_mask
+from byol_flax.optim import build_optimizer, decay_and_adaptation_mask
 from byol_flax.sharding import replicated_sharding, shard_batch
 from byol_flax.studies.study import load_config
 from tests.helpers import make_views
@@ -99,34 +99,11 @@ def test_frozen_arrays_get_no_update_and_trained_ones_do():
     assert isinstance(trained.patch_kernel, nnx.Param)
 
 
-def test_lars_adapts_the_class_token_and_position_embedding_but_not_biases_or_layernorms():
-    """Appendix A excludes biases and normalisation parameters from LARS's trust ratio; a class
-    token is neither (at the raw LR it grew to dominate the representation: the calibration's
-    vit_e80), so it is adapted, and, with timm's no_weight_decay, not decayed."""
-    encoder = micro(position_embedding="learned")
-    params = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
-    adapted = flat(adaptation_mask(encoder)(params))
-    decayed = flat(weight_decay_mask(encoder)(params))
-    assert {k for k, v in adapted.items() if v} == {k for k, v in decayed.items() if v} | {
-        "['cls_token']", "['position_embedding']"}
-    assert not adapted["['patch_bias']"] and not adapted["['norm']['scale']"]
-    assert not adapted["['blocks'][0]['attn']['qkv']['bias']"]
-    # One LARS step on a unit gradient: the class token moves by a trust-ratio-sized step
-    # (eta x its norm), not by the learning rate.
-    config = base_config().optimizer
-    optimizer = nnx.Optimizer(encoder, build_optimizer(config, encoder, lambda _: 1.0),
-                              wrt=nnx.Param)
-    before = np.asarray(encoder.cls_token[...])
-    optimizer.update(encoder, jax.tree.map(jnp.ones_like, nnx.state(encoder, nnx.Param)))
-    step = np.linalg.norm(np.asarray(encoder.cls_token[...]) - before)
-    assert step == pytest.approx(config.trust_coefficient * np.linalg.norm(before), rel=1e-4)
-
-
 def test_adamw_decays_kernels_only_not_biases_layernorms_class_token_or_position_embedding():
     """AdamW's decoupled decay (lr x wd x param, PyTorch's) on a zero gradient: the mask of
     Appendix A's exclusions, with timm's no_weight_decay leaves."""
     encoder = micro(position_embedding="learned")
-    mask = weight_decay_mask(encoder)(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
+    mask = decay_and_adaptation_mask(encoder)(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))
     flags = flat(mask)
     undecayed = {k for k, v in flags.items() if not v}
     assert {k for k in flags if flags[k]} == {
@@ -302,3 +279,24 @@ def test_a_tiny_vit_pretrains_on_the_digits_exports_and_is_evaluated(data_dir, t
         results = json.loads((out / "results.json").read_text())
         top1 = results["test"]["top1" if protocol == "linear" else "top1_k20"]
         assert results["source"]["kind"] == "export" and 0.1 < top1 <= 1  # above chance
+
+
+def test_a_batchnorm_final_norm_centres_each_feature_over_the_batch_and_has_no_timm_layout():
+    """final_norm="batchnorm": in training, each feature of the representation has batch mean 0
+    and std 1 whatever every image shares; in inference it reads the running statistics;
+    timm's layout (final LayerNorm) refuses it in one line naming the key."""
+    from byol_flax.export import timm_vit
+
+    encoder = micro(final_norm="batchnorm")
+    images = jax.random.normal(jax.random.key(0), (64, 16, 16, 3)) + 3.0  # a shared offset
+    encoder.train()
+    y = np.asarray(encoder(images))
+    np.testing.assert_allclose(y.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=1e-2)
+    encoder.eval()
+    assert not np.allclose(np.asarray(encoder(images)).mean(axis=0), 0.0, atol=1e-2)
+    layer = np.asarray(micro()(images))  # timm's LayerNorm keeps the shared part
+    shared = np.sum(layer.mean(axis=0) ** 2) / np.mean(np.sum(layer ** 2, axis=1))
+    assert shared > 0.5
+    with pytest.raises(timm_vit.TimmExportError, match="final_norm='batchnorm'"):
+        timm_vit.timm_shapes(encoder)

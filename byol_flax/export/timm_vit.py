@@ -121,6 +121,10 @@ def _vit(pretrained_or_encoder: Any) -> VisionTransformer:
     if not isinstance(encoder, VisionTransformer):
         raise TimmExportError(f"a {type(encoder).__name__} is not a "
                               "byol_flax.models.vit.VisionTransformer")
+    if encoder.final_norm != "layernorm":
+        raise TimmExportError(f"model.encoder.final_norm={encoder.final_norm!r}: timm's "
+                              "VisionTransformer ends in a LayerNorm; only that ViT has a timm "
+                              "layout (the default --format=byol_flax exports it)")
     return encoder
 
 

@@ -55,6 +55,7 @@ ENCODER_OPTIONS = {
     "pooling": "token",  # ViT
     "position_embedding": "sincos",  # ViT
     "freeze_patch_projection": False,  # ViT
+    "final_norm": "layernorm",  # ViT
 }
 # What an encoder may need to know of its input, handed to those that take it.
 ENCODER_CONTEXT = ("image_size",)

@@ -10,6 +10,14 @@ exact-erf GELU, MLP 4x wide), LayerNorm eps 1e-6. The representation y is
 * ``pooling="mean"``: the mean of the patch tokens, then the final LayerNorm (timm's ``avg``
   pooling with its ``fc_norm``).
 
+``final_norm="batchnorm"`` replaces the final LayerNorm by a BatchNorm over the pooled token
+(the encoder's ``bn`` settings; not timm's layout, so no timm export): a LayerNorm normalises
+each image's vector on its own and keeps what every image shares (on the digits, 99.8% of the
+class token's energy after BYOL: docs/demo_calibration.md), which a ResNet's BatchNorms remove
+at every layer; the BatchNorm centres and scales each feature over the batch, as the ResNet's
+last BatchNorm does, so the paper's linear probe reads the representation as it reads a
+ResNet's.
+
 MoCo v3's stability measures are options: a fixed 2-D sin-cos position embedding
 (``position_embedding="sincos"``, the default; ``"learned"`` is timm's trained one) and a
 frozen random patch projection (``freeze_patch_projection``). Frozen arrays are
@@ -36,10 +44,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from byol_flax.models.resnet import BatchNormConfig
+
 Pooling = Literal["token", "mean"]
 PositionEmbedding = Literal["sincos", "learned"]
+FinalNorm = Literal["layernorm", "batchnorm"]
 POOLINGS = ("token", "mean")
 POSITION_EMBEDDINGS = ("sincos", "learned")
+FINAL_NORMS = ("layernorm", "batchnorm")
 # Patch side when model.encoder.patch_size is 0, by model.encoder.stem.
 PATCH_SIZE_BY_STEM = {"imagenet": 16, "small": 4}
 LAYER_NORM_EPS = 1e-6  # timm's and MoCo v3's ViT LayerNorm
@@ -136,14 +148,16 @@ class VisionTransformer(nnx.Module):
                  width_multiplier: int = 1,
                  stem: str = "imagenet", patch_size: int = 0, image_size: int = 224,
                  pooling: Pooling = "token", position_embedding: PositionEmbedding = "sincos",
-                 freeze_patch_projection: bool = False, in_channels: int = 3,
-                 bn: Any = None, dtype: Any = None, rngs: nnx.Rngs):
-        del bn  # the encoders' common argument: a ViT has no BatchNorm (its heads keep theirs)
+                 freeze_patch_projection: bool = False, final_norm: FinalNorm = "layernorm",
+                 in_channels: int = 3, bn: Any = None, dtype: Any = None, rngs: nnx.Rngs):
         if stem not in PATCH_SIZE_BY_STEM:
             raise ValueError(f"encoder stem must be one of {list(PATCH_SIZE_BY_STEM)}, "
                              f"got {stem!r}")
         if pooling not in POOLINGS:
             raise ValueError(f"ViT pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if final_norm not in FINAL_NORMS:
+            raise ValueError(f"ViT final_norm must be one of {list(FINAL_NORMS)}, "
+                             f"got {final_norm!r}")
         if position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"ViT position_embedding must be one of "
                              f"{list(POSITION_EMBEDDINGS)}, got {position_embedding!r}")
@@ -171,7 +185,11 @@ class VisionTransformer(nnx.Module):
                 rngs.params(), -2.0, 2.0, (tokens, width)))
         self.blocks = nnx.List([Block(width, num_heads, dtype=dtype, rngs=rngs)
                                 for _ in range(depth)])
-        self.norm = nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
+        self.final_norm = final_norm
+        if final_norm == "batchnorm":  # the encoders' BatchNorm settings (Appendix J.1's)
+            self.norm = (bn or BatchNormConfig()).make(width, rngs=rngs, dtype=dtype)
+        else:
+            self.norm = nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, dtype=dtype, rngs=rngs)
 
     def patches(self, images: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, tokens, p * p * C), rows then columns, each patch (p, p, C)
@@ -190,9 +208,10 @@ class VisionTransformer(nnx.Module):
         x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(dtype)
         for block in self.blocks:
             x = block(x)
-        if self.pooling == "token":
-            return self.norm(x)[:, 0]
-        return self.norm(jnp.mean(x[:, 1:], axis=1))
+        # A LayerNorm of every token then the class token's equals the class token's LayerNorm;
+        # a BatchNorm normalises the pooled vector over the batch.
+        pooled = x[:, 0] if self.pooling == "token" else jnp.mean(x[:, 1:], axis=1)
+        return self.norm(pooled)
 
 
 def unfreeze_patch_projection(encoder: nnx.Module) -> bool:
