@@ -118,9 +118,14 @@ POINTS: dict[str, tuple[str, dict]] = {
     "vit_e80_bn": ("digits", _epochs(80.0, **_VIT, **_BN_FINAL)),
     "vit_e80_adamw_moco_bn": ("digits", _epochs(80.0, **_VIT, **_FROZEN, **_BN_FINAL, **{
         **_ADAMW, "optimizer.base_learning_rate": 1e-3, "target.base_ema": 0.99})),
+    # The second dataset: the digits at 12 px (3 x 3 patches of 4 px; the blur kept at 16 px's).
+    "vit_e80_bn_r12": ("digits", _epochs(80.0, {**_R16_W2, "data.image_size": 12}, **_VIT,
+                                         **_BN_FINAL)),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
+# The point digits_cpu.py's ViT recipe (augment=vit) reproduces.
+VIT_CHOSEN = "vit_e80_bn"
 # (point, seed) runs that shared the 2 cores with test runs: their times are inflated (marked *).
 # Later runs measure it (benchmarks/quiet.py: "load" in the row).
 SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2),

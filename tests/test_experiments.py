@@ -121,16 +121,18 @@ def test_digits_recipes_differ_from_table_6_only_where_documented():
         digits_cpu.get_config("data=/d,augment=strong")
 
 
-def test_digits_default_recipe_is_the_point_the_calibration_sweep_chose():
-    """docs/demo_calibration.md's chosen point, as benchmarks/demo_calibration.py defines it."""
+@pytest.mark.parametrize("chosen, arg", [("CHOSEN", "/d"), ("VIT_CHOSEN", "/d,augment=vit")])
+def test_digits_recipes_are_the_points_the_calibration_sweep_chose(chosen, arg):
+    """docs/demo_calibration.md's chosen points (the default recipe's and the ViT's), as
+    benchmarks/demo_calibration.py defines them."""
     from benchmarks import demo_calibration as calibration
     from byol_flax.configs import digits_cpu
 
-    recipe, overrides = calibration.POINTS[calibration.CHOSEN]
+    recipe, overrides = calibration.POINTS[getattr(calibration, chosen)]
     swept = digits_cpu.get_config(f"data=/d,augment={recipe}")
     swept.update_from_flattened_dict(overrides)
     assert digits_cpu.DEFAULT_RECIPE == "digits"
-    chosen = digits_cpu.get_config("/d")
+    chosen = digits_cpu.get_config(arg)
     got, expected = _flatten(chosen.to_dict()), _flatten(swept.to_dict())
     assert got.keys() == expected.keys()
     for key in got:

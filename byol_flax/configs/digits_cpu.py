@@ -15,6 +15,12 @@ The argument is ``DATA_DIR`` (default ``data/digits``) or ``data=DATA_DIR,augmen
   2, 3, 4, 5, 7 or 9 is not that digit), and the blur's sigma range scaled from Table 6's pixels
   of a 224-px crop to the crop size (unscaled, a 2-px sigma wipes out a 16-px digit).
 * ``augment=paper``: the same setup with Table 6 and Appendix C as they are.
+* ``augment=vit``: the same setup with a Vision Transformer (``vit_micro`` at 2x width: 4 blocks,
+  4 heads, width 128, 4-px patches) whose final norm is a BatchNorm
+  (``model.encoder.final_norm``), at 80 epochs: the point ``vit_e80_bn`` of the calibration
+  (``docs/demo_calibration.md``, "Vision Transformer"). With timm's final LayerNorm the
+  representation is one vector shared by every image plus a small image-dependent part, and the
+  paper's linear probe on it loses to random initialisation.
 * ``augment=small_image``: the first demo's setup, which ``docs/studies/cpu_collapse.md`` ran:
   12-px crops, ``resnet_tiny`` at 1x, 40 epochs, base LR 1.0, tau_base 0.99, the crop and flip
   changes above and Table 6's blur in pixels.
@@ -26,7 +32,7 @@ from byol_flax.config import base_config
 from byol_flax.configs import common
 from byol_flax.data.augment import scale_blur_to_crop_size
 
-AUGMENTATION_RECIPES = ("digits", "paper", "small_image")
+AUGMENTATION_RECIPES = ("digits", "paper", "small_image", "vit")
 DEFAULT_RECIPE = "digits"
 # Why a recipe scores below the default at this scale (the demo report prints it when it does).
 RECIPE_NOTES = {
@@ -35,7 +41,12 @@ RECIPE_NOTES = {
              "to 2 px is meant for 224-px crops, so at 16 px the two views often share too little "
              "of the digit to agree on.",
     "small_image": "it is the first demo's smaller setup (12 px, 1x width, 40 epochs).",
+    "vit": "it is a Vision Transformer at half the ResNet's epochs; a ViT learns less than a "
+           "ResNet from 1287 images of 8x8 pixels (docs/demo_calibration.md).",
 }
+# The ViT recipe (docs/demo_calibration.md: point vit_e80_bn).
+VIT_ENCODER = "vit_micro"
+VIT_EPOCHS = 80.0
 # Crop size of the default recipe (and of eval_digits): the 8-px digits upsampled
 # to 16 px; 12 px (the small_image setup) trains 1.8x faster and scores lower (the sweep).
 IMAGE_SIZE = 16
@@ -79,10 +90,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.monitor.batch_size = 256
     config.monitor.knn_k = (20,)
     config.augment.blur_kernel_divider = BLUR_KERNEL_DIVIDER
-    if recipe in ("digits", "small_image"):
+    if recipe == "vit":
+        config.model.encoder.name = VIT_ENCODER
+        config.model.encoder.final_norm = "batchnorm"
+        config.training.epochs = VIT_EPOCHS
+    if recipe in ("digits", "small_image", "vit"):
         config.augment.crop_area_min = 0.25
         config.augment.view1.flip_prob = 0.0
         config.augment.view2.flip_prob = 0.0
-    if recipe == "digits":
+    if recipe in ("digits", "vit"):
         scale_blur_to_crop_size(config.augment, config.data.image_size)
     return common.finish(config, options)
