@@ -116,11 +116,14 @@ POINTS: dict[str, tuple[str, dict]] = {
     # shared by every image, whatever the optimizer: the LayerNorm keeps it, a ResNet's
     # BatchNorms remove it. A BatchNorm as the final norm (model.encoder.final_norm).
     "vit_e80_bn": ("digits", _epochs(80.0, **_VIT, **_BN_FINAL)),
+    "vit_e160_bn": ("digits", _epochs(160.0, **_VIT, **_BN_FINAL)),
     "vit_e80_adamw_moco_bn": ("digits", _epochs(80.0, **_VIT, **_FROZEN, **_BN_FINAL, **{
         **_ADAMW, "optimizer.base_learning_rate": 1e-3, "target.base_ema": 0.99})),
     # The second dataset: the digits at 12 px (3 x 3 patches of 4 px; the blur kept at 16 px's).
     "vit_e80_bn_r12": ("digits", _epochs(80.0, {**_R16_W2, "data.image_size": 12}, **_VIT,
                                          **_BN_FINAL)),
+    "vit_e160_bn_r12": ("digits", _epochs(160.0, {**_R16_W2, "data.image_size": 12}, **_VIT,
+                                          **_BN_FINAL)),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
