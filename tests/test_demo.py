@@ -98,3 +98,21 @@ def test_smoke_demo_is_the_demo_with_the_smoke_switch_on_every_config():
         for e_big, e_small in zip(big.evaluations, small.evaluations):
             assert e_big.source == e_small.source
             assert common.smoke(e_big.config).to_dict() == e_small.config.to_dict()
+
+
+@pytest.mark.slow  # ~1-2 min: a smoke pre-training of the ViT and its six evaluations
+def test_the_vit_recipe_runs_as_the_resnet_demo_does(tmp_path):
+    """byol-demo --recipes=vit: the ViT with a BatchNorm final norm, trained and evaluated as
+    the ResNet demo (same report, verdicts, plots, export)."""
+    content = demo.run_demo(tmp_path, seeds=[0], recipes=["vit"], smoke=True)
+    assert content["headline_recipe"] == "vit"
+    config = content["configs"]["vit"]["pretrain"]
+    assert config["model"]["encoder"]["name"] == "vit_micro"
+    assert config["model"]["encoder"]["final_norm"] == "batchnorm"
+    assert set(content["recipes"]["vit"]) >= set(report.METHODS)
+    for plot in content["plots"].values():
+        assert (tmp_path / plot).stat().st_size > 1000, plot
+    markdown = (tmp_path / "report.md").read_text()
+    assert "`vit`: BYOL linear on standardised features" in markdown
+    card = json.loads((tmp_path / "export" / "model_card.json").read_text())
+    assert card["architecture"]["encoder"]["name"] == "vit_micro"
