@@ -244,14 +244,17 @@ def markdown(rows: list[dict]) -> str:
         by_point.setdefault(r["point"], []).append(r)
     lines += ["", "Mean +- std over the seeds run:", "",
               "| point | seeds | " + " | ".join(c.replace("_", " ") for c in COLUMNS)
-              + " | train s |", "|---" * (len(COLUMNS) + 3) + "|"]
+              + " | online classifier | train s |", "|---" * (len(COLUMNS) + 4) + "|"]
     for point, rs in by_point.items():
         cells = []
         for c in COLUMNS:
             values = np.asarray([r[c] for r in rs if c in r])
             cells.append(f"{values.mean():.3f} +- {values.std():.3f}" if len(values) else "-")
+        online = np.asarray([r["final_metrics"].get("online_classifier/top1", np.nan) for r in rs])
+        online_cell = "-" if np.isnan(online).all() else \
+            f"{np.nanmean(online):.3f} +- {np.nanstd(online):.3f}"
         lines.append(f"| {point} | {','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells)
-                     + f" | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
+                     + f" | {online_cell} | {np.mean([r['train_seconds'] for r in rs]):.0f} |")
     anatomies = [r for r in rows if "anatomy" in r]
     if anatomies:
         lines += ["", "Where the shared component sits (`vit_anatomy`, test split): the share "

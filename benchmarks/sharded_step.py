@@ -31,7 +31,8 @@ def worker(args: argparse.Namespace) -> None:
     from train_step import build_step, random_views  # this folder: the same step and views
 
     graphdef, state, step, mesh = build_step(args.encoder, args.stem, args.batch,
-                                             total_steps=100, warmup_steps=2)
+                                             total_steps=100, warmup_steps=2,
+                                             image_size=args.image_size)  # a ViT's positions
     batches = random_views(args.batch, args.image_size, mesh, count=args.steps)
     losses, times = [], []
     for batch in batches:
