@@ -129,6 +129,9 @@ POINTS: dict[str, tuple[str, dict]] = {
                                          **_BN_FINAL)),
     "vit_e160_bn_r12": ("digits", _epochs(160.0, {**_R16_W2, "data.image_size": 12}, **_VIT,
                                           **_BN_FINAL)),
+    "vit_e160_bn_warm16_r12": ("digits", _epochs(160.0, {**_R16_W2, "data.image_size": 12},
+                                                 **_VIT, **_BN_FINAL, **{
+                                                     "training.warmup_epochs": 16.0})),
 }
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
