@@ -136,7 +136,7 @@ POINTS: dict[str, tuple[str, dict]] = {
 # The point byol_flax/configs/digits_cpu.py's default recipe reproduces (tests/test_experiments.py).
 CHOSEN = "r16_w2_e160_combo"
 # The point digits_cpu.py's ViT recipe (augment=vit) reproduces.
-VIT_CHOSEN = "vit_e160_bn"
+VIT_CHOSEN = "vit_e160_bn_warm16"
 # (point, seed) runs that shared the 2 cores with test runs: their times are inflated (marked *).
 # Later runs measure it (benchmarks/quiet.py: "load" in the row).
 SHARED_MACHINE = {("r16_w2_e80_scaledblur", 0), ("r16_w2_e160_combo", 2),
