@@ -52,9 +52,9 @@ def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True
 # l2-normalised vectors below this fraction of 1/sqrt(d). Not a collapse of what the loss sees
 # (the projector's first BatchNorm subtracts the shared vector), but the linear probe and the
 # online classifier read the representation with it. Calibrated on the digits
-# (docs/demo_calibration.md, "Which runs the monitor flags"): healthy runs end at 0.58-0.59
-# (ResNet) and 0.94-0.98 (ViT with a BatchNorm final norm); the LayerNorm ViTs whose paper probe
-# lost to random initialisation at 0.02-0.14, except AdamW's at 0.51, which it misses.
+# (docs/demo_calibration.md, "Which runs the collapse monitor flags"): healthy runs end at
+# 0.58-0.59 (ResNet) and 0.94-0.98 (ViT with a BatchNorm final norm); the LayerNorm ViTs whose
+# paper probe lost to random initialisation at 0.02-0.14, except AdamW's at 0.51, which it misses.
 SHARED_REPRESENTATION_STD_RATIO = 0.2
 
 
