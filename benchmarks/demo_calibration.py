@@ -12,7 +12,6 @@ re-run only adds what is missing; the table is rewritten after each one.
 """
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from flax import nnx  # noqa: E402
 
 from byol_flax.configs import eval_digits  # noqa: E402
 from byol_flax.evaluation import Context, SweepStore  # noqa: E402
+from byol_flax.models.encoders import is_vit  # noqa: E402
 from byol_flax.sharding import make_mesh  # noqa: E402
 from byol_flax.studies import demo, report, runner  # noqa: E402
 from byol_flax.weights.encoder import RANDOM_PREFIX, load_source  # noqa: E402
@@ -125,8 +125,6 @@ POINTS: dict[str, tuple[str, dict]] = {
     "vit_e80_adamw_moco_bn": ("digits", _epochs(80.0, **_VIT, **_FROZEN, **_BN_FINAL, **{
         **_ADAMW, "optimizer.base_learning_rate": 1e-3, "target.base_ema": 0.99})),
     # The second dataset: the digits at 12 px (3 x 3 patches of 4 px; the blur kept at 16 px's).
-    "vit_e80_bn_r12": ("digits", _epochs(80.0, {**_R16_W2, "data.image_size": 12}, **_VIT,
-                                         **_BN_FINAL)),
     "vit_e160_bn_r12": ("digits", _epochs(160.0, {**_R16_W2, "data.image_size": 12}, **_VIT,
                                           **_BN_FINAL)),
     "vit_e160_bn_warm16_r12": ("digits", _epochs(160.0, {**_R16_W2, "data.image_size": 12},
@@ -159,33 +157,28 @@ def shared_fraction(x: np.ndarray) -> float:
 
 def vit_anatomy(run_dir: str, seed: int) -> dict[str, float]:
     """Where a ViT's shared component sits, on the test split's evaluation views: the shared
-    fraction of the representation (the class token after the final LayerNorm) and of the
-    class token's residual stream before it, for the trained encoder and its random-init twin,
-    with the norms of the parameters that add the same vector to every image (class token,
-    biases, LayerNorm offsets) beside the stream's typical norm."""
+    fraction of the representation (the class token after the final norm) and of the class
+    token's residual stream before it, for the trained encoder and its random-init twin, with
+    the norms of the parameters that add the same vector to every image (class token, biases)
+    beside the stream's typical norm."""
     out = {}
     for label, source in (("byol", run_dir), ("random_init", RANDOM_PREFIX + run_dir)):
         pretrained = load_source(source, seed=seed)
         data = pretrained.pretrain_config["data"]
         config = eval_digits.get_config(
             f"linear,data={data['dir']},image_size={data['image_size']}")
-        encoder = pretrained.encoder
         features = {}
         for what in ("representation", "stream"):
-            if what == "stream":
-                encoder.norm = _Identity()  # the class token's residual stream itself
-            ctx = Context(config, dataclasses.replace(pretrained, encoder=encoder), make_mesh(),
-                          SweepStore(None), f"{label}-{what}")
+            ctx = Context(config, pretrained, make_mesh(), SweepStore(None), f"{label}-{what}")
             features[what] = ctx.features(ctx.test)[0]
             out[f"{label}_{what}_shared_fraction"] = shared_fraction(features[what])
+            pretrained.encoder.norm = _Identity()  # next: the class token's residual stream
         out[f"{label}_stream_norm"] = float(np.mean(np.linalg.norm(features["stream"], axis=1)))
-        params = nnx.state(encoder, nnx.Param)
-        constant = {"cls_token": np.linalg.norm(params["cls_token"][...])}
+        params = nnx.state(pretrained.encoder, nnx.Param)
+        out[f"{label}_cls_token_norm"] = float(np.linalg.norm(params["cls_token"][...]))
         biases = [np.linalg.norm(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(
             params) if "bias" in jax.tree_util.keystr(path)]
-        constant["biases"] = float(np.sqrt(np.sum(np.square(biases))))
-        for name, value in constant.items():
-            out[f"{label}_{name}_norm"] = float(value)
+        out[f"{label}_biases_norm"] = float(np.sqrt(np.sum(np.square(biases))))
     return out
 
 
@@ -206,7 +199,7 @@ def run_point(workdir: epath.Path, name: str, seed: int) -> dict:
            "total_seconds": time.perf_counter() - started,
            **{c: run["evaluations"][key]["test"][metric] for c, (key, metric) in COLUMNS.items()},
            "final_metrics": run["final_metrics"], "load": quiet.verdict(loads)}
-    if load_source(run["dir"]).model_config["encoder"]["name"].startswith("vit"):
+    if is_vit(run["config"]["model"]["encoder"]["name"]):
         row["anatomy"] = vit_anatomy(run["dir"], seed)
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(row, indent=2, sort_keys=True))
