@@ -98,20 +98,50 @@ def sincos_position_embedding(grid: tuple[int, int], width: int) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with timm's fused ``qkv`` and output ``proj`` layers."""
+    """Multi-head self-attention with timm's fused ``qkv`` and output ``proj`` layers.
+
+    Computed in the form XLA:CPU runs fastest (``benchmarks/step_profile.py``; the ViT step
+    against PyTorch in docs/performance.md) and equal to timm's up to float rounding
+    (``tests/test_vit.py``): q, k and v each come from their third of the ``qkv`` kernel straight
+    in the (batch, heads, tokens, head width) layout, so no split of a fused output is copied
+    and its gradient is not padded back three times; the softmax's normalisation divides the
+    (tokens x head width) output instead of the (tokens x tokens) scores, as flash attention
+    does; and ``proj`` contracts the heads without a transpose back.
+    """
 
     def __init__(self, width: int, num_heads: int, *, dtype: Any, rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"ViT width {width} is not divisible by its {num_heads} heads")
         self.num_heads = num_heads
+        self.dtype = dtype
         self.qkv = nnx.Linear(width, 3 * width, kernel_init=qkv_init, dtype=dtype, rngs=rngs)
         self.proj = nnx.Linear(width, width, kernel_init=XAVIER_UNIFORM, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        q, k, v = einops.rearrange(self.qkv(x), "b t (three n h) -> three b t n h", three=3,
-                                   n=self.num_heads)
-        attended = jax.nn.dot_product_attention(q, k, v)
-        return self.proj(einops.rearrange(attended, "b t n h -> b t (n h)"))
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        width, heads = x.shape[-1], self.num_heads
+        head_width = width // heads
+        # timm's fused kernel's columns are (q | k | v), each (heads, head width).
+        qkv_kernel = self.qkv.kernel[...].astype(dtype).reshape(width, 3, heads, head_width)
+        qkv_bias = self.qkv.bias[...].astype(dtype).reshape(3, heads, 1, head_width)
+        q, k, v = (jnp.einsum("btd,dnh->bnth", x, qkv_kernel[:, i]) + qkv_bias[i]
+                   for i in range(3))
+        scores = jnp.einsum("bnqh,bnkh->bnqk", q * head_width ** -0.5, k)
+        # The softmax's shift changes nothing but the range of exp: no gradient through it.
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        attended = (jnp.einsum("bnqk,bnkh->bnqh", weights, v)
+                    / weights.sum(-1, keepdims=True))
+        proj_kernel = self.proj.kernel[...].astype(dtype).reshape(heads, head_width, width)
+        return (jnp.einsum("bnth,nhd->btd", attended, proj_kernel)
+                + self.proj.bias[...].astype(dtype))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x Phi(x), in timm's (PyTorch's) erf form: ``jax.nn.gelu(approximate=False)``
+    is the same function through erfc, which XLA:CPU computes with an exp and selects (94 of
+    the vit_micro step's 1055 traced ms against 23 through erf)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 class Block(nnx.Module):
@@ -129,7 +159,7 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        return x + self.fc2(gelu(self.fc1(self.norm2(x))))
 
 
 class VisionTransformer(nnx.Module):
