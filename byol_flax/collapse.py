@@ -1,6 +1,7 @@
 """Collapse monitoring: the failure BYOL's predictor and slow-moving target exist to prevent.
 
-Computed inside the train step on every batch (:func:`collapse_metrics`), warned about by the
+Computed inside the train step on every batch (:func:`collapse_metrics`; the effective rank
+from the logging step's batch, :func:`with_effective_ranks`), warned about by the
 training loop at logging steps (:class:`CollapseWatch`), and turned into a verdict by the
 study summaries (:func:`collapse_verdict`), all against the thresholds defined here once.
 """
@@ -24,16 +25,23 @@ MONITORS = ("collapse/projection_std_ratio", "collapse/projection_effective_rank
             "collapse/representation_std_ratio")
 
 
+# The step returns the centred Gram matrix of a batch's l2-normalised outputs under
+# "collapse/<name>" + GRAM_SUFFIX; the logging step turns the last step's matrix into the
+# effective rank (:func:`with_effective_ranks`). An eigendecomposition in every step cost 8% of
+# a small ViT's step and 3% of ResNet-18's (docs/performance.md) for a value read once per
+# logging window, so the rank is a snapshot of the logging step's batch, as the learning rate is.
+GRAM_SUFFIX = "_centred_gram"
+
+
 def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True
                      ) -> dict[str, jax.Array]:
     """Collapse monitors of a batch of outputs (B, d).
 
     ``std``: mean over features of the batch std of l2-normalised outputs; 1/sqrt(d) for vectors
     spread uniformly on the sphere, 0 when every input maps to the same vector (``std_ratio`` is
-    std x sqrt(d), so 1 is healthy). ``effective_rank``: exp of the entropy of the normalised
-    singular values of the centred outputs (Roy & Vetterli, 2007), between 1 and min(B, d);
-    computed from the d x d covariance (an eigendecomposition, cheap for the 256-d projections;
-    skipped for the 2048 x width representations).
+    std x sqrt(d), so 1 is healthy). ``effective_rank``: the d x d centred Gram matrix from
+    which :func:`effective_rank_of_gram` computes the rank (cheap to form for the 256-d
+    projections; skipped for the 2048 x width representations).
     """
     unit = l2_normalize(x.astype(jnp.float32))
     std = jnp.mean(jnp.std(unit, axis=0))
@@ -41,11 +49,32 @@ def collapse_metrics(name: str, x: jax.Array, *, effective_rank: bool = True
                f"collapse/{name}_std_ratio": std * jnp.sqrt(x.shape[-1])}
     if effective_rank:
         centred = unit - unit.mean(axis=0)
-        singular = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(centred.T @ centred), 0.0))
-        p = singular / jnp.maximum(singular.sum(), 1e-12)
-        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
-        metrics[f"collapse/{name}_effective_rank"] = jnp.exp(entropy)
+        metrics[f"collapse/{name}{GRAM_SUFFIX}"] = centred.T @ centred
     return metrics
+
+
+def effective_rank_of_gram(gram: jax.Array) -> jax.Array:
+    """exp of the entropy of the normalised singular values of centred outputs (Roy & Vetterli,
+    2007), between 1 and min(B, d), from their Gram matrix (the singular values are the square
+    roots of its eigenvalues)."""
+    singular = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram), 0.0))
+    p = singular / jnp.maximum(singular.sum(), 1e-12)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0))
+    return jnp.exp(entropy)
+
+
+def is_gram(key: str) -> bool:
+    """Whether a step metric is a Gram matrix (a snapshot for :func:`with_effective_ranks`)."""
+    return key.endswith(GRAM_SUFFIX)
+
+
+@jax.jit
+def with_effective_ranks(metrics: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """``metrics`` with each Gram matrix replaced by its effective rank
+    (``collapse/<name>_effective_rank``); run where the values are read, not in every step."""
+    return {(key.removesuffix(GRAM_SUFFIX) + "_effective_rank" if is_gram(key) else key):
+            (effective_rank_of_gram(value) if is_gram(key) else value)
+            for key, value in metrics.items()}
 
 
 # A representation dominated by one vector shared by every image: the batch std of its

@@ -1,8 +1,9 @@
 """What the training loop reports, and the finiteness check of what it reports.
 
 Logged scalars (TensorBoard, ``log.txt`` and ``<workdir>/metrics.jsonl``) are averages over the
-steps since the previous logging step, accumulated on the devices; :data:`SNAPSHOT_KEYS` are the
-values at the logging step. :class:`TrainingLogger` owns that window, the images/s timer, the
+steps since the previous logging step, accumulated on the devices; :data:`SNAPSHOT_KEYS` and the
+collapse monitor's effective ranks (from the step's Gram matrices) are the values at the logging
+step. :class:`TrainingLogger` owns that window, the images/s timer, the
 progress bar and its ETA line, the profiler, the metrics file and the collapse warning, so the
 loop in :mod:`byol_flax.train` asks it once per step.
 """
@@ -22,7 +23,7 @@ from clu.metrics import Average
 from etils import epath
 
 from byol_flax.checkpointing import lease
-from byol_flax.collapse import CollapseWatch
+from byol_flax.collapse import CollapseWatch, is_gram, with_effective_ranks
 from byol_flax.errors import UserError
 from byol_flax.runtime import console
 from byol_flax.storage import append_log, files, json_files, schemas, tensorboard
@@ -58,7 +59,8 @@ def _accumulate(window: dict[str, Average] | None, metrics: Metrics) -> dict[str
 
 
 def _step_averages(metrics: Metrics) -> dict[str, Average]:
-    return {k: Average.from_model_output(v) for k, v in metrics.items() if k not in SNAPSHOT_KEYS}
+    return {k: Average.from_model_output(v) for k, v in metrics.items()
+            if k not in SNAPSHOT_KEYS and not is_gram(k)}
 
 
 _start_window = jax.jit(_step_averages)
@@ -72,8 +74,9 @@ def _add_to_window(window: dict[str, Average], metrics: Metrics) -> dict[str, Av
 
 def _logged_scalars(window: dict[str, Average], metrics: Metrics) -> dict[str, float]:
     """The window's averages and this step's snapshots, in one device -> host copy."""
-    window, snapshots = jax.device_get(
-        (window, {k: metrics[k] for k in SNAPSHOT_KEYS if k in metrics}))
+    snapshots = with_effective_ranks({k: v for k, v in metrics.items()
+                                      if k in SNAPSHOT_KEYS or is_gram(k)})
+    window, snapshots = jax.device_get((window, snapshots))
     return ({k: float(average.compute()) for k, average in window.items()}
             | {k: float(v) for k, v in snapshots.items()})
 

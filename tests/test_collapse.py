@@ -12,15 +12,17 @@ from byol_flax import collapse
 
 def test_monitors_are_1_for_spread_vectors_and_0_for_a_collapsed_batch():
     spread = jax.random.normal(jax.random.key(0), (4096, 16))
-    metrics = collapse.collapse_metrics("x", spread)
+    metrics = collapse.with_effective_ranks(collapse.collapse_metrics("x", spread))
     assert metrics["collapse/x_std_ratio"] == pytest.approx(1.0, abs=0.03)
     assert metrics["collapse/x_effective_rank"] == pytest.approx(16, rel=0.05)
     same = jnp.tile(spread[:1], (64, 1))
     assert float(collapse.collapse_metrics("x", same)["collapse/x_std_ratio"]) < 1e-3
     line = jnp.outer(jnp.linspace(-1, 1, 64), jnp.ones(16)) + 0.01  # one direction only
-    assert float(collapse.collapse_metrics("x", line)["collapse/x_effective_rank"]) < 1.5
-    assert "collapse/x_effective_rank" not in collapse.collapse_metrics("x", spread,
-                                                                        effective_rank=False)
+    ranks = collapse.with_effective_ranks(collapse.collapse_metrics("x", line))
+    assert float(ranks["collapse/x_effective_rank"]) < 1.5
+    assert "collapse/x_centred_gram" not in ranks  # the matrix is replaced by its rank
+    assert set(collapse.collapse_metrics("x", spread, effective_rank=False)) == {
+        "collapse/x_std", "collapse/x_std_ratio"}
 
 
 def test_collapse_warning_names_the_step_for_projections_and_representations(caplog):

@@ -263,7 +263,9 @@ def test_step_compiles_once_across_steps_and_a_resume(data_dir, tmp_path, one_de
         for key in ("loss", "grad_norm", "collapse/projection_std_ratio"):
             mean = np.mean([per_step[step][key] for step in range(end - 3, end + 1)])
             np.testing.assert_allclose(windows[end][key], mean, rtol=1e-5, err_msg=key)
-        for key in ("learning_rate", "tau"):  # the value at the logging step
+        # The value at the logging step: schedules, and the effective rank computed from the
+        # logging step's batch alone (collapse.with_effective_ranks), not a window average.
+        for key in ("learning_rate", "tau", "collapse/projection_effective_rank"):
             assert windows[end][key] == per_step[end][key] != per_step[end - 1][key], key
 
 

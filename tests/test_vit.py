@@ -82,7 +82,7 @@ def test_frozen_arrays_get_no_update_and_trained_ones_do():
     before = as_numpy(state)
     for seed in range(3):
         state, metrics = step(state, shard_batch(make_views(16, seed), mesh))
-    assert all(np.isfinite(float(v)) for k, v in metrics.items() if k.startswith("collapse/"))
+    assert all(np.isfinite(v).all() for k, v in metrics.items() if k.startswith("collapse/"))
     assert "collapse/representation_std_ratio" in metrics
     merged = nnx.merge(graphdef, state)
     frozen = nnx.state(merged.online.encoder, FrozenParam)
