@@ -12,10 +12,11 @@ a final JSON line. Usage:
 
     python benchmarks/data_pipeline.py [--images 512] [--workers 2] [--batch 64] \
         [--sizes 224,64,32] [--step-json r18.json r50.json] [--source-size 4032x3024] \
-        [--reduced-decode]
+        [--reduced-decode] [--json-out F]
 
 ``--source-size`` sets the generated JPEGs' size (a phone photo is 4032x3024);
-``--reduced-decode`` sets ``config.augment.crop_reduced_decode`` (DCT-scaled decoding).
+``--reduced-decode`` sets ``config.augment.crop_reduced_decode`` (DCT-scaled decoding);
+``--json-out`` also writes the result for ``benchmarks/report.py``.
 """
 
 import argparse
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source-size", default="500x375", help="generated JPEGs, WxH px")
     parser.add_argument("--reduced-decode", action="store_true",
                         help="config.augment.crop_reduced_decode = True")
+    parser.add_argument("--json-out", help="also write the result JSON here")
     return parser
 
 
@@ -116,7 +118,8 @@ def main() -> None:
                    reverse=True)
 
     source_size = tuple(int(v) for v in args.source_size.lower().split("x"))
-    result = {"benchmark": "data_pipeline", "source_image": f"JPEG {args.source_size}",
+    result = {"benchmark": "data_pipeline", **quiet.provenance(), "workers": args.workers,
+              "sizes": sizes, "source_image": f"JPEG {args.source_size}",
               "reduced_decode": args.reduced_decode,
               "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
               "host_cpus": len(__import__("os").sched_getaffinity(0))}
@@ -177,6 +180,8 @@ def main() -> None:
             print(f"no ratio: {load['reason']}")
         result["step_consumption"] = consumption
     print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

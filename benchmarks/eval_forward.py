@@ -8,16 +8,24 @@ Model and sizes from ``byol_flax/configs/digits_cpu.py`` (resnet_tiny at 2x widt
 16-px inputs, batch 128, online classifier on). The step is the paper's (LARS, EMA target) on
 fixed random views, without the per-pixel device augmentation (an upper bound on its images/s);
 the forward is ``make_inference_fn`` (uint8 images, inference mode), as ``extract_features`` runs
-it. One untimed call compiles each; the best of ``--steps`` timed calls is reported. Prints a
-JSON line.
+it. One untimed call compiles each; the best of ``--steps`` timed calls is reported. The ratio
+counts only from a quiet machine (``benchmarks/quiet.py``; else the reason). Prints a JSON line;
+``--json-out`` also writes it for ``benchmarks/report.py``.
 """
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as `python benchmarks/eval_forward.py`: import benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import quiet
 
 
 def best_seconds(call: Callable[[], object], steps: int) -> float:
@@ -76,12 +84,24 @@ def measure(batch: int, steps: int) -> dict:
             "forward_over_step": step_seconds / forward_seconds}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed calls after the first")
+    parser.add_argument("--json-out", help="also write the result JSON here")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.batch, args.steps)))
+    loads: list[quiet.Load] = []
+    with quiet.watch(loads):
+        result = measure(args.batch, args.steps)
+    load = quiet.verdict(loads)
+    result = {"benchmark": "eval_forward", **quiet.provenance(), "steps": args.steps, **result,
+              "load": load, "ratio_withheld": load["reason"]}
+    result["forward_over_step"] = (round(result["forward_over_step"], 1) if load["quiet"]
+                                   else None)
+    print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Linear evaluation at the cost of one pass: the LR grid against one LR, and a SIGTERM'd run.
 
-    python benchmarks/eval_scaling.py [--workdir /tmp/byol_eval_scaling]
+    python benchmarks/eval_scaling.py [--workdir /tmp/byol_eval_scaling] [--json-out F]
 
 On the digits (a smoke pre-training of ``digits_cpu`` first), with the paper's augmentation
 (``linear.augment=spatial``: random resized crop + flip, Appendix D.1), through the real command
@@ -13,6 +13,9 @@ On the digits (a smoke pre-training of ``digits_cpu`` first), with the paper's a
 2. the grid uninterrupted, then the grid stopped by SIGTERM at half the uninterrupted run's
    time and re-run: the step it stopped at, the re-run's seconds against the uninterrupted
    run's (target: under 75%), and the test metrics (equal).
+
+Prints the result JSON; ``--json-out`` also writes it for ``benchmarks/report.py`` (the docs'
+table, with the date, host and load beside it).
 """
 
 import argparse
@@ -127,11 +130,13 @@ def stopped_and_resumed(data: Path, pretrained: Path, root: Path) -> dict[str, A
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/byol_eval_scaling")
+    parser.add_argument("--json-out", help="also write the result JSON here")
     args = parser.parse_args(argv)
     root = Path(args.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
     data, pretrained = prepare(root)
-    results = {"grid_against_one": grid_against_one(data, pretrained, root),
+    results = {"benchmark": "eval_scaling", **quiet.provenance(),
+               "grid_against_one": grid_against_one(data, pretrained, root),
                "sigterm": stopped_and_resumed(data, pretrained, root)}
     grid, stop = results["grid_against_one"], results["sigterm"]
     results["targets"] = {
@@ -142,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      and stop["resumed_share"] < 0.75),
     }
     print(json.dumps(results, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
     return 0 if all(results["targets"].values()) else 1
 
 

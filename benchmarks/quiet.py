@@ -18,6 +18,7 @@ reason. Linux only (``/proc``); elsewhere the load is unknown and no ratio is pr
 import contextlib
 import dataclasses
 import os
+import platform
 import resource
 import time
 from collections.abc import Iterator, Sequence
@@ -130,3 +131,21 @@ def verdict(loads: Sequence[Load]) -> dict[str, Any]:
             "quiet": bool(loads) and not reasons,
             "reason": (f"{len(reasons)} of {len(loads)} rounds were not quiet: {reasons[0]}"
                        if reasons else None)}
+
+
+def host_description() -> str:
+    """The CPU model and count, as the docs' tables name the machine a figure came from."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs"
+
+
+def provenance() -> dict[str, Any]:
+    """Where and when a result was measured, for its JSON (``benchmarks/report.py`` prints it
+    beside the table): date, host, the JAX version and the XLA flags in effect."""
+    import jax
+
+    return {"date": time.strftime("%Y-%m-%d"), "host": host_description(),
+            "versions": f"jax {jax.__version__}", "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -88,9 +88,95 @@ def step_profile_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _measured(result: dict[str, Any], how: str, load: dict[str, Any] | None = None) -> str:
+    """The line under a table: when, where, with what, how quiet (``load``: ``result``'s)."""
+    load = load or result["load"]
+    quietness = (f"others used at most {load['max_other_share']:.1%} of the CPUs"
+                 if load["quiet"] else f"not quiet: {load['reason']}")
+    flags = result.get("xla_flags") or "none"
+    return (f"Measured {result['date']} on {result['host']} ({result['versions']}; XLA_FLAGS "
+            f"`{flags}`); {how}; {quietness}.")
+
+
+def _ratio(value: float | None, withheld: str | None) -> str:
+    return f"**{value:g}x**" if value is not None else f"no ratio: {withheld}"
+
+
+def _test_metrics(test: dict[str, float] | None) -> str:
+    return " / ".join(f"{k} {v:.4f}" for k, v in sorted(test.items())) if test else "-"
+
+
+def eval_scaling_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/eval_scaling.py``: the LR grid against one LR, and a SIGTERM'd re-run."""
+    (result,) = results
+    grid, stop = result["grid_against_one"], result["sigterm"]
+    chosen = grid["selected"]["learning_rate"]
+    rows = [("LR grid (one encoder pass, a head per LR)", grid["grid"], None),
+            (f"1 LR ({chosen:g}, the grid's choice)", grid["one_lr"], None),
+            ("grid, uninterrupted", stop["uninterrupted"], None),
+            ("grid, SIGTERM at half the uninterrupted time", stop["stopped"],
+             f"stopped; checkpoint of step {stop['stopped_at_step']} committed"),
+            ("the same command again (resumes)", stop["resumed"], None)]
+    lines = ["| run | wall s | CPU s | test metrics |", "|---|---|---|---|"]
+    lines += [f"| {name} | {run['seconds']:g} | {run['cpu_seconds']:g} | "
+              f"{note or _test_metrics(run['test'])} |" for name, run, note in rows]
+    lines += ["", f"Grid against one LR: wall {_ratio(grid['ratio'], grid['ratio_withheld'])} "
+              f"(target at most 1.6x), CPU {grid['cpu_ratio']:g}x; the same test metrics: "
+              f"{'yes' if grid['grid']['test'] == grid['one_lr']['test'] else 'no'}. "
+              f"Re-run against uninterrupted: wall "
+              f"{_ratio(stop['resumed_share'], stop['resumed_share_withheld'])} (target under "
+              f"0.75x), CPU {stop['resumed_cpu_share']:g}x; the same test metrics: "
+              f"{'yes' if stop['same_test_metrics'] else 'no'}.",
+              "", _measured(result, "the runs one after the other", load={
+                  "quiet": grid["load"]["quiet"] and stop["load"]["quiet"],
+                  "max_other_share": max(grid["load"]["max_other_share"],
+                                         stop["load"]["max_other_share"]),
+                  "reason": grid["load"]["reason"] or stop["load"]["reason"]})]
+    return lines
+
+
+def eval_forward_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/eval_forward.py``: the frozen-encoder forward against the train step."""
+    (result,) = results
+    return ["| what | images/s |", "|---|---|",
+            "| pre-training step (paper's step with the online classifier, views given: no "
+            f"device augmentation) | {result['step_images_per_s']:.0f} |",
+            "| frozen-encoder forward (`make_inference_fn`, as `extract_features` runs it) | "
+            f"{result['forward_images_per_s']:.0f} |",
+            "", f"Forward over step: "
+                f"{_ratio(result['forward_over_step'], result['ratio_withheld'])}"
+                f" ({result['encoder']}, {result['image_size']} px, batch {result['batch']}).",
+            "", _measured(result, f"best of {result['steps']} timed calls each")]
+
+
+def data_pipeline_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/data_pipeline.py`` with and without ``--reduced-decode``: host images/s
+    in-process, with the worker processes in brackets."""
+    cells: dict[tuple[str, int], dict[bool, str]] = {}
+    for result in results:
+        workers = result["workers"]
+        for size in result["sizes"]:
+            alone = result[f"host_{size}px_0workers_images_per_second"]
+            pooled = result[f"host_{size}px_{workers}workers_images_per_second"]
+            cells.setdefault((result["source_image"], size), {})[result["reduced_decode"]] = (
+                f"{alone:g} ({pooled:g})")
+    lines = ["| source | crop | full decode | reduced decode |", "|---|---|---|---|"]
+    lines += [f"| {source} | {size} px | {row.get(False, '-')} | {row.get(True, '-')} |"
+              for (source, size), row in sorted(cells.items(), key=lambda kv: (kv[0][0],
+                                                                              -kv[0][1]))]
+    lines += ["", *(_measured(result, f"{result['source_image']}, "
+                              f"{'reduced' if result['reduced_decode'] else 'full'} decode, "
+                              f"{result['workers']} workers in brackets")
+                    for result in results)]
+    return lines
+
+
 RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "train_step_vs_pytorch": train_step_table,
     "step_profile": step_profile_table,
+    "eval_scaling": eval_scaling_table,
+    "eval_forward": eval_forward_table,
+    "data_pipeline": data_pipeline_table,
 }
 
 

@@ -31,13 +31,16 @@ from benchmarks import train_step as bench
 
 # Kinds of work by an instruction's op_name (first match wins).
 KINDS = (
-    ("collapse monitor's eigendecomposition", re.compile(r"eigvalsh|eigh")),
-    # jax.nn.dot_product_attention vmaps its core: the score and value products, the softmax.
-    ("attention (products, softmax)", re.compile(r"BTNH|BNTS|BSNH|vmap\(")),
+    # The ViT names its attention core, LayerNorms and GELU (jax.named_scope in
+    # byol_flax/models/vit.py); jax.nn.dot_product_attention's core is a vmap.
+    ("attention core (scores, softmax, value product)",
+     re.compile(r"attention_core|BTNH|BNTS|BSNH|vmap\(")),
     ("update (optimizer, EMA, metrics)", re.compile(r"^jit\(step\)/(?!.*(jvp|transpose))")),
     ("matmuls (dense layers)", re.compile(r"dot_general")),
-    ("backward, elementwise and reductions", re.compile(r"transpose\(")),
-    ("forward, elementwise and reductions", re.compile(r"jvp\(")),
+    ("LayerNorms", re.compile(r"layer_norm")),
+    ("GELU", re.compile(r"gelu")),
+    ("backward, other elementwise and reductions", re.compile(r"transpose\(")),
+    ("forward, other elementwise and reductions", re.compile(r"jvp\(")),
 )
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name=\"([^\"]*)\"")
 
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         versions += f", torch {torch.__version__}"
     result = {"benchmark": "step_profile", "model": args.model, "ours": ours, "torch": theirs,
-              "load": quiet.verdict(loads), "host": bench.host_description(),
+              "load": quiet.verdict(loads), "host": quiet.host_description(),
               "date": time.strftime("%Y-%m-%d"), "versions": versions, "steps": args.steps}
     if not result["load"]["quiet"]:
         print(f"not a quiet machine: {result['load']['reason']}")

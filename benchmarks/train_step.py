@@ -34,7 +34,6 @@ Each process: one untimed first step (tracing + compilation, reported as compile
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -68,14 +67,6 @@ def current_rss_mib() -> float | None:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return None
-
-
-def host_description() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs"
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -296,7 +287,7 @@ def summarise(impl: str, args: argparse.Namespace, raw: dict) -> dict:
         "image_size": args.image_size, "batch": args.batch, "dtype": args.dtype,
         **{key: getattr(args, key) for key in RECIPE_KEYS},
         "num_heads": args.num_heads, "freeze_patch_projection": args.freeze_patch_projection,
-        "conv": args.conv if impl == "jax" else None, "host": host_description(),
+        "conv": args.conv if impl == "jax" else None, "host": quiet.host_description(),
         **{k: v for k, v in raw.items() if k not in ("times", "compile_seconds")},
         "step_seconds": [round(t, 4) for t in raw["times"]],
         "step_seconds_median": round(median, 4),

@@ -52,3 +52,50 @@ def test_regenerating_replaces_the_table_between_its_markers_only(tmp_path):
     assert new.startswith("before\n<!-- generated") and new.endswith(f"{report.END}\nafter\n")
     assert "| stale |" not in new and "**0.525x**" in new
     assert report.regenerate(new, tmp_path) == new
+
+
+QUIET = {"max_other_share": 0.01, "quiet": True, "reason": None}
+LOADED = {"max_other_share": 0.4, "quiet": False,
+          "reason": "1 of 1 rounds were not quiet: other processes used 40%"}
+PROVENANCE = {"date": "2026-12-07", "host": "Some CPU, 2 CPUs", "versions": "jax 0.10.2",
+              "xla_flags": ""}
+
+
+def test_the_evaluation_and_pipeline_tables_withhold_ratios_of_loaded_runs(tmp_path):
+    """Every benchmark whose figure is a ratio: eval_forward (forward over step), eval_scaling
+    (grid over one LR, re-run over uninterrupted), data_pipeline (rates, the machine's load)."""
+    forward = {"benchmark": "eval_forward", **PROVENANCE, "steps": 3, "encoder": "resnet_tiny x2",
+               "image_size": 16, "batch": 128, "step_images_per_s": 160.0,
+               "forward_images_per_s": 2000.0, "forward_over_step": 12.5, "load": QUIET,
+               "ratio_withheld": None}
+    run = {"seconds": 100.0, "cpu_seconds": 101.0, "test": {"top1": 0.6, "top5": 0.9}}
+    scaling = {"benchmark": "eval_scaling", **PROVENANCE,
+               "grid_against_one": {"grid": run, "one_lr": run, "selected": {"learning_rate": 0.2},
+                                    "ratio": 1.03, "ratio_withheld": None, "load": QUIET,
+                                    "cpu_ratio": 1.01},
+               "sigterm": {"uninterrupted": run, "stopped": {**run, "test": None},
+                           "stopped_at_step": 162, "resumed": {**run, "seconds": 60.0},
+                           "resumed_share": 0.6, "resumed_share_withheld": None,
+                           "load": QUIET, "resumed_cpu_share": 0.6, "same_test_metrics": True}}
+    pipeline = {"benchmark": "data_pipeline", **PROVENANCE, "workers": 2, "sizes": [64],
+                "source_image": "JPEG 500x375", "reduced_decode": False, "load": QUIET,
+                "host_64px_0workers_images_per_second": 700.0,
+                "host_64px_2workers_images_per_second": 650.0}
+    for name, result in [("forward", forward), ("scaling", scaling), ("pipeline", pipeline)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    assert "**12.5x**" in report.render(["forward.json"], tmp_path)
+    text = report.render(["scaling.json"], tmp_path)
+    assert "**1.03x**" in text and "**0.6x**" in text and "step 162" in text
+    assert "| JPEG 500x375 | 64 px | 700 (650) | - |" in report.render(["pipeline.json"], tmp_path)
+
+    forward.update(forward_over_step=None, ratio_withheld=LOADED["reason"], load=LOADED)
+    scaling["sigterm"].update(resumed_share=None, resumed_share_withheld=LOADED["reason"],
+                              load=LOADED)
+    pipeline["load"] = LOADED
+    for name, result in [("forward", forward), ("scaling", scaling), ("pipeline", pipeline)]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    text = report.render(["forward.json"], tmp_path)
+    assert "no ratio: 1 of 1 rounds were not quiet" in text and "x**" not in text
+    text = report.render(["scaling.json"], tmp_path)
+    assert "**1.03x**" in text and "no ratio: 1 of 1" in text and "not quiet" in text
+    assert "not quiet: 1 of 1" in report.render(["pipeline.json"], tmp_path)

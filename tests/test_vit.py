@@ -19,7 +19,7 @@ from byol_flax.checkpointing import Checkpointer
 from byol_flax.config import ConfigError, base_config, validate_config
 from byol_flax.models.encoders import build_encoder, is_vit
 from byol_flax.models.init import init_module
-from byol_flax.models.vit import FrozenParam, VisionTransformer, sincos_position_embedding
+from byol_flax.models.vit import FrozenParam, VisionTransformer, gelu, sincos_position_embedding
 from byol_flax.optim import build_optimizer, decay_and_adaptation_mask
 from byol_flax.sharding import replicated_sharding, shard_batch
 from byol_flax.studies.study import load_config
@@ -48,6 +48,19 @@ def test_representation_is_the_class_token_or_the_mean_of_the_patch_tokens():
     with pytest.raises(ValueError, match="built for 16-px images"):
         token(images[:, :8, :8])
     assert is_vit("vit_small") and not is_vit("resnet50") and not is_vit("no_such_encoder")
+
+
+def test_gelu_with_its_closed_form_derivative_equals_jaxs_exact_gelu():
+    """The form the ViT computes for XLA:CPU's speed (docs/performance.md) is the same
+    function, derivatives included: against jax.nn.gelu's erfc form, and numerically to second
+    order."""
+    from jax.test_util import check_grads
+
+    x = jnp.linspace(-8.0, 8.0, 97)
+    exact = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+    np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x), exact(x), atol=1e-6)
+    check_grads(gelu, (x[::8],), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
 
 
 def test_patch_size_by_stem_width_multiplier_and_heads():
