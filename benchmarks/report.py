@@ -45,6 +45,11 @@ def train_step_table(results: Sequence[dict[str, Any]]) -> list[str]:
              "| peak RSS, ours / best torch | others' CPU share, worst round |",
              "|---|---|---|---|---|---|---|"]
     for result in results:
+        if "results" not in result:  # stopped at the first loaded round: nothing to show
+            lines.append(f"| {result['encoder']} | stopped after {result['stopped_after']}: "
+                         f"{result['ratio_withheld']} | - | - | - | - | "
+                         f"{result['load']['max_other_share']:.1%} |")
+            continue
         rows = result["results"]
         name = (f"{result['encoder']}, {result['image_size']} px, batch {result['batch']}, "
                 f"{result['dtype']}, {result['optimizer']}")
@@ -56,9 +61,10 @@ def train_step_table(results: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(f"| {name} | {_images(rows['jax'])} | {_images(rows['torch-eager'])} | "
                      f"{_images(rows['torch-compile'])} | {ratio} | {rss} | "
                      f"{result['load']['max_other_share']:.1%} |")
+    results = [result for result in results if "results" in result] or results
     first = results[0]
     versions = ", ".join(dict.fromkeys(
-        row["versions"] for result in results for row in result["results"].values()))
+        row["versions"] for result in results for row in result.get("results", {}).values()))
     dates = ", ".join(sorted({result["date"] for result in results}))
     flags = sorted({result.get("xla_flags", "") for result in results})
     lines += ["", f"Measured {dates} on {first['host']} ({versions}); "
