@@ -179,9 +179,7 @@ def main() -> None:
         if not load["quiet"]:
             print(f"no ratio: {load['reason']}")
         result["step_consumption"] = consumption
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    quiet.emit(result, args.json_out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ counts only from a quiet machine (``benchmarks/quiet.py``; else the reason). Pri
 """
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -98,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
               "load": load, "ratio_withheld": load["reason"]}
     result["forward_over_step"] = (round(result["forward_over_step"], 1) if load["quiet"]
                                    else None)
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    quiet.emit(result, args.json_out)
     return result
 
 

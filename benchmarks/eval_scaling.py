@@ -146,9 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resumed_under_75_percent": (stop["resumed_share"] is not None
                                      and stop["resumed_share"] < 0.75),
     }
-    print(json.dumps(results, indent=2))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1) + "\n")
+    quiet.emit(results, args.json_out)
     return 0 if all(results["targets"].values()) else 1
 
 

@@ -149,3 +149,13 @@ def provenance() -> dict[str, Any]:
 
     return {"date": time.strftime("%Y-%m-%d"), "host": host_description(),
             "versions": f"jax {jax.__version__}", "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def emit(result: dict[str, Any], json_out: str | None) -> None:
+    """Prints a benchmark's result as its final JSON line and, with ``--json-out``, writes it
+    where ``benchmarks/report.py`` reads it."""
+    import json
+
+    print(json.dumps(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")

@@ -82,6 +82,18 @@ def step_profile_table(results: Sequence[dict[str, Any]]) -> list[str]:
                   "| kind of work | ms per step | share |", "|---|---|---|"]
         lines += [f"| {kind} | {ms:g} | {ms / ours['step_ms']:.0%} |"
                   for kind, ms in ours["kinds_ms"].items()]
+        if theirs and "kinds_ms" in theirs:  # side by side: ours' other work in one row
+            kinds: dict[str, list[float]] = {}
+            for kind, ms in ours["kinds_ms"].items():
+                other = "elementwise" in kind and kind not in theirs["kinds_ms"]
+                kinds.setdefault("other elementwise work, copies and reductions" if other
+                                 else kind, [0.0, 0.0])[0] += ms
+            for kind, ms in theirs["kinds_ms"].items():
+                kinds.setdefault(kind, [0.0, 0.0])[1] += ms
+            lines += ["", f"{result['model']}, the same kinds side by side (ms per step; "
+                          "PyTorch's operators by their own time, forward and backward):", "",
+                      "| kind of work | ours (traced) | torch eager (profiled) |", "|---|---|---|"]
+            lines += [f"| {kind} | {a:.1f} | {b:.1f} |" for kind, (a, b) in kinds.items()]
         if theirs:
             lines += ["", f"{result['model']}, torch eager (profiled: {theirs['step_ms']} ms per "
                       "step), its operators by their own time:", "",
@@ -170,10 +182,24 @@ def data_pipeline_table(results: Sequence[dict[str, Any]]) -> list[str]:
     lines += [f"| {source} | {size} px | {row.get(False, '-')} | {row.get(True, '-')} |"
               for (source, size), row in sorted(cells.items(), key=lambda kv: (kv[0][0],
                                                                               -kv[0][1]))]
-    lines += ["", *(_measured(result, f"{result['source_image']}, "
-                              f"{'reduced' if result['reduced_decode'] else 'full'} decode, "
-                              f"{result['workers']} workers in brackets")
-                    for result in results)]
+    for result in results:
+        lines += ["", _measured(result, f"{result['source_image']}, "
+                                f"{'reduced' if result['reduced_decode'] else 'full'} decode, "
+                                f"{result['workers']} workers in brackets")]
+    return lines
+
+
+def vit_forms_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/vit_forms.py``: the ViT step with earlier attention and GELU forms."""
+    lines = ["| model | form | step ms (median) | speedup over the first form |",
+             "|---|---|---|---|"]
+    for result in results:
+        lines += [f"| {result['model']}, {result['image_size']} px, batch {result['batch']} | "
+                  f"`{name}` | {row['median_step_ms']:g} | {row['speedup_over_first']:.3f}x |"
+                  for name, row in result["variants"].items()]
+    for result in results:
+        lines += ["", _measured(result, f"{result['model']}: {result['steps']} rounds, one "
+                                        "step of each form per round, in one process")]
     return lines
 
 
@@ -183,6 +209,7 @@ RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "eval_scaling": eval_scaling_table,
     "eval_forward": eval_forward_table,
     "data_pipeline": data_pipeline_table,
+    "vit_forms": vit_forms_table,
 }
 
 

@@ -5,9 +5,10 @@
 Ours: ``benchmarks/train_step.py``'s step, traced with ``jax.profiler`` (a Perfetto trace) over
 ``--steps`` steps after a warm one; every XLA:CPU thunk's time is summed by HLO instruction and
 each instruction is put in a kind by its ``op_name`` metadata in the compiled module (the
-attention's score and value products, other matmuls, the update after the backward pass, and
-the rest of the forward and backward). PyTorch: the same step (``benchmarks/torch_byol.py``,
-eager: the mode whose operators the profiler names) under ``torch.profiler``, by operator.
+attention core, dense matmuls, LayerNorms, GELU, the update after the backward pass, and the
+rest of the forward and backward: :data:`KINDS`). PyTorch: the same step
+(``benchmarks/torch_byol.py``, eager: the mode whose operators the profiler names) under
+``torch.profiler``, by operator, and its operators in the same kinds (:data:`TORCH_KINDS`).
 Prints both tables, in milliseconds per step, and a JSON line. Figures that compare the two
 count only from a quiet machine: the load is measured as ``benchmarks/quiet.py`` does.
 """
@@ -42,6 +43,16 @@ KINDS = (
     ("backward, other elementwise and reductions", re.compile(r"transpose\(")),
     ("forward, other elementwise and reductions", re.compile(r"jvp\(")),
 )
+# PyTorch's operators in the same kinds (its forward and backward are not told apart here).
+TORCH_KINDS = (
+    ("attention core (scores, softmax, value product)",
+     re.compile(r"scaled_dot_product|softmax|bmm")),
+    ("update (optimizer, EMA, metrics)", re.compile(r"adam|lars|lerp|_foreach")),
+    ("matmuls (dense layers)", re.compile(r"^aten::(mm|addmm|linear|matmul)$|convolution")),
+    ("LayerNorms", re.compile(r"layer_norm")),
+    ("GELU", re.compile(r"gelu")),
+)
+OTHER = "other elementwise work, copies and reductions"
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name=\"([^\"]*)\"")
 
 
@@ -110,7 +121,12 @@ def torch_profile(args: argparse.Namespace) -> dict[str, Any]:
             model.step(*views)
         seconds = (time.perf_counter() - started) / args.steps
     rows = sorted(profiler.key_averages(), key=lambda row: -row.self_cpu_time_total)
+    by_kind: collections.Counter = collections.Counter()
+    for row in rows:
+        kind = next((kind for kind, pattern in TORCH_KINDS if pattern.search(row.key)), OTHER)
+        by_kind[kind] += row.self_cpu_time_total / 1e3 / args.steps
     return {"step_ms": round(seconds * 1e3, 1),
+            "kinds_ms": {k: round(v, 1) for k, v in by_kind.most_common()},
             "top_ms": [(row.key, round(row.self_cpu_time_total / 1e3 / args.steps, 1))
                        for row in rows[:args.top]]}
 
