@@ -203,6 +203,17 @@ def vit_forms_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def step_monitors_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/step_monitors.py``: the step's own monitoring of the update, alone."""
+    lines = ["| model | state (floats) | finiteness of the state | with the three norms |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['state_floats'] / 1e6:.1f}M | {r['median_ms']['finiteness']:g} "
+              f"ms | {r['median_ms']['finiteness_and_norms']:g} ms |" for r in results]
+    for result in results:
+        lines += ["", _measured(result, f"median of {result['calls']} calls, each jitted alone")]
+    return lines
+
+
 RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "train_step_vs_pytorch": train_step_table,
     "step_profile": step_profile_table,
@@ -210,6 +221,7 @@ RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "eval_forward": eval_forward_table,
     "data_pipeline": data_pipeline_table,
     "vit_forms": vit_forms_table,
+    "step_monitors": step_monitors_table,
 }
 
 

@@ -187,9 +187,16 @@ def train_step(state: TrainState, batch: Batch, options: StepOptions) -> Metrics
             jnp.subtract, jax.tree.leaves(nnx.state(state.online, nnx.Param)), params_before)),
         "param_norm": optax.tree.norm(params_before),
         # Checked before every save: a finite loss can still come with a non-finite update.
-        "state_is_finite": jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
-            nnx.state(state, nnx.Not(RngKey)))])),
+        "state_is_finite": state_is_finite(state),
     }
+
+
+def state_is_finite(state: TrainState) -> jax.Array:
+    """Whether every array of the state (networks, statistics, optimizer moments) is finite: a
+    pass over all of it, every step (ViT-S/16: 67 ms alone on a 2-core CPU,
+    ``benchmarks/step_monitors.py``)."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
+        nnx.state(state, nnx.Not(RngKey)))]))
 
 
 StepFn = Callable[[nnx.State, Batch], tuple[nnx.State, Metrics]]

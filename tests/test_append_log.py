@@ -124,8 +124,10 @@ from byol_flax.storage import append_log
 log = append_log.open_log(sys.argv[1], segment_seconds=float(sys.argv[2]))
 print("ready", flush=True)
 while True:
-    log.write(f"{time.time()!r}\\n")
+    line = f"{time.time()!r}\\n"
+    log.write(line)
     log.flush()
+    print(line, end="", flush=True)  # what the writer wrote, for the test to compare
     time.sleep(0.02)
 """
 
@@ -139,12 +141,13 @@ def test_a_killed_writer_loses_at_most_the_last_segment_seconds_on_gs(gs, server
     assert writer.stdout.readline().strip() == "ready"
     time.sleep(3)
     writer.kill()
-    killed_at = time.time()
-    writer.wait()
+    produced = [float(line) for line in writer.communicate()[0].splitlines()]
     written = [float(line) for line in append_log.read_log(path).splitlines()]
-    assert written == sorted(written) and len(written) > 50
-    # Every line older than one segment period (plus an upload's time) when the kill came.
-    assert killed_at - written[-1] < segment_seconds + 0.5, killed_at - written[-1]
+    # What was kept is what was written, in order, up to a point; the lines lost are those of
+    # the last segment period (plus an upload's time) before the writer's last line. Measured
+    # from that line, not the kill: a writer the machine starved writes nothing to lose.
+    assert len(produced) > 20 and written == produced[:len(written)]
+    assert produced[-1] - written[-1] < segment_seconds + 0.5, produced[-1] - written[-1]
 
 
 def test_tensorboard_reads_every_kind_of_record_we_write(directory):
