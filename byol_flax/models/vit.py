@@ -100,11 +100,11 @@ def sincos_position_embedding(grid: tuple[int, int], width: int) -> jax.Array:
 class Attention(nnx.Module):
     """Multi-head self-attention with timm's fused ``qkv`` and output ``proj`` layers.
 
-    Computed in the form XLA:CPU runs fastest (``benchmarks/step_profile.py``; the ViT step
-    against PyTorch in docs/performance.md) and equal to timm's up to float rounding
-    (``tests/test_vit.py``): q, k and v each come from their third of the ``qkv`` kernel straight
-    in the (batch, heads, tokens, head width) layout, so no split of a fused output is copied
-    and its gradient is not padded back three times; the softmax's normalisation divides the
+    Computed in the form XLA:CPU runs fastest (``benchmarks/vit_forms.py`` against the earlier
+    forms; docs/performance.md) and equal to timm's up to float rounding
+    (``tests/test_timm_vit.py``): q, k and v each come from their third of the ``qkv`` kernel
+    straight in the (batch, heads, tokens, head width) layout, so no split of a fused output is
+    copied and its gradient is not padded back three times; the softmax's normalisation divides the
     (tokens x head width) output instead of the (tokens x tokens) scores, as flash attention
     does; and ``proj`` contracts the heads without a transpose back.
     """
@@ -118,7 +118,8 @@ class Attention(nnx.Module):
         self.proj = nnx.Linear(width, width, kernel_init=XAVIER_UNIFORM, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
+        # nnx.Linear's: the module's dtype, else the promotion of the input's and the kernel's.
+        dtype = self.dtype or jnp.promote_types(x.dtype, self.qkv.kernel[...].dtype)
         x = x.astype(dtype)
         width, heads = x.shape[-1], self.num_heads
         head_width = width // heads
