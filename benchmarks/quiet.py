@@ -156,6 +156,8 @@ def emit(result: dict[str, Any], json_out: str | None) -> None:
     where ``benchmarks/report.py`` reads it."""
     import json
 
+    from byol_flax.storage import files
+
     print(json.dumps(result))
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
+        files.write_text(json_out, json.dumps(result, indent=1) + "\n", what="benchmark result")

@@ -457,9 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
                 setattr(args, key, settings[key])
     result = compare(args) if args.compare_torch else worker(args)
     print_table(result)
-    print(json.dumps(result))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result))
+    quiet.emit(result, args.json_out)
     return result
 
 

@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json-out", help="also write the result JSON here")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown form(s) {', '.join(unknown)}; the forms are "
+                     f"{', '.join(VARIANTS)}")
     from byol_flax.runtime.xla import configure_xla_flags
 
     configure_xla_flags()
