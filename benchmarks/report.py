@@ -203,14 +203,45 @@ def vit_forms_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+STEP_MONITOR_VARIANTS = (
+    ("update", "optimizer update and target EMA"),
+    ("update_and_norms", "+ gradient, update and parameter norms"),
+    ("update_norms_and_finiteness", "+ finiteness of the whole state (the step as it runs)"),
+    ("flat_update", "the same AdamW and EMA over one flat array per part"),
+)
+
+
 def step_monitors_table(results: Sequence[dict[str, Any]]) -> list[str]:
-    """``benchmarks/step_monitors.py``: the step's own monitoring of the update, alone."""
-    lines = ["| model | state (floats) | finiteness of the state | with the three norms |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['state_floats'] / 1e6:.1f}M | {r['median_ms']['finiteness']:g} "
-              f"ms | {r['median_ms']['finiteness_and_norms']:g} ms |" for r in results]
+    """``benchmarks/step_monitors.py``: the step's update, its monitors, and a flat layout."""
+    lines = ["| model | state (floats) | variant | median ms |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['state_floats'] / 1e6:.1f}M | {label} | "
+              f"{r['median_ms'][name]:g} |"
+              for r in results for name, label in STEP_MONITOR_VARIANTS if name in r["median_ms"]]
     for result in results:
-        lines += ["", _measured(result, f"median of {result['calls']} calls, each jitted alone")]
+        lines += ["", _measured(result, f"median of {result['calls']} calls of each variant, "
+                                        "interleaved, each jitted alone with the state donated")]
+    return lines
+
+
+def vit_ops_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/vit_ops.py``: one ViT operation at a time, ours against PyTorch's."""
+    lines = ["| model, shapes | operation (forward and backward) | ours ms | PyTorch ms | "
+             "PyTorch time / ours | ours traced: matrix products / the rest, ms |",
+             "|---|---|---|---|---|---|"]
+    for result in results:
+        dims = result["shapes"]
+        where = (f"{result['model']}: {dims['sequences']} x {dims['tokens']} tokens x "
+                 f"{dims['width']}, {dims['heads']} heads")
+        for name, row in result["operations"].items():
+            withheld = None if result["load"]["quiet"] else result["load"]["reason"]
+            traced = row.get("ours_traced_ms")
+            split = f"{traced['matmuls']:g} / {traced['other']:g}" if traced else "-"
+            lines.append(f"| {where} | `{name}` | {row['ours_ms']:g} | {row['torch_ms']:g} | "
+                         f"{_ratio(row['torch_over_ours'], withheld)} | {split} |")
+    for result in results:
+        lines += ["", _measured(result, f"{result['model']}: {result['rounds']} interleaved "
+                                        f"rounds of {result['calls']} calls per side, PyTorch "
+                                        f"{result['torch']} on {result['torch_threads']} threads")]
     return lines
 
 
@@ -222,6 +253,7 @@ RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "data_pipeline": data_pipeline_table,
     "vit_forms": vit_forms_table,
     "step_monitors": step_monitors_table,
+    "vit_ops": vit_ops_table,
 }
 
 

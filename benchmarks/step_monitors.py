@@ -1,12 +1,17 @@
-"""What the train step's own monitoring of the update costs, alone: the finiteness of the whole
-state, and with it the gradient, update and parameter norms, each a pass over arrays the size
-of the model that PyTorch's benchmark step (``benchmarks/torch_byol.py``) does not make.
+"""What the train step's update costs on a CPU, and what its own monitoring of it adds: the
+optimizer's update and the target's EMA alone, then with the gradient, update and parameter
+norms (``byol_flax.train_step.apply_update``), then with the finiteness of the whole new state
+(``state_is_finite``), each as the step runs it (state donated, in place); and the same AdamW and
+EMA arithmetic over one flat array per part of the state, the layout a single flat optimizer
+state would have. PyTorch's benchmark step (``benchmarks/torch_byol.py``) runs one multi-tensor
+``_fused_adamw_`` and a ``lerp_``, without norms or a finiteness check.
 
     python benchmarks/step_monitors.py --model vit_small [--calls 15] [--json-out F]
 
-Each is jitted alone over the state ``benchmarks/train_step.py`` builds (the update norm over a
-stand-in update); the median of ``--calls`` timed calls after one untimed. Set beside the
-"update" row of ``benchmarks/step_profile.py`` (docs/performance.md).
+Each variant is jitted alone over the state ``benchmarks/train_step.py`` builds, with a
+stand-in gradient; the variants' calls are interleaved and each figure is the median of
+``--calls`` timed calls after one untimed. Set beside the "update" row of
+``benchmarks/step_profile.py`` (docs/performance.md).
 """
 
 import argparse
@@ -24,7 +29,8 @@ from benchmarks import train_step as bench
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(bench.PRESETS), default="vit_small")
+    parser.add_argument("--model", default="vit_small",  # ViTs: the flat variant is AdamW's
+                        choices=sorted(m for m in bench.PRESETS if m.startswith("vit")))
     parser.add_argument("--calls", type=int, default=15)
     parser.add_argument("--json-out", help="also write the result JSON here")
     args = parser.parse_args(argv)
@@ -36,36 +42,70 @@ def main(argv: list[str] | None = None) -> dict:
     import optax
     from flax import nnx
 
-    from byol_flax.train_step import state_is_finite
+    from byol_flax.train_step import apply_update, state_is_finite
 
     preset = bench.PRESETS[args.model]
     graphdef, state, _, _ = bench.build_step(preset["encoder"], preset["stem"], preset["batch"],
                                              image_size=preset["image_size"])
+    train_state = nnx.merge(graphdef, state)
+    grads = jax.tree.map(lambda p: 1e-3 * p + 1e-4, nnx.state(train_state.online, nnx.Param))
+    tau = jnp.float32(0.99)
 
-    def finite(state):
-        return state_is_finite(nnx.merge(graphdef, state))
+    def as_step(update):
+        def run(state, grads):
+            train_state = nnx.merge(graphdef, state)
+            metrics = update(train_state, grads)
+            return nnx.state(train_state), metrics
+        return run
 
-    def finite_and_norms(state):
-        train_state = nnx.merge(graphdef, state)
-        params = jax.tree.leaves(nnx.state(train_state.online, nnx.Param))
-        stand_in_update = [p * 1e-4 for p in params]
-        return (state_is_finite(train_state), optax.tree.norm(params),
-                optax.tree.norm(stand_in_update), optax.tree.norm(params))
+    def update_alone(train_state, grads):
+        train_state.optimizer.update(train_state.online, grads)
+        train_state.update_target(tau)
+        return {}
 
+    def with_finiteness(train_state, grads):
+        return apply_update(train_state, grads, tau) | {
+            "state_is_finite": state_is_finite(train_state)}
+
+    online_floats = sum(x.size for x in jax.tree.leaves(grads))
+    target_floats = sum(x.size for x in jax.tree.leaves(nnx.state(train_state.target, nnx.Param)))
+    adamw = optax.adamw(1e-3, weight_decay=0.1)
+
+    def flat_update(flat, gradient):
+        updates, moments = adamw.update(gradient, flat["moments"], flat["online"])
+        online = optax.apply_updates(flat["online"], updates)
+        return {"online": online, "moments": moments,
+                "target": tau * flat["target"] + (1 - tau) * online[:target_floats]}, {}
+
+    flat_gradient = jnp.full((online_floats,), 1e-4, jnp.float32)
+    flat_state = {"online": jnp.full((online_floats,), 1e-2, jnp.float32),
+                  "target": jnp.full((target_floats,), 1e-2, jnp.float32)}
+    flat_state["moments"] = adamw.init(flat_state["online"])
+    variants = {  # name: (function, its state, its gradient)
+        "update": (as_step(update_alone), state, grads),
+        "update_and_norms": (as_step(lambda ts, g: apply_update(ts, g, tau)),
+                             jax.tree.map(jnp.copy, state), grads),
+        "update_norms_and_finiteness": (as_step(with_finiteness),
+                                        jax.tree.map(jnp.copy, state), grads),
+        "flat_update": (flat_update, flat_state, flat_gradient),
+    }
+    compiled, states = {}, {}
+    for name, (function, variant_state, gradient) in variants.items():
+        compiled[name] = jax.jit(function, donate_argnums=0)
+        states[name], _ = compiled[name](variant_state, gradient)
+        jax.block_until_ready(states[name])
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     loads: list[quiet.Load] = []
-    medians = {}
     with quiet.watch(loads):
-        for name, function in (("finiteness", finite), ("finiteness_and_norms", finite_and_norms)):
-            compiled = jax.jit(function)
-            jax.block_until_ready(compiled(state))
-            seconds = []
-            for _ in range(args.calls):
+        for _ in range(args.calls):
+            for name, (_, _, gradient) in variants.items():
                 started = time.perf_counter()
-                jax.block_until_ready(compiled(state))
-                seconds.append(time.perf_counter() - started)
-            medians[name] = round(1e3 * statistics.median(seconds), 1)
-    parameters = sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype,
-                                                                             jnp.floating))
+                states[name], metrics = compiled[name](states[name], gradient)
+                jax.block_until_ready((states[name], metrics))
+                seconds[name].append(time.perf_counter() - started)
+    medians = {name: round(1e3 * statistics.median(times), 1) for name, times in seconds.items()}
+    parameters = sum(x.size for x in jax.tree.leaves(states["update"])
+                     if jnp.issubdtype(x.dtype, jnp.floating))
     result = {"benchmark": "step_monitors", **quiet.provenance(), "model": args.model,
               "state_floats": int(parameters), "calls": args.calls, "median_ms": medians,
               "load": quiet.verdict(loads)}

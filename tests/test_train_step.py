@@ -11,7 +11,7 @@ from byol_flax.data.augment import make_device_augment
 from byol_flax.schedules import build_schedules
 from byol_flax.sharding import make_mesh, replicate, shard_batch
 from byol_flax.train_state import TrainState, create_train_state
-from byol_flax.train_step import StepOptions, loss_fn, make_train_step
+from byol_flax.train_step import StepOptions, loss_fn, make_train_step, state_is_finite
 from tests.helpers import make_views, tiny_config
 
 TOTAL_STEPS, WARMUP_STEPS = 100, 0
@@ -52,6 +52,27 @@ def test_state_is_finite_flags_a_non_finite_update(config):
         state, metrics = step(state, shard_batch(make_views(16, seed), mesh))
         flags.append(bool(metrics["state_is_finite"]))
     assert not all(flags)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, None])
+def test_state_is_finite_is_exact_for_one_element_of_any_array(config, value):
+    """One non-finite element anywhere (an optimizer moment, the target, a BatchNorm statistic)
+    makes it False; the largest finite float32s keep it True (the check may not overflow)."""
+    graphdef, state = nnx.split(create_train_state(config, build_schedules(
+        config, total_steps=TOTAL_STEPS, warmup_steps=WARMUP_STEPS)[0]))
+    check = jax.jit(lambda state: state_is_finite(nnx.merge(graphdef, state)))
+    big = jax.tree.map(lambda x: jnp.full_like(x, jnp.finfo(x.dtype).max)
+                       if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    assert bool(check(big))
+    leaves, treedef = jax.tree.flatten(state)
+    floating = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if value is None:
+        assert bool(check(state))
+        return
+    for index in (floating[0], floating[len(floating) // 2], floating[-1]):
+        spoiled = list(leaves)
+        spoiled[index] = spoiled[index].ravel().at[-1].set(value).reshape(spoiled[index].shape)
+        assert not bool(check(jax.tree.unflatten(treedef, spoiled))), index
 
 
 def test_jitted_step_traces_once_for_all_steps(config):

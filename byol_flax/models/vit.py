@@ -128,15 +128,21 @@ class Attention(nnx.Module):
         qkv_bias = self.qkv.bias[...].astype(dtype).reshape(3, heads, 1, head_width)
         q, k, v = (jnp.einsum("btd,dnh->bnth", x, qkv_kernel[:, i]) + qkv_bias[i]
                    for i in range(3))
-        with jax.named_scope("attention_core"):  # named for benchmarks/step_profile.py
-            scores = jnp.einsum("bnqh,bnkh->bnqk", q * head_width ** -0.5, k)
-            # The softmax's shift changes nothing but the range of exp: no gradient through it.
-            weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
-            attended = (jnp.einsum("bnqk,bnkh->bnqh", weights, v)
-                        / weights.sum(-1, keepdims=True))
+        attended = attention_core(q, k, v)
         proj_kernel = self.proj.kernel[...].astype(dtype).reshape(heads, head_width, width)
         return (jnp.einsum("bnth,nhd->btd", attended, proj_kernel)
                 + self.proj.bias[...].astype(dtype))
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(head width)) v over (batch, heads, tokens, head width), the softmax
+    normalised after the value product (flash attention's order: a division of the
+    tokens x head width output, not of the tokens x tokens scores)."""
+    with jax.named_scope("attention_core"):  # named for benchmarks/step_profile.py
+        scores = jnp.einsum("bnqh,bnkh->bnqk", q * q.shape[-1] ** -0.5, k)
+        # The softmax's shift changes nothing but the range of exp: no gradient through it.
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        return jnp.einsum("bnqk,bnkh->bnqh", weights, v) / weights.sum(-1, keepdims=True)
 
 
 @jax.custom_jvp
