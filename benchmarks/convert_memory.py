@@ -3,11 +3,13 @@
 Each size runs in a fresh process (``--child``) that converts a synthetic TFDS-like split: a
 stand-in ``tensorflow_datasets`` module whose reader yields distinct byte strings of small JPEGs
 one at a time, as TFDS does with ``SkipDecoding``. The child reports its own peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``; ``--workers 1``, so no other process converts); the parent
-prints a markdown table of every point. ``--old REF`` also runs the converter as it was at git
-revision REF (for the in-memory converter before streaming) on the same sizes::
+(``getrusage(RUSAGE_SELF).ru_maxrss``; ``--workers 1``, so no other process converts) and its
+time, with the load during it (``benchmarks/quiet.py``: a time counts only from a quiet
+machine); the parent prints the result JSON, which ``--json-out`` also writes for
+``benchmarks/report.py``. ``--old REF`` also runs the converter as it was at git revision REF (for
+the in-memory converter before streaming) on the same sizes::
 
-    python benchmarks/convert_memory.py --sizes 5000,20000,80000 --old a64f5bf
+    python benchmarks/convert_memory.py --sizes 5000,20000,80000 --old a64f5bf --json-out F
 """
 
 import argparse
@@ -26,6 +28,11 @@ import numpy as np
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as `python benchmarks/convert_memory.py`: benchmarks.*
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import quiet  # noqa: E402 - after the path above
+
 CONVERTER = "byol_flax/data/convert/tfds_to_arrayrecord.py"
 POOL = 64  # distinct JPEGs; every example is a fresh copy of one, as a reader's bytes are
 
@@ -105,26 +112,33 @@ def measure(num_examples: int, side: int, old_ref: str | None) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="5000,20000,80000", help="examples per run")
     parser.add_argument("--side", type=int, default=64, help="image side in pixels")
     parser.add_argument("--old", default=None, help="git revision of the converter to compare")
+    parser.add_argument("--json-out", help="also write the result JSON here")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child is not None:
         child(args.child, args.side, args.old, args.out)
-        return
-    print("| converter | examples | shards (MB) | peak RSS (MB) | time (s) |")
-    print("|---|---:|---:|---:|---:|")
+        return None
+    points, loads = [], []
     for label, ref in [("streaming", None)] + ([(f"in memory ({args.old})", args.old)]
                                                if args.old else []):
         for size in [int(s) for s in args.sizes.split(",")]:
-            point = measure(size, args.side, ref)
-            print(f"| {label} | {size} | {point['shard_bytes'] / 1e6:.0f} | "
-                  f"{point['peak_rss_kib'] / 1024:.0f} | {point['seconds']:.1f} |", flush=True)
-
+            with quiet.watch(loads):
+                point = measure(size, args.side, ref)
+            points.append({"converter": label, "examples": size,
+                           "shard_mb": round(point["shard_bytes"] / 1e6),
+                           "peak_rss_mb": round(point["peak_rss_kib"] / 1024),
+                           "seconds": round(point["seconds"], 1), "load": loads[-1].as_dict()})
+            print(f"{label} {size}: {points[-1]}", file=sys.stderr, flush=True)
+    result = {"benchmark": "convert_memory", **quiet.provenance(), "side": args.side,
+              "points": points, "load": quiet.verdict(loads)}
+    quiet.emit(result, args.json_out)
+    return result
 
 if __name__ == "__main__":
     main()

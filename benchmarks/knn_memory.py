@@ -5,7 +5,9 @@ the whole-bank kNN it replaced, each point in a fresh subprocess.
     python benchmarks/knn_memory.py --sizes 50000 200000 800000 --dim 2048 --queries 1024
 
 The bank is a float32 memory map on disk (``--dir``), written chunk by chunk, so building it
-costs no memory; the whole-bank kNN runs only up to ``--whole-max`` rows. Prints a markdown table.
+costs no memory; the whole-bank kNN runs only up to ``--whole-max`` rows. Each point's load is
+watched (``benchmarks/quiet.py``: its times count only from a quiet machine); prints the points
+and the result JSON, which ``--json-out`` also writes for ``benchmarks/report.py``.
 """
 
 import argparse
@@ -17,8 +19,14 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as `python benchmarks/knn_memory.py`: import benchmarks.*
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import quiet
 
 WRITE_ROWS = 16384
 
@@ -105,7 +113,7 @@ def _whole_bank(train_features, train_labels, queries, k, chunk=1024):
     return jnp.concatenate([predict(queries[i:i + chunk]) for i in range(0, len(queries), chunk)])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 200_000, 800_000])
     parser.add_argument("--dim", type=int, default=2048)
@@ -113,35 +121,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bank-chunk", type=int, default=16384)
     parser.add_argument("--whole-max", type=int, default=200_000)
     parser.add_argument("--dir", default="")
+    parser.add_argument("--json-out", help="also write the result JSON here")
     parser.add_argument("--point", nargs=2, help=argparse.SUPPRESS)  # (path, mode): a child
     args = parser.parse_args(argv)
     if args.point:
         print(json.dumps(measure(args.point[0], args.point[1], args.queries, args.bank_chunk)))
         return
-    rows = []
+    from byol_flax.runtime.xla import configure_xla_flags
+
+    configure_xla_flags()  # the evaluation's own flags, in XLA_FLAGS for every point's process
+    points, loads = [], []
     with tempfile.TemporaryDirectory(dir=args.dir or None) as directory:
         for size in args.sizes:
             path = os.path.join(directory, f"bank{size}.npy")
             write_bank(path, size, args.dim)
             modes = ["streamed"] + (["whole bank"] if size <= args.whole_max else [])
             for mode in modes:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--point", path, mode, "--queries",
-                     str(args.queries), "--bank-chunk", str(args.bank_chunk)],
-                    capture_output=True, text=True, check=True)
+                with quiet.watch(loads):
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--point", path, mode, "--queries",
+                         str(args.queries), "--bank-chunk", str(args.bank_chunk)],
+                        capture_output=True, text=True, check=True)
                 point = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append((size, mode, point))
+                points.append({"rows": size, "mode": mode,
+                               "chunk_rows": args.bank_chunk if mode == "streamed" else size,
+                               "bank_gb": round(size * args.dim * 4 / 1e9, 2),
+                               "peak_rss_mib": round(point["peak_rss_mib"]),
+                               "peak_anonymous_mib": round(point["peak_anonymous_mib"]),
+                               "seconds": round(point["seconds"], 1), "load": loads[-1].as_dict()})
                 print(f"{size} {mode}: {point}", file=sys.stderr, flush=True)
             os.remove(path)
-    print(f"| bank rows x {args.dim} | bank GB | kNN | chunk rows | peak RSS MiB | "
-          "peak anonymous MiB | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    for size, mode, point in rows:
-        chunk = args.bank_chunk if mode == "streamed" else size
-        print(f"| {size} | {size * args.dim * 4 / 1e9:.2f} | {mode} | {chunk} | "
-              f"{point['peak_rss_mib']:.0f} | {point['peak_anonymous_mib']:.0f} | "
-              f"{point['seconds']:.1f} |")
-
+    result = {"benchmark": "knn_memory", **quiet.provenance(), "dim": args.dim,
+              "queries": args.queries, "points": points, "load": quiet.verdict(loads)}
+    quiet.emit(result, args.json_out)
+    return result
 
 if __name__ == "__main__":
     main()

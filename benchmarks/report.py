@@ -245,6 +245,43 @@ def vit_ops_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _points_table(results: Sequence[dict[str, Any]], header: str,
+                  cells: Callable[[dict[str, Any], dict[str, Any]], list[str]],
+                  how: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A table of a memory benchmark's points, each row ending in its seconds, marked when the
+    point's own run was not quiet (times count only from a quiet machine)."""
+    columns = header.count("|") - 1
+    lines = [header, "|" + "---|" * columns]
+    for result in results:
+        lines += ["| " + " | ".join([*cells(result, point), f"{point['seconds']:g}" + (
+            "" if point["load"]["quiet"] else " (not quiet)")]) + " |"
+                  for point in result["points"]]
+    for result in results:
+        lines += ["", _measured(result, how(result))]
+    return lines
+
+
+def knn_memory_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/knn_memory.py``: kNN's memory and time against the memory bank's size."""
+    return _points_table(
+        results, "| bank rows x dim | bank GB | kNN | chunk rows | peak RSS MiB | "
+                 "peak anonymous MiB | seconds |",
+        lambda r, p: [f"{p['rows']} x {r['dim']}", f"{p['bank_gb']:.2f}", p["mode"],
+                      str(p["chunk_rows"]), str(p["peak_rss_mib"]), str(p["peak_anonymous_mib"])],
+        lambda r: f"{r['queries']} queries, k = 20 and 200 from one pass, each point in a fresh "
+                  "process")
+
+
+def convert_memory_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/convert_memory.py``: the converter's peak RSS against the split's size."""
+    return _points_table(
+        results, "| converter | examples | shards (MB) | peak RSS (MB) | time (s) |",
+        lambda r, p: [p["converter"], str(p["examples"]), str(p["shard_mb"]),
+                      str(p["peak_rss_mb"])],
+        lambda r: f"synthetic {r['side']}x{r['side']} JPEGs, `--workers 1`, each point in a "
+                  "fresh process")
+
+
 RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "train_step_vs_pytorch": train_step_table,
     "step_profile": step_profile_table,
@@ -254,6 +291,8 @@ RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "vit_forms": vit_forms_table,
     "step_monitors": step_monitors_table,
     "vit_ops": vit_ops_table,
+    "knn_memory": knn_memory_table,
+    "convert_memory": convert_memory_table,
 }
 
 

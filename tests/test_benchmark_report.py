@@ -6,6 +6,8 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,3 +120,39 @@ def test_the_operation_table_withholds_its_ratios_when_the_run_was_loaded(tmp_pa
     (tmp_path / "ops.json").write_text(json.dumps(result))
     text = report.render(["ops.json"], tmp_path)
     assert "no ratio: 1 of 1 rounds were not quiet" in text and "x**" not in text
+
+
+@pytest.mark.slow  # ~10 s: two tiny kNN points, each in its own process
+def test_the_knn_memory_benchmark_writes_the_points_its_table_renders(tmp_path):
+    """benchmarks/knn_memory.py: the streamed and the whole-bank kNN, each point with its
+    memory, time and load, rendered as the docs' table."""
+    from benchmarks import knn_memory
+
+    out = tmp_path / "knn.json"
+    result = knn_memory.main(["--sizes", "3000", "--dim", "64", "--queries", "128",
+                              "--whole-max", "3000", "--dir", str(tmp_path),
+                              "--json-out", str(out)])
+    assert [(p["rows"], p["mode"]) for p in result["points"]] == [(3000, "streamed"),
+                                                                   (3000, "whole bank")]
+    assert all(p["peak_anonymous_mib"] > 0 and p["seconds"] > 0 for p in result["points"])
+    assert json.loads(out.read_text()) == result
+    text = report.render(["knn.json"], tmp_path)
+    assert "| 3000 x 64 | 0.00 | streamed | 16384 |" in text
+    assert "| 3000 x 64 | 0.00 | whole bank | 3000 |" in text and "128 queries" in text
+
+
+@pytest.mark.slow  # ~15 s: one tiny conversion in its own process
+def test_the_convert_memory_benchmark_writes_the_points_its_table_renders(tmp_path):
+    """benchmarks/convert_memory.py: each conversion's peak RSS, shards and time with its load,
+    rendered as docs/data.md's table."""
+    from benchmarks import convert_memory
+
+    out = tmp_path / "convert.json"
+    result = convert_memory.main(["--sizes", "300", "--side", "16", "--json-out", str(out)])
+    (point,) = result["points"]
+    assert (point["converter"], point["examples"]) == ("streaming", 300)
+    assert point["peak_rss_mb"] > 0 and point["seconds"] > 0 and "quiet" in point["load"]
+    assert json.loads(out.read_text()) == result
+    text = report.render(["convert.json"], tmp_path)
+    assert f"| streaming | 300 | {point['shard_mb']} | {point['peak_rss_mb']} |" in text
+    assert "synthetic 16x16 JPEGs" in text
