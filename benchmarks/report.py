@@ -223,21 +223,24 @@ def step_monitors_table(results: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def vit_ops_table(results: Sequence[dict[str, Any]]) -> list[str]:
-    """``benchmarks/vit_ops.py``: one ViT operation at a time, ours against PyTorch's."""
-    lines = ["| model, shapes | operation (forward and backward) | ours ms | PyTorch ms | "
-             "PyTorch time / ours | ours traced: matrix products / the rest, ms |",
-             "|---|---|---|---|---|---|"]
+def ops_table(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``benchmarks/ops.py``: the step's operations one at a time, ours against PyTorch's."""
+    lines = ["| model, shapes | operation | ours ms | PyTorch ms | PyTorch time / ours | "
+             "GFLOP/s, ours / PyTorch | ours traced: matrix products / the rest, ms |",
+             "|---|---|---|---|---|---|---|"]
     for result in results:
         dims = result["shapes"]
         where = (f"{result['model']}: {dims['sequences']} x {dims['tokens']} tokens x "
-                 f"{dims['width']}, {dims['heads']} heads")
+                 f"{dims['width']}, {dims['heads']} heads" if "tokens" in dims else
+                 f"{result['model']}: batch {dims['batch']}, NHWC, 3x3")
+        withheld = None if result["load"]["quiet"] else result["load"]["reason"]
         for name, row in result["operations"].items():
-            withheld = None if result["load"]["quiet"] else result["load"]["reason"]
             traced = row.get("ours_traced_ms")
             split = f"{traced['matmuls']:g} / {traced['other']:g}" if traced else "-"
+            rates = (f"{row['ours_gflops']:g} / {row['torch_gflops']:g}" if "gflop" in row
+                     else "-")
             lines.append(f"| {where} | `{name}` | {row['ours_ms']:g} | {row['torch_ms']:g} | "
-                         f"{_ratio(row['torch_over_ours'], withheld)} | {split} |")
+                         f"{_ratio(row['torch_over_ours'], withheld)} | {rates} | {split} |")
     for result in results:
         lines += ["", _measured(result, f"{result['model']}: {result['rounds']} interleaved "
                                         f"rounds of {result['calls']} calls per side, PyTorch "
@@ -290,7 +293,7 @@ RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], list[str]]] = {
     "data_pipeline": data_pipeline_table,
     "vit_forms": vit_forms_table,
     "step_monitors": step_monitors_table,
-    "vit_ops": vit_ops_table,
+    "ops": ops_table,
     "knn_memory": knn_memory_table,
     "convert_memory": convert_memory_table,
 }
