@@ -209,7 +209,9 @@ def state_is_finite(state: TrainState) -> jax.Array:
 
     Exact as a sum: x * 0 is 0 for every finite x and NaN for an infinity or a NaN, so the sum is
     0 or NaN and cannot overflow. XLA:CPU runs one such sum as a vectorised reduction, about
-    twice as fast as reducing ``isfinite``'s booleans (ViT-S/16's state: 22 against 50 ms).
+    twice as fast as reducing ``isfinite``'s booleans (ViT-S/16's state: 22 against 50 ms). XLA
+    does not fold x * 0 for floats (tests/test_train_step.py; libtpu's compile:
+    tests/test_preflight.py).
     """
     leaves = jax.tree.leaves(nnx.state(state, nnx.Not(RngKey)))
     floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]

@@ -181,3 +181,28 @@ def test_a_step_the_compiler_refuses_for_lack_of_hbm_is_one_report_naming_the_ba
     assert report["temp_bytes"] > report["usable_bytes"] > 0  # the compiler's own figures
     assert 0 < report["max_per_chip_batch"] < report["per_chip_batch"] == 1024
     assert "the compiler refused it" in lines[1] and "Traceback" not in "\n".join(lines)
+
+
+@needs_libtpu
+def test_the_tpu_compiler_keeps_the_finiteness_checks_multiply_by_zero():
+    """``train_step.state_is_finite`` sums x * 0 (0 for finite x, NaN otherwise): a compiler
+    that folded x * 0 to 0 would make it always true. libtpu keeps the product."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import SingleDeviceSharding
+
+    from byol_flax.train_step import state_is_finite
+
+    class Arrays(nnx.Module):  # state_is_finite reads any module's arrays
+        def __init__(self):
+            self.weights = nnx.Param(jnp.zeros((256, 256)))
+
+    device = SingleDeviceSharding(preflight.tpu_devices("v5litepod-8")[0])
+    graphdef, state = nnx.split(Arrays())
+    check = jax.jit(lambda state: state_is_finite(nnx.merge(graphdef, state)),
+                    in_shardings=device, out_shardings=device)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            state)
+    hlo = check.lower(abstract).compile().as_text()
+    assert "multiply" in hlo and "is-finite" in hlo, hlo
