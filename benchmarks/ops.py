@@ -103,7 +103,7 @@ def vit_operations(model: str, seed: int = 0) -> tuple[dict[str, Operation], dic
 
     def layer_norm(x, scale, bias):  # the module's own computation, its parameters as inputs
         norm = nnx.clone(block.norm1)
-        norm.scale.value, norm.bias.value = scale, bias
+        norm.scale[...], norm.bias[...] = scale, bias
         return norm(x)
 
     epsilon = block.norm1.epsilon
