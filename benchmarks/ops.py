@@ -32,14 +32,10 @@ the trace does not see.
 """
 
 import argparse
-import collections
 import dataclasses
-import gzip
-import json
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +44,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python benchmarks/ops.py`: import benchmarks.*
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import quiet
+from benchmarks import quiet, step_profile
 from benchmarks import train_step as bench
 
 VIT_OPERATIONS = ("layer_norm", "gelu", "attention_core", "dense")
@@ -246,17 +242,11 @@ def traced_split(function, arguments, calls: int) -> dict[str, float]:
     matmuls = matmul_instructions(hlo)
     names = {m.group(1) for m in map(_INSTRUCTION.match, hlo.splitlines()) if m}
     jax.block_until_ready(function(*arguments))
-    with tempfile.TemporaryDirectory() as directory:
-        with jax.profiler.trace(directory):
-            for _ in range(calls):
-                jax.block_until_ready(function(*arguments))
-        (trace,) = Path(directory).rglob("*.trace.json.gz")
-        events = json.loads(gzip.decompress(trace.read_bytes()))
-    split: collections.Counter = collections.Counter({"matmuls": 0.0, "other": 0.0})
-    for event in events["traceEvents"] if isinstance(events, dict) else events:
-        if event.get("ph") == "X" and event.get("name") in names:
-            kind = "matmuls" if event["name"] in matmuls else "other"
-            split[kind] += event.get("dur", 0.0) / 1e3 / calls
+    by_instruction, _ = step_profile.traced_ms(
+        lambda: jax.block_until_ready(function(*arguments)), calls, names)
+    split = {"matmuls": 0.0, "other": 0.0}
+    for name, ms in by_instruction.items():
+        split["matmuls" if name in matmuls else "other"] += ms
     return {kind: round(ms, 2) for kind, ms in split.items()}
 
 

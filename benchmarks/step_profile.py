@@ -21,6 +21,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +31,28 @@ if __package__ in (None, ""):  # run as `python benchmarks/step_profile.py`: imp
 from benchmarks import quiet
 from benchmarks import train_step as bench
 
+ATTENTION = "attention core (scores, softmax, value product)"
+UPDATE = "update (optimizer, EMA, metrics)"
+MATMULS = "matmuls (dense layers)"
 # Kinds of work by an instruction's op_name (first match wins).
 KINDS = (
     # The ViT names its attention core, LayerNorms and GELU (jax.named_scope in
     # byol_flax/models/vit.py); jax.nn.dot_product_attention's core is a vmap.
-    ("attention core (scores, softmax, value product)",
-     re.compile(r"attention_core|BTNH|BNTS|BSNH|vmap\(")),
-    ("update (optimizer, EMA, metrics)", re.compile(r"^jit\(step\)/(?!.*(jvp|transpose))")),
-    ("matmuls (dense layers)", re.compile(r"dot_general")),
+    (ATTENTION, re.compile(r"attention_core|BTNH|BNTS|BSNH|vmap\(")),
+    (UPDATE, re.compile(r"^jit\(step\)/(?!.*(jvp|transpose))")),
+    (MATMULS, re.compile(r"dot_general")),
     ("LayerNorms", re.compile(r"layer_norm")),
     ("GELU", re.compile(r"gelu")),
     ("backward, other elementwise and reductions", re.compile(r"transpose\(")),
     ("forward, other elementwise and reductions", re.compile(r"jvp\(")),
 )
-# PyTorch's operators in the same kinds (its forward and backward are not told apart here).
+# PyTorch's operators in the same kinds (its forward and backward are not told apart here);
+# LayerNorms and GELU go by the same names on both sides.
 TORCH_KINDS = (
-    ("attention core (scores, softmax, value product)",
-     re.compile(r"scaled_dot_product|softmax|bmm")),
-    ("update (optimizer, EMA, metrics)", re.compile(r"adam|lars|lerp|_foreach")),
-    ("matmuls (dense layers)", re.compile(r"^aten::(mm|addmm|linear|matmul)$|convolution")),
-    ("LayerNorms", re.compile(r"layer_norm")),
-    ("GELU", re.compile(r"gelu")),
+    (ATTENTION, re.compile(r"scaled_dot_product|softmax|bmm")),
+    (UPDATE, re.compile(r"adam|lars|lerp|_foreach")),
+    (MATMULS, re.compile(r"^aten::(mm|addmm|linear|matmul)$|convolution")),
+    *KINDS[3:5],
 )
 OTHER = "other elementwise work, copies and reductions"
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name=\"([^\"]*)\"")
@@ -61,6 +63,29 @@ def kind_of(op_name: str) -> str:
         if pattern.search(op_name):
             return kind
     return "other"
+
+
+def traced_ms(run: Callable[[], Any], calls: int, instructions: Container[str]
+              ) -> tuple[collections.Counter, float]:
+    """``run()`` called ``calls`` times under ``jax.profiler``: the traced milliseconds per call
+    of each XLA:CPU thunk named in ``instructions`` (its HLO instruction), and the wall seconds
+    per call."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            started = time.perf_counter()
+            for _ in range(calls):
+                run()
+            seconds = (time.perf_counter() - started) / calls
+        (trace,) = Path(directory).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    by_instruction: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in instructions:
+            by_instruction[event["name"]] += event.get("dur", 0.0) / 1e3 / calls
+    return by_instruction, seconds
 
 
 def jax_profile(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,20 +102,13 @@ def jax_profile(args: argparse.Namespace) -> dict[str, Any]:
                                                     compiled.as_text().splitlines()) if m}
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    with tempfile.TemporaryDirectory() as directory:
-        with jax.profiler.trace(directory, create_perfetto_trace=True):
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                state, metrics = step(state, batch)
-                jax.block_until_ready(metrics)
-            seconds = (time.perf_counter() - started) / args.steps
-        (trace,) = Path(directory).rglob("*.trace.json.gz")
-        events = json.loads(gzip.decompress(trace.read_bytes()))
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    by_instruction: collections.Counter = collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and event.get("name") in op_names:
-            by_instruction[event["name"]] += event.get("dur", 0.0) / 1e3 / args.steps
+
+    def run_step():
+        nonlocal state, metrics
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+
+    by_instruction, seconds = traced_ms(run_step, args.steps, op_names)
     by_kind: collections.Counter = collections.Counter()
     for name, ms in by_instruction.items():
         by_kind[kind_of(op_names[name])] += ms
