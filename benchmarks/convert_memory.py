@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             points.append({"converter": label, "examples": size,
                            "shard_mb": round(point["shard_bytes"] / 1e6),
                            "peak_rss_mb": round(point["peak_rss_kib"] / 1024),
-                           "seconds": round(point["seconds"], 1), "load": loads[-1].as_dict()})
+                           "seconds": round(point["seconds"], 2), "load": loads[-1].as_dict()})
             print(f"{label} {size}: {points[-1]}", file=sys.stderr, flush=True)
     result = {"benchmark": "convert_memory", **quiet.provenance(), "side": args.side,
               "points": points, "load": quiet.verdict(loads)}

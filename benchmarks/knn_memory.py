@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                "bank_gb": round(size * args.dim * 4 / 1e9, 2),
                                "peak_rss_mib": round(point["peak_rss_mib"]),
                                "peak_anonymous_mib": round(point["peak_anonymous_mib"]),
-                               "seconds": round(point["seconds"], 1), "load": loads[-1].as_dict()})
+                               "seconds": round(point["seconds"], 2), "load": loads[-1].as_dict()})
                 print(f"{size} {mode}: {point}", file=sys.stderr, flush=True)
             os.remove(path)
     result = {"benchmark": "knn_memory", **quiet.provenance(), "dim": args.dim,

@@ -149,11 +149,11 @@ def test_the_convert_memory_benchmark_writes_the_points_its_table_renders(tmp_pa
     from benchmarks import convert_memory
 
     out = tmp_path / "convert.json"
-    result = convert_memory.main(["--sizes", "300", "--side", "16", "--json-out", str(out)])
+    result = convert_memory.main(["--sizes", "1000", "--side", "16", "--json-out", str(out)])
     (point,) = result["points"]
-    assert (point["converter"], point["examples"]) == ("streaming", 300)
+    assert (point["converter"], point["examples"]) == ("streaming", 1000)
     assert point["peak_rss_mb"] > 0 and point["seconds"] > 0 and "quiet" in point["load"]
     assert json.loads(out.read_text()) == result
     text = report.render(["convert.json"], tmp_path)
-    assert f"| streaming | 300 | {point['shard_mb']} | {point['peak_rss_mb']} |" in text
+    assert f"| streaming | 1000 | {point['shard_mb']} | {point['peak_rss_mb']} |" in text
     assert "synthetic 16x16 JPEGs" in text
